@@ -1,0 +1,340 @@
+"""`DistillationConfig`: TRL's field names and defaults, checked early.
+
+A TRL user switches by changing the import, so every field TRL 1.1 to 1.8 has keeps its name, type, default and
+meaning. Two inherited defaults differ from TRL on purpose, because TRL's choice fails or slows on a CPU:
+
+* `bf16` defaults to `None`, meaning "on where the GPU supports it": True on a bf16-capable CUDA device, False
+  elsewhere (TRL forces True, which raises on a CPU).
+* `gradient_checkpointing` keeps the transformers default (off). TRL turns it on, which costs about a third more
+  compute per step; turn it on yourself when memory, not time, is what you are short of.
+
+Every rule that can be checked without a model is checked in `__post_init__`, so a bad setting fails before any
+weights are loaded, with a message that names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+REVERSE_KL_TOP_1_MODES = ("sampled", "argmax")
+VLLM_MODES = ("colocate", "server")
+
+
+def bf16_supported() -> bool:
+    """Whether this machine trains in bf16 on its accelerator."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """Configuration for `DistillationTrainer`, a `TrainingArguments` subclass usable with `HfArgumentParser`."""
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "teacher_model_init_kwargs"]
+
+    # ----- Inherited fields whose defaults follow TRL (or differ from it on purpose, see the module docstring) -----
+    learning_rate: float = field(
+        default=1e-6,
+        metadata={"help": "Initial learning rate for AdamW. TRL's default for distillation, 1e-6, kept for parity."},
+    )
+    logging_steps: float = field(
+        default=10,
+        metadata={"help": "Log every N optimizer steps (a float below 1 is a fraction of the total steps)."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Train in bf16 mixed precision. None (default) turns it on where a CUDA device supports bf16 and "
+            "off elsewhere, so the same config runs on a laptop CPU and on a GPU."
+        },
+    )
+
+    # ----- Models -----
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the student is given as a "
+            "string. A JSON string is accepted on the command line; `dtype` may be a string such as 'bfloat16'."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow custom modelling code from the hub for the student, the teacher and the tokenizer."},
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local path of the teacher. The trainer loads it when `teacher_model` is not given; "
+            "`protege train` passes it as the teacher."
+        },
+    )
+    teacher_model_revision: str | None = field(
+        default=None, metadata={"help": "Revision (branch, tag or commit) of the teacher model and tokenizer."}
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for the teacher's `from_pretrained` when it is given as a string (JSON string "
+            "accepted). Giving them together with an already built teacher model is an error."
+        },
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Turn dropout off in the student, so the teacher's targets are not noisy."}
+    )
+
+    # ----- Lengths -----
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Maximum tokens of prompt plus completion. Dataset completions are cut to what is left."},
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Maximum prompt tokens; longer prompts lose tokens from the left, keeping the end where the "
+            "question usually is. Defaults to max_length - max_completion_length."
+        },
+    )
+    max_completion_length: int = field(
+        default=512, metadata={"help": "Maximum tokens the student generates per on-policy completion."}
+    )
+
+    # ----- Objective -----
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature for student generations; both models' logits are divided by it in "
+                  "the loss too."},
+    )
+    lmbda: float = field(
+        default=1.0,
+        metadata={
+            "help": "Probability that a gradient-accumulation slice is on-policy (student generations) rather than "
+            "off-policy (dataset completions). 1.0 is pure on-policy GKD, 0.0 is supervised KD."
+        },
+    )
+    beta: float = field(
+        default=1.0,
+        metadata={
+            "help": "Divergence: 0.0 is forward KL(teacher || student), 1.0 is reverse KL(student || teacher), and "
+            "values between are the generalized Jensen-Shannon divergence with mixture (1-beta)*S + beta*T."
+        },
+    )
+    loss_top_k: int = field(
+        default=1,
+        metadata={
+            "help": "Size of the sparse support of the divergence; 0 uses the full vocabulary. The support is the "
+            "teacher's top-k (beta=0), the student's top-k (beta=1) or their union. With beta>0 and 1, the support "
+            "is the teacher's top-1 token and the reverse token chosen by reverse_kl_top_1_mode."
+        },
+    )
+    loss_add_tail: bool = field(
+        default=True,
+        metadata={
+            "help": "With a sparse support, add one bucket holding the probability mass outside it (True), or "
+            "renormalise both distributions over the support (False). No effect when loss_top_k=0."
+        },
+    )
+    reverse_kl_top_1_mode: str = field(
+        default="sampled",
+        metadata={
+            "help": "With beta>0 and loss_top_k=1, the student-side token of the support: 'sampled' (the completion "
+            "token) or 'argmax' (the student's most likely token; local teacher only).",
+            "choices": list(REVERSE_KL_TOP_1_MODES),
+        },
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Compute the loss from hidden states and LM heads this many tokens at a time, never holding "
+            "full-vocabulary logits for the whole batch (same value and gradient as the dense loss, far less "
+            "memory). None computes full logits at once. Local teacher only."
+        },
+    )
+
+    # ----- Teacher server -----
+    use_teacher_server: bool = field(
+        default=False,
+        metadata={"help": "Score sequences with a remote teacher server instead of a local teacher model."},
+    )
+    teacher_model_server_url: str | None = field(
+        default=None, metadata={"help": "Base URL of the teacher server, e.g. http://127.0.0.1:8000."}
+    )
+
+    # ----- Generation -----
+    num_generations: int = field(default=1, metadata={"help": "Completions generated per prompt."})
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Unique prompts per device per optimizer step. Defaults to per_device_train_batch_size * "
+            "gradient_accumulation_steps / num_generations."
+        },
+    )
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling threshold for student generations."})
+    top_k: int = field(
+        default=0, metadata={"help": "Top-k sampling for student generations (0 turns it off); not loss_top_k."}
+    )
+
+    # ----- vLLM (student generation) -----
+    use_vllm: bool = field(default=False, metadata={"help": "Generate student completions with vLLM."})
+    vllm_mode: str = field(
+        default="colocate",
+        metadata={"help": "'colocate' runs vLLM in the training process; 'server' talks to a separate server.",
+                  "choices": list(VLLM_MODES)},
+    )
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "Base URL of the student vLLM server; overrides host and port."}
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Host of the student vLLM server."})
+    vllm_server_port: int = field(default=8001, metadata={"help": "Port of the student vLLM server."})
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "Seconds to wait for the student vLLM server to come up."}
+    )
+    vllm_group_port: int = field(default=51216, metadata={"help": "Port of the weight-sync process group."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Fraction of GPU memory vLLM may take (colocate mode)."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Tensor parallel size (colocate mode)."})
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "Maximum model length for vLLM (colocate mode)."}
+    )
+    vllm_model_impl: str = field(default="vllm", metadata={"help": "'vllm' or 'transformers' model implementation."})
+    vllm_structured_outputs_regex: str | None = field(
+        default=None, metadata={"help": "Regex that constrains vLLM's generations."}
+    )
+    vllm_sync_frequency: int = field(
+        default=1, metadata={"help": "Push the student's weights to vLLM every N optimizer steps."}
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False, metadata={"help": "Let colocated vLLM free its memory between generations."}
+    )
+
+    # ----- Logging -----
+    log_completions: bool = field(
+        default=False, metadata={"help": "Print a table of sample prompts and on-policy completions."}
+    )
+    log_completions_steps: int = field(
+        default=100, metadata={"help": "Print the completions table every N optimizer steps."}
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "How many completions the table shows (None shows all of the step's)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = bf16_supported() and not self.fp16
+        elif self.bf16 and not self.use_cpu and not bf16_supported():
+            raise ValueError(
+                "bf16=True, but this machine has no bf16-capable CUDA device. Leave bf16 unset (it turns on only "
+                "where supported), set bf16=False, or set use_cpu=True to train with CPU bf16 autocast."
+            )
+        super().__post_init__()
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(field_name: str, value: Any, allowed: str) -> None:
+            raise ValueError(f"{field_name}={value!r} is not allowed: {allowed}.")
+
+        for name in ("lmbda", "beta"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                fail(name, value, "it must be in [0.0, 1.0]")
+        if self.reverse_kl_top_1_mode not in REVERSE_KL_TOP_1_MODES:
+            fail("reverse_kl_top_1_mode", self.reverse_kl_top_1_mode, "it must be one of 'sampled', 'argmax'")
+        if self.temperature <= 0:
+            fail("temperature", self.temperature, "it must be > 0")
+        if self.loss_top_k < 0:
+            fail("loss_top_k", self.loss_top_k, "it must be >= 0 (0 means the full vocabulary)")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            fail("loss_chunk_size", self.loss_chunk_size, "it must be >= 1, or None for the dense loss")
+        if self.max_completion_length < 1:
+            fail("max_completion_length", self.max_completion_length, "it must be >= 1")
+        if self.max_length is not None:
+            if self.max_completion_length >= self.max_length:
+                fail(
+                    "max_completion_length",
+                    self.max_completion_length,
+                    f"it must be smaller than max_length ({self.max_length}) to leave room for the prompt",
+                )
+            if self.max_prompt_length is None:
+                self.max_prompt_length = self.max_length - self.max_completion_length
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            fail("max_prompt_length", self.max_prompt_length, "it must be >= 1")
+        if not 0.0 < self.top_p <= 1.0:
+            fail("top_p", self.top_p, "it must be in (0.0, 1.0]")
+        if self.top_k < 0:
+            fail("top_k", self.top_k, "it must be >= 0 (0 turns top-k sampling off)")
+        if self.num_generations < 1:
+            fail("num_generations", self.num_generations, "it must be >= 1")
+
+        local_rows = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if self.generation_batch_size is None:
+            self.generation_batch_size = local_rows // self.num_generations
+        if self.generation_batch_size < 1 or self.generation_batch_size * self.num_generations != local_rows:
+            fail(
+                "generation_batch_size",
+                self.generation_batch_size,
+                f"generation_batch_size * num_generations ({self.num_generations}) must equal "
+                f"per_device_train_batch_size * gradient_accumulation_steps ({local_rows})",
+            )
+
+        if self.vllm_mode not in VLLM_MODES:
+            fail("vllm_mode", self.vllm_mode, "it must be one of 'colocate', 'server'")
+        if self.use_vllm:
+            fail(
+                "use_vllm",
+                self.use_vllm,
+                "student generation with vLLM is not available in this protege release yet; leave use_vllm=False "
+                "to generate with model.generate (one batched call per optimizer step)",
+            )
+
+        if self.use_liger_kernel:
+            if self.use_teacher_server:
+                fail("use_liger_kernel", True, "the Liger fused loss needs a local teacher, not use_teacher_server")
+            if not liger_available():
+                fail("use_liger_kernel", True, "liger-kernel is not installed (pip install 'protege[liger]')")
+            if not torch.cuda.is_available() or self.use_cpu:
+                fail("use_liger_kernel", True, "Liger's Triton kernels need a CUDA device; use loss_chunk_size "
+                     "for a memory-bounded loss on other devices")
+
+        if self.use_teacher_server:
+            if not (self.teacher_model_server_url or "").strip():
+                fail("teacher_model_server_url", self.teacher_model_server_url,
+                     "it must be set when use_teacher_server=True")
+            if self.reverse_kl_top_1_mode == "argmax":
+                fail("reverse_kl_top_1_mode", "argmax",
+                     "a teacher server only scores the sampled tokens, so use_teacher_server needs 'sampled'")
+            if self.beta == 0 and self.loss_top_k < 1:
+                fail("loss_top_k", self.loss_top_k,
+                     "with use_teacher_server and beta=0 the loss uses the teacher's top-k, so loss_top_k must be >= 1")
+            if self.beta > 0 and self.loss_top_k != 1:
+                fail("loss_top_k", self.loss_top_k,
+                     f"with use_teacher_server and beta={self.beta} only the sparse top-1 loss exists, so loss_top_k "
+                     "must be 1")
+
+        self._warn_ineffective()
+
+    def _warn_ineffective(self) -> None:
+        def warn(message: str) -> None:
+            warnings.warn(message, UserWarning, stacklevel=4)
+
+        if self.reverse_kl_top_1_mode != "sampled" and (self.beta == 0 or self.loss_top_k != 1):
+            warn(f"reverse_kl_top_1_mode={self.reverse_kl_top_1_mode!r} has no effect unless beta > 0 and "
+                 "loss_top_k == 1.")
+        if self.loss_top_k == 0 and not self.loss_add_tail:
+            warn("loss_add_tail=False has no effect when loss_top_k=0 (full vocabulary).")
+        if self.num_generations > 1 and self.lmbda < 1.0:
+            warn(f"num_generations={self.num_generations} with lmbda={self.lmbda}: off-policy slices hold "
+                 f"{self.num_generations} identical copies of each dataset row.")
+        if self.loss_chunk_size is not None and (self.use_teacher_server or self.use_liger_kernel):
+            warn("loss_chunk_size has no effect with use_teacher_server or use_liger_kernel.")
+        if self.beta == 1 and self.loss_top_k == 1 and not self.loss_add_tail:
+            warn("beta=1, loss_top_k=1 and loss_add_tail=False give a loss that is always zero (one-token support "
+                 "renormalised to probability 1).")
