@@ -1,7 +1,13 @@
 """protege: knowledge distillation for causal language models, on-policy and off-policy."""
 
 from .config import DistillationConfig
-from .losses import chunked_jsd_loss, generalized_jsd_loss, local_sparse_top1_loss, sparse_top1_loss, topk_forward_kl_loss
+from .losses import (
+    chunked_jsd_loss,
+    generalized_jsd_loss,
+    local_sparse_top1_loss,
+    sparse_top1_loss,
+    topk_forward_kl_loss,
+)
 
 __all__ = [
     "DistillationConfig",

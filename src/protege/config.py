@@ -110,8 +110,10 @@ class DistillationConfig(TrainingArguments):
     # ----- Objective -----
     temperature: float = field(
         default=1.0,
-        metadata={"help": "Sampling temperature for student generations; both models' logits are divided by it in "
-                  "the loss too."},
+        metadata={
+            "help": "Sampling temperature for student generations; both models' logits are divided by it in "
+            "the loss too."
+        },
     )
     lmbda: float = field(
         default=1.0,
@@ -186,8 +188,10 @@ class DistillationConfig(TrainingArguments):
     use_vllm: bool = field(default=False, metadata={"help": "Generate student completions with vLLM."})
     vllm_mode: str = field(
         default="colocate",
-        metadata={"help": "'colocate' runs vLLM in the training process; 'server' talks to a separate server.",
-                  "choices": list(VLLM_MODES)},
+        metadata={
+            "help": "'colocate' runs vLLM in the training process; 'server' talks to a separate server.",
+            "choices": list(VLLM_MODES),
+        },
     )
     vllm_server_base_url: str | None = field(
         default=None, metadata={"help": "Base URL of the student vLLM server; overrides host and port."}
@@ -301,23 +305,39 @@ class DistillationConfig(TrainingArguments):
             if not liger_available():
                 fail("use_liger_kernel", True, "liger-kernel is not installed (pip install 'protege[liger]')")
             if not torch.cuda.is_available() or self.use_cpu:
-                fail("use_liger_kernel", True, "Liger's Triton kernels need a CUDA device; use loss_chunk_size "
-                     "for a memory-bounded loss on other devices")
+                fail(
+                    "use_liger_kernel",
+                    True,
+                    "Liger's Triton kernels need a CUDA device; use loss_chunk_size "
+                    "for a memory-bounded loss on other devices",
+                )
 
         if self.use_teacher_server:
             if not (self.teacher_model_server_url or "").strip():
-                fail("teacher_model_server_url", self.teacher_model_server_url,
-                     "it must be set when use_teacher_server=True")
+                fail(
+                    "teacher_model_server_url",
+                    self.teacher_model_server_url,
+                    "it must be set when use_teacher_server=True",
+                )
             if self.reverse_kl_top_1_mode == "argmax":
-                fail("reverse_kl_top_1_mode", "argmax",
-                     "a teacher server only scores the sampled tokens, so use_teacher_server needs 'sampled'")
+                fail(
+                    "reverse_kl_top_1_mode",
+                    "argmax",
+                    "a teacher server only scores the sampled tokens, so use_teacher_server needs 'sampled'",
+                )
             if self.beta == 0 and self.loss_top_k < 1:
-                fail("loss_top_k", self.loss_top_k,
-                     "with use_teacher_server and beta=0 the loss uses the teacher's top-k, so loss_top_k must be >= 1")
+                fail(
+                    "loss_top_k",
+                    self.loss_top_k,
+                    "with use_teacher_server and beta=0 the loss uses the teacher's top-k, so loss_top_k must be >= 1",
+                )
             if self.beta > 0 and self.loss_top_k != 1:
-                fail("loss_top_k", self.loss_top_k,
-                     f"with use_teacher_server and beta={self.beta} only the sparse top-1 loss exists, so loss_top_k "
-                     "must be 1")
+                fail(
+                    "loss_top_k",
+                    self.loss_top_k,
+                    f"with use_teacher_server and beta={self.beta} only the sparse top-1 loss exists, so loss_top_k "
+                    "must be 1",
+                )
 
         self._warn_ineffective()
 
@@ -326,15 +346,21 @@ class DistillationConfig(TrainingArguments):
             warnings.warn(message, UserWarning, stacklevel=4)
 
         if self.reverse_kl_top_1_mode != "sampled" and (self.beta == 0 or self.loss_top_k != 1):
-            warn(f"reverse_kl_top_1_mode={self.reverse_kl_top_1_mode!r} has no effect unless beta > 0 and "
-                 "loss_top_k == 1.")
+            warn(
+                f"reverse_kl_top_1_mode={self.reverse_kl_top_1_mode!r} has no effect unless beta > 0 and "
+                "loss_top_k == 1."
+            )
         if self.loss_top_k == 0 and not self.loss_add_tail:
             warn("loss_add_tail=False has no effect when loss_top_k=0 (full vocabulary).")
         if self.num_generations > 1 and self.lmbda < 1.0:
-            warn(f"num_generations={self.num_generations} with lmbda={self.lmbda}: off-policy slices hold "
-                 f"{self.num_generations} identical copies of each dataset row.")
+            warn(
+                f"num_generations={self.num_generations} with lmbda={self.lmbda}: off-policy slices hold "
+                f"{self.num_generations} identical copies of each dataset row."
+            )
         if self.loss_chunk_size is not None and (self.use_teacher_server or self.use_liger_kernel):
             warn("loss_chunk_size has no effect with use_teacher_server or use_liger_kernel.")
         if self.beta == 1 and self.loss_top_k == 1 and not self.loss_add_tail:
-            warn("beta=1, loss_top_k=1 and loss_add_tail=False give a loss that is always zero (one-token support "
-                 "renormalised to probability 1).")
+            warn(
+                "beta=1, loss_top_k=1 and loss_add_tail=False give a loss that is always zero (one-token support "
+                "renormalised to probability 1)."
+            )

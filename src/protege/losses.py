@@ -131,8 +131,10 @@ def _token_mask(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tens
     if labels is None:
         return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
     if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels have shape {tuple(labels.shape)} but logits have {tuple(logits.shape)}; "
-                         "labels must match the logits without their last (vocabulary) dimension")
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} but logits have {tuple(logits.shape)}; "
+            "labels must match the logits without their last (vocabulary) dimension"
+        )
     return labels != IGNORE_INDEX
 
 
@@ -181,13 +183,74 @@ def generalized_jsd_loss(
     """Generalized JSD between student and teacher logits of shape (..., V); gradients flow to the student only."""
     _check_reduction(reduction)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ; slice both to the shared vocabulary first")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ; slice both to the shared vocabulary first"
+        )
     mask = _token_mask(student_logits, labels)
-    elements = token_divergence_elements(
-        student_logits[mask], teacher_logits[mask], beta, temperature, top_k, add_tail
-    )
+    elements = token_divergence_elements(student_logits[mask], teacher_logits[mask], beta, temperature, top_k, add_tail)
     return reduce_elements(elements, mask, reduction, num_items_in_batch)
+
+
+def support_rows_elements(
+    student_logits: torch.Tensor,
+    support_ids: torch.Tensor,
+    teacher_support_logprobs: torch.Tensor,
+    support_valid: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    add_tail: bool = True,
+) -> torch.Tensor:
+    """Divergence elements for rows of student logits (N, V) against a teacher known only on a support (N, S)."""
+    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return support_elements(
+        student_logp.gather(-1, support_ids.long()), teacher_support_logprobs.float(), support_valid, beta, add_tail
+    )
+
+
+def sparse_top1_support(
+    reverse_ids: torch.Tensor,
+    teacher_reverse_logprobs: torch.Tensor,
+    teacher_top1_ids: torch.Tensor,
+    teacher_top1_logprobs: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Support (N, S) of the sparse top-1 loss: the reverse token alone at beta = 1, else {teacher top-1, reverse}."""
+    if beta <= 0:
+        raise ValueError(
+            f"the sparse top-1 loss needs beta > 0, got beta={beta}; use the top-k forward KL for beta = 0"
+        )
+    reverse_ids, reverse_logprobs = reverse_ids.unsqueeze(-1), teacher_reverse_logprobs.unsqueeze(-1)
+    if beta == 1:
+        return reverse_ids, reverse_logprobs, torch.ones_like(reverse_ids, dtype=torch.bool)
+    top1_ids = teacher_top1_ids.unsqueeze(-1)
+    valid = torch.cat([torch.ones_like(top1_ids, dtype=torch.bool), reverse_ids != top1_ids], dim=-1)
+    ids = torch.cat([top1_ids, reverse_ids], dim=-1)
+    return ids, torch.cat([teacher_top1_logprobs.unsqueeze(-1), reverse_logprobs], dim=-1), valid
+
+
+def local_sparse_top1_elements(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    add_tail: bool = True,
+    reverse_kl_top_1_mode: str = "sampled",
+) -> torch.Tensor:
+    """Sparse top-1 elements for rows (N, V) of student and teacher logits, with the sampled tokens `targets` (N,)."""
+    with torch.no_grad():
+        teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        top1_logprobs, top1_ids = teacher_logp.max(dim=-1)
+        if reverse_kl_top_1_mode == "argmax":
+            reverse_ids = student_logits.argmax(dim=-1)
+        elif reverse_kl_top_1_mode == "sampled":
+            reverse_ids = targets
+        else:
+            raise ValueError(f"reverse_kl_top_1_mode={reverse_kl_top_1_mode!r} is not 'sampled' or 'argmax'")
+        reverse_logprobs = teacher_logp.gather(-1, reverse_ids.unsqueeze(-1)).squeeze(-1)
+    ids, teacher_support, valid = sparse_top1_support(reverse_ids, reverse_logprobs, top1_ids, top1_logprobs, beta)
+    return support_rows_elements(student_logits, ids, teacher_support, valid, beta, temperature, add_tail)
 
 
 def support_divergence_loss(
@@ -209,11 +272,11 @@ def support_divergence_loss(
     teacher log-prob is finite (servers pad with -inf).
     """
     mask = _token_mask(student_logits, labels)
-    student_logp = F.log_softmax(student_logits[mask].float() / temperature, dim=-1)
     teacher_logp = teacher_support_logprobs[mask].float()
     valid = teacher_logp > -math.inf if support_valid is None else support_valid[mask]
-    ids = support_ids[mask].long()
-    elements = support_elements(student_logp.gather(-1, ids), teacher_logp, valid, beta, add_tail)
+    elements = support_rows_elements(
+        student_logits[mask], support_ids[mask], teacher_logp, valid, beta, temperature, add_tail
+    )
     return reduce_elements(elements, mask, reduction, num_items_in_batch)
 
 
@@ -226,45 +289,29 @@ def sparse_top1_loss(
     beta: float,
     temperature: float = 1.0,
     add_tail: bool = True,
-    reverse_ids: torch.Tensor | None = None,
-    teacher_reverse_logprobs: torch.Tensor | None = None,
     reduction: str = "batchmean",
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sparse top-1 divergence (beta > 0) on {teacher's top-1 token, reverse token} plus the tail bucket.
+    """Sparse top-1 divergence (beta > 0) from a teacher given as a server returns it ("sampled" mode).
 
-    The reverse token is the sampled completion token (`labels`) unless `reverse_ids` names another (the student's
-    argmax), in which case `teacher_reverse_logprobs` gives the teacher there. All teacher inputs are (B, T) or
-    (B, T, 1): the top-1 id and log-prob, and the log-prob of the actual token, as a teacher server returns them.
-    At beta = 1 the support is the reverse token alone.
+    The support is {teacher's top-1 token, the sampled token (`labels`)} plus the tail bucket; the sampled token alone
+    at beta = 1. Teacher inputs are (B, T) or (B, T, 1): top-1 ids and log-probs, and the log-prob of the actual token.
+    Values at masked positions (servers pad them with -inf) are never read.
     """
-    if beta <= 0:
-        raise ValueError(f"sparse_top1_loss needs beta > 0, got beta={beta}; use topk_forward_kl_loss for beta = 0")
 
-    def column(t: torch.Tensor) -> torch.Tensor:
-        return t if t.dim() == labels.dim() + 1 else t.unsqueeze(-1)
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return (t.squeeze(-1) if t.dim() == labels.dim() + 1 else t)[mask]
 
-    if reverse_ids is None:
-        reverse_ids, teacher_reverse_logprobs = labels.clamp(min=0), teacher_token_logprobs
-    elif teacher_reverse_logprobs is None:
-        raise ValueError("reverse_ids were given without teacher_reverse_logprobs")
-    reverse_ids, teacher_reverse = column(reverse_ids), column(teacher_reverse_logprobs)
-    # Padded positions of a server reply hold -inf; their values never matter but must not reach the arithmetic.
-    masked = column(labels == IGNORE_INDEX)
-    teacher_reverse = teacher_reverse.masked_fill(masked, 0.0)
-    if beta == 1:
-        ids, teacher_logprobs = reverse_ids, teacher_reverse
-        valid = torch.ones_like(ids, dtype=torch.bool)
-    else:
-        top1_ids = column(teacher_top1_ids)
-        top1 = column(teacher_top1_logprobs).masked_fill(masked, 0.0)
-        ids = torch.cat([top1_ids, reverse_ids], dim=-1)
-        teacher_logprobs = torch.cat([top1, teacher_reverse], dim=-1)
-        valid = torch.cat([torch.ones_like(top1_ids, dtype=torch.bool), reverse_ids != top1_ids], dim=-1)
-    return support_divergence_loss(
-        student_logits, labels, ids, teacher_logprobs, beta, temperature, add_tail, valid, reduction,
-        num_items_in_batch,
+    mask = _token_mask(student_logits, labels)
+    ids, teacher_support, valid = sparse_top1_support(
+        labels[mask],
+        flat(teacher_token_logprobs).float(),
+        flat(teacher_top1_ids),
+        flat(teacher_top1_logprobs).float(),
+        beta,
     )
+    elements = support_rows_elements(student_logits[mask], ids, teacher_support, valid, beta, temperature, add_tail)
+    return reduce_elements(elements, mask, reduction, num_items_in_batch)
 
 
 def local_sparse_top1_loss(
@@ -279,20 +326,11 @@ def local_sparse_top1_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`sparse_top1_loss` with the teacher given as full logits, as a local teacher provides them."""
-    with torch.no_grad():
-        teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-        top1_logprobs, top1_ids = teacher_logp.max(dim=-1)
-        token_logprobs = teacher_logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        reverse_ids = reverse_logprobs = None
-        if reverse_kl_top_1_mode == "argmax":
-            reverse_ids = student_logits.argmax(dim=-1)
-            reverse_logprobs = teacher_logp.gather(-1, reverse_ids.unsqueeze(-1)).squeeze(-1)
-        elif reverse_kl_top_1_mode != "sampled":
-            raise ValueError(f"reverse_kl_top_1_mode={reverse_kl_top_1_mode!r} is not 'sampled' or 'argmax'")
-    return sparse_top1_loss(
-        student_logits, labels, top1_ids, top1_logprobs, token_logprobs, beta, temperature, add_tail,
-        reverse_ids, reverse_logprobs, reduction, num_items_in_batch,
+    mask = _token_mask(student_logits, labels)
+    elements = local_sparse_top1_elements(
+        student_logits[mask], teacher_logits[mask], labels[mask], beta, temperature, add_tail, reverse_kl_top_1_mode
     )
+    return reduce_elements(elements, mask, reduction, num_items_in_batch)
 
 
 def topk_forward_kl_loss(
@@ -307,18 +345,22 @@ def topk_forward_kl_loss(
 ) -> torch.Tensor:
     """Forward KL(T || S) over the teacher's top-k, given as ids and log-probs (B, T, K) padded with -inf."""
     return support_divergence_loss(
-        student_logits, labels, teacher_topk_ids, teacher_topk_logprobs, 0.0, temperature, add_tail, None,
-        reduction, num_items_in_batch,
+        student_logits,
+        labels,
+        teacher_topk_ids,
+        teacher_topk_logprobs,
+        0.0,
+        temperature,
+        add_tail,
+        None,
+        reduction,
+        num_items_in_batch,
     )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Memory-bounded path: hidden states and LM heads in, never a (tokens x vocabulary) tensor for the whole batch
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(hidden, weight, bias)
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -329,52 +371,116 @@ class _ChunkedDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                options):
-        beta, temperature, chunk_size, top_k, add_tail, normaliser = options
-        needs = ctx.needs_input_grad
+    def forward(
+        ctx,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        targets,
+        elements_fn,
+        chunk_size,
+        reduction,
+        num_items_in_batch,
+    ):
+        needs = ctx.needs_input_grad[:3]
         weight_leaf = student_weight.detach().requires_grad_(needs[1])
         bias_leaf = None if student_bias is None else student_bias.detach().requires_grad_(needs[2])
-        grad_hidden = torch.zeros_like(student_hidden) if needs[0] else None
-        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if needs[1] else None
-        grad_bias = torch.zeros_like(student_bias, dtype=torch.float32) if needs[2] else None
+        grads = [
+            torch.zeros_like(student_hidden) if needs[0] else None,
+            torch.zeros_like(student_weight, dtype=torch.float32) if needs[1] else None,
+            torch.zeros_like(student_bias, dtype=torch.float32) if needs[2] else None,
+        ]
         total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        support_size = 0
         for start in range(0, student_hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             hidden_leaf = student_hidden[rows].detach().requires_grad_(needs[0])
             with torch.no_grad():
-                teacher_logits = _project(teacher_hidden[rows], teacher_weight, teacher_bias)
+                teacher_logits = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
             with torch.enable_grad():
-                student_logits = _project(hidden_leaf, weight_leaf, bias_leaf)
-                chunk_loss = token_divergence_elements(
-                    student_logits, teacher_logits, beta, temperature, top_k, add_tail
-                ).sum()
-            wanted = [t for t, need in ((hidden_leaf, needs[0]), (weight_leaf, needs[1]), (bias_leaf, needs[2]))
-                      if need]
-            grads = list(torch.autograd.grad(chunk_loss, wanted)) if wanted else []
+                elements = elements_fn(F.linear(hidden_leaf, weight_leaf, bias_leaf), teacher_logits, targets[rows])
+                chunk_loss = elements.sum()
+            support_size = elements.shape[-1]
+            leaves = [leaf for leaf, need in zip((hidden_leaf, weight_leaf, bias_leaf), needs) if need]
+            chunk_grads = iter(torch.autograd.grad(chunk_loss, leaves) if leaves else ())
             if needs[0]:
-                grad_hidden[rows] = grads.pop(0)
-            if needs[1]:
-                grad_weight += grads.pop(0)
-            if needs[2]:
-                grad_bias += grads.pop(0)
+                grads[0][rows] = next(chunk_grads)
+            for i in (1, 2):
+                if needs[i]:
+                    grads[i] += next(chunk_grads)
             total += chunk_loss.detach()
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
+        num_tokens = student_hidden.shape[0]
+        if reduction == "sum":
+            normaliser = 1.0
+        elif reduction == "mean":
+            normaliser = float(max(num_tokens * support_size, 1))
+        elif num_items_in_batch is not None:
+            normaliser = float(num_items_in_batch)
+        else:
+            normaliser = float(max(num_tokens, 1))
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
         ctx.normaliser = normaliser
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
         return total / normaliser
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_output / ctx.normaliser
-        needs, dtypes = ctx.needs_input_grad, ctx.dtypes
-        return (
-            (grad_hidden * scale).to(dtypes[0]) if needs[0] else None,
-            (grad_weight * scale).to(dtypes[1]) if needs[1] else None,
-            (grad_bias * scale).to(dtypes[2]) if needs[2] else None,
-            None, None, None, None,
+        needs = ctx.needs_input_grad
+        grads = tuple(
+            (g * scale).to(dtype) if need else None for g, need, dtype in zip(ctx.saved_tensors, needs[:3], ctx.dtypes)
         )
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def chunked_loss(
+    student_hidden: torch.Tensor,
+    student_lm_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_lm_head: torch.Tensor,
+    labels: torch.Tensor | None,
+    elements_fn,
+    chunk_size: int = 1024,
+    reduction: str = "batchmean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Any row-wise loss `elements_fn(student_logits, teacher_logits, targets)` of `hidden @ lm_head.T` logits, computed
+    `chunk_size` unmasked tokens at a time (see `chunked_jsd_loss`)."""
+    if reduction not in ("batchmean", "sum", "mean"):
+        raise ValueError(f"chunked losses support reductions 'batchmean', 'sum', 'mean', not {reduction!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if vocab_size is not None:
+        student_lm_head, teacher_lm_head = student_lm_head[:vocab_size], teacher_lm_head[:vocab_size]
+        student_bias = None if student_bias is None else student_bias[:vocab_size]
+        teacher_bias = None if teacher_bias is None else teacher_bias[:vocab_size]
+    if student_lm_head.shape[0] != teacher_lm_head.shape[0]:
+        raise ValueError(
+            f"student LM head has {student_lm_head.shape[0]} rows and teacher {teacher_lm_head.shape[0]}; "
+            "pass vocab_size to compare the shared vocabulary"
+        )
+    if labels is None:
+        labels = torch.zeros(student_hidden.shape[:-1], dtype=torch.long, device=student_hidden.device)
+    mask = labels != IGNORE_INDEX
+    return _ChunkedDivergence.apply(
+        student_hidden[mask],
+        student_lm_head,
+        student_bias,
+        teacher_hidden[mask],
+        teacher_lm_head,
+        teacher_bias,
+        labels[mask],
+        elements_fn,
+        chunk_size,
+        reduction,
+        num_items_in_batch,
+    )
 
 
 def chunked_jsd_loss(
@@ -400,31 +506,61 @@ def chunked_jsd_loss(
     `vocab_size` keeps only their first rows (a head padded past the tokenizer). Gradients reach the student's hidden
     states, LM head and bias; the teacher gets none. Reductions: "batchmean", "sum", "mean".
     """
-    if reduction not in ("batchmean", "sum", "mean"):
-        raise ValueError(f"chunked_jsd_loss supports reductions 'batchmean', 'sum', 'mean', not {reduction!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    if vocab_size is not None:
-        student_lm_head, teacher_lm_head = student_lm_head[:vocab_size], teacher_lm_head[:vocab_size]
-        student_bias = None if student_bias is None else student_bias[:vocab_size]
-        teacher_bias = None if teacher_bias is None else teacher_bias[:vocab_size]
-    if student_lm_head.shape[0] != teacher_lm_head.shape[0]:
-        raise ValueError(f"student LM head has {student_lm_head.shape[0]} rows and teacher {teacher_lm_head.shape[0]}; "
-                         "pass vocab_size to compare the shared vocabulary")
-    mask = (torch.ones(student_hidden.shape[:-1], dtype=torch.bool, device=student_hidden.device)
-            if labels is None else labels != IGNORE_INDEX)
-    student_rows, teacher_rows = student_hidden[mask], teacher_hidden[mask]
-    num_tokens = student_rows.shape[0]
-    if reduction == "sum":
-        normaliser = 1.0
-    elif reduction == "mean":
-        support = student_lm_head.shape[0] if top_k <= 0 else top_k * (1 if beta in (0, 1) else 2) + add_tail
-        normaliser = float(max(num_tokens * support, 1))
-    elif num_items_in_batch is not None:
-        normaliser = float(num_items_in_batch)
-    else:
-        normaliser = float(max(num_tokens, 1))
-    options = (beta, temperature, chunk_size, top_k, add_tail, normaliser)
-    return _ChunkedDivergence.apply(
-        student_rows, student_lm_head, student_bias, teacher_rows, teacher_lm_head, teacher_bias, options
+
+    def elements_fn(student_logits, teacher_logits, _targets):
+        return token_divergence_elements(student_logits, teacher_logits, beta, temperature, top_k, add_tail)
+
+    return chunked_loss(
+        student_hidden,
+        student_lm_head,
+        teacher_hidden,
+        teacher_lm_head,
+        labels,
+        elements_fn,
+        chunk_size,
+        reduction,
+        num_items_in_batch,
+        student_bias,
+        teacher_bias,
+        vocab_size,
+    )
+
+
+def chunked_sparse_top1_loss(
+    student_hidden: torch.Tensor,
+    student_lm_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_lm_head: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    add_tail: bool = True,
+    reverse_kl_top_1_mode: str = "sampled",
+    reduction: str = "batchmean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """`local_sparse_top1_loss` of `hidden @ lm_head.T` logits, computed `chunk_size` tokens at a time."""
+
+    def elements_fn(student_logits, teacher_logits, targets):
+        return local_sparse_top1_elements(
+            student_logits, teacher_logits, targets, beta, temperature, add_tail, reverse_kl_top_1_mode
+        )
+
+    return chunked_loss(
+        student_hidden,
+        student_lm_head,
+        teacher_hidden,
+        teacher_lm_head,
+        labels,
+        elements_fn,
+        chunk_size,
+        reduction,
+        num_items_in_batch,
+        student_bias,
+        teacher_bias,
+        vocab_size,
     )

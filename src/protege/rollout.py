@@ -1,0 +1,86 @@
+"""Student rollouts: which slices are on-policy, and one batched generation call for all of them.
+
+The decisions are a pure function of (seed, optimizer step), so they are identical on every rank and survive a
+checkpoint and resume without any saved state; the trainer still broadcasts rank 0's draw as a guard against ranks
+configured with different seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import sequence_batch
+
+
+def draw_on_policy(lmbda: float, num_slices: int, seed: int, step: int) -> list[bool]:
+    """Which of a step's slices are on-policy: each independently with probability `lmbda`."""
+    draws = np.random.default_rng([seed, step]).random(num_slices)
+    return [bool(u < lmbda) for u in draws]
+
+
+def completion_lengths(tokens: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """Length of each generated row up to and including its first EOS (the full width when it has none)."""
+    width = tokens.shape[1]
+    is_eos = torch.isin(tokens, torch.tensor(eos_token_ids, device=tokens.device))
+    positions = torch.arange(1, width + 1, device=tokens.device).expand_as(tokens)
+    return torch.where(is_eos, positions, width + 1).min(dim=1).values.clamp(max=width)
+
+
+def left_pad_to(ids: torch.Tensor, mask: torch.Tensor, width: int, pad_token_id: int):
+    extra = width - ids.shape[1]
+    return F.pad(ids, (extra, 0), value=pad_token_id), F.pad(mask, (extra, 0), value=0)
+
+
+@dataclass
+class Rollout:
+    """Sequences generated for one slice, in the trainer's batch layout, plus what metrics need."""
+
+    batch: dict[str, torch.Tensor]
+    lengths: torch.Tensor
+    truncated: torch.Tensor
+
+
+@torch.no_grad()
+def generate_slices(
+    model: torch.nn.Module,
+    slices: list[dict[str, torch.Tensor]],
+    generation_config,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+) -> list[Rollout]:
+    """Generate completions for every slice's prompts in one `generate` call, then split them back by slice."""
+    width = max(s["prompt_ids"].shape[1] for s in slices)
+    padded = [left_pad_to(s["prompt_ids"], s["prompt_mask"], width, pad_token_id) for s in slices]
+    prompt_ids = torch.cat([p[0] for p in padded])
+    prompt_mask = torch.cat([p[1] for p in padded])
+    was_training = model.training
+    model.eval()
+    try:
+        output = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config
+        )
+    finally:
+        model.train(was_training)
+    generated = output[:, width:]
+    lengths = completion_lengths(generated, eos_token_ids)
+    max_new_tokens = generation_config.max_new_tokens
+    rollouts, start = [], 0
+    for s in slices:
+        rows = slice(start, start + s["prompt_ids"].shape[0])
+        start = rows.stop
+        slice_lengths = lengths[rows]
+        keep = int(slice_lengths.max()) if slice_lengths.numel() else 0
+        completion_ids = generated[rows, :keep].clone()
+        completion_mask = (torch.arange(keep, device=generated.device) < slice_lengths.unsqueeze(1)).long()
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
+        batch = sequence_batch(s["prompt_ids"], s["prompt_mask"], completion_ids, completion_mask)
+        # A row truncated at the limit has no EOS; a row ending in EOS exactly at the limit is complete.
+        ends_in_eos = torch.isin(generated[rows, :].gather(1, (slice_lengths - 1).clamp(min=0).unsqueeze(1)),
+                                 torch.tensor(eos_token_ids, device=generated.device)).squeeze(1)
+        truncated = (slice_lengths >= max_new_tokens) & ~ends_in_eos
+        rollouts.append(Rollout(batch, slice_lengths, truncated))
+    return rollouts
