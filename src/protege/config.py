@@ -15,6 +15,7 @@ weights are loaded, with a message that names the field, the value and what is a
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -232,6 +233,9 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if not self.use_cpu and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Without this, transformers sets up one process per GPU and, finding none, trains each rank alone.
+            self.use_cpu = True
         if self.bf16 is None:
             self.bf16 = bf16_supported() and not self.fp16
         elif self.bf16 and not self.use_cpu and not bf16_supported():

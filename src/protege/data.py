@@ -53,27 +53,34 @@ def split_row(row: dict[str, Any], index: int) -> tuple[str | list[dict], str | 
             if completion is not None:
                 _check_messages(completion, index, "completion")
                 if completion[0]["role"] != "assistant":
-                    raise ValueError(f"row {index}: the completion must start with an assistant message, got "
-                                     f"role {completion[0]['role']!r}")
+                    raise ValueError(
+                        f"row {index}: the completion must start with an assistant message, got "
+                        f"role {completion[0]['role']!r}"
+                    )
         elif isinstance(prompt, str):
             if completion is not None and not isinstance(completion, str):
-                raise ValueError(f"row {index}: 'prompt' is a string, so 'completion' must be a string too, got "
-                                 f"{type(completion).__name__}")
+                raise ValueError(
+                    f"row {index}: 'prompt' is a string, so 'completion' must be a string too, got "
+                    f"{type(completion).__name__}"
+                )
             if not prompt.strip():
                 raise ValueError(f"row {index}: the prompt is empty")
             if completion is not None and not completion:
                 raise ValueError(f"row {index}: the completion is empty")
         else:
-            raise ValueError(f"row {index}: 'prompt' must be a string or a list of messages, got "
-                             f"{type(prompt).__name__}")
+            raise ValueError(
+                f"row {index}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}"
+            )
     else:
         raise ValueError(f"row {index}: no 'messages' or 'prompt' column (columns: {sorted(row)})")
     if isinstance(prompt, list):
         if not any(m["role"] == "user" for m in prompt):
             raise ValueError(f"row {index}: the prompt has no user message")
         if prompt[-1]["role"] == "assistant":
-            raise ValueError(f"row {index}: the prompt ends with an assistant message, so the completion would "
-                             "continue it; the turn before the completion must be a user or tool message")
+            raise ValueError(
+                f"row {index}: the prompt ends with an assistant message, so the completion would "
+                "continue it; the turn before the completion must be a user or tool message"
+            )
         if not any(m["content"].strip() for m in prompt if m["role"] != "system"):
             raise ValueError(f"row {index}: the prompt is empty")
     return prompt, completion
@@ -101,15 +108,24 @@ class Tokenizer:
         text = self.tokenizer.apply_chat_template(prompt + completion, tokenize=False)
         full_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if full_ids[: len(prompt_ids)] != prompt_ids:
-            raise ValueError("the chat template does not render the prompt as a prefix of the full conversation, so "
-                             "the completion cannot be separated from it")
-        return full_ids[len(prompt_ids):]
+            raise ValueError(
+                "the chat template does not render the prompt as a prefix of the full conversation, so "
+                "the completion cannot be separated from it"
+            )
+        completion_ids = full_ids[len(prompt_ids) :]
+        # Templates often render text after the end-of-turn token (a newline); generation stops at EOS, so do we.
+        eos = self.tokenizer.eos_token_id
+        if eos in completion_ids:
+            completion_ids = completion_ids[: len(completion_ids) - completion_ids[::-1].index(eos)]
+        return completion_ids
 
     def __call__(self, row: dict[str, Any], index: int, needs_completion: bool) -> dict[str, list[int]]:
         prompt, completion = split_row(row, index)
         if completion is None and needs_completion:
-            raise ValueError(f"row {index} has no completion, but lmbda < 1 trains off-policy slices on dataset "
-                             "completions; give every row a completion or set lmbda=1.0")
+            raise ValueError(
+                f"row {index} has no completion, but lmbda < 1 trains off-policy slices on dataset "
+                "completions; give every row a completion or set lmbda=1.0"
+            )
         prompt_ids = self._render_prompt(prompt)
         if not prompt_ids:
             raise ValueError(f"row {index}: the prompt tokenizes to nothing")
@@ -118,7 +134,7 @@ class Tokenizer:
         except ValueError as error:
             raise ValueError(f"row {index}: {error}") from None
         if self.max_prompt_length is not None:
-            prompt_ids = prompt_ids[-self.max_prompt_length:]
+            prompt_ids = prompt_ids[-self.max_prompt_length :]
         if self.max_length is not None:
             completion_ids = completion_ids[: max(self.max_length - len(prompt_ids), 0)]
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids}
@@ -128,8 +144,9 @@ def tokenize_dataset(dataset: Dataset | IterableDataset, tokenizer: Tokenizer, n
     """Validate and tokenize every row up front (lazily for an IterableDataset)."""
     columns = dataset.column_names
     if columns is not None and "messages" not in columns and "prompt" not in columns:
-        raise ValueError(f"the dataset needs a 'messages' column or 'prompt' (and 'completion') columns; it has "
-                         f"{columns}")
+        raise ValueError(
+            f"the dataset needs a 'messages' column or 'prompt' (and 'completion') columns; it has {columns}"
+        )
     return dataset.map(
         lambda row, index: tokenizer(row, index, needs_completion), with_indices=True, remove_columns=columns
     )
@@ -141,7 +158,7 @@ def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
     for i, r in enumerate(rows):
         if r:
             if left:
-                out[i, width - len(r):] = torch.tensor(r)
+                out[i, width - len(r) :] = torch.tensor(r)
             else:
                 out[i, : len(r)] = torch.tensor(r)
     return out
@@ -159,8 +176,10 @@ def sequence_batch(
         "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
         "attention_mask": attention_mask,
         "position_ids": (attention_mask.cumsum(dim=1) - 1).clamp(min=0),
-        "labels": torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX),
-                             completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)], dim=1),
+        "labels": torch.cat(
+            [torch.full_like(prompt_ids, IGNORE_INDEX), completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)],
+            dim=1,
+        ),
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
         "prompt_width": torch.tensor(prompt_ids.shape[1]),

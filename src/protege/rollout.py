@@ -60,9 +60,7 @@ def generate_slices(
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config
-        )
+        output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
     finally:
         model.train(was_training)
     generated = output[:, width:]
@@ -79,8 +77,10 @@ def generate_slices(
         completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
         batch = sequence_batch(s["prompt_ids"], s["prompt_mask"], completion_ids, completion_mask)
         # A row truncated at the limit has no EOS; a row ending in EOS exactly at the limit is complete.
-        ends_in_eos = torch.isin(generated[rows, :].gather(1, (slice_lengths - 1).clamp(min=0).unsqueeze(1)),
-                                 torch.tensor(eos_token_ids, device=generated.device)).squeeze(1)
+        ends_in_eos = torch.isin(
+            generated[rows, :].gather(1, (slice_lengths - 1).clamp(min=0).unsqueeze(1)),
+            torch.tensor(eos_token_ids, device=generated.device),
+        ).squeeze(1)
         truncated = (slice_lengths >= max_new_tokens) & ~ends_in_eos
         rollouts.append(Rollout(batch, slice_lengths, truncated))
     return rollouts

@@ -97,15 +97,19 @@ class DistillationTrainer(Trainer):
         if model is None:
             raise ValueError("model is required: a student model or its hub id / local path")
         if args.use_teacher_server:
-            raise ValueError("use_teacher_server=True: the teacher server client is not available in this protege "
-                             "release yet; use a local teacher_model")
+            raise ValueError(
+                "use_teacher_server=True: the teacher server client is not available in this protege "
+                "release yet; use a local teacher_model"
+            )
 
         student_kwargs = parse_init_kwargs(args.model_init_kwargs, "model_init_kwargs")
         if isinstance(model, str):
             model = load_causal_lm(model, student_kwargs, args.trust_remote_code)
         elif student_kwargs:
-            raise ValueError("model_init_kwargs were given but the student is already built; pass the student as a "
-                             "path to load it with them, or drop model_init_kwargs")
+            raise ValueError(
+                "model_init_kwargs were given but the student is already built; pass the student as a "
+                "path to load it with them, or drop model_init_kwargs"
+            )
         if processing_class is None:
             processing_class = load_tokenizer(model.config._name_or_path, args.trust_remote_code)
         if processing_class.pad_token is None:
@@ -117,8 +121,10 @@ class DistillationTrainer(Trainer):
             for who, m in (("student", model), ("teacher", teacher)):
                 text_config = m.config.get_text_config()
                 if getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None):
-                    raise ValueError(f"loss_chunk_size: the {who} transforms its logits after the LM head "
-                                     "(softcapping or scaling), which the chunked loss does not reproduce")
+                    raise ValueError(
+                        f"loss_chunk_size: the {who} transforms its logits after the LM head "
+                        "(softcapping or scaling), which the chunked loss does not reproduce"
+                    )
 
         if peft_config is not None:
             try:
@@ -131,13 +137,13 @@ class DistillationTrainer(Trainer):
         if args.disable_dropout:
             _disable_dropout(model)
 
-        row_tokenizer = Tokenizer(processing_class, args.max_prompt_length, args.max_length)
+        self._row_tokenizer = Tokenizer(processing_class, args.max_prompt_length, args.max_length)
         if train_dataset is not None:
-            train_dataset = tokenize_dataset(train_dataset, row_tokenizer, needs_completion=args.lmbda < 1)
+            train_dataset = self._tokenize(train_dataset, needs_completion=args.lmbda < 1)
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: tokenize_dataset(v, row_tokenizer, False) for k, v in eval_dataset.items()}
+            eval_dataset = {k: self._tokenize(v) for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
-            eval_dataset = tokenize_dataset(eval_dataset, row_tokenizer, False)
+            eval_dataset = self._tokenize(eval_dataset)
         args.remove_unused_columns = False
 
         super().__init__(
@@ -158,8 +164,11 @@ class DistillationTrainer(Trainer):
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
             self._liger_loss = LigerFusedLinearJSDLoss(
-                beta=args.beta, ignore_index=IGNORE_INDEX, temperature=args.temperature,
-                weight_hard_loss=0.0, weight_soft_loss=1.0,
+                beta=args.beta,
+                ignore_index=IGNORE_INDEX,
+                temperature=args.temperature,
+                weight_hard_loss=0.0,
+                weight_soft_loss=1.0,
             )
         self._step_flags: list[bool] = []
         self._micro_index = 0
@@ -183,8 +192,10 @@ class DistillationTrainer(Trainer):
             teacher_model = load_causal_lm(teacher_model, teacher_kwargs, args.trust_remote_code)
         else:
             if teacher_kwargs:
-                raise ValueError("teacher_model_init_kwargs were given but the teacher is already built; pass the "
-                                 "teacher as a path to load it with them, or drop teacher_model_init_kwargs")
+                raise ValueError(
+                    "teacher_model_init_kwargs were given but the teacher is already built; pass the "
+                    "teacher as a path to load it with them, or drop teacher_model_init_kwargs"
+                )
             name = teacher_model.config._name_or_path
         teacher_tokenizer = None
         if name and (not os.path.isdir(name) or _has_local_tokenizer(name)):
@@ -235,6 +246,17 @@ class DistillationTrainer(Trainer):
         )
         return config, eos_ids
 
+    def _tokenize(self, dataset, needs_completion: bool = False):
+        """Validate and tokenize raw rows; evaluation rows may be prompt-only (they then add no tokens)."""
+        if "prompt_ids" in (dataset.column_names or []):
+            return dataset
+        return tokenize_dataset(dataset, self._row_tokenizer, needs_completion)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._tokenize(eval_dataset)
+        return super().get_eval_dataloader(eval_dataset)
+
     def _get_train_sampler(self, train_dataset=None):
         if self.args.num_generations == 1:
             return super()._get_train_sampler(train_dataset)
@@ -260,10 +282,14 @@ class DistillationTrainer(Trainer):
             self._window["start"] = time.perf_counter()
         flags = self._on_policy_flags(len(batches))
         on_policy = [i for i, flag in enumerate(flags) if flag]
+        self._metrics["on_policy_fraction"].append(len(on_policy) / max(len(flags), 1))
         if on_policy:
             started = time.perf_counter()
             rollouts = generate_slices(
-                self.model, [batches[i] for i in on_policy], self.generation_config, self.eos_token_ids,
+                self.model,
+                [batches[i] for i in on_policy],
+                self.generation_config,
+                self.eos_token_ids,
                 self.processing_class.pad_token_id,
             )
             self._metrics["time/generation_s"].append(time.perf_counter() - started)
@@ -293,9 +319,12 @@ class DistillationTrainer(Trainer):
             for batch in batches:
                 prompts = decode(batch["prompt_ids"], skip_special_tokens=True)
                 width = batch["prompt_ids"].shape[1]
-                completions = decode(batch["input_ids"][:, width:].masked_fill(
-                    batch["labels"][:, width:] == IGNORE_INDEX, self.processing_class.pad_token_id),
-                    skip_special_tokens=True)
+                completions = decode(
+                    batch["input_ids"][:, width:].masked_fill(
+                        batch["labels"][:, width:] == IGNORE_INDEX, self.processing_class.pad_token_id
+                    ),
+                    skip_special_tokens=True,
+                )
                 self._last_samples.extend(zip(prompts, completions))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -318,23 +347,51 @@ class DistillationTrainer(Trainer):
     def _divergence_sum(self, student_logits, teacher_logits, labels) -> torch.Tensor:
         args = self.args
         if args.beta > 0 and args.loss_top_k == 1:
-            return local_sparse_top1_loss(student_logits, teacher_logits, labels, args.beta, args.temperature,
-                                          args.loss_add_tail, args.reverse_kl_top_1_mode, reduction="sum")
-        return generalized_jsd_loss(student_logits, teacher_logits, labels, args.beta, args.temperature, "sum",
-                                    args.loss_top_k, args.loss_add_tail)
+            return local_sparse_top1_loss(
+                student_logits,
+                teacher_logits,
+                labels,
+                args.beta,
+                args.temperature,
+                args.loss_add_tail,
+                args.reverse_kl_top_1_mode,
+                reduction="sum",
+            )
+        return generalized_jsd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            args.beta,
+            args.temperature,
+            "sum",
+            args.loss_top_k,
+            args.loss_add_tail,
+        )
 
     def _chunked_divergence_sum(self, model, student_hidden, teacher_hidden, labels) -> torch.Tensor:
         args = self.args
         student_head = self.accelerator.unwrap_model(model).get_output_embeddings()
         teacher_head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings()
-        common = {"chunk_size": args.loss_chunk_size, "reduction": "sum", "student_bias": student_head.bias,
-                  "teacher_bias": teacher_head.bias, "vocab_size": self.vocab_size}
+        common = {
+            "chunk_size": args.loss_chunk_size,
+            "reduction": "sum",
+            "student_bias": student_head.bias,
+            "teacher_bias": teacher_head.bias,
+            "vocab_size": self.vocab_size,
+        }
         heads = (student_hidden, student_head.weight, teacher_hidden, teacher_head.weight, labels)
         if args.beta > 0 and args.loss_top_k == 1:
-            return chunked_sparse_top1_loss(*heads, args.beta, args.temperature, add_tail=args.loss_add_tail,
-                                            reverse_kl_top_1_mode=args.reverse_kl_top_1_mode, **common)
-        return chunked_jsd_loss(*heads, args.beta, args.temperature, top_k=args.loss_top_k,
-                                add_tail=args.loss_add_tail, **common)
+            return chunked_sparse_top1_loss(
+                *heads,
+                args.beta,
+                args.temperature,
+                add_tail=args.loss_add_tail,
+                reverse_kl_top_1_mode=args.reverse_kl_top_1_mode,
+                **common,
+            )
+        return chunked_jsd_loss(
+            *heads, args.beta, args.temperature, top_k=args.loss_top_k, add_tail=args.loss_add_tail, **common
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         width = int(inputs["prompt_width"])
@@ -378,8 +435,10 @@ class DistillationTrainer(Trainer):
         teacher_head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings()
         hidden_size = student_hidden.shape[-1]
         mean = self._liger_loss(
-            student_hidden.reshape(-1, hidden_size), student_head.weight[: self.vocab_size],
-            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_head.weight[: self.vocab_size],
+            student_hidden.reshape(-1, hidden_size),
+            student_head.weight[: self.vocab_size],
+            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+            teacher_head.weight[: self.vocab_size],
             labels.reshape(-1),
         )
         return mean * tokens.clamp(min=1)

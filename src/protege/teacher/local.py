@@ -26,6 +26,8 @@ def shared_vocab_size(student, teacher, tokenizer, teacher_tokenizer=None) -> in
     student_rows, teacher_rows = output_rows(student), output_rows(teacher)
     for who, rows in (("student", student_rows), ("teacher", teacher_rows)):
         if rows < tokens:
-            raise ValueError(f"the {who}'s output layer has {rows} rows but the tokenizer has {tokens} tokens; the "
-                             f"{who} cannot score every token, so it is not a model for this tokenizer")
+            raise ValueError(
+                f"the {who}'s output layer has {rows} rows but the tokenizer has {tokens} tokens; the "
+                f"{who} cannot score every token, so it is not a model for this tokenizer"
+            )
     return min(student_rows, teacher_rows)

@@ -1,0 +1,183 @@
+"""DistillationTrainer end to end on tiny models: learning, slices, generation calls, normalisation, resume, LoRA."""
+
+from __future__ import annotations
+
+import torch
+from tiny import dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from protege import DistillationConfig, DistillationTrainer, generalized_jsd_loss
+from protege.data import DistillationCollator, Tokenizer, tokenize_dataset
+
+
+def config(tmp_path, **overrides) -> DistillationConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        logging_steps=1,
+        report_to="none",
+        learning_rate=1e-2,
+        max_completion_length=12,
+        max_length=48,
+        save_strategy="no",
+        lmbda=1.0,
+        beta=0.5,
+        loss_top_k=0,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return DistillationConfig(**values)
+
+
+def trainer_for(tiny_paths, tmp_path, train=None, **overrides) -> DistillationTrainer:
+    return DistillationTrainer(
+        model=tiny_paths["student"],
+        teacher_model=tiny_paths["teacher"],
+        args=config(tmp_path, **overrides),
+        train_dataset=train if train is not None else dataset(64),
+    )
+
+
+@torch.no_grad()
+def held_out_kl(student, teacher, tokenizer) -> float:
+    """Mean per-token KL(teacher || student) on the completions of held-out rows."""
+    rows = tokenize_dataset(dataset(32, seed=99), Tokenizer(tokenizer, 36, 48), needs_completion=True)
+    batch = DistillationCollator(tokenizer.pad_token_id)(list(rows))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    student_logits = student(**inputs).logits[:, :-1]
+    teacher_logits = teacher(**inputs).logits[:, :-1]
+    return generalized_jsd_loss(student_logits, teacher_logits, batch["labels"][:, 1:], beta=0.0).item()
+
+
+def logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def test_student_learns_on_policy_and_off_policy(tiny_paths, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_paths["student"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_paths["teacher"])
+    before = held_out_kl(AutoModelForCausalLM.from_pretrained(tiny_paths["student"]), teacher, tokenizer)
+    for lmbda in (1.0, 0.0):
+        trainer = trainer_for(tiny_paths, tmp_path, lmbda=lmbda, max_steps=30, per_device_train_batch_size=4)
+        trainer.train()
+        after = held_out_kl(trainer.model, teacher, tokenizer)
+        assert after < 0.8 * before, (lmbda, before, after)
+        key = "on_policy_loss" if lmbda == 1.0 else "off_policy_loss"
+        losses = logged(trainer, key)
+        assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_mixed_lmbda_logs_both_kinds_of_slices(tiny_paths, tmp_path):
+    trainer = trainer_for(tiny_paths, tmp_path, lmbda=0.5, max_steps=6, gradient_accumulation_steps=4)
+    trainer.train()
+    fractions = logged(trainer, "on_policy_fraction")
+    assert len(fractions) == 6 and 0 < sum(fractions) / 6 < 1
+    assert logged(trainer, "on_policy_loss") and logged(trainer, "off_policy_loss")
+    for key in (
+        "completions/mean_length",
+        "completions/truncated_fraction",
+        "time/generation_s",
+        "time/teacher_s",
+        "time/student_s",
+        "completion_tokens_per_second",
+    ):
+        assert logged(trainer, key), key
+
+
+def test_one_generate_call_per_optimizer_step(tiny_paths, tmp_path):
+    trainer = trainer_for(tiny_paths, tmp_path, lmbda=1.0, max_steps=3, gradient_accumulation_steps=4)
+    calls, generate = [], trainer.model.generate
+
+    def counting_generate(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return generate(*args, **kwargs)
+
+    trainer.model.generate = counting_generate
+    trainer.train()
+    assert calls == [8, 8, 8]
+
+
+def one_sgd_step(tiny_paths, tmp_path, batch, accumulation):
+    trainer = trainer_for(
+        tiny_paths,
+        tmp_path / f"{batch}x{accumulation}",
+        lmbda=0.0,
+        max_steps=1,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+    )
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    return {k: start[k] - v for k, v in trainer.model.state_dict().items()}
+
+
+def test_gradient_does_not_depend_on_gradient_accumulation(tiny_paths, tmp_path):
+    whole = one_sgd_step(tiny_paths, tmp_path, batch=8, accumulation=1)
+    sliced = one_sgd_step(tiny_paths, tmp_path, batch=2, accumulation=4)
+    assert max(v.abs().max().item() for v in whole.values()) > 1e-4  # the step did move the weights
+    for name, delta in whole.items():
+        torch.testing.assert_close(sliced[name], delta, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class RecordFlags(TrainerCallback):
+    def __init__(self):
+        self.fractions = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "on_policy_fraction" in logs:
+            self.fractions[state.global_step] = logs["on_policy_fraction"]
+
+
+def test_resume_continues_exactly(tiny_paths, tmp_path):
+    for lmbda in (0.0, 0.5):
+        common = dict(lmbda=lmbda, max_steps=4, save_strategy="steps", save_steps=2, gradient_accumulation_steps=4)
+        straight = trainer_for(tiny_paths, tmp_path / f"straight{lmbda}", **common)
+        straight_flags = RecordFlags()
+        straight.add_callback(straight_flags)
+        straight.train()
+        resumed = trainer_for(tiny_paths, tmp_path / f"resumed{lmbda}", **common)
+        resumed_flags = RecordFlags()
+        resumed.add_callback(resumed_flags)
+        resumed.train(resume_from_checkpoint=str(tmp_path / f"straight{lmbda}" / "out" / "checkpoint-2"))
+        assert sorted(resumed_flags.fractions) == [3, 4]
+        assert resumed_flags.fractions == {k: straight_flags.fractions[k] for k in (3, 4)}
+        if lmbda == 0.0:
+            for name, value in straight.model.state_dict().items():
+                torch.testing.assert_close(resumed.model.state_dict()[name], value, msg=name)
+
+
+def test_lora_trains_only_the_adapter_and_saves_it(tiny_paths, tmp_path):
+    from peft import LoraConfig
+
+    trainer = DistillationTrainer(
+        model=tiny_paths["student"],
+        teacher_model=tiny_paths["teacher"],
+        args=config(tmp_path, max_steps=3),
+        train_dataset=dataset(32),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    changed = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, start[k])}
+    assert changed and all("lora_" in k for k in changed)
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = {p.name for p in (tmp_path / "saved").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= saved and "model.safetensors" not in saved
+
+
+def test_saves_the_student_and_tokenizer_only(tiny_paths, tmp_path):
+    trainer = trainer_for(tiny_paths, tmp_path, max_steps=2, save_strategy="steps", save_steps=2, lmbda=0.0)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert reloaded.config.num_hidden_layers == 2  # the student, not the 3-layer teacher
+    assert (checkpoint / "tokenizer.json").exists()
+    assert trainer.evaluate(dataset(8, seed=5))["eval_loss"] > 0
