@@ -159,7 +159,7 @@ def main(argv=None):
         use_cpu=True,
         bf16=False,
         fp16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # transformers 5.x name of gradient_checkpointing
         use_vllm=False,
         eval_strategy="no",
         save_strategy="no",
@@ -171,11 +171,11 @@ def main(argv=None):
     )
     if args.top_p is not None:
         config_kwargs["top_p"] = args.top_p
-    config = DistillationConfig(**config_kwargs)
 
     timer = StepTimer()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        config = DistillationConfig(**config_kwargs)
         trainer = CountingTrainer(
             model=student,
             teacher_model=teacher,
@@ -186,6 +186,8 @@ def main(argv=None):
         )
     teacher_vocab_after = trainer.teacher_model.get_input_embeddings().weight.shape[0]
     init_warnings = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
+    for w in init_warnings:
+        print(f"[trl_worker] setup warning: {w}", file=sys.stderr)
 
     t0 = time.perf_counter()
     trainer.train()
