@@ -170,6 +170,35 @@ class DistillationConfig(TrainingArguments):
     teacher_model_server_url: str | None = field(
         default=None, metadata={"help": "Base URL of the teacher server, e.g. http://127.0.0.1:8000."}
     )
+    teacher_server_protocol: str = field(
+        default="protege",
+        metadata={
+            "help": "'protege' speaks /get_sequence_logprobs/ (protege serve-teacher, or TRL's vllm-serve); 'openai' "
+            "uses prompt log-probs from /v1/completions of a stock vLLM or SGLang server.",
+            "choices": ["protege", "openai"],
+        },
+    )
+    teacher_server_response_format: str = field(
+        default="compact",
+        metadata={
+            "help": "Payload format asked of a 'protege' server: 'compact' (float16, ragged; smallest), 'binary' "
+            "(TRL's float32 base64 arrays; use it with trl vllm-serve) or 'json'.",
+            "choices": ["compact", "binary", "json"],
+        },
+    )
+    teacher_server_model: str | None = field(
+        default=None, metadata={"help": "Model name sent to an 'openai' server (its --served-model-name or path)."}
+    )
+    teacher_server_timeout: float = field(
+        default=120.0, metadata={"help": "Seconds to wait for each teacher-server answer before retrying."}
+    )
+    teacher_server_max_retries: int = field(
+        default=4,
+        metadata={"help": "Retries, with exponential backoff, after connection errors, timeouts and 5xx answers."},
+    )
+    teacher_server_startup_timeout: float = field(
+        default=60.0, metadata={"help": "Seconds to wait for the teacher server's health check at start-up."}
+    )
 
     # ----- Generation -----
     num_generations: int = field(default=1, metadata={"help": "Completions generated per prompt."})
@@ -335,6 +364,20 @@ class DistillationConfig(TrainingArguments):
                     self.loss_top_k,
                     "with use_teacher_server and beta=0 the loss uses the teacher's top-k, so loss_top_k must be >= 1",
                 )
+            if self.teacher_server_protocol not in ("protege", "openai"):
+                fail("teacher_server_protocol", self.teacher_server_protocol, "it must be 'protege' or 'openai'")
+            if self.teacher_server_response_format not in ("compact", "binary", "json"):
+                fail(
+                    "teacher_server_response_format",
+                    self.teacher_server_response_format,
+                    "it must be 'compact', 'binary' or 'json'",
+                )
+            if self.teacher_server_protocol == "openai" and not self.teacher_server_model:
+                fail(
+                    "teacher_server_model",
+                    self.teacher_server_model,
+                    "an 'openai' teacher server needs the model name to put in each request",
+                )
             if self.beta > 0 and self.loss_top_k != 1:
                 fail(
                     "loss_top_k",
@@ -360,6 +403,11 @@ class DistillationConfig(TrainingArguments):
             warn(
                 f"num_generations={self.num_generations} with lmbda={self.lmbda}: off-policy slices hold "
                 f"{self.num_generations} identical copies of each dataset row."
+            )
+        if self.use_liger_kernel and (self.loss_top_k != 0 or self.reverse_kl_top_1_mode != "sampled"):
+            warn(
+                "use_liger_kernel computes the full-vocabulary JSD: loss_top_k, loss_add_tail and "
+                "reverse_kl_top_1_mode are ignored."
             )
         if self.loss_chunk_size is not None and (self.use_teacher_server or self.use_liger_kernel):
             warn("loss_chunk_size has no effect with use_teacher_server or use_liger_kernel.")

@@ -30,9 +30,12 @@ from .losses import (
     chunked_sparse_top1_loss,
     generalized_jsd_loss,
     local_sparse_top1_loss,
+    sparse_top1_loss,
+    topk_forward_kl_loss,
 )
-from .models import load_causal_lm, load_tokenizer, parse_init_kwargs
+from .models import load_causal_lm, load_tokenizer, output_rows, parse_init_kwargs
 from .rollout import draw_on_policy, generate_slices
+from .teacher.client import TeacherClient
 from .teacher.local import shared_vocab_size
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -96,11 +99,6 @@ class DistillationTrainer(Trainer):
             raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}")
         if model is None:
             raise ValueError("model is required: a student model or its hub id / local path")
-        if args.use_teacher_server:
-            raise ValueError(
-                "use_teacher_server=True: the teacher server client is not available in this protege "
-                "release yet; use a local teacher_model"
-            )
 
         student_kwargs = parse_init_kwargs(args.model_init_kwargs, "model_init_kwargs")
         if isinstance(model, str):
@@ -115,10 +113,20 @@ class DistillationTrainer(Trainer):
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
 
-        teacher, teacher_tokenizer = self._load_teacher(teacher_model, args, processing_class)
-        self.vocab_size = shared_vocab_size(model, teacher, processing_class, teacher_tokenizer)
+        self.teacher_client = None
+        if args.use_teacher_server:
+            if teacher_model is not None:
+                raise ValueError(
+                    "use_teacher_server=True scores with the server at teacher_model_server_url; do not "
+                    "also pass teacher_model"
+                )
+            self.teacher_client, teacher = self._connect_teacher(args, processing_class), None
+            self.vocab_size = output_rows(model)
+        else:
+            teacher, teacher_tokenizer = self._load_teacher(teacher_model, args, processing_class)
+            self.vocab_size = shared_vocab_size(model, teacher, processing_class, teacher_tokenizer)
         if args.loss_chunk_size is not None:
-            for who, m in (("student", model), ("teacher", teacher)):
+            for who, m in (("student", model), ("teacher", teacher or model)):
                 text_config = m.config.get_text_config()
                 if getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None):
                     raise ValueError(
@@ -158,7 +166,7 @@ class DistillationTrainer(Trainer):
             optimizers=optimizers,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        self.teacher_model = self._prepare_teacher(teacher)
+        self.teacher_model = None if teacher is None else self._prepare_teacher(teacher)
         self.generation_config, self.eos_token_ids = self._generation_config(model, processing_class)
         if args.use_liger_kernel:
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
@@ -178,6 +186,25 @@ class DistillationTrainer(Trainer):
         self._last_samples: list[tuple[str, str]] = []
 
     # ----- Construction helpers -----
+
+    @staticmethod
+    def _connect_teacher(args: DistillationConfig, tokenizer) -> TeacherClient:
+        client = TeacherClient(
+            args.teacher_model_server_url,
+            protocol=args.teacher_server_protocol,
+            response_format=args.teacher_server_response_format,
+            timeout=args.teacher_server_timeout,
+            max_retries=args.teacher_server_max_retries,
+            model=args.teacher_server_model,
+        )
+        client.wait_until_ready(args.teacher_server_startup_timeout)
+        served = client.vocab_size()
+        if served is not None and served != len(tokenizer):
+            raise ValueError(
+                f"the teacher server at {args.teacher_model_server_url} serves a vocabulary of {served} "
+                f"tokens but the student's tokenizer has {len(tokenizer)}; they must share a tokenizer"
+            )
+        return client
 
     @staticmethod
     def _load_teacher(teacher_model, args: DistillationConfig, tokenizer):
@@ -300,11 +327,45 @@ class DistillationTrainer(Trainer):
             self._record_completions(lengths, truncated, [batches[i] for i in on_policy])
         else:
             self._metrics["time/generation_s"].append(0.0)
+        if self.teacher_client is not None and batches:
+            started = time.perf_counter()
+            self._score_with_server(batches)
+            self._window["teacher_s"] += time.perf_counter() - started
         local_tokens = sum(b["labels"].ne(IGNORE_INDEX).sum() for b in batches) if batches else torch.tensor(0)
         global_tokens = self.accelerator.reduce(torch.as_tensor(local_tokens, device=device).reshape(1), "sum")
         self._step_flags, self._micro_index = flags, 0
         self._window["tokens"] += int(global_tokens)
         return batches, global_tokens.clamp(min=1).squeeze(0)
+
+    def _score_with_server(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """One client call for every slice of the step; the teacher's answers ride along in each slice's batch."""
+        sequences, prompt_lengths, places = [], [], []
+        for b, batch in enumerate(batches):
+            width = batch["prompt_ids"].shape[1]
+            completion_mask = batch["labels"][:, width:].ne(IGNORE_INDEX)
+            for row in range(batch["input_ids"].shape[0]):
+                prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()].tolist()
+                completion = batch["input_ids"][row, width:][completion_mask[row]].tolist()
+                if completion:  # a prompt-only row has nothing to score
+                    sequences.append(prompt + completion)
+                    prompt_lengths.append(len(prompt))
+                    places.append((b, row))
+        top_k = max(self.args.loss_top_k, 1)
+        scores = (
+            self.teacher_client.score(sequences, prompt_lengths, top_k, self.args.temperature) if sequences else None
+        )
+        for batch in batches:
+            rows, width = batch["input_ids"].shape[0], batch["input_ids"].shape[1] - batch["prompt_ids"].shape[1]
+            device = batch["input_ids"].device
+            batch["teacher_topk_logprobs"] = torch.full((rows, width, top_k), float("-inf"), device=device)
+            batch["teacher_topk_ids"] = torch.zeros((rows, width, top_k), dtype=torch.long, device=device)
+            batch["teacher_token_logprobs"] = torch.full((rows, width), float("-inf"), device=device)
+        for i, (b, row) in enumerate(places):
+            n = int(scores.completion_lengths[i])
+            batch = batches[b]
+            batch["teacher_topk_logprobs"][row, :n] = torch.from_numpy(scores.topk_logprobs[i, :n])
+            batch["teacher_topk_ids"][row, :n] = torch.from_numpy(scores.topk_ids[i, :n])
+            batch["teacher_token_logprobs"][row, :n] = torch.from_numpy(scores.actual_logprobs[i, :n])
 
     def _record_completions(self, lengths: torch.Tensor, truncated: torch.Tensor, batches) -> None:
         lengths = self.accelerator.gather(lengths)
@@ -401,6 +462,11 @@ class DistillationTrainer(Trainer):
         forward = self._forward_inputs(inputs)
         use_hidden = self.args.loss_chunk_size is not None or self.args.use_liger_kernel
 
+        if self.teacher_client is not None:
+            outputs = model(**forward, logits_to_keep=completion_width + 1)
+            loss_sum = self._server_divergence_sum(outputs.logits[:, :-1, : self.vocab_size], inputs, labels)
+            return self._normalise(loss_sum, tokens, num_items_in_batch, outputs, return_outputs)
+
         started = time.perf_counter()
         with torch.no_grad():
             if use_hidden:
@@ -423,12 +489,36 @@ class DistillationTrainer(Trainer):
             outputs = model(**forward, logits_to_keep=completion_width + 1)
             loss_sum = self._divergence_sum(outputs.logits[:, :-1, : self.vocab_size], teacher_side, labels)
 
+        return self._normalise(loss_sum, tokens, num_items_in_batch, outputs, return_outputs)
+
+    def _normalise(self, loss_sum, tokens, num_items_in_batch, outputs, return_outputs):
         self._last_loss_sum, self._last_tokens = loss_sum.detach().double().cpu(), tokens.double().cpu()
         if num_items_in_batch is None:  # evaluation: the mean over this batch's completion tokens
             loss = loss_sum / tokens.clamp(min=1)
         else:  # training: DDP averages gradients over ranks, so undo that mean on top of the global token count
             loss = loss_sum / num_items_in_batch * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def _server_divergence_sum(self, student_logits, inputs, labels) -> torch.Tensor:
+        args = self.args
+        if "teacher_topk_logprobs" not in inputs:  # evaluation batches skip get_batch_samples
+            self._score_with_server([inputs])
+        topk_logprobs, topk_ids = inputs["teacher_topk_logprobs"], inputs["teacher_topk_ids"]
+        if args.beta > 0:
+            return sparse_top1_loss(
+                student_logits,
+                labels,
+                topk_ids[..., 0],
+                topk_logprobs[..., 0],
+                inputs["teacher_token_logprobs"],
+                args.beta,
+                args.temperature,
+                args.loss_add_tail,
+                reduction="sum",
+            )
+        return topk_forward_kl_loss(
+            student_logits, labels, topk_ids, topk_logprobs, args.temperature, args.loss_add_tail, reduction="sum"
+        )
 
     def _liger_divergence_sum(self, model, student_hidden, teacher_hidden, labels, tokens):
         student_head = self.accelerator.unwrap_model(model).get_output_embeddings()

@@ -1,0 +1,1 @@
+"""The teacher server: an HTTP service that scores sequences with a teacher and returns log-probs."""

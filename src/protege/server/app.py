@@ -1,0 +1,174 @@
+"""The teacher server's HTTP layer: validation, request batching and response formats (FastAPI + uvicorn).
+
+Concurrent requests wait in a queue; a single worker takes as many as fit a token budget (requests with the same
+top_logprobs and temperature), scores them in one backend call in a thread, and answers each. A request the server
+cannot serve is refused with a 4xx and a message before it reaches the queue, and the next one is served normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.middleware.gzip import GZipMiddleware
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt
+
+from ..teacher.codec import encode
+from .backends import Backend
+
+
+class SequenceLogprobsRequest(BaseModel):
+    """The body of POST /get_sequence_logprobs/ (TRL's contract, plus the "compact" format)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sequences: list[list[StrictInt]]
+    prompt_lengths: list[StrictInt]
+    top_logprobs: StrictInt = 1
+    temperature: StrictFloat | StrictInt = 1.0
+    response_format: Literal["json", "binary", "compact"] = "json"
+
+
+@dataclass
+class ServerLimits:
+    max_model_len: int = 4096
+    max_top_logprobs: int = 100
+    max_batch_tokens: int = 16384
+    max_body_bytes: int = 64 * 2**20
+    batching: bool = True
+    batch_wait_s: float = 0.005
+
+
+@dataclass
+class _Job:
+    request: SequenceLogprobsRequest
+    tokens: int
+    future: asyncio.Future = field(repr=False)
+
+
+def validate(request: SequenceLogprobsRequest, vocab_size: int, limits: ServerLimits) -> None:
+    """Refuse what the backend cannot serve, naming the sequence and the problem (HTTP 400)."""
+
+    def refuse(message: str) -> None:
+        raise HTTPException(status_code=400, detail=message)
+
+    if not request.sequences:
+        refuse("'sequences' is empty")
+    if len(request.prompt_lengths) != len(request.sequences):
+        refuse(f"'prompt_lengths' has {len(request.prompt_lengths)} entries for {len(request.sequences)} sequences")
+    if not 1 <= request.top_logprobs <= limits.max_top_logprobs:
+        refuse(f"top_logprobs={request.top_logprobs} is outside [1, {limits.max_top_logprobs}]")
+    if not request.temperature > 0:
+        refuse(f"temperature={request.temperature} must be > 0")
+    for i, (sequence, prompt_length) in enumerate(zip(request.sequences, request.prompt_lengths)):
+        if not sequence:
+            refuse(f"sequence {i} is empty")
+        if len(sequence) > limits.max_model_len:
+            refuse(f"sequence {i} has {len(sequence)} tokens, over max_model_len={limits.max_model_len}")
+        if not 1 <= prompt_length < len(sequence):
+            refuse(
+                f"prompt_lengths[{i}]={prompt_length} is outside [1, {len(sequence)}): a prompt needs at least one "
+                "token and a completion at least one"
+            )
+        bad = next((t for t in sequence if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            refuse(f"sequence {i} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
+    limits = limits or ServerLimits()
+    queue: asyncio.Queue[_Job] = asyncio.Queue()
+
+    async def worker() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await queue.get()]
+            if limits.batching:
+                await asyncio.sleep(limits.batch_wait_s)
+                key = (jobs[0].request.top_logprobs, jobs[0].request.temperature)
+                budget = limits.max_batch_tokens - jobs[0].tokens
+                deferred = []
+                while not queue.empty():
+                    job = queue.get_nowait()
+                    if (job.request.top_logprobs, job.request.temperature) == key and job.tokens <= budget:
+                        jobs.append(job)
+                        budget -= job.tokens
+                    else:
+                        deferred.append(job)
+                for job in deferred:
+                    queue.put_nowait(job)
+            sequences = [s for job in jobs for s in job.request.sequences]
+            prompt_lengths = [p for job in jobs for p in job.request.prompt_lengths]
+            request = jobs[0].request
+            try:
+                rows = await loop.run_in_executor(
+                    None, backend.score, sequences, prompt_lengths, request.top_logprobs, request.temperature
+                )
+            except Exception as error:  # the backend failed: every waiting request gets a 500 with the reason
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(error)
+                continue
+            start = 0
+            for job in jobs:
+                count = len(job.request.sequences)
+                if not job.future.done():
+                    job.future.set_result(rows[start : start + count])
+                start += count
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        task = asyncio.create_task(worker())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="protege teacher server", lifespan=lifespan)
+    app.add_middleware(GZipMiddleware, minimum_size=1024)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and int(length) > limits.max_body_bytes:
+            return JSONResponse(
+                status_code=413,
+                content={"detail": f"request body of {length} bytes is over the limit of {limits.max_body_bytes}"},
+            )
+        return await call_next(request)
+
+    @app.get("/health/")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/info/")
+    async def info() -> dict:
+        return {
+            "model": backend.model_name,
+            "vocab_size": backend.vocab_size,
+            "max_model_len": limits.max_model_len,
+            "max_top_logprobs": limits.max_top_logprobs,
+            "formats": ["json", "binary", "compact"],
+        }
+
+    @app.post("/get_sequence_logprobs/")
+    async def get_sequence_logprobs(request: SequenceLogprobsRequest) -> JSONResponse:
+        validate(request, backend.vocab_size, limits)
+        future = asyncio.get_running_loop().create_future()
+        await queue.put(_Job(request, sum(len(s) for s in request.sequences), future))
+        try:
+            rows = await future
+        except Exception as error:
+            raise HTTPException(status_code=500, detail=f"the teacher backend failed: {error}") from None
+        payload = encode(rows, request.top_logprobs, request.response_format, backend.vocab_size)
+        return JSONResponse(payload)
+
+    return app
+
+
+def serve(backend: Backend, host: str, port: int, limits: ServerLimits, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(backend, limits), host=host, port=port, log_level=log_level)

@@ -1,0 +1,226 @@
+"""A client for a remote teacher: protege's / TRL's `/get_sequence_logprobs/`, or any OpenAI-compatible server.
+
+It must not lose a training run to a flaky network, nor train on a wrong answer:
+
+* every request has a timeout, and `wait_until_ready` waits for `/health/` with one;
+* connection errors, timeouts and 5xx answers are retried with exponential backoff; 4xx answers are not (the request
+  itself is wrong, and sending it again cannot help);
+* every response is checked against its request (lengths, shapes, ids, finite values) before it reaches the loss;
+* large batches are split into requests sent concurrently.
+
+Every error names the URL and what was wrong.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+
+from .codec import BatchScores, PayloadError, SequenceScores, decode
+
+PROTOCOLS = ("protege", "openai")
+
+
+class TeacherServerError(RuntimeError):
+    """The teacher server could not be reached, refused the request, or answered something unusable."""
+
+
+class TeacherClient:
+    def __init__(
+        self,
+        base_url: str,
+        protocol: str = "protege",
+        response_format: str = "compact",
+        timeout: float = 120.0,
+        max_retries: int = 4,
+        backoff: float = 0.5,
+        max_tokens_per_request: int = 16384,
+        max_concurrency: int = 4,
+        model: str | None = None,
+    ):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol={protocol!r} is not one of {PROTOCOLS}")
+        self.base_url = base_url.rstrip("/")
+        self.protocol, self.response_format = protocol, response_format
+        self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
+        self.max_tokens_per_request, self.max_concurrency = max_tokens_per_request, max_concurrency
+        self.model = model
+        self._http = httpx.Client(timeout=timeout, headers={"Accept-Encoding": "gzip"})
+        self._warned: set[str] = set()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ----- Transport -----
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5) -> None:
+        """Poll the health endpoint until it answers 200, or raise after `timeout` seconds."""
+        path = "/health/" if self.protocol == "protege" else "/health"
+        deadline, last = time.monotonic() + timeout, "no answer"
+        while time.monotonic() < deadline:
+            try:
+                response = self._http.get(self._url(path), timeout=min(self.timeout, interval * 4 + 1))
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}"
+            except httpx.HTTPError as error:
+                last = f"{type(error).__name__}: {error}"
+            time.sleep(interval)
+        raise TeacherServerError(f"teacher server at {self._url(path)} was not ready after {timeout:.0f} s ({last})")
+
+    def vocab_size(self) -> int | None:
+        """The vocabulary size a protege server reports on /info/, or None where the server has no such endpoint."""
+        if self.protocol != "protege":
+            return None
+        try:
+            response = self._http.get(self._url("/info/"))
+        except httpx.HTTPError as error:
+            raise TeacherServerError(f"teacher server at {self._url('/info/')} did not answer: {error}") from None
+        return response.json().get("vocab_size") if response.status_code == 200 else None
+
+    def _post(self, path: str, body: dict) -> dict:
+        url = self._url(path)
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._http.post(url, json=body)
+            except httpx.TimeoutException:
+                problem = f"no answer within the {self.timeout:.0f} s timeout"
+            except httpx.TransportError as error:
+                problem = f"{type(error).__name__}: {error}"
+            else:
+                if response.status_code == 200:
+                    try:
+                        return response.json()
+                    except ValueError:
+                        raise TeacherServerError(
+                            f"teacher server at {url} answered invalid JSON ({len(response.content)} bytes)"
+                        ) from None
+                if 400 <= response.status_code < 500:
+                    raise TeacherServerError(
+                        f"teacher server at {url} refused the request (HTTP "
+                        f"{response.status_code}): {response.text[:500]}"
+                    )
+                problem = f"HTTP {response.status_code}: {response.text[:200]}"
+            if attempt < self.max_retries:
+                time.sleep(self.backoff * 2**attempt)
+        raise TeacherServerError(f"teacher server at {url} failed after {self.max_retries + 1} attempts: {problem}")
+
+    # ----- Scoring -----
+
+    def score(
+        self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int = 1, temperature: float = 1.0
+    ) -> BatchScores:
+        """Teacher log-probs for the completion part of each sequence, padded to (B, Tmax, K)."""
+        chunks, current, tokens = [], [], 0
+        for i, sequence in enumerate(sequences):
+            if current and tokens + len(sequence) > self.max_tokens_per_request:
+                chunks.append(current)
+                current, tokens = [], 0
+            current.append(i)
+            tokens += len(sequence)
+        if current:
+            chunks.append(current)
+
+        def run(chunk: list[int]) -> list[SequenceScores]:
+            seqs, plens = [sequences[i] for i in chunk], [prompt_lengths[i] for i in chunk]
+            if self.protocol == "protege":
+                return self._score_protege(seqs, plens, top_k, temperature)
+            return self._score_openai(seqs, plens, top_k, temperature)
+
+        if len(chunks) == 1:
+            rows = run(chunks[0])
+        else:
+            with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+                rows = [row for part in pool.map(run, chunks) for row in part]
+        return BatchScores.pad(rows, top_k)
+
+    def _score_protege(self, sequences, prompt_lengths, top_k, temperature) -> list[SequenceScores]:
+        body = {
+            "sequences": sequences,
+            "prompt_lengths": prompt_lengths,
+            "top_logprobs": top_k,
+            "temperature": temperature,
+            "response_format": self.response_format,
+        }
+        payload = self._post("/get_sequence_logprobs/", body)
+        try:
+            return decode(payload, self.response_format, sequences, prompt_lengths, top_k).rows()
+        except PayloadError as error:
+            raise TeacherServerError(
+                f"teacher server at {self._url('/get_sequence_logprobs/')} answered a bad payload: {error}"
+            ) from None
+
+    def _score_openai(self, sequences, prompt_lengths, top_k, temperature) -> list[SequenceScores]:
+        """Prompt log-probs from `/v1/completions` (vLLM, SGLang): each sequence is a prompt, one token generated."""
+        url = self._url("/v1/completions")
+        body = {
+            "model": self.model,
+            "prompt": sequences,
+            "max_tokens": 1,
+            "temperature": temperature,
+            "prompt_logprobs": top_k,
+            "return_tokens_as_token_ids": True,
+        }
+        payload = self._post("/v1/completions", body)
+        choices = sorted(payload.get("choices", []), key=lambda c: c.get("index", 0))
+        if len(choices) != len(sequences):
+            raise TeacherServerError(
+                f"teacher server at {url} returned {len(choices)} choices for {len(sequences)} prompts"
+            )
+        rows = []
+        for i, (sequence, prompt_length, choice) in enumerate(zip(sequences, prompt_lengths, choices)):
+            prompt_logprobs = choice.get("prompt_logprobs")
+            if not prompt_logprobs:
+                raise TeacherServerError(
+                    f"teacher server at {url} returned no prompt_logprobs for prompt {i}; the server must support "
+                    "the 'prompt_logprobs' parameter, and prefix caching must be off (a cached prefix has none)"
+                )
+            if len(prompt_logprobs) != len(sequence):
+                raise TeacherServerError(
+                    f"teacher server at {url} returned {len(prompt_logprobs)} prompt log-probs "
+                    f"for prompt {i} of {len(sequence)} tokens"
+                )
+            rows.append(self._openai_row(url, i, sequence, prompt_length, prompt_logprobs, top_k))
+        return rows
+
+    def _openai_row(self, url, index, sequence, prompt_length, prompt_logprobs, top_k) -> SequenceScores:
+        n = len(sequence) - prompt_length
+        top_logprobs = np.full((n, top_k), -np.inf, dtype=np.float32)
+        top_ids = np.zeros((n, top_k), dtype=np.int64)
+        actual = np.full(n, -np.inf, dtype=np.float32)
+        for t, position in enumerate(range(prompt_length, len(sequence))):
+            entries = prompt_logprobs[position] or {}
+            parsed = []
+            for key, value in entries.items():
+                token = int(key.split(":")[-1]) if isinstance(key, str) else int(key)
+                logprob = value["logprob"] if isinstance(value, dict) else float(value)
+                rank = value.get("rank", 0) if isinstance(value, dict) else 0
+                parsed.append((rank, -logprob, token, logprob))
+                if token == sequence[position]:
+                    actual[t] = logprob
+            ranked = sorted(parsed)[:top_k]
+            if len([p for p in parsed if p[2] != sequence[position] or p[0] <= top_k]) < top_k:
+                self._warn_once(
+                    "fewer",
+                    f"teacher server at {url} returned fewer than {top_k} log-probs at some "
+                    "positions (its max_logprobs may be lower); missing entries count as -inf",
+                )
+            for k, (_, _, token, logprob) in enumerate(ranked):
+                top_ids[t, k], top_logprobs[t, k] = token, logprob
+            if not np.isfinite(actual[t]):
+                raise TeacherServerError(
+                    f"teacher server at {url}: prompt {index} position {position} has no log-prob for the actual token"
+                )
+        return SequenceScores(top_logprobs, top_ids, actual, np.asarray(sequence[prompt_length:], dtype=np.int64))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)

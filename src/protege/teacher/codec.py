@@ -1,0 +1,234 @@
+"""The teacher server's payloads: pure encode and decode, no I/O.
+
+A scored batch is, for each sequence i and each completion position t < completion_lengths[i], the teacher's top-K
+log-probs (sorted, descending) with their token ids, and the log-prob of the actual next token. Three formats:
+
+* "json" - nested lists, ragged (no padding); -inf is written as null.
+* "binary" - TRL's format: base64 of C-order little-endian float32 / int32 arrays of shape (B, Tmax, K) and
+  (B, Tmax, 1), padded with -inf / 0, plus `shape` and `completion_lengths`. A `trl vllm-serve` client reads it.
+* "compact" - protege's format: ragged rows (sum of lengths, K) instead of padded ones, float16 log-probs, token ids
+  in the narrowest unsigned type the vocabulary fits (uint16 up to 65536 tokens), and no actual-token ids (the client
+  sent them). About 3x smaller than "binary" before HTTP compression.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMATS = ("json", "binary", "compact")
+
+
+@dataclass
+class SequenceScores:
+    """One sequence's completion positions: (L, K) top-k log-probs and ids, (L,) actual-token log-probs and ids."""
+
+    topk_logprobs: np.ndarray
+    topk_ids: np.ndarray
+    actual_logprobs: np.ndarray
+    actual_ids: np.ndarray
+
+
+@dataclass
+class BatchScores:
+    """A batch padded to (B, Tmax, K): -inf log-probs and id 0 past each sequence's completion length."""
+
+    topk_logprobs: np.ndarray
+    topk_ids: np.ndarray
+    actual_logprobs: np.ndarray
+    actual_ids: np.ndarray
+    completion_lengths: np.ndarray
+
+    @classmethod
+    def pad(cls, rows: list[SequenceScores], top_k: int) -> BatchScores:
+        lengths = np.array([len(r.actual_ids) for r in rows], dtype=np.int64)
+        width = int(lengths.max()) if len(rows) else 0
+        batch = cls(
+            np.full((len(rows), width, top_k), -np.inf, dtype=np.float32),
+            np.zeros((len(rows), width, top_k), dtype=np.int64),
+            np.full((len(rows), width), -np.inf, dtype=np.float32),
+            np.zeros((len(rows), width), dtype=np.int64),
+            lengths,
+        )
+        for i, r in enumerate(rows):
+            n = lengths[i]
+            batch.topk_logprobs[i, :n] = r.topk_logprobs
+            batch.topk_ids[i, :n] = r.topk_ids
+            batch.actual_logprobs[i, :n] = r.actual_logprobs
+            batch.actual_ids[i, :n] = r.actual_ids
+        return batch
+
+    def rows(self) -> list[SequenceScores]:
+        return [
+            SequenceScores(
+                self.topk_logprobs[i, :n], self.topk_ids[i, :n], self.actual_logprobs[i, :n], self.actual_ids[i, :n]
+            )
+            for i, n in enumerate(self.completion_lengths.tolist())
+        ]
+
+
+class PayloadError(ValueError):
+    """A response that does not decode into what its request asked for."""
+
+
+def _b64(array: np.ndarray, dtype: str) -> str:
+    if dtype == "float16":  # keep very unlikely tokens finite instead of overflowing to -inf
+        array = np.where(np.isneginf(array), array, np.maximum(array, -65000.0))
+    return base64.b64encode(np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()).decode()
+
+
+def _unb64(text: str, dtype: str, count: int, name: str) -> np.ndarray:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as error:
+        raise PayloadError(f"'{name}' is not valid base64: {error}") from None
+    itemsize = np.dtype(dtype).itemsize
+    if len(raw) != count * itemsize:
+        raise PayloadError(
+            f"'{name}' holds {len(raw)} bytes, expected {count} values of {dtype} ({count * itemsize} bytes)"
+        )
+    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+def _id_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def _nulls(values: np.ndarray) -> list:
+    return [[None if math.isinf(v) else v for v in row] for row in values.tolist()]
+
+
+def encode(rows: list[SequenceScores], top_k: int, response_format: str, vocab_size: int) -> dict:
+    """A JSON-serialisable payload for the scored rows of one request."""
+    lengths = [len(r.actual_ids) for r in rows]
+    if response_format == "json":
+        return {
+            "completion_lengths": lengths,
+            "logprobs": [_nulls(r.topk_logprobs) for r in rows],
+            "logprob_token_ids": [r.topk_ids.tolist() for r in rows],
+            "actual_logprobs": [[None if math.isinf(v) else v for v in r.actual_logprobs.tolist()] for r in rows],
+            "actual_token_ids": [r.actual_ids.tolist() for r in rows],
+        }
+    if response_format == "binary":
+        batch = BatchScores.pad(rows, top_k)
+        width = batch.topk_ids.shape[1]
+        return {
+            "shape": [len(rows), width, top_k],
+            "completion_lengths": lengths,
+            "logprobs_b64": _b64(batch.topk_logprobs, "float32"),
+            "token_ids_b64": _b64(batch.topk_ids, "int32"),
+            "actual_logprobs_b64": _b64(batch.actual_logprobs, "float32"),
+            "actual_token_ids_b64": _b64(batch.actual_ids, "int32"),
+        }
+    if response_format == "compact":
+        ids_dtype = _id_dtype(vocab_size)
+
+        def stack(name, width):
+            parts = [getattr(r, name).reshape(-1, width) for r in rows]
+            return np.concatenate(parts) if parts else np.zeros((0, width))
+
+        return {
+            "format": "compact",
+            "top_k": top_k,
+            "completion_lengths": lengths,
+            "ids_dtype": ids_dtype,
+            "logprobs_f16_b64": _b64(stack("topk_logprobs", top_k), "float16"),
+            "token_ids_b64": _b64(stack("topk_ids", top_k), ids_dtype),
+            "actual_logprobs_f16_b64": _b64(stack("actual_logprobs", 1), "float16"),
+        }
+    raise ValueError(f"response_format={response_format!r} is not one of {FORMATS}")
+
+
+def _key(payload: dict, name: str):
+    if name not in payload:
+        raise PayloadError(f"the response has no '{name}' (keys: {sorted(payload)[:8]})")
+    return payload[name]
+
+
+def decode(
+    payload: dict, response_format: str, sequences: list[list[int]], prompt_lengths: list[int], top_k: int
+) -> BatchScores:
+    """Decode and check a response against its request: lengths, shapes, ids and finite values where required."""
+    if not isinstance(payload, dict):
+        raise PayloadError(f"the response is a {type(payload).__name__}, not a JSON object")
+    expected = [len(s) - p for s, p in zip(sequences, prompt_lengths)]
+    lengths = _key(payload, "completion_lengths")
+    if lengths != expected:
+        raise PayloadError(f"completion_lengths {lengths!r:.120} do not match the request's {expected!r:.120}")
+    if response_format == "json":
+        rows = []
+        for i, n in enumerate(expected):
+            try:
+                topk = np.array(_key(payload, "logprobs")[i], dtype=np.float32).reshape(n, -1)
+                ids = np.array(_key(payload, "logprob_token_ids")[i], dtype=np.int64).reshape(n, -1)
+                actual = np.array(_key(payload, "actual_logprobs")[i], dtype=np.float32).reshape(n)
+                actual_ids = np.array(_key(payload, "actual_token_ids")[i], dtype=np.int64).reshape(n)
+            except (TypeError, ValueError, IndexError) as error:
+                raise PayloadError(f"sequence {i}: malformed lists ({error})") from None
+            topk, actual = np.nan_to_num(topk, nan=-np.inf), np.nan_to_num(actual, nan=-np.inf)  # null -> -inf
+            rows.append(SequenceScores(topk[:, :top_k], ids[:, :top_k], actual, actual_ids))
+        batch = BatchScores.pad(rows, top_k)
+    elif response_format == "binary":
+        shape = tuple(_key(payload, "shape"))
+        width = max(expected, default=0)
+        if shape != (len(sequences), width, top_k):
+            raise PayloadError(f"shape {list(shape)} does not match the request's {[len(sequences), width, top_k]}")
+        count = len(sequences) * width
+        batch = BatchScores(
+            _unb64(_key(payload, "logprobs_b64"), "float32", count * top_k, "logprobs_b64").reshape(shape).copy(),
+            _unb64(_key(payload, "token_ids_b64"), "int32", count * top_k, "token_ids_b64")
+            .reshape(shape)
+            .astype(np.int64),
+            _unb64(_key(payload, "actual_logprobs_b64"), "float32", count, "actual_logprobs_b64")
+            .reshape(shape[:2])
+            .copy(),
+            _unb64(_key(payload, "actual_token_ids_b64"), "int32", count, "actual_token_ids_b64")
+            .reshape(shape[:2])
+            .astype(np.int64),
+            np.array(expected, dtype=np.int64),
+        )
+    elif response_format == "compact":
+        total = sum(expected)
+        ids_dtype = _key(payload, "ids_dtype")
+        if ids_dtype not in ("uint16", "uint32"):
+            raise PayloadError(f"ids_dtype {ids_dtype!r} is not uint16 or uint32")
+        topk = _unb64(_key(payload, "logprobs_f16_b64"), "float16", total * top_k, "logprobs_f16_b64")
+        ids = _unb64(_key(payload, "token_ids_b64"), ids_dtype, total * top_k, "token_ids_b64")
+        actual = _unb64(_key(payload, "actual_logprobs_f16_b64"), "float16", total, "actual_logprobs_f16_b64")
+        topk, ids = topk.astype(np.float32).reshape(total, top_k), ids.astype(np.int64).reshape(total, top_k)
+        actual = actual.astype(np.float32)
+        rows, start = [], 0
+        for s, p, n in zip(sequences, prompt_lengths, expected):
+            rows.append(
+                SequenceScores(
+                    topk[start : start + n],
+                    ids[start : start + n],
+                    actual[start : start + n],
+                    np.asarray(s[p:], dtype=np.int64),
+                )
+            )
+            start += n
+        batch = BatchScores.pad(rows, top_k)
+    else:
+        raise ValueError(f"response_format={response_format!r} is not one of {FORMATS}")
+    _check(batch, sequences, prompt_lengths)
+    return batch
+
+
+def _check(batch: BatchScores, sequences: list[list[int]], prompt_lengths: list[int]) -> None:
+    for i, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
+        n = int(batch.completion_lengths[i])
+        if not np.array_equal(batch.actual_ids[i, :n], np.asarray(sequence[prompt_length:], dtype=np.int64)):
+            raise PayloadError(f"sequence {i}: actual_token_ids differ from the completion tokens that were sent")
+        if not np.isfinite(batch.actual_logprobs[i, :n]).all():
+            raise PayloadError(f"sequence {i}: the log-prob of an actual token is missing or not finite")
+        top = batch.topk_logprobs[i, :n]
+        if n and not np.isfinite(top[:, 0]).all():
+            raise PayloadError(f"sequence {i}: a top-1 log-prob is missing or not finite")
+        if np.isnan(top).any() or (top > 1e-3).any():
+            raise PayloadError(f"sequence {i}: top-k log-probs contain NaN or positive values")
+        if (np.diff(top, axis=-1) > 1e-3).any():
+            raise PayloadError(f"sequence {i}: top-k log-probs are not sorted in descending order")
