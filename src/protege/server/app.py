@@ -82,6 +82,7 @@ def validate(request: SequenceLogprobsRequest, vocab_size: int, limits: ServerLi
 def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
     limits = limits or ServerLimits()
     queue: asyncio.Queue[_Job] = asyncio.Queue()
+    stats = {"requests": 0, "refused": 0, "backend_calls": 0, "scored_tokens": 0}
 
     async def worker() -> None:
         loop = asyncio.get_running_loop()
@@ -104,6 +105,8 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
             sequences = [s for job in jobs for s in job.request.sequences]
             prompt_lengths = [p for job in jobs for p in job.request.prompt_lengths]
             request = jobs[0].request
+            stats["backend_calls"] += 1
+            stats["scored_tokens"] += sum(len(s) - p for s, p in zip(sequences, prompt_lengths))
             try:
                 rows = await loop.run_in_executor(
                     None, backend.score, sequences, prompt_lengths, request.top_logprobs, request.temperature
@@ -155,7 +158,12 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
 
     @app.post("/get_sequence_logprobs/")
     async def get_sequence_logprobs(request: SequenceLogprobsRequest) -> JSONResponse:
-        validate(request, backend.vocab_size, limits)
+        stats["requests"] += 1
+        try:
+            validate(request, backend.vocab_size, limits)
+        except HTTPException:
+            stats["refused"] += 1
+            raise
         future = asyncio.get_running_loop().create_future()
         await queue.put(_Job(request, sum(len(s) for s in request.sequences), future))
         try:
