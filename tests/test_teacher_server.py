@@ -167,7 +167,11 @@ def test_unreachable_server_fails_at_construction(tiny_paths, tmp_path):
         DistillationTrainer(
             model=tiny_paths["student"],
             args=config(
-                tmp_path, use_teacher_server=True, teacher_model_server_url=url, teacher_server_startup_timeout=1.0
+                tmp_path,
+                use_teacher_server=True,
+                teacher_model_server_url=url,
+                loss_top_k=1,
+                teacher_server_startup_timeout=1.0,
             ),
             train_dataset=dataset(8),
         )
