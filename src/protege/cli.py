@@ -72,14 +72,29 @@ def _serve_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        add_help=False,
+        help="Distil a student from a teacher (TRL's distillation flags; --help for all).",
+    )
+    parser.set_defaults(handler=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="protege", description="Knowledge distillation for causal language models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    _train_parser(subparsers)
     _serve_teacher_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # HfArgumentParser owns every flag of `protege train`
+        from .commands.train import run
+
+        return run(argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

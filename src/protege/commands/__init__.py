@@ -1,0 +1,1 @@
+"""One module per `protege` subcommand; `protege.cli` wires them into one parser."""
