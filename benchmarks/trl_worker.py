@@ -245,8 +245,11 @@ def main(argv=None):
     }
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps({k: result[k] for k in ("steps_timed", "seconds", "completion_tokens", "tokens_per_second",
-                                             "final_loss")}))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("steps_timed", "seconds", "completion_tokens", "tokens_per_second", "final_loss")}
+        )
+    )
     return 0
 
 
