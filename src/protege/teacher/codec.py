@@ -152,32 +152,58 @@ def decode(
     payload: dict, response_format: str, sequences: list[list[int]], prompt_lengths: list[int], top_k: int
 ) -> BatchScores:
     """Decode and check a response against its request: lengths, shapes, ids and finite values where required."""
+    if response_format not in FORMATS:
+        raise ValueError(f"response_format={response_format!r} is not one of {FORMATS}")
     if not isinstance(payload, dict):
         raise PayloadError(f"the response is a {type(payload).__name__}, not a JSON object")
+    try:
+        batch = _decode(payload, response_format, sequences, prompt_lengths, top_k)
+    except PayloadError:
+        raise
+    except (TypeError, KeyError, ValueError, IndexError, AttributeError) as error:
+        raise PayloadError(f"malformed {response_format} payload ({type(error).__name__}: {error})") from None
+    _check(batch, sequences, prompt_lengths)
+    return batch
+
+
+def _json_array(rows, dtype, shape: tuple[int, ...], name: str, index: int) -> np.ndarray:
+    array = np.array(rows, dtype=dtype)
+    if array.shape[:1] != shape[:1] or (len(shape) == 2 and (array.ndim != 2 or array.shape[1] < shape[1])):
+        raise PayloadError(f"sequence {index}: '{name}' has shape {list(array.shape)}, expected {list(shape)}")
+    array = array[:, : shape[1]] if len(shape) == 2 else array
+    if array.dtype.kind == "f":
+        array = np.where(np.isnan(array), -np.inf, array)  # null -> -inf; a literal -Infinity stays -inf
+    return array
+
+
+def _decode(payload, response_format, sequences, prompt_lengths, top_k) -> BatchScores:
     expected = [len(s) - p for s, p in zip(sequences, prompt_lengths)]
     lengths = _key(payload, "completion_lengths")
     if lengths != expected:
         raise PayloadError(f"completion_lengths {lengths!r:.120} do not match the request's {expected!r:.120}")
     if response_format == "json":
-        rows = []
-        for i, n in enumerate(expected):
-            try:
-                topk = np.array(_key(payload, "logprobs")[i], dtype=np.float32).reshape(n, -1)
-                ids = np.array(_key(payload, "logprob_token_ids")[i], dtype=np.int64).reshape(n, -1)
-                actual = np.array(_key(payload, "actual_logprobs")[i], dtype=np.float32).reshape(n)
-                actual_ids = np.array(_key(payload, "actual_token_ids")[i], dtype=np.int64).reshape(n)
-            except (TypeError, ValueError, IndexError) as error:
-                raise PayloadError(f"sequence {i}: malformed lists ({error})") from None
-            topk, actual = np.nan_to_num(topk, nan=-np.inf), np.nan_to_num(actual, nan=-np.inf)  # null -> -inf
-            rows.append(SequenceScores(topk[:, :top_k], ids[:, :top_k], actual, actual_ids))
-        batch = BatchScores.pad(rows, top_k)
-    elif response_format == "binary":
-        shape = tuple(_key(payload, "shape"))
+        names = ("logprobs", "logprob_token_ids", "actual_logprobs", "actual_token_ids")
+        fields = {name: _key(payload, name) for name in names}
+        for name, value in fields.items():
+            if not isinstance(value, list) or len(value) != len(sequences):
+                raise PayloadError(f"'{name}' must be a list of {len(sequences)} sequences")
+        rows = [
+            SequenceScores(
+                _json_array(fields["logprobs"][i], np.float32, (n, top_k), "logprobs", i),
+                _json_array(fields["logprob_token_ids"][i], np.int64, (n, top_k), "logprob_token_ids", i),
+                _json_array(fields["actual_logprobs"][i], np.float32, (n,), "actual_logprobs", i),
+                _json_array(fields["actual_token_ids"][i], np.int64, (n,), "actual_token_ids", i),
+            )
+            for i, n in enumerate(expected)
+        ]
+        return BatchScores.pad(rows, top_k)
+    if response_format == "binary":
+        shape = _key(payload, "shape")
         width = max(expected, default=0)
-        if shape != (len(sequences), width, top_k):
-            raise PayloadError(f"shape {list(shape)} does not match the request's {[len(sequences), width, top_k]}")
-        count = len(sequences) * width
-        batch = BatchScores(
+        if not isinstance(shape, list) or shape != [len(sequences), width, top_k]:
+            raise PayloadError(f"shape {shape!r} does not match the request's {[len(sequences), width, top_k]}")
+        shape, count = tuple(shape), len(sequences) * width
+        return BatchScores(
             _unb64(_key(payload, "logprobs_b64"), "float32", count * top_k, "logprobs_b64").reshape(shape).copy(),
             _unb64(_key(payload, "token_ids_b64"), "int32", count * top_k, "token_ids_b64")
             .reshape(shape)
@@ -190,32 +216,21 @@ def decode(
             .astype(np.int64),
             np.array(expected, dtype=np.int64),
         )
-    elif response_format == "compact":
-        total = sum(expected)
-        ids_dtype = _key(payload, "ids_dtype")
-        if ids_dtype not in ("uint16", "uint32"):
-            raise PayloadError(f"ids_dtype {ids_dtype!r} is not uint16 or uint32")
-        topk = _unb64(_key(payload, "logprobs_f16_b64"), "float16", total * top_k, "logprobs_f16_b64")
-        ids = _unb64(_key(payload, "token_ids_b64"), ids_dtype, total * top_k, "token_ids_b64")
-        actual = _unb64(_key(payload, "actual_logprobs_f16_b64"), "float16", total, "actual_logprobs_f16_b64")
-        topk, ids = topk.astype(np.float32).reshape(total, top_k), ids.astype(np.int64).reshape(total, top_k)
-        actual = actual.astype(np.float32)
-        rows, start = [], 0
-        for s, p, n in zip(sequences, prompt_lengths, expected):
-            rows.append(
-                SequenceScores(
-                    topk[start : start + n],
-                    ids[start : start + n],
-                    actual[start : start + n],
-                    np.asarray(s[p:], dtype=np.int64),
-                )
-            )
-            start += n
-        batch = BatchScores.pad(rows, top_k)
-    else:
-        raise ValueError(f"response_format={response_format!r} is not one of {FORMATS}")
-    _check(batch, sequences, prompt_lengths)
-    return batch
+    total = sum(expected)
+    ids_dtype = _key(payload, "ids_dtype")
+    if ids_dtype not in ("uint16", "uint32"):
+        raise PayloadError(f"ids_dtype {ids_dtype!r} is not uint16 or uint32")
+    topk = _unb64(_key(payload, "logprobs_f16_b64"), "float16", total * top_k, "logprobs_f16_b64")
+    ids = _unb64(_key(payload, "token_ids_b64"), ids_dtype, total * top_k, "token_ids_b64")
+    actual = _unb64(_key(payload, "actual_logprobs_f16_b64"), "float16", total, "actual_logprobs_f16_b64")
+    topk, ids = topk.astype(np.float32).reshape(total, top_k), ids.astype(np.int64).reshape(total, top_k)
+    actual = actual.astype(np.float32)
+    rows, start = [], 0
+    for s, p, n in zip(sequences, prompt_lengths, expected):
+        end = start + n
+        rows.append(SequenceScores(topk[start:end], ids[start:end], actual[start:end], np.asarray(s[p:], np.int64)))
+        start = end
+    return BatchScores.pad(rows, top_k)
 
 
 def _check(batch: BatchScores, sequences: list[list[int]], prompt_lengths: list[int]) -> None:
@@ -230,5 +245,7 @@ def _check(batch: BatchScores, sequences: list[list[int]], prompt_lengths: list[
             raise PayloadError(f"sequence {i}: a top-1 log-prob is missing or not finite")
         if np.isnan(top).any() or (top > 1e-3).any():
             raise PayloadError(f"sequence {i}: top-k log-probs contain NaN or positive values")
+        if (batch.topk_ids[i, :n] < 0).any():
+            raise PayloadError(f"sequence {i}: top-k token ids contain negative values")
         if (np.diff(top, axis=-1) > 1e-3).any():
             raise PayloadError(f"sequence {i}: top-k log-probs are not sorted in descending order")
