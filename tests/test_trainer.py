@@ -6,8 +6,8 @@ import torch
 from tiny import dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from protege import DistillationConfig, DistillationTrainer, generalized_jsd_loss
-from protege.data import DistillationCollator, Tokenizer, tokenize_dataset
+from protege import DistillationConfig, DistillationTrainer
+from protege.evaluation import mean_token_kl
 
 
 def config(tmp_path, **overrides) -> DistillationConfig:
@@ -41,15 +41,9 @@ def trainer_for(tiny_paths, tmp_path, train=None, **overrides) -> DistillationTr
     )
 
 
-@torch.no_grad()
 def held_out_kl(student, teacher, tokenizer) -> float:
     """Mean per-token KL(teacher || student) on the completions of held-out rows."""
-    rows = tokenize_dataset(dataset(32, seed=99), Tokenizer(tokenizer, 36, 48), needs_completion=True)
-    batch = DistillationCollator(tokenizer.pad_token_id)(list(rows))
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-    student_logits = student(**inputs).logits[:, :-1]
-    teacher_logits = teacher(**inputs).logits[:, :-1]
-    return generalized_jsd_loss(student_logits, teacher_logits, batch["labels"][:, 1:], beta=0.0).item()
+    return mean_token_kl(student, teacher, tokenizer, dataset(32, seed=99), 48, 36)["kl_teacher_student"]
 
 
 def logged(trainer, key):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .commands import evaluate
+
 
 def _serve_teacher_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _train_parser(subparsers)
     _serve_teacher_parser(subparsers)
+    evaluate.add_parser(subparsers)
     return parser
 
 
