@@ -132,3 +132,38 @@ def test_help_lists_trl_flags():
     assert result.returncode == 0
     for flag in ("--teacher_model_name_or_path", "--lmbda", "--beta", "--loss_top_k", "--use_peft", "--config"):
         assert flag in result.stdout
+
+
+def test_eval_reports_kl_both_ways(tiny_paths, data_file, tmp_path):
+    output = tmp_path / "eval.json"
+    result = protege(
+        "eval",
+        "--model",
+        tiny_paths["student"],
+        "--teacher",
+        tiny_paths["teacher"],
+        "--dataset_name",
+        data_file,
+        "--max_samples",
+        "8",
+        "--output",
+        str(output),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(output.read_text())
+    assert scores["rows"] == 8 and scores["split"] == "train" and scores["completion_tokens"] > 0
+    assert scores["kl_teacher_student"] > 0 and scores["kl_student_teacher"] > 0
+    same = protege(
+        "eval",
+        "--model",
+        tiny_paths["teacher"],
+        "--teacher",
+        tiny_paths["teacher"],
+        "--dataset_name",
+        data_file,
+        "--max_samples",
+        "4",
+        "--output",
+        str(output),
+    )
+    assert same.returncode == 0 and json.loads(output.read_text())["kl_teacher_student"] == pytest.approx(0, abs=1e-6)
