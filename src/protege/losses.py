@@ -57,14 +57,20 @@ def divergence_elements(student_logp: torch.Tensor, teacher_logp: torch.Tensor, 
     return beta * _kl_elements(teacher_logp, mixture_logp) + (1 - beta) * _kl_elements(student_logp, mixture_logp)
 
 
+def _logsumexp(logp: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dimension that is -inf, with a zero gradient, for a row of zero mass."""
+    empty = (logp == -math.inf).all(dim=-1, keepdim=True)
+    total = torch.logsumexp(logp.masked_fill(empty, 0.0), dim=-1, keepdim=True)
+    return total.masked_fill(empty, -math.inf)
+
+
 def _tail_logp(support_logp: torch.Tensor) -> torch.Tensor:
     """log(1 - sum exp(support_logp)) over the last dimension, floored at MIN_TAIL_PROB."""
-    covered = torch.logsumexp(support_logp, dim=-1, keepdim=True)
-    return torch.log((-torch.expm1(covered)).clamp(min=MIN_TAIL_PROB))
+    return torch.log((-torch.expm1(_logsumexp(support_logp))).clamp(min=MIN_TAIL_PROB))
 
 
 def _renormalise(support_logp: torch.Tensor) -> torch.Tensor:
-    total = torch.logsumexp(support_logp, dim=-1, keepdim=True)
+    total = _logsumexp(support_logp)
     return support_logp - total.masked_fill(total == -math.inf, 0.0)
 
 
