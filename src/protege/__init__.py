@@ -1,30 +1,26 @@
-"""protege: knowledge distillation for causal language models, on-policy and off-policy."""
+"""protege: knowledge distillation for causal language models, on-policy and off-policy.
 
-from .config import DistillationConfig
-from .losses import (
-    chunked_jsd_loss,
-    generalized_jsd_loss,
-    local_sparse_top1_loss,
-    sparse_top1_loss,
-    topk_forward_kl_loss,
-)
+Names are imported on first use, so `protege serve-teacher` starts without the training stack (and runs in a vLLM
+environment that has its own torch and transformers).
+"""
 
-__all__ = [
-    "DistillationConfig",
-    "DistillationTrainer",
-    "chunked_jsd_loss",
-    "generalized_jsd_loss",
-    "local_sparse_top1_loss",
-    "sparse_top1_loss",
-    "topk_forward_kl_loss",
-]
+import importlib
+
+_EXPORTS = {
+    "DistillationConfig": "config",
+    "DistillationTrainer": "trainer",
+    "chunked_jsd_loss": "losses",
+    "chunked_sparse_top1_loss": "losses",
+    "generalized_jsd_loss": "losses",
+    "local_sparse_top1_loss": "losses",
+    "sparse_top1_loss": "losses",
+    "topk_forward_kl_loss": "losses",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # The trainer pulls in more of transformers; import it only when asked for.
-    if name == "DistillationTrainer":
-        from .trainer import DistillationTrainer
-
-        return DistillationTrainer
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'protege' has no attribute {name!r}")

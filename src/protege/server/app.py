@@ -51,7 +51,7 @@ class _Job:
     future: asyncio.Future = field(repr=False)
 
 
-def validate(request: SequenceLogprobsRequest, vocab_size: int, limits: ServerLimits) -> None:
+def validate(request: SequenceLogprobsRequest, backend: Backend, limits: ServerLimits) -> None:
     """Refuse what the backend cannot serve, naming the sequence and the problem (HTTP 400)."""
 
     def refuse(message: str) -> None:
@@ -61,11 +61,17 @@ def validate(request: SequenceLogprobsRequest, vocab_size: int, limits: ServerLi
         refuse("'sequences' is empty")
     if len(request.prompt_lengths) != len(request.sequences):
         refuse(f"'prompt_lengths' has {len(request.prompt_lengths)} entries for {len(request.sequences)} sequences")
+    vocab_size = backend.vocab_size
     top_limit = min(limits.max_top_logprobs, vocab_size)
     if not 1 <= request.top_logprobs <= top_limit:
         refuse(f"top_logprobs={request.top_logprobs} is outside [1, {top_limit}]")
     if not (math.isfinite(request.temperature) and request.temperature > 0):
         refuse(f"temperature={request.temperature} must be a finite number > 0")
+    if request.temperature != 1 and not getattr(backend, "honours_temperature", True):
+        refuse(
+            f"temperature={request.temperature}: this backend's log-probs are untempered, so it serves "
+            "temperature 1 only (use the transformers backend, or temperature=1.0)"
+        )
     for i, (sequence, prompt_length) in enumerate(zip(request.sequences, request.prompt_lengths)):
         if not sequence:
             refuse(f"sequence {i} is empty")
@@ -184,7 +190,7 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
     async def get_sequence_logprobs(request: SequenceLogprobsRequest) -> JSONResponse:
         stats["requests"] += 1
         try:
-            validate(request, backend.vocab_size, limits)
+            validate(request, backend, limits)
         except HTTPException:
             stats["refused"] += 1
             raise

@@ -12,6 +12,7 @@ from ..teacher.codec import SequenceScores
 class Backend(Protocol):
     vocab_size: int
     model_name: str
+    honours_temperature: bool
 
     def score(
         self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int, temperature: float
@@ -20,6 +21,8 @@ class Backend(Protocol):
 
 class TransformersBackend:
     """A transformers causal LM on CPU or GPU; sequences are right-padded into one forward pass."""
+
+    honours_temperature = True
 
     def __init__(self, model: str, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False):
         import torch
@@ -80,7 +83,13 @@ class TransformersBackend:
 
 
 class VLLMBackend:
-    """vLLM prompt log-probs: each sequence is a prompt, one token is generated and discarded."""
+    """vLLM prompt log-probs: each sequence is a prompt, one token is generated and discarded.
+
+    vLLM returns prompt log-probs of the untempered distribution whatever the sampling temperature, and the tempered
+    one cannot be rebuilt from a top-k, so this backend serves temperature 1 only.
+    """
+
+    honours_temperature = False
 
     def __init__(
         self,

