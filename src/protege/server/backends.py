@@ -63,10 +63,15 @@ class TransformersBackend:
                 logits_to_keep=width - start,
                 use_cache=False,
             ).logits
-            logprobs = torch.log_softmax(logits[..., : self.vocab_size].float() / temperature, dim=-1)
-            top_logprobs, top_ids = logprobs.topk(top_k, dim=-1)
+            # Log-probs only where they are returned: top-k and gather on the logits, minus one logsumexp per position.
+            scaled = logits[..., : self.vocab_size].float()
+            if temperature != 1:
+                scaled = scaled / temperature
+            normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
+            top_logits, top_ids = scaled.topk(top_k, dim=-1)
+            top_logprobs = top_logits - normaliser
             targets = torch.cat([ids[:, start + 1 :], torch.zeros((len(sequences), 1), dtype=torch.long)], dim=1)
-            actual = logprobs.gather(-1, targets.to(self.device).unsqueeze(-1)).squeeze(-1)
+            actual = (scaled.gather(-1, targets.to(self.device).unsqueeze(-1)) - normaliser).squeeze(-1)
         top_logprobs, top_ids, actual = top_logprobs.cpu().numpy(), top_ids.cpu().numpy(), actual.cpu().numpy()
         rows = []
         for i, (s, p) in enumerate(zip(sequences, prompt_lengths)):
