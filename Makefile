@@ -20,6 +20,10 @@ lint: $(BIN)/.installed
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The main job: distil a small student on the embedded task and print the results (under 10 minutes on 2 cores).
+demo: $(BIN)/.installed
+	$(BIN)/protege demo --output-dir demo_output
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
