@@ -1,10 +1,10 @@
 """TRL side of the protege-vs-TRL CPU benchmark.
 
 Standalone: run it with the interpreter of the separate TRL environment (``make trl-env`` creates
-``/work/trl-env``), never with protege's environment. It imports only trl, transformers, torch,
+``.trl-env``), never with protege's environment. It imports only trl, transformers, torch,
 datasets and the standard library.
 
-    /work/trl-env/bin/python benchmarks/trl_worker.py --student DIR --teacher DIR --data FILE.jsonl \
+    .trl-env/bin/python benchmarks/trl_worker.py --student DIR --teacher DIR --data FILE.jsonl \
         --steps 8 --warmup 2 --out result.json
 
 It trains ``DistillationTrainer`` from ``trl.experimental.distillation`` (TRL 1.8.0) on CPU in
