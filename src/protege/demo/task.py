@@ -1,4 +1,4 @@
-"""The demo's task: add two 6-digit numbers column by column, carrying, then state the answer.
+"""The demo's task: add two 6-digit numbers (whose sum has 6 digits) column by column, carrying, then the answer.
 
 A problem is a chat turn; the completion is a worked chain, one line per column from the ones up, then the answer::
 
@@ -15,6 +15,9 @@ Each line adds the column's two digits and the carry written on the line before 
 answer reads the ones digits back from the last line to the first. So one slip early in the chain (a wrong digit, a
 dropped carry) is copied forward and makes the final answer wrong: the kind of task where a student that never saw its
 own mistakes during training derails at generation time.
+
+Sums are kept to 6 digits so that the answer line always has the same layout; with 7-digit sums mixed in, small models
+spend most of their errors on reading the answer back rather than on the chain, which is not the point of the demo.
 
 Everything is generated from seeds. The held-out problems are drawn first and the training problems exclude them, so
 accuracy is always measured on problems no model trained on.
@@ -46,8 +49,12 @@ class Problem:
 
 
 def random_problem(rng: random.Random, digits: int = DIGITS) -> Problem:
+    """Two `digits`-digit numbers whose sum has `digits` digits too (uniform over such pairs)."""
     low, high = 10 ** (digits - 1), 10**digits - 1
-    return Problem(rng.randint(low, high), rng.randint(low, high))
+    while True:
+        problem = Problem(rng.randint(low, high), rng.randint(low, high))
+        if problem.answer <= high:
+            return problem
 
 
 def held_out_problems(count: int, seed: int = 0, digits: int = DIGITS) -> list[Problem]:

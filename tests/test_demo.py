@@ -1,0 +1,223 @@
+"""`protege demo`: the task's chain format and scoring, the shipped tokenizer, and a quick run end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from protege.demo import task
+
+# Measured on quick runs (seeds 0, 1, 2): teacher 100% each time; student 29.5% -> 97%, 41.5% -> 100%, 53.5% -> 100%
+# (gains of 46 to 68 points); KL(teacher || student) down 3.6 to 10 times. The thresholds leave wide margins.
+TEACHER_MIN = 0.90
+GAIN_MIN = 0.25
+KL_RATIO_MAX = 0.6
+
+EXAMPLE = task.Problem(482130, 359712)
+EXAMPLE_CHAIN = "0+2+0=02\n3+1+0=04\n1+7+0=08\n2+9+0=11\n8+5+1=14\n4+3+1=08\nanswer: 841842"
+
+
+# ----- The task -----
+
+
+def test_worked_solution_carries_column_by_column():
+    assert task.worked_solution(EXAMPLE) == EXAMPLE_CHAIN
+    # A carry out of the last column makes a 7-digit answer.
+    assert task.worked_solution(task.Problem(999999, 100001)).splitlines()[-2:] == ["9+1+1=11", "answer: 1100000"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_chains_add_up(seed):
+    rng = random.Random(seed)
+    for _ in range(200):
+        problem = task.random_problem(rng)
+        lines = task.steps(problem)
+        assert len(lines) == task.DIGITS and all(len(line) == 8 for line in lines)
+        digits = [int(line[-1]) for line in lines]
+        carry = int(lines[-1][-2])
+        assert int(str(carry) * carry + "".join(map(str, reversed(digits)))) == problem.answer
+        assert task.parse_answer(task.worked_solution(problem)) == problem.answer
+
+
+def test_messages_are_a_prompt_and_a_completion():
+    messages = task.conversation(EXAMPLE)
+    assert messages == [
+        {"role": "user", "content": "482130+359712"},
+        {"role": "assistant", "content": EXAMPLE_CHAIN},
+    ]
+    assert task.prompt_messages(EXAMPLE) == messages[:1]
+    assert task.parse_problem(messages[0]["content"]) == EXAMPLE
+    with pytest.raises(ValueError):
+        task.parse_problem("482130-359712")
+
+
+def test_scoring_is_exact_match_of_the_final_answer():
+    assert task.score(EXAMPLE_CHAIN, EXAMPLE) == 1.0
+    assert task.score(EXAMPLE_CHAIN + "\n", EXAMPLE) == 1.0
+    wrong_answer = EXAMPLE_CHAIN.replace("answer: 841842", "answer: 841852")
+    assert task.score(wrong_answer, EXAMPLE) == 0.0
+    # One early slip (a dropped carry) is copied forward into the answer.
+    derailed = EXAMPLE_CHAIN.replace("8+5+1=14", "8+5+0=13").replace("4+3+1=08", "4+3+1=08").replace("841", "831")
+    assert task.score(derailed, EXAMPLE) == 0.0
+    assert task.first_wrong_line(derailed, EXAMPLE) == 4
+    assert task.first_wrong_line(EXAMPLE_CHAIN, EXAMPLE) is None
+    # The answer must be the last line, whole, and a number.
+    assert task.score(EXAMPLE_CHAIN + "\n0+0+0=00", EXAMPLE) == 0.0
+    assert task.score("answer: 841842 and more", EXAMPLE) == 0.0
+    assert task.score("", EXAMPLE) == 0.0
+    assert task.parse_answer("answer: x") is None
+    # Only the final answer is scored: a wrong step with the right answer still counts.
+    sloppy = EXAMPLE_CHAIN.replace("0+2+0=02", "0+3+0=02")
+    assert task.score(sloppy, EXAMPLE) == 1.0 and task.first_wrong_line(sloppy, EXAMPLE) == 0
+
+
+def test_held_out_problems_are_fixed_and_never_trained_on():
+    held_out = task.held_out_problems(300, seed=4)
+    assert held_out == task.held_out_problems(300, seed=4)
+    assert held_out != task.held_out_problems(300, seed=5)
+    assert len(set(held_out)) == 300
+    train = task.training_problems(2000, seed=4, exclude=held_out[:10] + [held_out[-1]])
+    assert train == task.training_problems(2000, seed=4, exclude=held_out[:10] + [held_out[-1]])
+    # Force a collision: a training stream that would draw a held-out problem must skip it.
+    rigged = task.training_problems(50, seed=4, stream="x")
+    assert not set(task.training_problems(50, seed=4, exclude=rigged[:5], stream="x")) & set(rigged[:5])
+    assert all(10**5 <= n < 10**6 for p in held_out + train for n in (p.a, p.b, p.answer))
+
+
+def test_shipped_tokenizer():
+    files = {p.name: p.stat().st_size for p in task.ASSETS.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(files)
+    assert sum(files.values()) < 100_000
+    tokenizer = task.load_tokenizer()
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    text = tokenizer.apply_chat_template(task.conversation(EXAMPLE), tokenize=False)
+    assert text.startswith("<|im_start|>user\n482130+359712<|im_end|>\n<|im_start|>assistant\n0+2+0=02\n")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    # One token per digit and symbol, so every digit of the chain is its own prediction.
+    assert tokenizer.tokenize("482130+359712=") == list("482130+359712=")
+    assert len(tokenizer.tokenize("assistant")) == 1 and len(tokenizer.tokenize("answer")) == 1
+
+
+def test_tokenizer_can_be_rebuilt_identically(tmp_path):
+    task.save_tokenizer(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((tmp_path / name).read_text()) == json.loads((task.ASSETS / name).read_text()), name
+
+
+# ----- The pipeline -----
+
+
+def test_cached_models_are_reused(tmp_path):
+    from protege.demo.pipeline import ModelSpec, Settings, SFTSpec, run_demo
+
+    tiny = Settings(
+        teacher=ModelSpec(layers=1, hidden=32),
+        student=ModelSpec(layers=1, hidden=16),
+        teacher_sft=SFTSpec(steps=4, batch_size=8, learning_rate=1e-3),
+        student_sft=SFTSpec(steps=2, batch_size=8, learning_rate=1e-3),
+        distill_steps=2,
+        distill_batch_size=4,
+        eval_every=1,
+        eval_problems=8,
+        kl_problems=4,
+    )
+    first = run_demo(str(tmp_path), settings=tiny)
+    assert not first["models"]["teacher"]["cached"] and not first["models"]["student"]["cached"]
+    assert [point["step"] for point in first["accuracy_curve"]] == [0, 1, 2]
+    second = run_demo(str(tmp_path), settings=tiny)
+    assert second["models"]["teacher"]["cached"] and second["models"]["student"]["cached"]
+    assert second["student_accuracy_before"] == first["student_accuracy_before"]
+    assert second["kl_teacher_student_before"] == pytest.approx(first["kl_teacher_student_before"])
+    # Other settings make other models: the cache is not reused.
+    third = run_demo(str(tmp_path), settings=Settings(**{**tiny.__dict__, "teacher": ModelSpec(layers=1, hidden=48)}))
+    assert not third["models"]["teacher"]["cached"] and third["models"]["student"]["cached"]
+
+
+def test_eval_scores_the_demo_models_like_the_demo(tmp_path, capsys):
+    """`protege eval --task demo` on the demo's output folder reproduces the demo's own numbers."""
+    from protege.cli import main
+    from protege.demo.pipeline import ModelSpec, Settings, SFTSpec, run_demo
+
+    tiny = Settings(
+        teacher=ModelSpec(layers=1, hidden=32),
+        student=ModelSpec(layers=1, hidden=16),
+        teacher_sft=SFTSpec(steps=30, batch_size=16, learning_rate=6e-3),
+        student_sft=SFTSpec(steps=2, batch_size=8, learning_rate=1e-3),
+        distill_steps=2,
+        distill_batch_size=4,
+        eval_every=2,
+        eval_problems=24,
+        kl_problems=24,
+    )
+    results = run_demo(str(tmp_path), settings=tiny)
+    held_out = tmp_path / "held_out.jsonl"
+    assert len(held_out.read_text().splitlines()) == 24
+    output = tmp_path / "eval.json"
+    code = main(
+        ["eval", "--model", str(tmp_path / "student_distilled"), "--teacher", str(tmp_path / "teacher")]
+        + ["--dataset_name", str(held_out), "--task", "demo", "--output", str(output), "--batch_size", "24"]
+    )
+    assert code == 0
+    scored = json.loads(output.read_text())
+    assert scored["rows"] == 24
+    assert scored["student_accuracy"] == results["student_accuracy_after"]
+    assert scored["teacher_accuracy"] == results["teacher_accuracy"]
+    assert scored["kl_teacher_student"] == pytest.approx(results["kl_teacher_student_after"], rel=1e-4)
+
+    bad = tmp_path / "bad.jsonl"
+    rows = [{"prompt": "123456+111111", "completion": "answer: 234567"}, {"prompt": "two plus two?", "completion": "4"}]
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code = main(
+        ["eval", "--model", str(tmp_path / "teacher"), "--teacher", str(tmp_path / "teacher")]
+        + ["--dataset_name", str(bad), "--task", "demo"]
+    )
+    assert code == 2
+    assert "row 1: not a demo-task prompt" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from protege.demo.pipeline import run_demo
+
+    output = tmp_path_factory.mktemp("demo")
+    return output, run_demo(str(output), quick=True, seed=0)
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_its_results(quick_run):
+    output, results = quick_run
+    assert json.loads((output / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert (output / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (output / "teacher" / "model.safetensors").exists()
+    assert (output / "student_warmup" / "model.safetensors").exists()
+    assert results["models"]["student"]["parameters"] < results["models"]["teacher"]["parameters"] / 2
+    curve = results["accuracy_curve"]
+    assert curve[0] == {"step": 0, "accuracy": results["student_accuracy_before"]}
+    assert curve[-1] == {"step": results["settings"]["distill_steps"], "accuracy": results["student_accuracy_after"]}
+
+
+@pytest.mark.slow
+def test_quick_demo_teacher_is_good(quick_run):
+    _, results = quick_run
+    assert results["teacher_accuracy"] >= TEACHER_MIN
+
+
+@pytest.mark.slow
+def test_quick_demo_distillation_improves_the_student(quick_run):
+    _, results = quick_run
+    before, after = results["student_accuracy_before"], results["student_accuracy_after"]
+    assert after - before >= GAIN_MIN, (before, after)
+    assert results["kl_teacher_student_after"] < KL_RATIO_MAX * results["kl_teacher_student_before"]
+    assert results["kl_student_teacher_after"] < KL_RATIO_MAX * results["kl_student_teacher_before"]
+
+
+@pytest.mark.slow
+def test_quick_demo_student_starts_partly_right(quick_run):
+    _, results = quick_run
+    student = results["models"]["student"]
+    # The warm-up stops once the student solves 30% of the validation problems, well before its step budget.
+    assert student["validation_accuracy"] >= 0.3 and student["steps"] < results["settings"]["student_sft"]["steps"]
+    assert 0.05 <= results["student_accuracy_before"] <= 0.75
