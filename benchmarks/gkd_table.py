@@ -1,8 +1,8 @@
 """The GKD paper's comparison of distillation methods, reproduced on protege's demo task on a laptop CPU.
 
 Every method starts from the same warmed-up student of a seed (the demo's: a short supervised warm-up stopped at 30%
-validation accuracy, with its AdamW state), trains for the same number of steps on the same prompts at the same
-batch size and constant learning rate, and is scored by greedy exact-match accuracy on the same held-out problems:
+validation accuracy), trains for the same number of steps on the same prompts at the same batch size with the same
+optimizer and learning-rate schedule, and is scored by greedy exact-match accuracy on the same held-out problems:
 
 * supervised fine-tuning on the reference chains (ground truth), continued;
 * sequence-level KD: fine-tuning on completions the teacher samples (temperature 1) for the same prompts;
@@ -10,10 +10,17 @@ batch size and constant learning rate, and is scored by greedy exact-match accur
 * on-policy GKD: lmbda 1 (the student's own samples only), forward KL, JSD(0.5), reverse KL;
 * mixed: lmbda 0.5 with JSD(0.5).
 
+Optimizer: a fresh AdamW per method at the warm-up's learning rate, warmed up over 10 steps, then decayed linearly to
+zero (`--optimizer`, `--warmup-steps`, `--schedule`), so each final model has settled and its end-point accuracy is
+not one noisy sample of a still-bouncing run. A fresh AdamW matters when divergences are compared: its per-parameter
+normalisation makes the update independent of the loss's scale, while the warm-up's AdamW state (`--optimizer
+continue`, what the demo does) remembers the size of cross-entropy gradients, so a divergence with smaller gradients
+(JSD) takes smaller steps and one with larger gradients (reverse KL) larger ones, for hundreds of steps.
+
 Each seed has its own teacher, warmed-up student, held-out set and prompt stream (`protege.demo.pipeline.prepare`,
 cached under `--output-dir`). Runs go in fresh subprocesses of this script, `--jobs` at a time, 1 torch thread each.
 
-    python benchmarks/gkd_table.py                    # 3 seeds x 9 methods
+    python benchmarks/gkd_table.py --seeds 0 1 2 3 4  # 5 seeds x 9 methods, ~20 minutes on 2 cores
     python benchmarks/gkd_table.py --quick            # smoke run: 1 seed, 3 methods, tiny budgets
 """
 
@@ -64,6 +71,8 @@ def settings_for(args):
         eval_every=args.eval_every,
         eval_problems=args.eval_problems,
         kl_problems=8,
+        distill_schedule=args.schedule,
+        distill_warmup_steps=args.warmup_steps,
     )
     if args.quick:
         settings = replace(settings, teacher_sft=SFTSpec(steps=300, batch_size=32, learning_rate=6e-3))
@@ -106,7 +115,7 @@ def run_method(args) -> dict:
         student, curve, _, _, eval_seconds, tokens = pipeline.distill(
             teacher,
             student,
-            prepared.optimizer_state,
+            prepared.optimizer_state if args.optimizer == "continue" else None,
             encoder,
             run_settings,
             args.seed,
@@ -117,7 +126,9 @@ def run_method(args) -> dict:
             quiet,
         )
     else:
-        student, curve, tokens, eval_seconds = _supervised(pipeline, method, settings, prepared, problems, start)
+        student, curve, tokens, eval_seconds = _supervised(
+            pipeline, method, settings, prepared, problems, start, args.optimizer == "continue"
+        )
     return {
         "seed": args.seed,
         "method": args.method,
@@ -130,21 +141,22 @@ def run_method(args) -> dict:
     }
 
 
-def _supervised(pipeline, method: Method, settings, prepared, problems, start: float):
-    """Continued cross-entropy on reference chains (sft) or on the teacher's samples (seqkd), from the warm-up's
-    AdamW state at its constant learning rate: the same budget, prompts and evaluation points as the trainer runs."""
+def _supervised(pipeline, method: Method, settings, prepared, problems, start: float, continue_optimizer: bool):
+    """Cross-entropy on reference chains (sft) or on the teacher's samples (seqkd), with the same optimizer, learning
+    rate schedule, budget, prompts and evaluation points as the trainer runs."""
     warmup = settings.student_sft
     spec = pipeline.SFTSpec(
         steps=settings.distill_steps,
         batch_size=settings.distill_batch_size,
         learning_rate=warmup.learning_rate,
-        warmup_steps=0,
         adam_beta2=warmup.adam_beta2,
-        constant_lr=True,
+        schedule=settings.distill_schedule,
+        warmup_steps=settings.distill_warmup_steps,
     )
     encoder, student = prepared.encoder, prepared.student
     optimizer = pipeline.adamw(student, spec)
-    optimizer.load_state_dict(prepared.optimizer_state)
+    if continue_optimizer:
+        optimizer.load_state_dict(prepared.optimizer_state)
     curve, tokens, timer, losses = [{"step": 0, "accuracy": start}], [0], {"eval": 0.0}, []
 
     def make_batch(batch_problems):
@@ -172,13 +184,21 @@ def _supervised(pipeline, method: Method, settings, prepared, problems, start: f
 # ----- Parent: schedule the runs, aggregate, write the table and the chart -----
 
 
+def run_config(args) -> dict:
+    keys = ("steps", "batch_size", "eval_every", "eval_problems", "schedule", "warmup_steps", "optimizer", "quick")
+    return {key: getattr(args, key) for key in keys}
+
+
 def spawn(args, seed: int, method: str) -> dict:
     out = Path(args.output_dir) / f"seed{seed}" / f"{method}.json"
-    if out.exists() and not args.fresh:
-        return json.loads(out.read_text())
+    if out.exists() and not args.fresh:  # a finished run of the same configuration is reused (resuming)
+        saved = json.loads(out.read_text())
+        if saved.get("config") == run_config(args):
+            return saved
     command = [sys.executable, __file__, "--worker", "--seed", str(seed), "--method", method, "--out", str(out)]
     command += ["--output-dir", args.output_dir, "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
     command += ["--eval-every", str(args.eval_every), "--eval-problems", str(args.eval_problems)]
+    command += ["--schedule", args.schedule, "--warmup-steps", str(args.warmup_steps), "--optimizer", args.optimizer]
     command += ["--quick"] if args.quick else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
@@ -277,7 +297,20 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per method")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per step")
     parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument(
+        "--schedule",
+        default="linear",
+        choices=["constant", "linear", "cosine"],
+        help="learning rate from the warm-up's value over the budget, the same for every method",
+    )
     parser.add_argument("--eval-problems", type=int, default=500, help="held-out problems per seed")
+    parser.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up, every method")
+    parser.add_argument(
+        "--optimizer",
+        default="fresh",
+        choices=["fresh", "continue"],
+        help="fresh: a new AdamW per method (default); continue: the warm-up's AdamW state, as the demo does",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (1 torch thread each)")
     parser.add_argument("--output-dir", default=str(REPO / "runs" / "gkd_table"))
     parser.add_argument("--plot", default=str(REPO / "docs" / "gkd_table.png"))
@@ -292,7 +325,7 @@ def main(argv=None) -> None:
         args.seeds, args.steps, args.eval_every, args.eval_problems = args.seeds[:1], 4, 2, 32
         args.methods = args.methods or QUICK_METHODS
     if args.worker:
-        result = run_method(args)
+        result = {**run_method(args), "config": run_config(args)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
         return

@@ -92,6 +92,10 @@ def test_one_generate_call_per_optimizer_step(tiny_paths, tmp_path):
     trainer.model.generate = counting_generate
     trainer.train()
     assert calls == [8, 8, 8]
+    # Each step's log counts the completion tokens it trained: 8 completions of the logged mean length.
+    lengths, tokens = logged(trainer, "completions/mean_length"), logged(trainer, "completion_tokens")
+    assert len(tokens) == 3 and all(0 < n <= 8 * 12 for n in tokens)
+    assert tokens == [round(8 * length) for length in lengths]
 
 
 def one_sgd_step(tiny_paths, tmp_path, batch, accumulation):

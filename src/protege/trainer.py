@@ -553,6 +553,7 @@ class DistillationTrainer(Trainer):
             if sums[3] > 0:
                 logs["off_policy_loss"] = round((sums[2] / sums[3]).item(), 6)
             logs["time/teacher_s"] = self._window["teacher_s"] / max(len(self._metrics["time/generation_s"]), 1)
+            logs["completion_tokens"] = self._window["tokens"]  # trained since the last log, all ranks
             if self._window["start"] is not None:
                 elapsed = time.perf_counter() - self._window["start"]
                 logs["completion_tokens_per_second"] = self._window["tokens"] / max(elapsed, 1e-9)

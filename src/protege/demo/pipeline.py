@@ -73,9 +73,9 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class SFTSpec:
-    """Supervised training on reference chains: AdamW, a linear warm-up, then cosine decay to zero over `steps`.
+    """Supervised training on reference chains: AdamW, a linear warm-up, then `schedule` over `steps`.
 
-    With `stop_at_accuracy`, the learning rate stays constant after the warm-up instead, and training stops as soon as
+    With `stop_at_accuracy`, the learning rate stays constant after the warm-up, and training stops as soon as
     greedy accuracy on `validation_problems` (drawn apart from the held-out ones) reaches it, checked every
     `check_every` steps; `steps` is then the most it may take. That is how the student gets its partial accuracy:
     when a small model "gets" the task varies a lot from seed to seed, so a fixed number of steps would leave one
@@ -90,11 +90,11 @@ class SFTSpec:
     stop_at_accuracy: float | None = None
     check_every: int = 10
     validation_problems: int = 64
-    constant_lr: bool = False  # no cosine decay (implied by stop_at_accuracy)
+    schedule: str = "cosine"  # after the warm-up: "cosine" or "linear" decay to zero, or "constant"
 
-    @property
-    def constant(self) -> bool:
-        return self.constant_lr or self.stop_at_accuracy is not None
+    def lr_factor(self, step: int) -> float:
+        schedule = "constant" if self.stop_at_accuracy is not None else self.schedule
+        return lr_multiplier(schedule, step, self.steps, self.warmup_steps)
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,8 @@ class Settings:
     teacher_sft: SFTSpec = SFTSpec(steps=700, batch_size=32, learning_rate=6e-3)
     student_sft: SFTSpec = SFTSpec(steps=600, batch_size=32, learning_rate=3e-3, stop_at_accuracy=0.3)
     distill_steps: int = 200  # at the student's warm-up learning rate, with its optimizer state
+    distill_schedule: str = "constant"  # or "linear" / "cosine" decay to zero over distill_steps
+    distill_warmup_steps: int = 0  # linear learning-rate warm-up (for a fresh optimizer)
     distill_batch_size: int = 64
     beta: float = 0.5  # generalized JSD between forward and reverse KL
     temperature: float = 1.0
@@ -161,6 +163,19 @@ def _forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 # ----- Supervised training (teacher, student warm-up) -----
 
 
+def lr_multiplier(schedule: str, step: int, total: int, warmup_steps: int = 0) -> float:
+    """Learning-rate multiplier at `step` of `total`: a linear warm-up over `warmup_steps`, then "constant", or
+    "cosine" / "linear" decay to zero."""
+    warm = min(1.0, (step + 1) / max(warmup_steps, 1))
+    if schedule == "constant":
+        return warm
+    if schedule == "cosine":
+        return warm * 0.5 * (1.0 + math.cos(math.pi * step / total))
+    if schedule == "linear":
+        return warm * (1.0 - step / total)
+    raise ValueError(f"schedule={schedule!r} is not allowed: use 'constant', 'cosine' or 'linear'")
+
+
 def adamw(model, spec: SFTSpec) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, betas=(0.9, spec.adam_beta2), weight_decay=0.0)
 
@@ -183,13 +198,7 @@ def supervised_training(
     """
     optimizer = optimizer or adamw(model, spec)
     make_batch = make_batch or encoder.batch
-    constant = spec.constant
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(spec.warmup_steps, 1))
-        return warm if constant else warm * 0.5 * (1.0 + math.cos(math.pi * step / spec.steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, spec.lr_factor)
     model.train()
     losses = []
     for step in range(spec.steps):
@@ -511,7 +520,12 @@ def distill(
     optimizer = adamw(student, settings.student_sft)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(
+            settings.distill_schedule, step, settings.distill_steps, settings.distill_warmup_steps
+        ),
+    )
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -519,7 +533,7 @@ def distill(
         train_dataset=rows,
         processing_class=encoder.tokenizer,
         callbacks=[Track()],
-        optimizers=(optimizer, constant),
+        optimizers=(optimizer, scheduler),
     )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
@@ -530,11 +544,7 @@ def distill(
         for key in ("time/generation_s", "time/teacher_s", "time/student_s")
         if logs and all(key in e for e in logs)
     }
-    # Completion tokens trained on: each log averages its steps' mean lengths over the steps since the last log.
-    steps_logged = [e["step"] - previous["step"] for previous, e in zip([{"step": 0}, *logs], logs)]
-    tokens = sum(
-        e.get("completions/mean_length", 0.0) * n * args.per_device_train_batch_size for e, n in zip(logs, steps_logged)
-    )
+    tokens = sum(e.get("completion_tokens", 0) for e in logs)
     trainer.model.eval()
     return trainer.model, curve, losses, step_times, timer["eval_seconds"], round(tokens)
 

@@ -1,0 +1,335 @@
+"""Peak memory and time of the distillation loss: dense logits vs ``chunked_jsd_loss``.
+
+Two ways to get the generalized JSD between a student and a teacher from their last hidden states, forward + backward:
+
+* dense, as a trainer without chunking runs it: ``student_logits = hidden_s @ W_s.T`` (gradients to ``hidden_s`` and
+  ``W_s``), ``teacher_logits = hidden_t @ W_t.T`` under ``no_grad``, ``generalized_jsd_loss(...)``, ``backward()``;
+* chunked: ``chunked_jsd_loss(hidden_s, W_s, hidden_t, W_t, labels, beta, chunk_size=...)``, ``backward()``.
+
+CPU, float32, ``torch.set_num_threads(--threads)``. Each (path, shape, chunk size) runs in a fresh subprocess of this
+script (``--worker``), so one case's allocations never inflate another's peak. In the worker:
+
+* warm-up: one forward + backward of the same path at a tiny shape (lazy kernel/thread-pool initialisation);
+* inputs are built (hidden states N(0, 1), LM heads N(0, 1/hidden), ~10% of labels -100), then ``gc.collect()``;
+* peak memory = growth of ``ru_maxrss`` (``resource.getrusage``) from just before the loss call to just after
+  ``backward()`` of the first call; it includes everything the call leaves behind (the (V, H) ``W_s.grad``);
+* time = ``time.perf_counter()`` around forward + backward, ``--repeats`` further calls (gradients reset to None
+  between calls), the table shows the MEDIAN (the min is in ``--json``).
+
+The parent checks the losses agree (max |dense - chunked| over the cases run) and, at a small shape, that the gradients
+of ``hidden_s`` and ``W_s`` agree. Dense cases whose estimated peak exceeds ``--mem-budget-gib`` are skipped with the
+reason printed (``--no-skip`` runs them anyway, under an address-space limit of the budget, so they fail cleanly).
+
+    python benchmarks/loss_memory.py                 # full table: vocab 32000/151936 x tokens 2048/8192, beta 0.5
+    python benchmarks/loss_memory.py --quick         # smoke run, a few seconds
+    python benchmarks/loss_memory.py --chunk-size 256 512 1024 2048 --vocab 151936 --tokens 2048   # chunk sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+DEFAULT_CHUNK_SIZE = 256
+# Dense peak ~= DENSE_FACTOR (tokens x vocab) float32 tensors + 2 (vocab x hidden) ones: measured with this script at
+# beta 0.5, vocab 32000, 2048 tokens (4224 MiB); the interior formula keeps the most intermediates for backward.
+DENSE_FACTOR = 16.0
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Worker: one case in a fresh process
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _maxrss_bytes() -> int:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _vm_size_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def make_inputs(tokens: int, vocab: int, hidden: int, seed: int, masked: float = 0.1):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    hidden_s = torch.randn(tokens, hidden, generator=gen).requires_grad_(True)
+    weight_s = torch.randn(vocab, hidden, generator=gen).mul_(hidden**-0.5).requires_grad_(True)
+    hidden_t = torch.randn(tokens, hidden, generator=gen)
+    weight_t = torch.randn(vocab, hidden, generator=gen).mul_(hidden**-0.5)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    labels[torch.rand(tokens, generator=gen) < masked] = -100
+    return hidden_s, weight_s, hidden_t, weight_t, labels
+
+
+def dense_step(hidden_s, weight_s, hidden_t, weight_t, labels, beta, chunk_size):
+    import torch
+
+    from protege.losses import generalized_jsd_loss
+
+    student_logits = hidden_s @ weight_s.T
+    with torch.no_grad():
+        teacher_logits = hidden_t @ weight_t.T
+    loss = generalized_jsd_loss(student_logits, teacher_logits, labels, beta)
+    loss.backward()
+    return loss.detach()
+
+
+def chunked_step(hidden_s, weight_s, hidden_t, weight_t, labels, beta, chunk_size):
+    from protege.losses import chunked_jsd_loss
+
+    loss = chunked_jsd_loss(hidden_s, weight_s, hidden_t, weight_t, labels, beta, chunk_size=chunk_size)
+    loss.backward()
+    return loss.detach()
+
+
+STEPS = {"dense": dense_step, "chunked": chunked_step}
+
+
+def run_worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    step = STEPS[args.path]
+    # Warm-up at a tiny shape: the same code path, so first-call initialisation is outside the measurement.
+    small = make_inputs(64, 512, args.hidden, seed=1)
+    step(*small, args.beta[0], 16)
+    del small
+    gc.collect()
+
+    inputs = make_inputs(args.tokens[0], args.vocab[0], args.hidden, args.seed)
+    hidden_s, weight_s = inputs[0], inputs[1]
+    gc.collect()
+    if args.as_limit_bytes:
+        # Backstop for over-budget runs: allocations past the budget raise instead of waking the OOM killer.
+        limit = _vm_size_bytes() + args.as_limit_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    rss_before = _current_rss_bytes()
+    maxrss_before = _maxrss_bytes()
+    start = time.perf_counter()
+    try:
+        loss = step(*inputs, args.beta[0], args.chunk_size[0])
+    except RuntimeError as exc:  # DefaultCPUAllocator: can't allocate memory
+        return {"error": f"OOM: {str(exc).splitlines()[0][:200]}"}
+    first_s = time.perf_counter() - start
+    maxrss_after = _maxrss_bytes()
+
+    times, usage = [], []
+    for _ in range(args.repeats):
+        hidden_s.grad = None
+        weight_s.grad = None
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        step(*inputs, args.beta[0], args.chunk_size[0])
+        times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        usage.append(
+            (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt)
+        )
+    return {
+        "loss": loss.item(),
+        "peak_bytes": maxrss_after - maxrss_before,
+        "maxrss_before": maxrss_before,
+        "rss_before": rss_before,
+        "first_s": first_s,
+        "times": times,
+        "median_s": statistics.median(times) if times else first_s,
+        "min_s": min(times) if times else first_s,
+        # Per timed call: CPU seconds in user and kernel mode (page faults of fresh allocations), minor page faults.
+        "user_s": [u[0] for u in usage],
+        "sys_s": [u[1] for u in usage],
+        "minor_faults": [u[2] for u in usage],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parent: cases, subprocesses, checks, table
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def dense_estimate_bytes(tokens: int, vocab: int, hidden: int) -> float:
+    return DENSE_FACTOR * tokens * vocab * 4 + 2 * vocab * hidden * 4
+
+
+def spawn(args, path: str, vocab: int, tokens: int, beta: float, chunk_size: int, as_limit_bytes: int = 0) -> dict:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--path",
+        path,
+        "--vocab",
+        str(vocab),
+        "--tokens",
+        str(tokens),
+        "--hidden",
+        str(args.hidden),
+        "--beta",
+        str(beta),
+        "--chunk-size",
+        str(chunk_size),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--as-limit-bytes",
+        str(as_limit_bytes),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    reason = "killed (SIGKILL: OOM killer?)" if proc.returncode == -9 else f"exit {proc.returncode}: {tail}"
+    return {"error": reason}
+
+
+def check_gradients(hidden: int, chunk_size: int, threads: int) -> tuple[float, float, float]:
+    """Max |dense - chunked| of the loss and of the gradients of hidden_s and W_s, at a small shape."""
+    import torch
+
+    torch.set_num_threads(threads)
+    grads = {}
+    for name, step in STEPS.items():
+        inputs = make_inputs(300, 2000, hidden, seed=7)
+        loss = step(*inputs, 0.5, min(chunk_size, 128))
+        grads[name] = (loss, inputs[0].grad, inputs[1].grad)
+    return tuple(float((a - b).abs().max()) for a, b in zip(grads["dense"], grads["chunked"], strict=True))
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def run_parent(args) -> None:
+    import torch
+
+    budget = args.mem_budget_gib * 1024**3
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, hidden {args.hidden}, repeats {args.repeats} "
+        f"(median shown), dense budget {args.mem_budget_gib} GiB, load {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    loss_diff, grad_h_diff, grad_w_diff = check_gradients(args.hidden, args.chunk_size[0], args.threads)
+    print(
+        f"gradient check (300 tokens x vocab 2000, beta 0.5): max |diff| loss {loss_diff:.2e}, "
+        f"d hidden_s {grad_h_diff:.2e}, d W_s {grad_w_diff:.2e}",
+        flush=True,
+    )
+
+    header = (
+        f"| {'beta':>4} | {'vocab':>6} | {'tokens':>6} | {'hidden':>6} | {'chunk':>5} | {'dense MiB':>9} | "
+        f"{'chunked MiB':>11} | {'mem ratio':>9} | {'dense s':>7} | {'chunked s':>9} | {'time ratio':>10} |"
+    )
+    rows, records, notes, max_loss_diff = [], [], [], 0.0
+    print(header, flush=True)
+    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|", flush=True)
+    for beta in args.beta:
+        for vocab in args.vocab:
+            for tokens in args.tokens:
+                estimate = dense_estimate_bytes(tokens, vocab, args.hidden)
+                if estimate > budget and not args.no_skip:
+                    dense = {
+                        "error": f"skipped: estimated dense peak {estimate / 1024**3:.1f} GiB > budget "
+                        f"{args.mem_budget_gib} GiB (--mem-budget-gib / --no-skip)"
+                    }
+                elif args.skip_dense:
+                    dense = {"error": "skipped: --skip-dense"}
+                else:
+                    dense = spawn(args, "dense", vocab, tokens, beta, 0, int(budget) if args.no_skip else 0)
+                if "error" in dense:
+                    notes.append(f"dense beta={beta} vocab={vocab} tokens={tokens}: {dense['error']}")
+                for chunk_size in args.chunk_size:
+                    chunked = spawn(args, "chunked", vocab, tokens, beta, chunk_size)
+                    if "error" in chunked:
+                        notes.append(f"chunked beta={beta} vocab={vocab} tokens={tokens}: {chunked['error']}")
+                    ok_d, ok_c = "error" not in dense, "error" not in chunked
+                    d_mib = dense["peak_bytes"] / MIB if ok_d else None
+                    c_mib = chunked["peak_bytes"] / MIB if ok_c else None
+                    d_s = dense["median_s"] if ok_d else None
+                    c_s = chunked["median_s"] if ok_c else None
+                    both = ok_d and ok_c
+                    if both:
+                        diff = abs(dense["loss"] - chunked["loss"])
+                        max_loss_diff = max(max_loss_diff, diff)
+                    row = (
+                        f"| {beta:>4} | {vocab:>6} | {tokens:>6} | {args.hidden:>6} | {chunk_size:>5} | "
+                        f"{fmt(d_mib, '9.0f') if ok_d else 'skip/OOM':>9} | {fmt(c_mib, '11.0f'):>11} | "
+                        f"{fmt(c_mib / d_mib if both else None, '9.3f'):>9} | {fmt(d_s, '7.2f'):>7} | "
+                        f"{fmt(c_s, '9.2f'):>9} | {fmt(c_s / d_s if both else None, '10.2f'):>10} |"
+                    )
+                    print(row, flush=True)
+                    rows.append(row)
+                    records.append(
+                        {
+                            "beta": beta,
+                            "vocab": vocab,
+                            "tokens": tokens,
+                            "hidden": args.hidden,
+                            "chunk_size": chunk_size,
+                            "dense": dense,
+                            "chunked": chunked,
+                        }
+                    )
+    print(f"max |dense loss - chunked loss| over the cases run: {max_loss_diff:.2e}")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "records": records}, f, indent=1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
+    p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--beta", type=float, nargs="+", default=[0.5])
+    p.add_argument("--chunk-size", type=int, nargs="+", default=[DEFAULT_CHUNK_SIZE], help="several values: a sweep")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after the measured first one; median shown")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mem-budget-gib", type=float, default=18.0, help="skip dense cases estimated above this")
+    p.add_argument("--no-skip", action="store_true", help="run over-budget dense cases (under an RLIMIT_AS guard)")
+    p.add_argument("--skip-dense", action="store_true", help="chunked only (e.g. a chunk-size sweep)")
+    p.add_argument("--quick", action="store_true", help="smoke run: vocab 4096, 512 tokens, hidden 256, 1 repeat")
+    p.add_argument("--json", help="also write every measurement to this file")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--path", choices=sorted(STEPS), help=argparse.SUPPRESS)
+    p.add_argument("--as-limit-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.vocab, args.tokens, args.hidden, args.repeats = [4096], [512], 256, 1
+        args.chunk_size = [min(args.chunk_size[0], 128)]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(run_worker(args)), flush=True)
+    else:
+        run_parent(args)
+
+
+if __name__ == "__main__":
+    main()
