@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import subprocess
@@ -101,28 +100,12 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def arithmetic_rows(count: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"What is {a}+{b}?"},
-                    {"role": "assistant", "content": f"{a}+{b}={a + b}"},
-                ]
-            }
-        )
-    return rows
-
-
 def build_inputs(folder: Path, rows: int, seed: int) -> dict[str, str]:
     """Save the tokenizer, student, teacher and data under `folder`; return their paths."""
     import torch
     from transformers.utils import logging as hf_logging
 
-    from protege.toy import tiny_model, train_tokenizer
+    from protege.toy import arithmetic_rows, tiny_model, train_tokenizer
 
     hf_logging.disable_progress_bar()
 

@@ -110,10 +110,11 @@ def test_tokenizer_can_be_rebuilt_identically(tmp_path):
 # ----- The pipeline -----
 
 
-def test_cached_models_are_reused(tmp_path):
-    from protege.demo.pipeline import ModelSpec, Settings, SFTSpec, run_demo
+def tiny_settings(**overrides):
+    """Demo settings small enough for seconds: the pipeline's plumbing, not its numbers."""
+    from protege.demo.pipeline import ModelSpec, Settings, SFTSpec
 
-    tiny = Settings(
+    values = dict(
         teacher=ModelSpec(layers=1, hidden=32),
         student=ModelSpec(layers=1, hidden=16),
         teacher_sft=SFTSpec(steps=4, batch_size=8, learning_rate=1e-3),
@@ -124,6 +125,13 @@ def test_cached_models_are_reused(tmp_path):
         eval_problems=8,
         kl_problems=4,
     )
+    return Settings(**{**values, **overrides})
+
+
+def test_cached_models_are_reused(tmp_path):
+    from protege.demo.pipeline import ModelSpec, run_demo
+
+    tiny = tiny_settings()
     first = run_demo(str(tmp_path), settings=tiny)
     assert not first["models"]["teacher"]["cached"] and not first["models"]["student"]["cached"]
     assert [point["step"] for point in first["accuracy_curve"]] == [0, 1, 2]
@@ -132,25 +140,17 @@ def test_cached_models_are_reused(tmp_path):
     assert second["student_accuracy_before"] == first["student_accuracy_before"]
     assert second["kl_teacher_student_before"] == pytest.approx(first["kl_teacher_student_before"])
     # Other settings make other models: the cache is not reused.
-    third = run_demo(str(tmp_path), settings=Settings(**{**tiny.__dict__, "teacher": ModelSpec(layers=1, hidden=48)}))
+    third = run_demo(str(tmp_path), settings=tiny_settings(teacher=ModelSpec(layers=1, hidden=48)))
     assert not third["models"]["teacher"]["cached"] and third["models"]["student"]["cached"]
 
 
 def test_eval_scores_the_demo_models_like_the_demo(tmp_path, capsys):
     """`protege eval --task demo` on the demo's output folder reproduces the demo's own numbers."""
     from protege.cli import main
-    from protege.demo.pipeline import ModelSpec, Settings, SFTSpec, run_demo
+    from protege.demo.pipeline import SFTSpec, run_demo
 
-    tiny = Settings(
-        teacher=ModelSpec(layers=1, hidden=32),
-        student=ModelSpec(layers=1, hidden=16),
-        teacher_sft=SFTSpec(steps=30, batch_size=16, learning_rate=6e-3),
-        student_sft=SFTSpec(steps=2, batch_size=8, learning_rate=1e-3),
-        distill_steps=2,
-        distill_batch_size=4,
-        eval_every=2,
-        eval_problems=24,
-        kl_problems=24,
+    tiny = tiny_settings(
+        teacher_sft=SFTSpec(steps=30, batch_size=16, learning_rate=6e-3), eval_every=2, eval_problems=24, kl_problems=24
     )
     results = run_demo(str(tmp_path), settings=tiny)
     held_out = tmp_path / "held_out.jsonl"

@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 
-from protege.toy import tiny_model, train_tokenizer
-
-
-def arithmetic_rows(count: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"What is {a}+{b}?"},
-                    {"role": "assistant", "content": f"{a}+{b}={a + b}"},
-                ]
-            }
-        )
-    return rows
+from protege.toy import arithmetic_rows, tiny_model, train_tokenizer
 
 
 def build(folder: Path) -> dict[str, str]:

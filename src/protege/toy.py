@@ -1,7 +1,8 @@
-"""Small models and tokenizers built offline in milliseconds, for tests, benchmarks and the demo."""
+"""Small models, tokenizers and chat data built offline in milliseconds, for tests, benchmarks and the demo."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -69,3 +70,20 @@ def tiny_model(
     model.generation_config.eos_token_id = eos_token_id
     model.generation_config.pad_token_id = pad_token_id
     return model
+
+
+def arithmetic_rows(count: int, seed: int) -> list[dict]:
+    """Chat rows such as user "What is 12+7?", assistant "12+7=19": data any tiny model can learn from."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {a}+{b}?"},
+                    {"role": "assistant", "content": f"{a}+{b}={a + b}"},
+                ]
+            }
+        )
+    return rows
