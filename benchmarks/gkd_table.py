@@ -43,21 +43,22 @@ REPO = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Method:
     label: str
+    short: str  # for the chart
     kind: str  # "sft", "seqkd" or "distill" (DistillationTrainer)
     lmbda: float | None = None
     beta: float | None = None
 
 
 METHODS = {
-    "sft": Method("Supervised FT (ground truth)", "sft"),
-    "seqkd": Method("SeqKD (teacher samples)", "seqkd"),
-    "supervised_fkl": Method("Supervised KD, forward KL", "distill", 0.0, 0.0),
-    "supervised_jsd": Method("Supervised KD, JSD(0.5)", "distill", 0.0, 0.5),
-    "supervised_rkl": Method("Supervised KD, reverse KL", "distill", 0.0, 1.0),
-    "onpolicy_fkl": Method("On-policy GKD, forward KL", "distill", 1.0, 0.0),
-    "onpolicy_jsd": Method("On-policy GKD, JSD(0.5)", "distill", 1.0, 0.5),
-    "onpolicy_rkl": Method("On-policy GKD, reverse KL", "distill", 1.0, 1.0),
-    "mixed_jsd": Method("Mixed GKD (lmbda 0.5), JSD(0.5)", "distill", 0.5, 0.5),
+    "sft": Method("Supervised FT (ground truth)", "SFT", "sft"),
+    "seqkd": Method("SeqKD (teacher samples)", "SeqKD", "seqkd"),
+    "supervised_fkl": Method("Supervised KD, forward KL", "sup. KD\nFKL", "distill", 0.0, 0.0),
+    "supervised_jsd": Method("Supervised KD, JSD(0.5)", "sup. KD\nJSD", "distill", 0.0, 0.5),
+    "supervised_rkl": Method("Supervised KD, reverse KL", "sup. KD\nRKL", "distill", 0.0, 1.0),
+    "onpolicy_fkl": Method("On-policy GKD, forward KL", "on-policy\nFKL", "distill", 1.0, 0.0),
+    "onpolicy_jsd": Method("On-policy GKD, JSD(0.5)", "on-policy\nJSD", "distill", 1.0, 0.5),
+    "onpolicy_rkl": Method("On-policy GKD, reverse KL", "on-policy\nRKL", "distill", 1.0, 1.0),
+    "mixed_jsd": Method("Mixed GKD (lmbda 0.5), JSD(0.5)", "mixed 0.5\nJSD", "distill", 0.5, 0.5),
 }
 QUICK_METHODS = ["sft", "supervised_fkl", "onpolicy_fkl"]
 
@@ -66,6 +67,7 @@ def settings_for(args):
     from protege.demo.pipeline import Settings, SFTSpec
 
     settings = Settings(
+        digits=args.digits,
         distill_steps=args.steps,
         distill_batch_size=args.batch_size,
         eval_every=args.eval_every,
@@ -76,7 +78,13 @@ def settings_for(args):
     )
     if args.quick:
         settings = replace(settings, teacher_sft=SFTSpec(steps=300, batch_size=32, learning_rate=6e-3))
-    return settings
+    # Room for longer chains: ~12 tokens per digit (a 9-token line, the prompt and the answer) and the chat markup.
+    positions = max(settings.teacher.positions, 12 * args.digits + 40)
+    return replace(
+        settings,
+        teacher=replace(settings.teacher, positions=positions),
+        student=replace(settings.student, positions=positions),
+    )
 
 
 # ----- Worker: one (seed, method) run in a fresh process -----
@@ -185,7 +193,8 @@ def _supervised(pipeline, method: Method, settings, prepared, problems, start: f
 
 
 def run_config(args) -> dict:
-    keys = ("steps", "batch_size", "eval_every", "eval_problems", "schedule", "warmup_steps", "optimizer", "quick")
+    keys = ("digits", "steps", "batch_size", "eval_every", "eval_problems", "schedule", "warmup_steps", "optimizer")
+    keys += ("quick",)
     return {key: getattr(args, key) for key in keys}
 
 
@@ -198,7 +207,16 @@ def spawn(args, seed: int, method: str) -> dict:
     command = [sys.executable, __file__, "--worker", "--seed", str(seed), "--method", method, "--out", str(out)]
     command += ["--output-dir", args.output_dir, "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
     command += ["--eval-every", str(args.eval_every), "--eval-problems", str(args.eval_problems)]
-    command += ["--schedule", args.schedule, "--warmup-steps", str(args.warmup_steps), "--optimizer", args.optimizer]
+    command += [
+        "--digits",
+        str(args.digits),
+        "--schedule",
+        args.schedule,
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--optimizer",
+        args.optimizer,
+    ]
     command += ["--quick"] if args.quick else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
@@ -265,25 +283,32 @@ def markdown(rows: list[dict], results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def bar_chart(rows: list[dict], results: list[dict], path: Path) -> None:
+def bar_chart(rows: list[dict], results: list[dict], args, path: Path) -> None:
+    """Mean accuracy per method at half and at the whole budget, with the spread over seeds and each seed's dot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(9, 4.5), dpi=120)
-    FigureCanvasAgg(figure)
+    figure = Figure(figsize=(9, 4.2), dpi=120)
+    FigureCanvasAgg(figure)  # the Agg backend for this figure only
     axes = figure.subplots()
     colours = {"sft": "tab:gray", "seqkd": "tab:brown"}
     for index, row in enumerate(rows):
         method = METHODS[row["method"]]
         colour = colours.get(row["method"]) or {0.0: "tab:orange", 1.0: "tab:blue", 0.5: "tab:purple"}[method.lmbda]
-        axes.bar(index, 100 * row["accuracy_mean"], yerr=100 * row["accuracy_std"], color=colour, capsize=3)
-        axes.scatter([index] * len(row["per_seed"]), [100 * a for a in row["per_seed"]], color="black", s=8, zorder=3)
+        axes.bar(index - 0.2, 100 * row["half_budget_accuracy_mean"], width=0.4, color=colour, alpha=0.4)
+        axes.bar(index + 0.2, 100 * row["accuracy_mean"], yerr=100 * row["accuracy_std"], width=0.4, color=colour)
+        seeds = [100 * a for a in row["per_seed"]]
+        axes.scatter([index + 0.2] * len(seeds), seeds, color="black", s=6, zorder=3)
     start = statistics.fmean(r["start_accuracy"] for r in results if r["method"] == rows[0]["method"])
-    axes.axhline(100 * start, color="tab:red", linestyle=":", label="warmed-up student (start)")
-    axes.set_xticks(range(len(rows)), [row["label"].replace(", ", ",\n") for row in rows], fontsize=7)
+    axes.axhline(100 * start, color="tab:red", linestyle=":", label="warmed-up student (every method's start)")
+    axes.set_xticks(range(len(rows)), [METHODS[row["method"]].short for row in rows], fontsize=8)
     axes.set_ylabel("held-out exact-match accuracy (%)")
     axes.set_ylim(0, 102)
-    axes.set_title("Distillation methods on the demo task (mean +- std over seeds; dots: seeds)", fontsize=9)
+    axes.set_title(
+        f"{args.digits}-digit addition chains, {len(args.seeds)} seeds: light bars after {args.steps // 2} steps, "
+        f"dark after {args.steps} (mean, std, seeds)",
+        fontsize=9,
+    )
     axes.legend(loc="lower right", fontsize=8)
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
@@ -294,6 +319,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None, help="default: all")
+    parser.add_argument("--digits", type=int, default=6, help="digits per number: the chain has one line per digit")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per method")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per step")
     parser.add_argument("--eval-every", type=int, default=10)
@@ -315,6 +341,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output-dir", default=str(REPO / "runs" / "gkd_table"))
     parser.add_argument("--plot", default=str(REPO / "docs" / "gkd_table.png"))
     parser.add_argument("--fresh", action="store_true", help="rerun methods whose results are already saved")
+    parser.add_argument("--replot", action="store_true", help="only redraw the table and chart from summary.json")
     parser.add_argument("--quick", action="store_true", help="smoke run: seed 0, 3 methods, 4 steps")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -328,6 +355,12 @@ def main(argv=None) -> None:
         result = {**run_method(args), "config": run_config(args)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
+        return
+    if args.replot:
+        summary = json.loads((Path(args.output_dir) / "summary.json").read_text())
+        saved = argparse.Namespace(**{**summary["args"], "plot": args.plot})
+        print(markdown(summary["rows"], summary["runs"], saved))
+        bar_chart(summary["rows"], summary["runs"], saved, Path(args.plot))
         return
     methods = args.methods or list(METHODS)
     started = time.perf_counter()
@@ -343,7 +376,7 @@ def main(argv=None) -> None:
     summary = {"args": vars(args), "rows": rows, "runs": results, "seconds": round(time.perf_counter() - started)}
     (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     (Path(args.output_dir) / "table.md").write_text(table + "\n")
-    bar_chart(rows, results, Path(args.plot))
+    bar_chart(rows, results, args, Path(args.plot))
     print(f"wrote {args.output_dir}/summary.json, table.md and {args.plot} in {summary['seconds']}s")
 
 
