@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-DEFAULT_CHUNK_SIZE = 256
+DEFAULT_CHUNK_SIZE = 128
 # Dense peak ~= DENSE_FACTOR (tokens x vocab) float32 tensors + 2 (vocab x hidden) ones: measured with this script at
 # beta 0.5, vocab 32000, 2048 tokens (4224 MiB); the interior formula keeps the most intermediates for backward.
 DENSE_FACTOR = 16.0

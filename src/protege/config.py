@@ -158,7 +158,9 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Compute the loss from hidden states and LM heads this many tokens at a time, never holding "
             "full-vocabulary logits for the whole batch (same value and gradient as the dense loss, far less "
-            "memory). None computes full logits at once. Local teacher only."
+            "memory). Peak memory grows with the chunk (about 17 chunk x vocabulary float32 tensors for the "
+            "JSD); 128 to 256 is a good start, see docs/benchmarks.md. None computes full logits at once. Local "
+            "teacher only."
         },
     )
 

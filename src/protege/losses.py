@@ -373,7 +373,9 @@ class _ChunkedDivergence(torch.autograd.Function):
     """Forward computes the loss and its gradient chunk by chunk; backward only scales the stored gradient.
 
     Each chunk's (C x V) logits live only inside one loop iteration, so peak memory is bounded by the chunk size, and
-    no logits are recomputed in backward, so the cost stays that of one dense forward and backward.
+    no logits are recomputed in backward, so the cost stays that of one dense forward and backward. Autograd runs
+    only from the loss to the chunk's logits; the LM head's (V x H) gradient is accumulated in place with `addmm_`, so
+    no (V x H) temporary is made per chunk, and backward scales the accumulated gradients in place.
     """
 
     @staticmethod
@@ -392,8 +394,6 @@ class _ChunkedDivergence(torch.autograd.Function):
         num_items_in_batch,
     ):
         needs = ctx.needs_input_grad[:3]
-        weight_leaf = student_weight.detach().requires_grad_(needs[1])
-        bias_leaf = None if student_bias is None else student_bias.detach().requires_grad_(needs[2])
         grads = [
             torch.zeros_like(student_hidden) if needs[0] else None,
             torch.zeros_like(student_weight, dtype=torch.float32) if needs[1] else None,
@@ -403,21 +403,25 @@ class _ChunkedDivergence(torch.autograd.Function):
         support_size = 0
         for start in range(0, student_hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            hidden_leaf = student_hidden[rows].detach().requires_grad_(needs[0])
+            hidden = student_hidden[rows]
             with torch.no_grad():
                 teacher_logits = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+                student_logits = F.linear(hidden, student_weight, student_bias).requires_grad_(any(needs))
             with torch.enable_grad():
-                elements = elements_fn(F.linear(hidden_leaf, weight_leaf, bias_leaf), teacher_logits, targets[rows])
+                elements = elements_fn(student_logits, teacher_logits, targets[rows])
                 chunk_loss = elements.sum()
             support_size = elements.shape[-1]
-            leaves = [leaf for leaf, need in zip((hidden_leaf, weight_leaf, bias_leaf), needs) if need]
-            chunk_grads = iter(torch.autograd.grad(chunk_loss, leaves) if leaves else ())
-            if needs[0]:
-                grads[0][rows] = next(chunk_grads)
-            for i in (1, 2):
-                if needs[i]:
-                    grads[i] += next(chunk_grads)
             total += chunk_loss.detach()
+            if not any(needs):
+                continue
+            (grad_logits,) = torch.autograd.grad(chunk_loss, student_logits)
+            del elements, chunk_loss, student_logits, teacher_logits
+            if needs[0]:
+                grads[0][rows] = grad_logits @ student_weight
+            if needs[1]:
+                grads[1].addmm_(grad_logits.T.float(), hidden.float())
+            if needs[2]:
+                grads[2] += grad_logits.float().sum(0)
         num_tokens = student_hidden.shape[0]
         if reduction == "sum":
             normaliser = 1.0
@@ -427,18 +431,23 @@ class _ChunkedDivergence(torch.autograd.Function):
             normaliser = float(num_items_in_batch)
         else:
             normaliser = float(max(num_tokens, 1))
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        ctx.grads = grads  # intermediate results, not inputs or outputs: kept on ctx, scaled in place in backward
         ctx.normaliser = normaliser
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
         return total / normaliser
 
     @staticmethod
     def backward(ctx, grad_output):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the chunked loss's backward can run once per forward (its gradients are scaled in place)"
+            )
         scale = grad_output / ctx.normaliser
-        needs = ctx.needs_input_grad
         grads = tuple(
-            (g * scale).to(dtype) if need else None for g, need, dtype in zip(ctx.saved_tensors, needs[:3], ctx.dtypes)
+            g.mul_(scale).to(dtype) if need and g is not None else None
+            for g, need, dtype in zip(ctx.grads, ctx.needs_input_grad[:3], ctx.dtypes)
         )
+        ctx.grads = None
         return (*grads, None, None, None, None, None, None, None, None)
 
 
@@ -449,7 +458,7 @@ def chunked_loss(
     teacher_lm_head: torch.Tensor,
     labels: torch.Tensor | None,
     elements_fn,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     reduction: str = "batchmean",
     num_items_in_batch: int | torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
@@ -497,7 +506,7 @@ def chunked_jsd_loss(
     labels: torch.Tensor | None,
     beta: float = 0.5,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     top_k: int = 0,
     add_tail: bool = True,
     reduction: str = "batchmean",
@@ -540,7 +549,7 @@ def chunked_sparse_top1_loss(
     labels: torch.Tensor,
     beta: float,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     add_tail: bool = True,
     reverse_kl_top_1_mode: str = "sampled",
     reduction: str = "batchmean",
