@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import DistillationCollator, Tokenizer
-from ..losses import IGNORE_INDEX
+from ..losses import IGNORE_INDEX, generalized_jsd_loss
 from . import task
 
 TASK_VERSION = 2  # bump when the task or its tokenizer changes, so old caches are not reused
@@ -299,12 +299,12 @@ def accuracy_on_rows(model, tokenizer, rows) -> float:
 @torch.no_grad()
 def mean_token_kls(teacher, student, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean per-token KL(teacher || student) and KL(student || teacher) over the completion tokens of a batch."""
-    mask = batch["labels"][:, 1:].ne(IGNORE_INDEX)
-    teacher_logp = _forward(teacher, batch).log_softmax(-1)[mask]
-    student_logp = _forward(student, batch).log_softmax(-1)[mask]
-    forward = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
-    reverse = (student_logp.exp() * (student_logp - teacher_logp)).sum(-1).mean()
-    return {"teacher_student": forward.item(), "student_teacher": reverse.item()}
+    labels = batch["labels"][:, 1:]
+    teacher_logits, student_logits = _forward(teacher, batch), _forward(student, batch)
+    return {
+        name: generalized_jsd_loss(student_logits, teacher_logits, labels, beta).item()
+        for name, beta in (("teacher_student", 0.0), ("student_teacher", 1.0))
+    }
 
 
 @dataclass
