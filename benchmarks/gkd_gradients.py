@@ -20,6 +20,8 @@ from rich.progress import Progress
 
 from protege import DistillationConfig, DistillationTrainer
 from protege.demo import pipeline, task
+from protege.demo.encoder import next_token_logits
+from protege.demo.settings import Settings
 
 
 def flat_grad(model) -> torch.Tensor:
@@ -32,19 +34,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    settings = pipeline.Settings(kl_problems=8)
+    settings = Settings(kl_problems=8)
     prepared = pipeline.prepare(Path(args.folder), settings, args.seed, Progress(disable=True))
     encoder, teacher = prepared.encoder, prepared.teacher
     problems = prepared.training_problems(settings, args.seed, 64, "distill")
     batch = encoder.batch(problems)
     labels = batch["labels"][:, 1:]
     with torch.no_grad():
-        teacher_logp = pipeline._forward(teacher, batch).log_softmax(-1)
+        teacher_logp = next_token_logits(teacher, batch).log_softmax(-1)
     target = teacher_logp[labels.ne(-100)].gather(-1, labels[labels.ne(-100)][:, None]).exp()
     print(f"teacher probability of the reference tokens: mean {target.mean():.5f}, lowest {target.min():.4f}")
 
     student = copy.deepcopy(prepared.student)
-    F.cross_entropy(pipeline._forward(student, batch).transpose(1, 2), labels, ignore_index=-100).backward()
+    F.cross_entropy(next_token_logits(student, batch).transpose(1, 2), labels, ignore_index=-100).backward()
     sft = flat_grad(student)
     rows = Dataset.from_list([{"messages": task.conversation(p)} for p in problems])
     for beta in (0.0, 0.5, 1.0):

@@ -18,7 +18,8 @@ continue`, what the demo does) remembers the size of cross-entropy gradients, so
 (JSD) takes smaller steps and one with larger gradients (reverse KL) larger ones, for hundreds of steps.
 
 Each seed has its own teacher, warmed-up student, held-out set and prompt stream (`protege.demo.pipeline.prepare`,
-cached under `--output-dir`). Runs go in fresh subprocesses of this script, `--jobs` at a time, 1 torch thread each.
+cached under `--output-dir`), and its teacher and warmed-up student are scored once, when they are prepared. Runs go
+in fresh subprocesses of this script, `--jobs` at a time, 1 torch thread each.
 
     python benchmarks/gkd_table.py --seeds 0 1 2 3 4  # 5 seeds x 9 methods, ~20 minutes on 2 cores
     python benchmarks/gkd_table.py --quick            # smoke run: 1 seed, 3 methods, tiny budgets
@@ -64,7 +65,7 @@ QUICK_METHODS = ["sft", "supervised_fkl", "onpolicy_fkl"]
 
 
 def settings_for(args):
-    from protege.demo.pipeline import Settings, SFTSpec
+    from protege.demo.settings import Settings, SFTSpec
 
     settings = Settings(
         digits=args.digits,
@@ -96,6 +97,7 @@ def run_method(args) -> dict:
     from transformers.utils import logging as transformers_logging
 
     from protege.demo import pipeline
+    from protege.demo.distill import distill
 
     torch.set_num_threads(1)
     transformers_logging.set_verbosity_error()
@@ -105,10 +107,15 @@ def run_method(args) -> dict:
     quiet = Progress(disable=True)
     prepared = pipeline.prepare(folder, settings, args.seed, quiet)
     if args.method == "prepare":
-        return {"seed": args.seed, "teacher": prepared.teacher_info, "student": prepared.student_info}
+        return {
+            "seed": args.seed,
+            "teacher": prepared.teacher_info,
+            "student": prepared.student_info,
+            **scores(prepared),
+        }
     encoder, teacher, student = prepared.encoder, prepared.teacher, prepared.student
-    start = pipeline.generate(student, encoder, prepared.eval_problems).accuracy
-    teacher_accuracy = pipeline.generate(teacher, encoder, prepared.eval_problems).accuracy
+    saved = prepared_scores(folder, args) or scores(prepared)
+    start, teacher_accuracy = saved["start_accuracy"], saved["teacher_accuracy"]
     problems = prepared.training_problems(
         settings, args.seed, settings.distill_steps * settings.distill_batch_size, "distill"
     )
@@ -120,7 +127,7 @@ def run_method(args) -> dict:
             beta=method.beta,
             distill_overrides={"lmbda": method.lmbda, "beta": method.beta, "logging_steps": 1},
         )
-        student, curve, _, _, eval_seconds, tokens = pipeline.distill(
+        distilled = distill(
             teacher,
             student,
             prepared.optimizer_state if args.optimizer == "continue" else None,
@@ -133,9 +140,10 @@ def run_method(args) -> dict:
             folder / args.method,
             quiet,
         )
+        curve, tokens, eval_seconds = distilled.curve, distilled.completion_tokens, distilled.eval_seconds
     else:
-        student, curve, tokens, eval_seconds = _supervised(
-            pipeline, method, settings, prepared, problems, start, args.optimizer == "continue"
+        curve, tokens, eval_seconds = _supervised(
+            method, settings, prepared, problems, start, args.optimizer == "continue"
         )
     return {
         "seed": args.seed,
@@ -149,11 +157,35 @@ def run_method(args) -> dict:
     }
 
 
-def _supervised(pipeline, method: Method, settings, prepared, problems, start: float, continue_optimizer: bool):
+def scores(prepared) -> dict[str, float]:
+    """The seed's teacher and warmed-up student (every method's start) on the held-out problems."""
+    from protege.demo.scoring import generate
+
+    return {
+        "teacher_accuracy": generate(prepared.teacher, prepared.encoder, prepared.eval_problems).accuracy,
+        "start_accuracy": generate(prepared.student, prepared.encoder, prepared.eval_problems).accuracy,
+    }
+
+
+def prepared_scores(folder: Path, args) -> dict[str, float] | None:
+    """The scores the seed's prepare run saved for this configuration, if it saved them (older runs did not)."""
+    path = folder / "prepare.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if saved.get("config") != run_config(args) or "start_accuracy" not in saved:
+        return None
+    return saved
+
+
+def _supervised(method: Method, settings, prepared, problems, start: float, continue_optimizer: bool):
     """Cross-entropy on reference chains (sft) or on the teacher's samples (seqkd), with the same optimizer, learning
-    rate schedule, budget, prompts and evaluation points as the trainer runs."""
+    rate schedule, budget, prompts and evaluation points as the trainer runs. Returns the accuracy curve, the
+    completion tokens trained on and the seconds spent on evaluation."""
+    from protege.demo.scoring import generate
+    from protege.demo.settings import SFTSpec
+    from protege.demo.supervised import adamw, supervised_training
+
     warmup = settings.student_sft
-    spec = pipeline.SFTSpec(
+    spec = SFTSpec(
         steps=settings.distill_steps,
         batch_size=settings.distill_batch_size,
         learning_rate=warmup.learning_rate,
@@ -162,14 +194,14 @@ def _supervised(pipeline, method: Method, settings, prepared, problems, start: f
         warmup_steps=settings.distill_warmup_steps,
     )
     encoder, student = prepared.encoder, prepared.student
-    optimizer = pipeline.adamw(student, spec)
+    optimizer = adamw(student, spec)
     if continue_optimizer:
         optimizer.load_state_dict(prepared.optimizer_state)
     curve, tokens, timer, losses = [{"step": 0, "accuracy": start}], [0], {"eval": 0.0}, []
 
     def make_batch(batch_problems):
         if method.kind == "seqkd":
-            samples = pipeline.generate(prepared.teacher, encoder, batch_problems, sample=True)
+            samples = generate(prepared.teacher, encoder, batch_problems, sample=True)
             batch = encoder.completions_batch(batch_problems, samples.completion_ids)
         else:
             batch = encoder.batch(batch_problems)
@@ -181,12 +213,12 @@ def _supervised(pipeline, method: Method, settings, prepared, problems, start: f
         losses.append(loss)
         if step % settings.eval_every == 0 or step == settings.distill_steps:
             clock = time.perf_counter()
-            accuracy = pipeline.generate(student, encoder, prepared.eval_problems).accuracy
+            accuracy = generate(student, encoder, prepared.eval_problems).accuracy
             curve.append({"step": step, "accuracy": accuracy})
             timer["eval"] += time.perf_counter() - clock
 
-    pipeline.supervised_training(student, encoder, problems, spec, on_step, optimizer=optimizer, make_batch=make_batch)
-    return student, curve, tokens[0], timer["eval"]
+    supervised_training(student, encoder, problems, spec, on_step, optimizer=optimizer, make_batch=make_batch)
+    return curve, tokens[0], timer["eval"]
 
 
 # ----- Parent: schedule the runs, aggregate, write the table and the chart -----

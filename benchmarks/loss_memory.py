@@ -4,7 +4,7 @@ Two ways to get the generalized JSD between a student and a teacher from their l
 
 * dense, as a trainer without chunking runs it: ``student_logits = hidden_s @ W_s.T`` (gradients to ``hidden_s`` and
   ``W_s``), ``teacher_logits = hidden_t @ W_t.T`` under ``no_grad``, ``generalized_jsd_loss(...)``, ``backward()``;
-* chunked: ``chunked_jsd_loss(hidden_s, W_s, hidden_t, W_t, labels, beta, chunk_size=...)``, ``backward()``.
+* chunked: ``chunked_jsd_loss(hidden_s, W_s, hidden_t, W_t, labels, beta=beta, chunk_size=...)``, ``backward()``.
 
 CPU, float32, ``torch.set_num_threads(--threads)``. Each (path, shape, chunk size) runs in a fresh subprocess of this
 script (``--worker``), so one case's allocations never inflate another's peak. In the worker:
@@ -28,14 +28,16 @@ reason printed (``--no-skip`` runs them anyway, under an address-space limit of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
+
+import workers
 
 DEFAULT_CHUNK_SIZE = 128
 # Dense peak ~= DENSE_FACTOR (tokens x vocab) float32 tensors + 2 (vocab x hidden) ones: measured with this script at
@@ -85,7 +87,7 @@ def dense_step(hidden_s, weight_s, hidden_t, weight_t, labels, beta, chunk_size)
     student_logits = hidden_s @ weight_s.T
     with torch.no_grad():
         teacher_logits = hidden_t @ weight_t.T
-    loss = generalized_jsd_loss(student_logits, teacher_logits, labels, beta)
+    loss = generalized_jsd_loss(student_logits, teacher_logits, labels, beta=beta)
     loss.backward()
     return loss.detach()
 
@@ -93,7 +95,7 @@ def dense_step(hidden_s, weight_s, hidden_t, weight_t, labels, beta, chunk_size)
 def chunked_step(hidden_s, weight_s, hidden_t, weight_t, labels, beta, chunk_size):
     from protege.losses import chunked_jsd_loss
 
-    loss = chunked_jsd_loss(hidden_s, weight_s, hidden_t, weight_t, labels, beta, chunk_size=chunk_size)
+    loss = chunked_jsd_loss(hidden_s, weight_s, hidden_t, weight_t, labels, beta=beta, chunk_size=chunk_size)
     loss.backward()
     return loss.detach()
 
@@ -101,42 +103,58 @@ def chunked_step(hidden_s, weight_s, hidden_t, weight_t, labels, beta, chunk_siz
 STEPS = {"dense": dense_step, "chunked": chunked_step}
 
 
-def run_worker(args) -> dict:
+@dataclasses.dataclass(kw_only=True)
+class Case:
+    """One measurement, made in a fresh process (`--worker`): the path, the shape and how to time it."""
+
+    path: str
+    vocab: int
+    tokens: int
+    hidden: int
+    beta: float
+    chunk_size: int
+    repeats: int
+    threads: int
+    seed: int
+    as_limit_bytes: int = 0  # > 0: RLIMIT_AS this far above the inputs, so an over-budget case fails cleanly
+
+
+def run_worker(case: Case) -> dict:
     import torch
 
-    torch.set_num_threads(args.threads)
-    step = STEPS[args.path]
+    torch.set_num_threads(case.threads)
+    step = STEPS[case.path]
     # Warm-up at a tiny shape: the same code path, so first-call initialisation is outside the measurement.
-    small = make_inputs(64, 512, args.hidden, seed=1)
-    step(*small, args.beta[0], 16)
+    small = make_inputs(64, 512, case.hidden, seed=1)
+    step(*small, case.beta, 16)
     del small
     gc.collect()
 
-    inputs = make_inputs(args.tokens[0], args.vocab[0], args.hidden, args.seed)
+    inputs = make_inputs(case.tokens, case.vocab, case.hidden, case.seed)
     hidden_s, weight_s = inputs[0], inputs[1]
     gc.collect()
-    if args.as_limit_bytes:
+    if case.as_limit_bytes:
         # Backstop for over-budget runs: allocations past the budget raise instead of waking the OOM killer.
-        limit = _vm_size_bytes() + args.as_limit_bytes
+        limit = _vm_size_bytes() + case.as_limit_bytes
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     rss_before = _current_rss_bytes()
     maxrss_before = _maxrss_bytes()
     start = time.perf_counter()
     try:
-        loss = step(*inputs, args.beta[0], args.chunk_size[0])
+        loss = step(*inputs, case.beta, case.chunk_size)
     except RuntimeError as exc:  # DefaultCPUAllocator: can't allocate memory
         return {"error": f"OOM: {str(exc).splitlines()[0][:200]}"}
     first_s = time.perf_counter() - start
     maxrss_after = _maxrss_bytes()
 
     times, usage = [], []
-    for _ in range(args.repeats):
+    for _ in range(case.repeats):
         hidden_s.grad = None
         weight_s.grad = None
         before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
-        step(*inputs, args.beta[0], args.chunk_size[0])
+        step(*inputs, case.beta, case.chunk_size)
         times.append(time.perf_counter() - start)
         after = resource.getrusage(resource.RUSAGE_SELF)
         usage.append(
@@ -168,37 +186,23 @@ def dense_estimate_bytes(tokens: int, vocab: int, hidden: int) -> float:
 
 
 def spawn(args, path: str, vocab: int, tokens: int, beta: float, chunk_size: int, as_limit_bytes: int = 0) -> dict:
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        "--path",
-        path,
-        "--vocab",
-        str(vocab),
-        "--tokens",
-        str(tokens),
-        "--hidden",
-        str(args.hidden),
-        "--beta",
-        str(beta),
-        "--chunk-size",
-        str(chunk_size),
-        "--repeats",
-        str(args.repeats),
-        "--threads",
-        str(args.threads),
-        "--seed",
-        str(args.seed),
-        "--as-limit-bytes",
-        str(as_limit_bytes),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
-    reason = "killed (SIGKILL: OOM killer?)" if proc.returncode == -9 else f"exit {proc.returncode}: {tail}"
+    case = Case(
+        path=path,
+        vocab=vocab,
+        tokens=tokens,
+        hidden=args.hidden,
+        beta=beta,
+        chunk_size=chunk_size,
+        repeats=args.repeats,
+        threads=args.threads,
+        seed=args.seed,
+        as_limit_bytes=as_limit_bytes,
+    )
+    done = workers.spawn(workers.command(sys.executable, os.path.abspath(__file__), "--worker", case))
+    if done.result is not None:
+        return done.result
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    reason = "killed (SIGKILL: OOM killer?)" if done.returncode == -9 else f"exit {done.returncode}: {tail}"
     return {"error": reason}
 
 
@@ -313,9 +317,6 @@ def parse_args(argv=None):
     p.add_argument("--skip-dense", action="store_true", help="chunked only (e.g. a chunk-size sweep)")
     p.add_argument("--quick", action="store_true", help="smoke run: vocab 4096, 512 tokens, hidden 256, 1 repeat")
     p.add_argument("--json", help="also write every measurement to this file")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--path", choices=sorted(STEPS), help=argparse.SUPPRESS)
-    p.add_argument("--as-limit-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.vocab, args.tokens, args.hidden, args.repeats = [4096], [512], 256, 1
@@ -324,11 +325,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.worker:
-        print("RESULT " + json.dumps(run_worker(args)), flush=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--worker"]:  # one case, as spawn() wrote it
+        workers.emit_result(run_worker(workers.parse(Case, argv[1:])))
     else:
-        run_parent(args)
+        run_parent(parse_args(argv))
 
 
 if __name__ == "__main__":

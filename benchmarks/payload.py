@@ -16,8 +16,8 @@ For each K in --top-k, one batch of --batch held-out sequences (--prompt + --com
 
 * encode = `codec.encode` + `json.dumps` with the settings of Starlette's `JSONResponse.render`
   (`ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")`, UTF-8), plus, for "+gzip", the
-  compression `GZipMiddleware` applies: `zlib.compressobj(9, DEFLATED, 16 + MAX_WBITS)` (Starlette's default
-  compresslevel is 9 and protege's app does not change it);
+  compression `GZipMiddleware` applies: `zlib.compressobj(6, DEFLATED, 16 + MAX_WBITS)` (protege's app sets
+  compresslevel=6, src/protege/server/app.py; Starlette's default is 9; --gzip-level compares others);
 * decode = gunzip (for "+gzip") + `json.loads` (what httpx's `response.json()` does) + `codec.decode` (the client's
   checks included);
 * bytes per scored token = body bytes on the wire / number of completion tokens (HTTP headers excluded);
@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 FORMATS = ("json", "binary", "compact")
-GZIP_LEVEL = 9  # starlette.middleware.gzip.GZipMiddleware's default compresslevel; protege's app keeps it
+GZIP_LEVEL = 6  # the compresslevel protege's app gives GZipMiddleware (src/protege/server/app.py)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -271,7 +271,9 @@ def loss_of(batch, student_logits, labels, top_k: int, temperature: float) -> fl
             beta=0.5,
             temperature=temperature,
         ).item()
-    return topk_forward_kl_loss(student_logits, labels, t["topk_ids"], t["topk_logprobs"], temperature).item()
+    return topk_forward_kl_loss(
+        student_logits, labels, t["topk_ids"], t["topk_logprobs"], temperature=temperature
+    ).item()
 
 
 def peakedness(rows) -> dict:
@@ -301,7 +303,7 @@ def main(argv=None) -> int:
     parser.add_argument("--completion", type=int, default=128)
     parser.add_argument("--ragged", action="store_true", help="completion lengths uniform in [completion // 8, ...]")
     parser.add_argument("--temperature", type=float, default=1.0, help="teacher (and loss) temperature")
-    parser.add_argument("--gzip-level", type=int, default=GZIP_LEVEL, help="default: Starlette's GZipMiddleware's")
+    parser.add_argument("--gzip-level", type=int, default=GZIP_LEVEL, help="default: protege's app's (6)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (training, scoring, losses)")
     parser.add_argument("--quick", action="store_true", help="smoke run: vocab 1000, 30/10 steps, K in {1, 20}")

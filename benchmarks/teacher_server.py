@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,11 +43,18 @@ import threading
 import time
 from pathlib import Path
 
+from workers import command, free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+@dataclasses.dataclass(kw_only=True)
+class ServeTeacher:
+    """The `protege serve-teacher` flags this benchmark sets."""
+
+    model: str
+    port: int
+    host: str = "127.0.0.1"
+    log_level: str = "warning"
+    no_batching: bool = False
 
 
 class Server:
@@ -56,11 +63,8 @@ class Server:
     def __init__(self, model: str, batching: bool, log_dir: Path, extra: list[str]):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "protege", "serve-teacher", "--model", model]
-        command += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *extra]
-        if not batching:
-            command.append("--no-batching")
-        self.command = command
+        flags = ServeTeacher(model=model, port=self.port, no_batching=not batching)
+        self.command = command(sys.executable, "protege", "serve-teacher", flags, *extra, module=True)
         self.log_path = log_dir / f"server-{'batching' if batching else 'no-batching'}.log"
         self.process = None
 
@@ -181,8 +185,7 @@ def main(argv=None) -> int:
 
     model = args.model
     if model is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from payload import build_models
+        from payload import build_models  # a sibling, like workers.py: benchmarks/ is on sys.path
 
         model = str(build_models(args.cache_dir, 8000, 300, 100)["teacher_dir"])
     print(f"model {model}; load average before: {os.getloadavg()[0]:.2f} (1 min)")

@@ -46,11 +46,12 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from workers import RunSettings, WorkerRun, add_flags, command, from_namespace, spawn
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -58,25 +59,12 @@ REPO = HERE.parent
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps timed, after the warm-up")
-    p.add_argument("--warmup", type=int, default=2, help="optimizer steps run first and not timed")
+    add_flags(p, RunSettings)  # the flags both workers take, with the same defaults
     p.add_argument("--quick", action="store_true", help="smoke run: 2 timed steps after 1 warm-up step, 64 rows")
     p.add_argument(
         "--repeats", type=int, default=1, help="runs of each system, alternating; the table shows the median"
     )
     p.add_argument("--rows", type=int, default=256, help="rows of arithmetic chat data")
-    p.add_argument("--batch", type=int, default=2, help="per_device_train_batch_size")
-    p.add_argument("--grad-accum", type=int, default=8)
-    p.add_argument("--max-completion-length", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lmbda", type=float, default=1.0)
-    p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--loss-top-k", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.95, help="generation top_p, passed to both")
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads for both (default 1, see the docstring)")
     p.add_argument(
         "--trl-python",
         default=None,
@@ -134,32 +122,27 @@ def build_inputs(folder: Path, rows: int, seed: int) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def run_worker(system: str, python: str, paths: dict, args, out: Path) -> dict:
+def run_worker(system: str, python: str, paths: dict, args, trainer_dir: Path) -> dict:
     script = HERE / ("trl_worker.py" if system == "TRL" else "protege_worker.py")
-    command = [
-        python,
-        str(script),
-        *("--student", paths["student"], "--teacher", paths["teacher"], "--data", paths["data"]),
-        *("--steps", str(args.steps), "--warmup", str(args.warmup)),
-        *("--batch", str(args.batch), "--grad-accum", str(args.grad_accum)),
-        *("--max-completion-length", str(args.max_completion_length), "--max-length", str(args.max_length)),
-        *("--lmbda", str(args.lmbda), "--beta", str(args.beta), "--loss-top-k", str(args.loss_top_k)),
-        *("--temperature", str(args.temperature), "--top-p", str(args.top_p)),
-        *("--learning-rate", str(args.learning_rate), "--seed", str(args.seed), "--threads", str(args.threads)),
-        *("--out", str(out), "--output-dir", str(out.parent / f"{out.stem}_trainer")),
-    ]
+    run = WorkerRun(
+        **vars(from_namespace(RunSettings, args)),
+        student=paths["student"],
+        teacher=paths["teacher"],
+        data=paths["data"],
+        output_dir=str(trainer_dir),
+    )
     env = dict(os.environ)
     threads = str(args.threads)
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
     env.pop("PYTHONPATH", None)  # each interpreter sees only its own environment
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=str(out.parent))
+    done = spawn(command(python, script, run), env=env, cwd=trainer_dir.parent)
     elapsed = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{system} worker failed with exit status {proc.returncode}: {' '.join(command)}")
-    result = json.loads(out.read_text(encoding="utf-8"))
+    if done.returncode != 0 or done.result is None:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
+        raise SystemExit(f"{system} worker failed with exit status {done.returncode}: {' '.join(done.command)}")
+    result = done.result
     result.update(system=system, process_seconds=elapsed, load_before=load_before, load_after=os.getloadavg()[0])
     print(
         f"  {system:7s} {result['completion_tokens']:6d} tokens in {result['wall_seconds']:7.2f} s "
@@ -265,8 +248,8 @@ def run(args, workdir: Path) -> int:
     runs: dict[str, list[dict]] = {"TRL": [], "protege": []}
     for repeat in range(args.repeats):
         for system, python in (("TRL", args.trl_python), ("protege", args.python)):
-            out = workdir / f"{system.lower()}_{repeat}.json"
-            runs[system].append(run_worker(system, python, paths, args, out))
+            trainer_dir = workdir / f"{system.lower()}_{repeat}_trainer"
+            runs[system].append(run_worker(system, python, paths, args, trainer_dir))
     trl, ours = summarise(runs["TRL"]), summarise(runs["protege"])
 
     problems = check_parity(trl, ours)

@@ -1,6 +1,7 @@
-"""Shared test setup: offline hub, one intra-op thread, and the tiny models every trainer test uses."""
+"""Shared test setup: offline hub, one intra-op thread, the tiny models every trainer test uses, and free ports."""
 
 import os
+import socket
 
 import pytest
 import torch
@@ -19,3 +20,10 @@ def tiny_paths(tmp_path_factory):
     from tiny import build
 
     return build(tmp_path_factory.mktemp("tiny"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now: for a server a test starts next (`from conftest import ...`)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,4 +1,12 @@
-"""Run by test_distributed under torchrun: train on one rank of several, then write what the test compares."""
+"""Run by test_distributed under torchrun: train on one rank of several, then write what the test compares.
+
+    python -m torch.distributed.run --nproc_per_node N dist_train.py STUDENT TEACHER OUT [SETTINGS_JSON]
+
+SETTINGS_JSON overrides SETTINGS below (and "rows", the dataset size, 64 by default), so each test states only what it
+changes. Every rank writes OUT/rank{R}.json; rank 0 also saves the trained weights to OUT/weights.pt.
+"""
+
+from __future__ import annotations
 
 import hashlib
 import json
@@ -6,47 +14,38 @@ import sys
 from pathlib import Path
 
 import torch
+from test_trainer import config
 from tiny import dataset
 from transformers import TrainerCallback
 
-from protege import DistillationConfig, DistillationTrainer
+from protege import DistillationTrainer
+
+# test_trainer.config's settings, but for these: 4 micro-batches of 2 per step, short completions, both kinds of slice.
+SETTINGS = dict(gradient_accumulation_steps=4, max_completion_length=8, max_length=40, lmbda=0.5)
 
 
 class RecordFractions(TrainerCallback):
-    def __init__(self):
-        self.fractions = []
+    def __init__(self) -> None:
+        self.fractions: list[float] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "on_policy_fraction" in logs:
             self.fractions.append(logs["on_policy_fraction"])
 
 
-def main(student: str, teacher: str, out: str) -> None:
-    args = DistillationConfig(
-        output_dir=out,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=4,
-        max_steps=4,
-        logging_steps=1,
-        report_to="none",
-        learning_rate=1e-2,
-        max_completion_length=8,
-        max_length=40,
-        save_strategy="no",
-        lmbda=0.5,
-        beta=0.5,
-        loss_top_k=0,
-        seed=0,
-        disable_tqdm=True,
-    )
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset(64))
+def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
+    settings = {**SETTINGS, **json.loads(overrides)}
+    rows = settings.pop("rows", 64)
+    args = config(Path(out), **settings)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset(rows))
     record = RecordFractions()
     trainer.add_callback(record)
     trainer.train()
+    weights = {name: value.detach().cpu().to(torch.float32) for name, value in trainer.model.state_dict().items()}
     digest = hashlib.sha256()
-    for name, value in sorted(trainer.model.state_dict().items()):
+    for name, value in sorted(weights.items()):
         digest.update(name.encode())
-        digest.update(value.detach().cpu().to(torch.float32).numpy().tobytes())
+        digest.update(value.numpy().tobytes())
     rank = trainer.accelerator.process_index
     report = {
         "rank": rank,
@@ -56,7 +55,9 @@ def main(student: str, teacher: str, out: str) -> None:
         "loss": [e["loss"] for e in trainer.state.log_history if "loss" in e],
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+    if rank == 0:
+        torch.save(weights, Path(out, "weights.pt"))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

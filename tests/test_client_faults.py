@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from conftest import free_port
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -45,12 +46,6 @@ def listening_socket() -> socket.socket:
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     return sock
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ThreadedUvicorn:
@@ -646,7 +641,7 @@ def test_real_server_batches_concurrent_requests_like_sequential_ones(backend, r
     assert info["scored_tokens"] == sum(len(s) - p for ss, pp in requests for s, p in zip(ss, pp))
 
 
-# ----- Gaps found and fixed: malformed payloads, undecodable bodies, top_logprobs over the vocabulary -----
+# ----- More bad answers and requests: top-k columns, payload types, gzip bodies, server limits -----
 
 
 def json_fewer_columns(columns):
@@ -676,28 +671,28 @@ def json_logprobs_an_object(p, body):
 @pytest.mark.parametrize(
     ("response_format", "change"),
     [
-        # (N, 1) top-k lists for K=3 are broadcast into all K columns: silently accepted, top-1 repeated K times
-        pytest.param("json", json_fewer_columns(1), id="json-1-of-3-topk-columns-silently-broadcast"),
-        pytest.param("json", json_fewer_columns(2), id="json-2-of-3-topk-columns-raw-ValueError"),
-        # np.nan_to_num(nan=-inf) also maps -inf to -3.4e38, which passes the finiteness check
-        pytest.param("json", json_minus_infinity_actual, id="json-minus-Infinity-actual-accepted"),
-        pytest.param("binary", binary_shape_not_a_list, id="binary-shape-int-raw-TypeError"),
-        pytest.param("json", json_logprobs_an_object, id="json-logprobs-object-raw-KeyError"),
+        # (N, 1) top-k lists for K=3 must not be broadcast into all K columns (top-1 repeated K times)
+        pytest.param("json", json_fewer_columns(1), id="json-1-of-3-topk-columns"),
+        pytest.param("json", json_fewer_columns(2), id="json-2-of-3-topk-columns"),
+        # -Infinity must not pass as a finite log-prob (np.nan_to_num(nan=-inf) would make it -3.4e38)
+        pytest.param("json", json_minus_infinity_actual, id="json-minus-Infinity-actual-logprob"),
+        pytest.param("binary", binary_shape_not_a_list, id="binary-shape-an-int"),
+        pytest.param("json", json_logprobs_an_object, id="json-logprobs-an-object"),
     ],
 )
-def test_fixed_gap_malformed_payload(stub, response_format, change):
+def test_malformed_payload_shapes_and_types_are_clear_errors(stub, response_format, change):
     _, url = stub(lambda body, i: change(valid_payload(body), body))
     with pytest.raises(TeacherServerError, match=rf"teacher server at {url}/get_sequence_logprobs/ answered"):
         score(url, response_format, top_k=3, max_retries=0)
 
 
-def test_fixed_gap_undecodable_gzip_body(stub):
+def test_undecodable_gzip_body_is_a_clear_error(stub):
     _, url = stub(lambda body, i: Response(b"not gzip", headers={"Content-Encoding": "gzip"}))
     with pytest.raises(TeacherServerError, match=rf"teacher server at {url}/get_sequence_logprobs/"):
         score(url, max_retries=0)
 
 
-def test_fixed_gap_top_logprobs_over_vocab_size(backend):
+def test_server_refuses_top_logprobs_over_vocab_size(backend):
     from protege.server.app import ServerLimits, create_app
 
     with ThreadedUvicorn(create_app(backend, ServerLimits(max_top_logprobs=10 * backend.vocab_size))) as running:
@@ -705,7 +700,7 @@ def test_fixed_gap_top_logprobs_over_vocab_size(backend):
     assert answer.status_code == 400, answer.text
 
 
-def test_fixed_gap_chunked_body_over_the_limit(real_server):
+def test_server_refuses_chunked_body_over_the_limit(real_server):
     content = json.dumps(body(sequences=[[3] * 60] * 200, prompt_lengths=[1] * 200)).encode()
     assert len(content) > LIMITS["max_body_bytes"]
     answer = httpx.post(

@@ -65,9 +65,11 @@ def test_max_prompt_length_is_derived(make):
     assert make(max_prompt_length=64).max_prompt_length == 64  # an explicit value is kept
 
 
-def test_generation_batch_size_is_derived(make):
-    assert make().generation_batch_size == 8  # per_device_train_batch_size 8 x gradient_accumulation_steps 1
-    config = make(per_device_train_batch_size=4, gradient_accumulation_steps=3, num_generations=2)
+def test_generation_batch_size_is_only_checked(make):
+    assert make().generation_batch_size is None  # nothing reads it: the step's prompts go to one generate call
+    config = make(
+        per_device_train_batch_size=4, gradient_accumulation_steps=3, num_generations=2, generation_batch_size=6
+    )
     assert config.generation_batch_size == 6
 
 

@@ -112,7 +112,7 @@ def test_tokenizer_can_be_rebuilt_identically(tmp_path):
 
 def tiny_settings(**overrides):
     """Demo settings small enough for seconds: the pipeline's plumbing, not its numbers."""
-    from protege.demo.pipeline import ModelSpec, Settings, SFTSpec
+    from protege.demo.settings import ModelSpec, Settings, SFTSpec
 
     values = dict(
         teacher=ModelSpec(layers=1, hidden=32),
@@ -129,7 +129,8 @@ def tiny_settings(**overrides):
 
 
 def test_cached_models_are_reused(tmp_path):
-    from protege.demo.pipeline import ModelSpec, run_demo
+    from protege.demo.pipeline import run_demo
+    from protege.demo.settings import ModelSpec
 
     tiny = tiny_settings()
     first = run_demo(str(tmp_path), settings=tiny)
@@ -147,7 +148,8 @@ def test_cached_models_are_reused(tmp_path):
 def test_eval_scores_the_demo_models_like_the_demo(tmp_path, capsys):
     """`protege eval --task demo` on the demo's output folder reproduces the demo's own numbers."""
     from protege.cli import main
-    from protege.demo.pipeline import SFTSpec, run_demo
+    from protege.demo.pipeline import run_demo
+    from protege.demo.settings import SFTSpec
 
     tiny = tiny_settings(
         teacher_sft=SFTSpec(steps=30, batch_size=16, learning_rate=6e-3), eval_every=2, eval_problems=24, kl_problems=24

@@ -1,42 +1,65 @@
-"""Two real processes under torchrun (gloo on CPU): same on/off-policy decisions, identical weights."""
+"""Real processes under torchrun (gloo on CPU): ranks agree, and the world size does not change the update."""
+
+from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from conftest import free_port
+from safetensors.torch import load_file
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TESTS = Path(__file__).parent
 
 
-def test_two_processes_agree(tiny_paths, tmp_path):
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+def torchrun(processes: int, tiny_paths: dict[str, str], out: Path, **settings: object) -> list[dict]:
+    """tests/dist_train.py on `processes` ranks with `settings` over its defaults; each rank's report."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(tests / "dist_train.py"),
-        tiny_paths["student"],
-        tiny_paths["teacher"],
-        str(tmp_path),
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)),
+        *("--master_addr", "127.0.0.1", "--master_port", str(free_port())),
+        *(str(TESTS / "dist_train.py"), tiny_paths["student"], tiny_paths["teacher"], str(out), json.dumps(settings)),
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+
+
+def test_two_processes_agree(tiny_paths, tmp_path):
+    ranks = torchrun(2, tiny_paths, tmp_path)
     assert [r["world"] for r in ranks] == [2, 2]
     assert len(ranks[0]["fractions"]) == 4
     assert ranks[0]["fractions"] == ranks[1]["fractions"]
     assert 0 < sum(ranks[0]["fractions"]) < 4  # lmbda = 0.5 gave both kinds of slices
     assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_world_size_does_not_change_the_update(tiny_paths, tmp_path):
+    """2 processes x 4 micro-batches and 1 process x 8 micro-batches of one row: the same weights after 2 steps.
+
+    DDP keeps ranks equal whatever the loss scale, so `test_two_processes_agree` cannot see a normalisation that
+    depends on the world size; comparing against one process can. Both runs see the same 8 rows per optimizer step:
+    the sampler is seeded (transformers' default `use_seedable_sampler`), so its order does not depend on the world
+    size, and accelerate shards whole batches, rank r taking batches r, r + 2, ... of that order (`split_batches`
+    False). Off-policy only (lmbda 0), so nothing is sampled. Plain SGD, so the update is lr x gradient: a loss scaled
+    by 2 on one side moves the weights twice as far (AdamW would divide the scale away), and the learning rate is
+    large enough that the step is far above the tolerance (checked below against the untrained weights).
+    """
+    settings = dict(lmbda=0.0, per_device_train_batch_size=1, optim="sgd", learning_rate=2.0, max_steps=2, rows=16)
+    two = torchrun(2, tiny_paths, tmp_path / "two", gradient_accumulation_steps=4, **settings)
+    one = torchrun(1, tiny_paths, tmp_path / "one", gradient_accumulation_steps=8, **settings)
+    assert [r["world"] for r in two] == [2, 2] and one[0]["world"] == 1
+    assert [r["fractions"] for r in two + one] == [[0.0, 0.0]] * 3
+
+    start = load_file(Path(tiny_paths["student"], "model.safetensors"))
+    two_weights = torch.load(tmp_path / "two" / "weights.pt")
+    one_weights = torch.load(tmp_path / "one" / "weights.pt")
+    moved = max((two_weights[name] - start[name]).abs().max().item() for name in start)
+    assert moved > 1e-3, f"the weights moved at most {moved:.2e}: too little to tell a 2x loss scale from noise"
+    torch.testing.assert_close(two_weights, one_weights, atol=1e-6, rtol=1e-5)
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)

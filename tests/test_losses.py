@@ -6,7 +6,7 @@ formed in probability space, sparse supports chosen token by token in Python fro
 of the reference come from autograd on float64 student logits (or float64 hidden states, LM head and bias for the
 chunked path).
 
-Conventions the reference fixes where the brief leaves a choice (they are also the implementation's):
+Conventions the reference fixes where the math leaves a choice (they are also the implementation's):
 
 * Top-k supports are ordered: teacher's top-k in descending order, then (0 < beta < 1) the student's top-k in
   descending order, a student slot that repeats a teacher id being kept as an invalid slot that contributes 0. The
@@ -308,7 +308,9 @@ def test_generalized_jsd_matches_reference(beta, temperature, top_k, add_tail, s
     support = topk_support(top_k, beta) if top_k else None
     for reduction in REDUCTIONS:
         out = assert_matches_reference(
-            lambda s, r=reduction: generalized_jsd_loss(s, teacher, labels, beta, temperature, r, top_k, add_tail),
+            lambda s, r=reduction: generalized_jsd_loss(
+                s, teacher, labels, beta=beta, temperature=temperature, reduction=r, top_k=top_k, add_tail=add_tail
+            ),
             lambda s, r=reduction: ref_loss(
                 s,
                 teacher,
@@ -331,7 +333,7 @@ def test_generalized_jsd_num_items_in_batch_matches_reference(beta):
     student, teacher, labels = make_inputs(11, "masked_vocab", sparse=False, one_sided=0 < beta < 1)
     for n in (7, torch.tensor(123)):
         assert_matches_reference(
-            lambda s, n=n: generalized_jsd_loss(s, teacher, labels, beta, 1.0, "batchmean", num_items_in_batch=n),
+            lambda s, n=n: generalized_jsd_loss(s, teacher, labels, beta=beta, num_items_in_batch=n),
             lambda s, n=n: ref_loss(s, teacher, labels, beta=beta, num_items_in_batch=n),
             student,
         )
@@ -341,7 +343,7 @@ def test_generalized_jsd_num_items_in_batch_matches_reference(beta):
 def test_generalized_jsd_without_labels_counts_every_position(beta):
     student, teacher, _ = make_inputs(12, "ties", sparse=False)
     assert_matches_reference(
-        lambda s: generalized_jsd_loss(s, teacher, None, beta),
+        lambda s: generalized_jsd_loss(s, teacher, None, beta=beta),
         lambda s: ref_loss(s, teacher, torch.zeros(SHAPE, dtype=torch.long), beta=beta),
         student,
     )
@@ -351,8 +353,8 @@ def test_generalized_jsd_without_labels_counts_every_position(beta):
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_top_k_at_least_vocabulary_is_full_vocabulary(beta, top_k):
     student, teacher, labels = make_inputs(13, "ties", sparse=False)
-    full = generalized_jsd_loss(student, teacher, labels, beta, reduction="none")
-    assert torch.equal(generalized_jsd_loss(student, teacher, labels, beta, reduction="none", top_k=top_k), full)
+    full = generalized_jsd_loss(student, teacher, labels, beta=beta, reduction="none")
+    assert torch.equal(generalized_jsd_loss(student, teacher, labels, beta=beta, reduction="none", top_k=top_k), full)
 
 
 def test_teacher_gets_no_gradient():
@@ -360,7 +362,7 @@ def test_teacher_gets_no_gradient():
     student.requires_grad_(True)
     teacher.requires_grad_(True)
     for beta, top_k in itertools.product(BETAS, (0, 5)):
-        generalized_jsd_loss(student, teacher, labels, beta, top_k=top_k).backward()
+        generalized_jsd_loss(student, teacher, labels, beta=beta, top_k=top_k).backward()
     assert teacher.grad is None
     assert student.grad is not None
 
@@ -395,7 +397,7 @@ def test_sparse_top1_server_and_local_match_reference(beta, temperature, add_tai
 
         local = assert_matches_reference(
             lambda s, r=reduction: local_sparse_top1_loss(
-                s, teacher, labels, beta, temperature, add_tail, "sampled", r
+                s, teacher, labels, beta=beta, temperature=temperature, add_tail=add_tail, reduction=r
             ),
             reference,
             student,
@@ -404,7 +406,9 @@ def test_sparse_top1_server_and_local_match_reference(beta, temperature, add_tai
         for squeeze in (True, False):
             server = teacher_server_inputs(teacher, labels, temperature, squeeze)
             remote = assert_matches_reference(
-                lambda s, r=reduction, v=server: sparse_top1_loss(s, labels, *v, beta, temperature, add_tail, r),
+                lambda s, r=reduction, v=server: sparse_top1_loss(
+                    s, labels, *v, beta=beta, temperature=temperature, add_tail=add_tail, reduction=r
+                ),
                 reference,
                 student,
                 seed=seed,
@@ -432,8 +436,8 @@ def test_zero_student_mass_on_sparse_support_gives_finite_gradient(beta):
     expected = ref_loss(student, teacher, labels, beta=beta, support=top1_support(beta))
     log_t = ref_log_softmax(teacher, 1.0).float()
     forms = {
-        "local": lambda s: local_sparse_top1_loss(s, teacher, labels, beta),
-        "server": lambda s: sparse_top1_loss(s, labels, torch.tensor([[2]]), log_t[..., 2], log_t[..., 2], beta),
+        "local": lambda s: local_sparse_top1_loss(s, teacher, labels, beta=beta),
+        "server": lambda s: sparse_top1_loss(s, labels, torch.tensor([[2]]), log_t[..., 2], log_t[..., 2], beta=beta),
     }
     for name, loss_fn in forms.items():
         leaf = student.clone().requires_grad_(True)
@@ -454,7 +458,16 @@ def test_local_sparse_top1_argmax_mode_matches_reference(beta, temperature, add_
     student[0, 0] = teacher[0, 0]  # one position where the student's argmax is the teacher's top-1 (a duplicate)
     for reduction in REDUCTIONS:
         assert_matches_reference(
-            lambda s, r=reduction: local_sparse_top1_loss(s, teacher, labels, beta, temperature, add_tail, "argmax", r),
+            lambda s, r=reduction: local_sparse_top1_loss(
+                s,
+                teacher,
+                labels,
+                beta=beta,
+                temperature=temperature,
+                add_tail=add_tail,
+                reverse_kl_top_1_mode="argmax",
+                reduction=r,
+            ),
             lambda s, r=reduction: ref_loss(
                 s,
                 teacher,
@@ -479,7 +492,9 @@ def test_topk_forward_kl_matches_reference_and_dense_top_k(k, temperature, add_t
     ids, logprobs = teacher_topk_inputs(teacher, labels, temperature, k)
     for reduction in REDUCTIONS:
         out = assert_matches_reference(
-            lambda s, r=reduction: topk_forward_kl_loss(s, labels, ids, logprobs, temperature, add_tail, r),
+            lambda s, r=reduction: topk_forward_kl_loss(
+                s, labels, ids, logprobs, temperature=temperature, add_tail=add_tail, reduction=r
+            ),
             lambda s, r=reduction: ref_loss(
                 s,
                 teacher,
@@ -493,7 +508,9 @@ def test_topk_forward_kl_matches_reference_and_dense_top_k(k, temperature, add_t
             student,
             seed=seed,
         )
-        dense = generalized_jsd_loss(student, teacher, labels, 0.0, temperature, reduction, k, add_tail)
+        dense = generalized_jsd_loss(
+            student, teacher, labels, beta=0.0, temperature=temperature, reduction=reduction, top_k=k, add_tail=add_tail
+        )
         torch.testing.assert_close(out, dense, rtol=RTOL, atol=ATOL)
 
 
@@ -503,7 +520,7 @@ def test_topk_forward_kl_ignores_minus_inf_padding(reduction, add_tail):
     """K = 5 slots of which the last 2 are padding: the same loss as the teacher's top-3 (with zeros in the padding)."""
     student, teacher, labels = make_inputs(21, "ties")
     ids, logprobs = teacher_topk_inputs(teacher, labels, 1.0, 5, valid_k=3)
-    out = topk_forward_kl_loss(student, labels, ids, logprobs, 1.0, add_tail, reduction)
+    out = topk_forward_kl_loss(student, labels, ids, logprobs, add_tail=add_tail, reduction=reduction)
     expected = ref_loss(
         student, teacher, labels, beta=0.0, reduction=reduction, support=topk_support(3, 0.0), add_tail=add_tail
     )
@@ -579,7 +596,19 @@ def test_chunked_jsd_matches_reference_for_every_chunk_size(beta, temperature, t
         for chunk_size in (1, 5, 1024):
             loss, grads = chunked_grads(
                 lambda h, w, b, r=reduction, c=chunk_size: chunked_jsd_loss(
-                    h, w, th, tw, labels, beta, temperature, c, top_k, add_tail, r, student_bias=b, teacher_bias=tb
+                    h,
+                    w,
+                    th,
+                    tw,
+                    labels,
+                    beta=beta,
+                    temperature=temperature,
+                    chunk_size=c,
+                    top_k=top_k,
+                    add_tail=add_tail,
+                    reduction=r,
+                    student_bias=b,
+                    teacher_bias=tb,
                 ),
                 sh,
                 sw,
@@ -597,14 +626,16 @@ def test_chunked_vocab_size_drops_padded_head_rows(beta):
     sh, sw, sb, th, tw, tb, labels = make_chunked_inputs(31, padded_rows=4)
     loss, (g_h, g_w, g_b) = chunked_grads(
         lambda h, w, b: chunked_jsd_loss(
-            h, w, th, tw, labels, beta, chunk_size=4, student_bias=b, teacher_bias=tb, vocab_size=V
+            h, w, th, tw, labels, beta=beta, chunk_size=4, student_bias=b, teacher_bias=tb, vocab_size=V
         ),
         sh,
         sw,
         sb,
     )
     dense, (d_h, d_w, d_b) = chunked_grads(
-        lambda h, w, b: generalized_jsd_loss(F.linear(h, w[:V], b[:V]), F.linear(th, tw[:V], tb[:V]), labels, beta),
+        lambda h, w, b: generalized_jsd_loss(
+            F.linear(h, w[:V], b[:V]), F.linear(th, tw[:V], tb[:V]), labels, beta=beta
+        ),
         sh,
         sw,
         sb,
@@ -614,7 +645,7 @@ def test_chunked_vocab_size_drops_padded_head_rows(beta):
         torch.testing.assert_close(grad, expected, rtol=RTOL, atol=ATOL)
     assert (g_w[V:] == 0).all() and (g_b[V:] == 0).all()
     with pytest.raises(ValueError, match="vocab_size"):
-        chunked_jsd_loss(sh, sw, th, tw[:V], labels, beta)
+        chunked_jsd_loss(sh, sw, th, tw[:V], labels, beta=beta)
 
 
 def test_chunked_flat_inputs_without_labels_and_frozen_parts():
@@ -622,10 +653,10 @@ def test_chunked_flat_inputs_without_labels_and_frozen_parts():
     sh, sw, _, th, tw, _, _ = make_chunked_inputs(32, bias=False)
     sh, th = sh.reshape(-1, H_STUDENT), th.reshape(-1, H_TEACHER).requires_grad_(True)
     w = sw.clone().requires_grad_(True)
-    loss = chunked_jsd_loss(sh, w, th, tw, None, 0.5, chunk_size=3)
+    loss = chunked_jsd_loss(sh, w, th, tw, None, beta=0.5, chunk_size=3)
     loss.backward()
     dense_w = sw.clone().requires_grad_(True)
-    dense = generalized_jsd_loss(F.linear(sh, dense_w), F.linear(th.detach(), tw), None, 0.5)
+    dense = generalized_jsd_loss(F.linear(sh, dense_w), F.linear(th.detach(), tw), None, beta=0.5)
     dense.backward()
     torch.testing.assert_close(loss, dense, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(w.grad, dense_w.grad, rtol=RTOL, atol=ATOL)
@@ -638,14 +669,26 @@ def test_chunked_sparse_top1_equals_local_sparse_top1(beta, mode):
     sh, sw, sb, th, tw, tb, labels = make_chunked_inputs(33)
     loss, grads = chunked_grads(
         lambda h, w, b: chunked_sparse_top1_loss(
-            h, w, th, tw, labels, beta, 2.0, 4, True, mode, student_bias=b, teacher_bias=tb
+            h,
+            w,
+            th,
+            tw,
+            labels,
+            beta=beta,
+            temperature=2.0,
+            chunk_size=4,
+            reverse_kl_top_1_mode=mode,
+            student_bias=b,
+            teacher_bias=tb,
         ),
         sh,
         sw,
         sb,
     )
     dense, dense_grads = chunked_grads(
-        lambda h, w, b: local_sparse_top1_loss(F.linear(h, w, b), F.linear(th, tw, tb), labels, beta, 2.0, True, mode),
+        lambda h, w, b: local_sparse_top1_loss(
+            F.linear(h, w, b), F.linear(th, tw, tb), labels, beta=beta, temperature=2.0, reverse_kl_top_1_mode=mode
+        ),
         sh,
         sw,
         sb,
@@ -668,10 +711,14 @@ top_ks = st.sampled_from([0, 1, 5])
 @given(seed=seeds, beta=betas, top_k=top_ks, add_tail=st.booleans(), temperature=st.sampled_from(TEMPERATURES))
 def test_per_token_loss_is_non_negative(seed, beta, top_k, add_tail, temperature):
     student, teacher, labels = make_inputs(seed, "ties", sparse=True)
-    per_token = generalized_jsd_loss(student, teacher, labels, beta, temperature, "none", top_k, add_tail).sum(-1)
+    per_token = generalized_jsd_loss(
+        student, teacher, labels, beta=beta, temperature=temperature, reduction="none", top_k=top_k, add_tail=add_tail
+    ).sum(-1)
     assert (per_token >= -1e-6).all()
     if beta > 0:
-        per_token = local_sparse_top1_loss(student, teacher, labels, beta, temperature, add_tail, reduction="none")
+        per_token = local_sparse_top1_loss(
+            student, teacher, labels, beta=beta, temperature=temperature, add_tail=add_tail, reduction="none"
+        )
         assert (per_token.sum(-1) >= -1e-6).all()
 
 
@@ -679,7 +726,16 @@ def test_per_token_loss_is_non_negative(seed, beta, top_k, add_tail, temperature
 @given(seed=seeds, beta=betas, top_k=top_ks, add_tail=st.booleans(), temperature=st.sampled_from(TEMPERATURES))
 def test_loss_is_zero_for_equal_distributions(seed, beta, top_k, add_tail, temperature):
     student, _, labels = make_inputs(seed, "masked_vocab")
-    loss = generalized_jsd_loss(student, student.clone(), labels, beta, temperature, "sum", top_k, add_tail)
+    loss = generalized_jsd_loss(
+        student,
+        student.clone(),
+        labels,
+        beta=beta,
+        temperature=temperature,
+        reduction="sum",
+        top_k=top_k,
+        add_tail=add_tail,
+    )
     if beta in (0, 1):
         assert loss == 0  # log p - log q is exactly 0
     else:
@@ -691,8 +747,9 @@ def test_loss_is_zero_for_equal_distributions(seed, beta, top_k, add_tail, tempe
 def test_endpoints_are_the_two_kls_exactly(seed, top_k, add_tail, temperature):
     """beta = 0 is KL(T || S) and beta = 1 is KL(S || T): swapping the models swaps the two, bit for bit."""
     a, b, labels = make_inputs(seed, "ties", sparse=True)
-    forward = generalized_jsd_loss(a, b, labels, 0.0, temperature, "none", top_k, add_tail)
-    reverse_swapped = generalized_jsd_loss(b, a, labels, 1.0, temperature, "none", top_k, add_tail)
+    options = dict(temperature=temperature, reduction="none", top_k=top_k, add_tail=add_tail)
+    forward = generalized_jsd_loss(a, b, labels, beta=0.0, **options)
+    reverse_swapped = generalized_jsd_loss(b, a, labels, beta=1.0, **options)
     assert torch.equal(forward, reverse_swapped)
     kl = ref_loss(
         a,
@@ -711,9 +768,9 @@ def test_interior_jsd_tends_to_zero_not_to_the_kls():
     """Documented discontinuity: the endpoints are the KLs on purpose, the interior formula vanishes near them."""
     student, teacher, labels = make_inputs(41, "ties", sparse=False)
     for endpoint, near in ((0.0, 1e-4), (1.0, 1 - 1e-4)):
-        kl = generalized_jsd_loss(student, teacher, labels, endpoint)
+        kl = generalized_jsd_loss(student, teacher, labels, beta=endpoint)
         assert kl > 0.1
-        assert generalized_jsd_loss(student, teacher, labels, near) < 1e-2 * kl
+        assert generalized_jsd_loss(student, teacher, labels, beta=near) < 1e-2 * kl
 
 
 @SETTINGS
@@ -728,7 +785,17 @@ def test_chunked_equals_dense_for_any_chunk_size(seed, beta, top_k, chunk_size, 
     sh, sw, sb, th, tw, tb, labels = make_chunked_inputs(seed, masked_vocab=True, one_sided=0 < beta < 1)
     loss, grads = chunked_grads(
         lambda h, w, b: chunked_jsd_loss(
-            h, w, th, tw, labels, beta, 1.0, chunk_size, top_k, True, reduction, student_bias=b, teacher_bias=tb
+            h,
+            w,
+            th,
+            tw,
+            labels,
+            beta=beta,
+            chunk_size=chunk_size,
+            top_k=top_k,
+            reduction=reduction,
+            student_bias=b,
+            teacher_bias=tb,
         ),
         sh,
         sw,
@@ -736,7 +803,7 @@ def test_chunked_equals_dense_for_any_chunk_size(seed, beta, top_k, chunk_size, 
     )
     dense, dense_grads = chunked_grads(
         lambda h, w, b: generalized_jsd_loss(
-            F.linear(h, w, b), F.linear(th, tw, tb), labels, beta, 1.0, reduction, top_k
+            F.linear(h, w, b), F.linear(th, tw, tb), labels, beta=beta, reduction=reduction, top_k=top_k
         ),
         sh,
         sw,
@@ -754,10 +821,10 @@ def every_loss(student, teacher, labels, reduction, num_items_in_batch=None, bet
     ids, logprobs = teacher_topk_inputs(teacher, labels, 1.0, 5)
     kw = dict(reduction=reduction, num_items_in_batch=num_items_in_batch)
     return {
-        "jsd": generalized_jsd_loss(student, teacher, labels, beta, **kw),
-        "jsd_top5": generalized_jsd_loss(student, teacher, labels, beta, top_k=5, **kw),
-        "sparse_top1": sparse_top1_loss(student, labels, *server, beta, **kw),
-        "local_sparse_top1": local_sparse_top1_loss(student, teacher, labels, beta, **kw),
+        "jsd": generalized_jsd_loss(student, teacher, labels, beta=beta, **kw),
+        "jsd_top5": generalized_jsd_loss(student, teacher, labels, beta=beta, top_k=5, **kw),
+        "sparse_top1": sparse_top1_loss(student, labels, *server, beta=beta, **kw),
+        "local_sparse_top1": local_sparse_top1_loss(student, teacher, labels, beta=beta, **kw),
         "topk_forward_kl": topk_forward_kl_loss(student, labels, ids, logprobs, **kw),
     }
 
@@ -776,8 +843,8 @@ def test_num_items_in_batch_divides_the_sum(seed, n):
         assert_close_tol(g_scaled, g_sum / n, rtol=1e-6, atol=1e-6)  # float32 round-off of backward only
     sh, sw, sb, th, tw, tb, labels = make_chunked_inputs(seed)
     args = (sh, sw, th, tw, labels)
-    total = chunked_jsd_loss(*args, 0.5, reduction="sum", student_bias=sb, teacher_bias=tb)
-    scaled = chunked_jsd_loss(*args, 0.5, num_items_in_batch=n, student_bias=sb, teacher_bias=tb)
+    total = chunked_jsd_loss(*args, beta=0.5, reduction="sum", student_bias=sb, teacher_bias=tb)
+    scaled = chunked_jsd_loss(*args, beta=0.5, num_items_in_batch=n, student_bias=sb, teacher_bias=tb)
     torch.testing.assert_close(scaled, total / n, rtol=1e-6, atol=0)
 
 
@@ -799,7 +866,7 @@ def test_fully_masked_batch_gives_exact_zero_and_zero_gradients(reduction):
     for loss_fn in (chunked_jsd_loss, chunked_sparse_top1_loss):
         loss, grads = chunked_grads(
             lambda h, w, b, fn=loss_fn: fn(
-                h, w, th, tw, labels, 0.5, reduction=reduction, student_bias=b, teacher_bias=tb
+                h, w, th, tw, labels, beta=0.5, reduction=reduction, student_bias=b, teacher_bias=tb
             ),
             sh,
             sw,
@@ -815,30 +882,31 @@ def test_bf16_inputs_are_computed_in_float32(beta, top_k):
     student, teacher, labels = make_inputs(61, "masked_vocab", one_sided=0 < beta < 1)
     s16, t16 = student.bfloat16(), teacher.bfloat16()
     for reduction in REDUCTIONS:
-        loss = generalized_jsd_loss(s16, t16, labels, beta, 2.0, reduction, top_k)
+        options = dict(beta=beta, temperature=2.0, reduction=reduction, top_k=top_k)
+        loss = generalized_jsd_loss(s16, t16, labels, **options)
         assert loss.dtype == torch.float32
         # exactly the float32 result of the (exact) upcast inputs
-        assert torch.equal(loss, generalized_jsd_loss(s16.float(), t16.float(), labels, beta, 2.0, reduction, top_k))
+        assert torch.equal(loss, generalized_jsd_loss(s16.float(), t16.float(), labels, **options))
         if top_k == 0:  # and close to the unrounded inputs (a rounded top-k support may select other tokens)
-            reference = generalized_jsd_loss(student, teacher, labels, beta, 2.0, reduction, top_k)
+            reference = generalized_jsd_loss(student, teacher, labels, **options)
             torch.testing.assert_close(loss, reference, rtol=5e-2, atol=2e-2)
     if beta > 0:
         ids, top1_logprobs, token_logprobs = teacher_server_inputs(teacher, labels, 1.0, squeeze=True)
         top1_logprobs, token_logprobs = top1_logprobs.bfloat16(), token_logprobs.bfloat16()
-        loss = sparse_top1_loss(s16, labels, ids, top1_logprobs, token_logprobs, beta)
+        loss = sparse_top1_loss(s16, labels, ids, top1_logprobs, token_logprobs, beta=beta)
         assert loss.dtype == torch.float32
-        upcast = sparse_top1_loss(s16.float(), labels, ids, top1_logprobs.float(), token_logprobs.float(), beta)
+        upcast = sparse_top1_loss(s16.float(), labels, ids, top1_logprobs.float(), token_logprobs.float(), beta=beta)
         assert torch.equal(loss, upcast)
 
 
 def test_bf16_chunked_is_float32_and_close_to_float32_inputs():
     sh, sw, sb, th, tw, tb, labels = make_chunked_inputs(62)
     loss32, grads32 = chunked_grads(
-        lambda h, w, b: chunked_jsd_loss(h, w, th, tw, labels, 0.5, student_bias=b, teacher_bias=tb), sh, sw, sb
+        lambda h, w, b: chunked_jsd_loss(h, w, th, tw, labels, beta=0.5, student_bias=b, teacher_bias=tb), sh, sw, sb
     )
     loss16, grads16 = chunked_grads(
         lambda h, w, b: chunked_jsd_loss(
-            h, w, th.bfloat16(), tw.bfloat16(), labels, 0.5, student_bias=b, teacher_bias=tb.bfloat16()
+            h, w, th.bfloat16(), tw.bfloat16(), labels, beta=0.5, student_bias=b, teacher_bias=tb.bfloat16()
         ),
         sh,
         sw,
@@ -866,11 +934,11 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="labels"):
         generalized_jsd_loss(student, teacher, labels[:, :-1])
     with pytest.raises(ValueError, match="beta"):
-        local_sparse_top1_loss(student, teacher, labels, 0.0)
+        local_sparse_top1_loss(student, teacher, labels, beta=0.0)
     with pytest.raises(ValueError, match="beta"):
-        sparse_top1_loss(student, labels, *teacher_server_inputs(teacher, labels, 1.0, True), 0.0)
+        sparse_top1_loss(student, labels, *teacher_server_inputs(teacher, labels, 1.0, True), beta=0.0)
     with pytest.raises(ValueError, match="reverse_kl_top_1_mode"):
-        local_sparse_top1_loss(student, teacher, labels, 0.5, reverse_kl_top_1_mode="greedy")
+        local_sparse_top1_loss(student, teacher, labels, beta=0.5, reverse_kl_top_1_mode="greedy")
     sh, sw, _, th, tw, _, labels = make_chunked_inputs(72, bias=False)
     with pytest.raises(ValueError, match="none"):
         chunked_jsd_loss(sh, sw, th, tw, labels, reduction="none")

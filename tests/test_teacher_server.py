@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
 import pytest
+from conftest import free_port
 from test_trainer import config, logged
 from tiny import dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from protege import DistillationTrainer
 from protege.teacher.client import TeacherClient, TeacherServerError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str, port: int) -> subprocess.Popen:

@@ -179,3 +179,49 @@ def test_saves_the_student_and_tokenizer_only(tiny_paths, tmp_path):
     assert reloaded.config.num_hidden_layers == 2  # the student, not the 3-layer teacher
     assert (checkpoint / "tokenizer.json").exists()
     assert trainer.evaluate(dataset(8, seed=5))["eval_loss"] > 0
+
+
+def test_chunked_training_matches_dense(tiny_paths, tmp_path):
+    """loss_chunk_size changes memory, not the result: same losses and weights as the dense loss, every objective."""
+    for beta, loss_top_k in ((0.5, 0), (1.0, 1), (0.0, 5)):
+        runs = {}
+        for chunk in (None, 3):
+            trainer = trainer_for(
+                tiny_paths,
+                tmp_path,
+                lmbda=0.0,
+                max_steps=2,
+                beta=beta,
+                loss_top_k=loss_top_k,
+                loss_chunk_size=chunk,
+                optim="sgd",  # an update linear in the gradient: Adam's first step is lr * sign(g), noise included
+                learning_rate=1.0,
+            )
+            trainer.train()
+            runs[chunk] = (logged(trainer, "off_policy_loss"), trainer.model.state_dict())
+        (dense_losses, dense_weights), (chunked_losses, chunked_weights) = runs[None], runs[3]
+        assert len(dense_losses) == 2 and dense_losses[0] > 0
+        torch.testing.assert_close(chunked_losses, dense_losses, rtol=1e-5, atol=1e-6)
+        for name, value in dense_weights.items():
+            torch.testing.assert_close(chunked_weights[name], value, rtol=1e-5, atol=1e-6, msg=f"{beta} {name}")
+
+
+def test_local_teacher_hidden_view_keeps_only_the_last_hidden_state(tiny_paths, tmp_path):
+    """The chunked path asks the teacher for its decoder output, never for every layer's hidden states."""
+    trainer = trainer_for(tiny_paths, tmp_path, lmbda=0.0, loss_chunk_size=4)
+    seen = []
+    trainer.teacher_model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: seen.append(kwargs.get("output_hidden_states")), with_kwargs=True
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    answer = trainer.teacher(batch)
+    width = int(batch["prompt_width"])
+    full = trainer.teacher_model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        output_hidden_states=True,
+    ).hidden_states[-1]
+    assert seen[0] is None
+    torch.testing.assert_close(answer.hidden, full[:, width - 1 : -1])
+    assert answer.weight.shape[0] == trainer.vocab_size

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-REVERSE_KL_TOP_1_MODES = ("sampled", "argmax")
-VLLM_MODES = ("colocate", "server")
+from .choices import RESPONSE_FORMATS, REVERSE_KL_TOP_1_MODES, TEACHER_PROTOCOLS, VLLM_MODES
+from .objective import Objective
 
 
 def bf16_supported() -> bool:
@@ -177,7 +177,7 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "'protege' speaks /get_sequence_logprobs/ (protege serve-teacher, or TRL's vllm-serve); 'openai' "
             "uses prompt log-probs from /v1/completions of a stock vLLM or SGLang server.",
-            "choices": ["protege", "openai"],
+            "choices": list(TEACHER_PROTOCOLS),
         },
     )
     teacher_server_response_format: str = field(
@@ -185,7 +185,7 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Payload format asked of a 'protege' server: 'compact' (float16, ragged; smallest), 'binary' "
             "(TRL's float32 base64 arrays; use it with trl vllm-serve) or 'json'.",
-            "choices": ["compact", "binary", "json"],
+            "choices": list(RESPONSE_FORMATS),
         },
     )
     teacher_server_model: str | None = field(
@@ -207,8 +207,9 @@ class DistillationConfig(TrainingArguments):
     generation_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Unique prompts per device per optimizer step. Defaults to per_device_train_batch_size * "
-            "gradient_accumulation_steps / num_generations."
+            "help": "Accepted for TRL compatibility: unique prompts per device per optimizer step. protege always "
+            "generates for every prompt of the step in one call, so it is only checked: when set, times "
+            "num_generations it must equal per_device_train_batch_size * gradient_accumulation_steps."
         },
     )
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling threshold for student generations."})
@@ -286,7 +287,7 @@ class DistillationConfig(TrainingArguments):
             if not 0.0 <= value <= 1.0:
                 fail(name, value, "it must be in [0.0, 1.0]")
         if self.reverse_kl_top_1_mode not in REVERSE_KL_TOP_1_MODES:
-            fail("reverse_kl_top_1_mode", self.reverse_kl_top_1_mode, "it must be one of 'sampled', 'argmax'")
+            fail("reverse_kl_top_1_mode", self.reverse_kl_top_1_mode, f"it must be one of {REVERSE_KL_TOP_1_MODES}")
         if self.temperature <= 0:
             fail("temperature", self.temperature, "it must be > 0")
         if self.loss_top_k < 0:
@@ -314,18 +315,19 @@ class DistillationConfig(TrainingArguments):
             fail("num_generations", self.num_generations, "it must be >= 1")
 
         local_rows = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        if self.generation_batch_size is None:
-            self.generation_batch_size = local_rows // self.num_generations
-        if self.generation_batch_size < 1 or self.generation_batch_size * self.num_generations != local_rows:
+        unique_prompts = self.generation_batch_size or local_rows // self.num_generations
+        if unique_prompts < 1 or unique_prompts * self.num_generations != local_rows:
             fail(
                 "generation_batch_size",
-                self.generation_batch_size,
+                unique_prompts,
                 f"generation_batch_size * num_generations ({self.num_generations}) must equal "
                 f"per_device_train_batch_size * gradient_accumulation_steps ({local_rows})",
             )
 
+        Objective.from_config(self)  # which loss runs: the combinations of beta, loss_top_k and teacher it allows
+
         if self.vllm_mode not in VLLM_MODES:
-            fail("vllm_mode", self.vllm_mode, "it must be one of 'colocate', 'server'")
+            fail("vllm_mode", self.vllm_mode, f"it must be one of {VLLM_MODES}")
         if self.use_vllm:
             fail(
                 "use_vllm",
@@ -335,8 +337,6 @@ class DistillationConfig(TrainingArguments):
             )
 
         if self.use_liger_kernel:
-            if self.use_teacher_server:
-                fail("use_liger_kernel", True, "the Liger fused loss needs a local teacher, not use_teacher_server")
             if not liger_available():
                 fail("use_liger_kernel", True, "liger-kernel is not installed (pip install 'protege[liger]')")
             if not torch.cuda.is_available() or self.use_cpu:
@@ -354,25 +354,13 @@ class DistillationConfig(TrainingArguments):
                     self.teacher_model_server_url,
                     "it must be set when use_teacher_server=True",
                 )
-            if self.reverse_kl_top_1_mode == "argmax":
-                fail(
-                    "reverse_kl_top_1_mode",
-                    "argmax",
-                    "a teacher server only scores the sampled tokens, so use_teacher_server needs 'sampled'",
-                )
-            if self.beta == 0 and self.loss_top_k < 1:
-                fail(
-                    "loss_top_k",
-                    self.loss_top_k,
-                    "with use_teacher_server and beta=0 the loss uses the teacher's top-k, so loss_top_k must be >= 1",
-                )
-            if self.teacher_server_protocol not in ("protege", "openai"):
-                fail("teacher_server_protocol", self.teacher_server_protocol, "it must be 'protege' or 'openai'")
-            if self.teacher_server_response_format not in ("compact", "binary", "json"):
+            if self.teacher_server_protocol not in TEACHER_PROTOCOLS:
+                fail("teacher_server_protocol", self.teacher_server_protocol, f"it must be one of {TEACHER_PROTOCOLS}")
+            if self.teacher_server_response_format not in RESPONSE_FORMATS:
                 fail(
                     "teacher_server_response_format",
                     self.teacher_server_response_format,
-                    "it must be 'compact', 'binary' or 'json'",
+                    f"it must be one of {RESPONSE_FORMATS}",
                 )
             if self.teacher_server_protocol == "openai" and not self.teacher_server_model:
                 fail(
@@ -380,41 +368,15 @@ class DistillationConfig(TrainingArguments):
                     self.teacher_server_model,
                     "an 'openai' teacher server needs the model name to put in each request",
                 )
-            if self.beta > 0 and self.loss_top_k != 1:
-                fail(
-                    "loss_top_k",
-                    self.loss_top_k,
-                    f"with use_teacher_server and beta={self.beta} only the sparse top-1 loss exists, so loss_top_k "
-                    "must be 1",
-                )
 
         self._warn_ineffective()
 
     def _warn_ineffective(self) -> None:
-        def warn(message: str) -> None:
-            warnings.warn(message, UserWarning, stacklevel=4)
-
-        if self.reverse_kl_top_1_mode != "sampled" and (self.beta == 0 or self.loss_top_k != 1):
-            warn(
-                f"reverse_kl_top_1_mode={self.reverse_kl_top_1_mode!r} has no effect unless beta > 0 and "
-                "loss_top_k == 1."
-            )
-        if self.loss_top_k == 0 and not self.loss_add_tail:
-            warn("loss_add_tail=False has no effect when loss_top_k=0 (full vocabulary).")
+        notes = Objective.ineffective_settings(self)
         if self.num_generations > 1 and self.lmbda < 1.0:
-            warn(
+            notes.append(
                 f"num_generations={self.num_generations} with lmbda={self.lmbda}: off-policy slices hold "
                 f"{self.num_generations} identical copies of each dataset row."
             )
-        if self.use_liger_kernel and (self.loss_top_k != 0 or self.reverse_kl_top_1_mode != "sampled"):
-            warn(
-                "use_liger_kernel computes the full-vocabulary JSD: loss_top_k, loss_add_tail and "
-                "reverse_kl_top_1_mode are ignored."
-            )
-        if self.loss_chunk_size is not None and (self.use_teacher_server or self.use_liger_kernel):
-            warn("loss_chunk_size has no effect with use_teacher_server or use_liger_kernel.")
-        if self.beta == 1 and self.loss_top_k == 1 and not self.loss_add_tail:
-            warn(
-                "beta=1, loss_top_k=1 and loss_add_tail=False give a loss that is always zero (one-token support "
-                "renormalised to probability 1)."
-            )
+        for note in notes:
+            warnings.warn(note, UserWarning, stacklevel=4)

@@ -19,6 +19,7 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -110,9 +111,15 @@ def top_k_support(
     return torch.cat([teacher_ids, student_ids], dim=-1), valid
 
 
-def token_divergence_elements(
+# ---------------------------------------------------------------------------------------------------------------------
+# Row functions: (N, V) student logits and the teacher's rows in, (N, S) divergence elements out
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def divergence_rows(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
+    *,
     beta: float,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -128,81 +135,12 @@ def token_divergence_elements(
     return support_elements(student_logp.gather(-1, ids), teacher_logp.gather(-1, ids), valid, beta, add_tail)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Masking and reduction
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _token_mask(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    if labels is None:
-        return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"labels have shape {tuple(labels.shape)} but logits have {tuple(logits.shape)}; "
-            "labels must match the logits without their last (vocabulary) dimension"
-        )
-    return labels != IGNORE_INDEX
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
-
-
-def reduce_elements(
-    elements: torch.Tensor,
-    mask: torch.Tensor,
-    reduction: str,
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Reduce (N, S) elements taken at the N positions where `mask` is True (see the module docstring)."""
-    _check_reduction(reduction)
-    if reduction == "none":
-        full = elements.new_zeros(*mask.shape, elements.shape[-1])
-        return full.masked_scatter(mask.unsqueeze(-1), elements)
-    total = elements.sum()
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / max(elements.numel(), 1)
-    if num_items_in_batch is not None:
-        return total / num_items_in_batch
-    return total / max(elements.shape[0], 1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Public losses
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def generalized_jsd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    reduction: str = "batchmean",
-    top_k: int = 0,
-    add_tail: bool = True,
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Generalized JSD between student and teacher logits of shape (..., V); gradients flow to the student only."""
-    _check_reduction(reduction)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ; slice both to the shared vocabulary first"
-        )
-    mask = _token_mask(student_logits, labels)
-    elements = token_divergence_elements(student_logits[mask], teacher_logits[mask], beta, temperature, top_k, add_tail)
-    return reduce_elements(elements, mask, reduction, num_items_in_batch)
-
-
-def support_rows_elements(
+def support_rows(
     student_logits: torch.Tensor,
     support_ids: torch.Tensor,
     teacher_support_logprobs: torch.Tensor,
     support_valid: torch.Tensor,
+    *,
     beta: float,
     temperature: float = 1.0,
     add_tail: bool = True,
@@ -219,6 +157,7 @@ def sparse_top1_support(
     teacher_reverse_logprobs: torch.Tensor,
     teacher_top1_ids: torch.Tensor,
     teacher_top1_logprobs: torch.Tensor,
+    *,
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Support (N, S) of the sparse top-1 loss: the reverse token alone at beta = 1, else {teacher top-1, reverse}."""
@@ -235,10 +174,11 @@ def sparse_top1_support(
     return ids, torch.cat([teacher_top1_logprobs.unsqueeze(-1), reverse_logprobs], dim=-1), valid
 
 
-def local_sparse_top1_elements(
+def sparse_top1_rows(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     targets: torch.Tensor,
+    *,
     beta: float,
     temperature: float = 1.0,
     add_tail: bool = True,
@@ -255,35 +195,95 @@ def local_sparse_top1_elements(
         else:
             raise ValueError(f"reverse_kl_top_1_mode={reverse_kl_top_1_mode!r} is not 'sampled' or 'argmax'")
         reverse_logprobs = teacher_logp.gather(-1, reverse_ids.unsqueeze(-1)).squeeze(-1)
-    ids, teacher_support, valid = sparse_top1_support(reverse_ids, reverse_logprobs, top1_ids, top1_logprobs, beta)
-    return support_rows_elements(student_logits, ids, teacher_support, valid, beta, temperature, add_tail)
+    ids, teacher_support, valid = sparse_top1_support(reverse_ids, reverse_logprobs, top1_ids, top1_logprobs, beta=beta)
+    return support_rows(
+        student_logits, ids, teacher_support, valid, beta=beta, temperature=temperature, add_tail=add_tail
+    )
 
 
-def support_divergence_loss(
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    support_ids: torch.Tensor,
-    teacher_support_logprobs: torch.Tensor,
-    beta: float,
-    temperature: float = 1.0,
-    add_tail: bool = True,
-    support_valid: torch.Tensor | None = None,
-    reduction: str = "batchmean",
+# ---------------------------------------------------------------------------------------------------------------------
+# Masking and reduction
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def token_mask(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Which positions of (..., V) logits count: those whose label is not IGNORE_INDEX (all of them without labels)."""
+    if labels is None:
+        return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} but logits have {tuple(logits.shape)}; "
+            "labels must match the logits without their last (vocabulary) dimension"
+        )
+    return labels != IGNORE_INDEX
+
+
+def check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> None:
+    if reduction not in allowed:
+        raise ValueError(f"reduction={reduction!r} is not one of {allowed}")
+
+
+def normaliser(
+    reduction: str, num_tokens: int, support_size: int, num_items_in_batch: int | torch.Tensor | None = None
+) -> float | torch.Tensor:
+    """What a summed loss is divided by under `reduction` (see the module docstring); dense and chunked share it."""
+    if reduction == "sum":
+        return 1.0
+    if reduction == "mean":
+        return float(max(num_tokens * support_size, 1))
+    if num_items_in_batch is not None:
+        return num_items_in_batch
+    return float(max(num_tokens, 1))
+
+
+def reduce_elements(
+    elements: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    reduction: str,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Divergence over a given sparse support, with the teacher known only there (the form a server returns).
+    """Reduce (N, S) elements taken at the N positions where `mask` is True (see the module docstring)."""
+    check_reduction(reduction)
+    if reduction == "none":
+        full = elements.new_zeros(*mask.shape, elements.shape[-1])
+        return full.masked_scatter(mask.unsqueeze(-1), elements)
+    return elements.sum() / normaliser(reduction, elements.shape[0], elements.shape[-1], num_items_in_batch)
 
-    `support_ids` and `teacher_support_logprobs` are (B, T, S); the teacher log-probs must already be
-    temperature-scaled full-vocabulary log-probs. Slots are valid where `support_valid` says so, by default where the
-    teacher log-prob is finite (servers pad with -inf).
-    """
-    mask = _token_mask(student_logits, labels)
-    teacher_logp = teacher_support_logprobs[mask].float()
-    valid = teacher_logp > -math.inf if support_valid is None else support_valid[mask]
-    elements = support_rows_elements(
-        student_logits[mask], support_ids[mask], teacher_logp, valid, beta, temperature, add_tail
-    )
-    return reduce_elements(elements, mask, reduction, num_items_in_batch)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public losses on logits
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _masked_loss(rows_fn, student_logits, labels, teacher_tensors, reduction, num_items_in_batch) -> torch.Tensor:
+    """`rows_fn(student_rows, *teacher_rows)` at the positions whose label counts, reduced."""
+    check_reduction(reduction)
+    mask = token_mask(student_logits, labels)
+    elements = rows_fn(student_logits[mask], *(t[mask] for t in teacher_tensors))
+    return reduce_elements(elements, mask, reduction=reduction, num_items_in_batch=num_items_in_batch)
+
+
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    top_k: int = 0,
+    add_tail: bool = True,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Generalized JSD between student and teacher logits of shape (..., V); gradients flow to the student only."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ; slice both to the shared vocabulary first"
+        )
+    rows_fn = functools.partial(divergence_rows, beta=beta, temperature=temperature, top_k=top_k, add_tail=add_tail)
+    return _masked_loss(rows_fn, student_logits, labels, [teacher_logits], reduction, num_items_in_batch)
 
 
 def sparse_top1_loss(
@@ -292,6 +292,7 @@ def sparse_top1_loss(
     teacher_top1_ids: torch.Tensor,
     teacher_top1_logprobs: torch.Tensor,
     teacher_token_logprobs: torch.Tensor,
+    *,
     beta: float,
     temperature: float = 1.0,
     add_tail: bool = True,
@@ -305,25 +306,26 @@ def sparse_top1_loss(
     Values at masked positions (servers pad them with -inf) are never read.
     """
 
-    def flat(t: torch.Tensor) -> torch.Tensor:
-        return (t.squeeze(-1) if t.dim() == labels.dim() + 1 else t)[mask]
+    def rows_fn(student_rows, targets, token_logprobs, top1_ids, top1_logprobs):
+        ids, teacher_support, valid = sparse_top1_support(
+            targets, token_logprobs.float(), top1_ids, top1_logprobs.float(), beta=beta
+        )
+        return support_rows(
+            student_rows, ids, teacher_support, valid, beta=beta, temperature=temperature, add_tail=add_tail
+        )
 
-    mask = _token_mask(student_logits, labels)
-    ids, teacher_support, valid = sparse_top1_support(
-        labels[mask],
-        flat(teacher_token_logprobs).float(),
-        flat(teacher_top1_ids),
-        flat(teacher_top1_logprobs).float(),
-        beta,
-    )
-    elements = support_rows_elements(student_logits[mask], ids, teacher_support, valid, beta, temperature, add_tail)
-    return reduce_elements(elements, mask, reduction, num_items_in_batch)
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.squeeze(-1) if t.dim() == labels.dim() + 1 else t
+
+    teacher = [labels, flat(teacher_token_logprobs), flat(teacher_top1_ids), flat(teacher_top1_logprobs)]
+    return _masked_loss(rows_fn, student_logits, labels, teacher, reduction, num_items_in_batch)
 
 
 def local_sparse_top1_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
+    *,
     beta: float,
     temperature: float = 1.0,
     add_tail: bool = True,
@@ -332,11 +334,14 @@ def local_sparse_top1_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`sparse_top1_loss` with the teacher given as full logits, as a local teacher provides them."""
-    mask = _token_mask(student_logits, labels)
-    elements = local_sparse_top1_elements(
-        student_logits[mask], teacher_logits[mask], labels[mask], beta, temperature, add_tail, reverse_kl_top_1_mode
+    rows_fn = functools.partial(
+        sparse_top1_rows,
+        beta=beta,
+        temperature=temperature,
+        add_tail=add_tail,
+        reverse_kl_top_1_mode=reverse_kl_top_1_mode,
     )
-    return reduce_elements(elements, mask, reduction, num_items_in_batch)
+    return _masked_loss(rows_fn, student_logits, labels, [teacher_logits, labels], reduction, num_items_in_batch)
 
 
 def topk_forward_kl_loss(
@@ -344,120 +349,110 @@ def topk_forward_kl_loss(
     labels: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
+    *,
     temperature: float = 1.0,
     add_tail: bool = True,
-    reduction: str = "batchmean",
     num_items_in_batch: int | torch.Tensor | None = None,
+    reduction: str = "batchmean",
 ) -> torch.Tensor:
     """Forward KL(T || S) over the teacher's top-k, given as ids and log-probs (B, T, K) padded with -inf."""
-    return support_divergence_loss(
-        student_logits,
-        labels,
-        teacher_topk_ids,
-        teacher_topk_logprobs,
-        0.0,
-        temperature,
-        add_tail,
-        None,
-        reduction,
-        num_items_in_batch,
-    )
+
+    def rows_fn(student_rows, ids, logprobs):
+        logprobs = logprobs.float()
+        valid = logprobs > -math.inf
+        return support_rows(student_rows, ids, logprobs, valid, beta=0.0, temperature=temperature, add_tail=add_tail)
+
+    teacher = [teacher_topk_ids, teacher_topk_logprobs]
+    return _masked_loss(rows_fn, student_logits, labels, teacher, reduction, num_items_in_batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Memory-bounded path: hidden states and LM heads in, never a (tokens x vocabulary) tensor for the whole batch
+# Memory-bounded path: hidden states and an LM head in, never a (tokens x vocabulary) tensor for the whole batch
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class _ChunkedDivergence(torch.autograd.Function):
-    """Forward computes the loss and its gradient chunk by chunk; backward only scales the stored gradient.
+class _ChunkedRows(torch.autograd.Function):
+    """Forward computes the summed loss and its gradient chunk by chunk; backward only scales the stored gradient.
 
     Each chunk's (C x V) logits live only inside one loop iteration, so peak memory is bounded by the chunk size, and
     no logits are recomputed in backward, so the cost stays that of one dense forward and backward. Autograd runs
     only from the loss to the chunk's logits; the LM head's (V x H) gradient is accumulated in place with `addmm_`, so
-    no (V x H) temporary is made per chunk, and backward scales the accumulated gradients in place.
+    no (V x H) temporary is made per chunk, and backward scales the accumulated gradients in place. The teacher's
+    rows (any tensors with one row per token) are sliced alongside and handed to `elements_fn`.
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        student_hidden,
-        student_weight,
-        student_bias,
-        teacher_hidden,
-        teacher_weight,
-        teacher_bias,
-        targets,
-        elements_fn,
-        chunk_size,
-        reduction,
-        num_items_in_batch,
-    ):
+    def forward(ctx, hidden, weight, bias, elements_fn, chunk_size, *teacher_rows):
         needs = ctx.needs_input_grad[:3]
         grads = [
-            torch.zeros_like(student_hidden) if needs[0] else None,
-            torch.zeros_like(student_weight, dtype=torch.float32) if needs[1] else None,
-            torch.zeros_like(student_bias, dtype=torch.float32) if needs[2] else None,
+            torch.zeros_like(hidden) if needs[0] else None,
+            torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None,
+            torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None,
         ]
-        total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         support_size = 0
-        for start in range(0, student_hidden.shape[0], chunk_size):
+        for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            hidden = student_hidden[rows]
+            chunk_hidden = hidden[rows]
             with torch.no_grad():
-                teacher_logits = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
-                student_logits = F.linear(hidden, student_weight, student_bias).requires_grad_(any(needs))
+                logits = F.linear(chunk_hidden, weight, bias).requires_grad_(any(needs))
             with torch.enable_grad():
-                elements = elements_fn(student_logits, teacher_logits, targets[rows])
+                elements = elements_fn(logits, *(t[rows] for t in teacher_rows))
                 chunk_loss = elements.sum()
             support_size = elements.shape[-1]
             total += chunk_loss.detach()
             if not any(needs):
                 continue
-            (grad_logits,) = torch.autograd.grad(chunk_loss, student_logits)
-            del elements, chunk_loss, student_logits, teacher_logits
+            (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
+            del elements, chunk_loss, logits
             if needs[0]:
-                grads[0][rows] = grad_logits @ student_weight
+                grads[0][rows] = grad_logits @ weight
             if needs[1]:
-                grads[1].addmm_(grad_logits.T.float(), hidden.float())
+                grads[1].addmm_(grad_logits.T.float(), chunk_hidden.float())
             if needs[2]:
                 grads[2] += grad_logits.float().sum(0)
-        num_tokens = student_hidden.shape[0]
-        if reduction == "sum":
-            normaliser = 1.0
-        elif reduction == "mean":
-            normaliser = float(max(num_tokens * support_size, 1))
-        elif num_items_in_batch is not None:
-            normaliser = float(num_items_in_batch)
-        else:
-            normaliser = float(max(num_tokens, 1))
         ctx.grads = grads  # intermediate results, not inputs or outputs: kept on ctx, scaled in place in backward
-        ctx.normaliser = normaliser
-        ctx.dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
-        return total / normaliser
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        support = torch.tensor(support_size)
+        ctx.mark_non_differentiable(support)
+        return total, support
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_total, _grad_support):
         if ctx.grads is None:
             raise RuntimeError(
                 "the chunked loss's backward can run once per forward (its gradients are scaled in place)"
             )
-        scale = grad_output / ctx.normaliser
         grads = tuple(
-            g.mul_(scale).to(dtype) if need and g is not None else None
+            g.mul_(grad_total).to(dtype) if need and g is not None else None
             for g, need, dtype in zip(ctx.grads, ctx.needs_input_grad[:3], ctx.dtypes)
         )
         ctx.grads = None
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, *([None] * (len(ctx.needs_input_grad) - 5)))
 
 
-def chunked_loss(
-    student_hidden: torch.Tensor,
-    student_lm_head: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_lm_head: torch.Tensor,
-    labels: torch.Tensor | None,
+def chunked_rows_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
     elements_fn,
+    *teacher_rows: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, int]:
+    """Sum of `elements_fn(hidden @ weight.T + bias, *teacher_rows)` over rows (N, H), `chunk_size` rows at a time.
+
+    Returns the sum (differentiable in hidden, weight and bias) and the support size of the elements.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    total, support = _ChunkedRows.apply(hidden, weight, bias, elements_fn, chunk_size, *teacher_rows)
+    return total, int(support)
+
+
+def chunked_logits_loss(
+    rows_fn,
+    heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    *,
     chunk_size: int = 256,
     reduction: str = "batchmean",
     num_items_in_batch: int | torch.Tensor | None = None,
@@ -465,12 +460,16 @@ def chunked_loss(
     teacher_bias: torch.Tensor | None = None,
     vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Any row-wise loss `elements_fn(student_logits, teacher_logits, targets)` of `hidden @ lm_head.T` logits, computed
-    `chunk_size` unmasked tokens at a time (see `chunked_jsd_loss`)."""
-    if reduction not in ("batchmean", "sum", "mean"):
-        raise ValueError(f"chunked losses support reductions 'batchmean', 'sum', 'mean', not {reduction!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    """Any row loss `rows_fn(student_logits, teacher_logits, targets)` of `hidden @ lm_head.T (+ bias)` logits,
+    `chunk_size` tokens at a time; `heads` is (student_hidden, student_lm_head, teacher_hidden, teacher_lm_head,
+    labels).
+
+    Hidden states are (B, T, H) with labels (B, T), or (N, H) with labels (N,). LM heads are weight matrices (V, H);
+    `vocab_size` keeps only their first rows (a head padded past the tokenizer). Gradients reach the student's hidden
+    states, LM head and bias; the teacher gets none. Reductions: "batchmean", "sum", "mean".
+    """
+    check_reduction(reduction, ("batchmean", "sum", "mean"))
+    student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels = heads
     if vocab_size is not None:
         student_lm_head, teacher_lm_head = student_lm_head[:vocab_size], teacher_lm_head[:vocab_size]
         student_bias = None if student_bias is None else student_bias[:vocab_size]
@@ -483,19 +482,22 @@ def chunked_loss(
     if labels is None:
         labels = torch.zeros(student_hidden.shape[:-1], dtype=torch.long, device=student_hidden.device)
     mask = labels != IGNORE_INDEX
-    return _ChunkedDivergence.apply(
+
+    def elements_fn(student_logits, teacher_rows, targets):
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_rows, teacher_lm_head, teacher_bias)
+        return rows_fn(student_logits, teacher_logits, targets)
+
+    total, support = chunked_rows_sum(
         student_hidden[mask],
         student_lm_head,
         student_bias,
-        teacher_hidden[mask],
-        teacher_lm_head,
-        teacher_bias,
-        labels[mask],
         elements_fn,
-        chunk_size,
-        reduction,
-        num_items_in_batch,
+        teacher_hidden[mask],
+        labels[mask],
+        chunk_size=chunk_size,
     )
+    return total / normaliser(reduction, int(mask.sum()), support, num_items_in_batch)
 
 
 def chunked_jsd_loss(
@@ -504,41 +506,23 @@ def chunked_jsd_loss(
     teacher_hidden: torch.Tensor,
     teacher_lm_head: torch.Tensor,
     labels: torch.Tensor | None,
+    *,
     beta: float = 0.5,
     temperature: float = 1.0,
-    chunk_size: int = 256,
     top_k: int = 0,
     add_tail: bool = True,
-    reduction: str = "batchmean",
-    num_items_in_batch: int | torch.Tensor | None = None,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    vocab_size: int | None = None,
+    **chunk_options,
 ) -> torch.Tensor:
-    """`generalized_jsd_loss` of `hidden @ lm_head.T` logits, computed `chunk_size` tokens at a time.
+    """`generalized_jsd_loss` of `hidden @ lm_head.T` logits, computed chunk by chunk; `chunk_options` are those of
+    `chunked_logits_loss` (chunk_size, reduction, num_items_in_batch, student_bias, teacher_bias, vocab_size)."""
 
-    Hidden states are (B, T, H) with labels (B, T), or (N, H) with labels (N,). LM heads are weight matrices (V, H);
-    `vocab_size` keeps only their first rows (a head padded past the tokenizer). Gradients reach the student's hidden
-    states, LM head and bias; the teacher gets none. Reductions: "batchmean", "sum", "mean".
-    """
+    def rows_fn(student_logits, teacher_logits, _targets):
+        return divergence_rows(
+            student_logits, teacher_logits, beta=beta, temperature=temperature, top_k=top_k, add_tail=add_tail
+        )
 
-    def elements_fn(student_logits, teacher_logits, _targets):
-        return token_divergence_elements(student_logits, teacher_logits, beta, temperature, top_k, add_tail)
-
-    return chunked_loss(
-        student_hidden,
-        student_lm_head,
-        teacher_hidden,
-        teacher_lm_head,
-        labels,
-        elements_fn,
-        chunk_size,
-        reduction,
-        num_items_in_batch,
-        student_bias,
-        teacher_bias,
-        vocab_size,
-    )
+    heads = (student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels)
+    return chunked_logits_loss(rows_fn, heads, **chunk_options)
 
 
 def chunked_sparse_top1_loss(
@@ -547,35 +531,16 @@ def chunked_sparse_top1_loss(
     teacher_hidden: torch.Tensor,
     teacher_lm_head: torch.Tensor,
     labels: torch.Tensor,
+    *,
     beta: float,
-    temperature: float = 1.0,
-    chunk_size: int = 256,
-    add_tail: bool = True,
     reverse_kl_top_1_mode: str = "sampled",
-    reduction: str = "batchmean",
-    num_items_in_batch: int | torch.Tensor | None = None,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    add_tail: bool = True,
+    **chunk_options,
 ) -> torch.Tensor:
-    """`local_sparse_top1_loss` of `hidden @ lm_head.T` logits, computed `chunk_size` tokens at a time."""
-
-    def elements_fn(student_logits, teacher_logits, targets):
-        return local_sparse_top1_elements(
-            student_logits, teacher_logits, targets, beta, temperature, add_tail, reverse_kl_top_1_mode
-        )
-
-    return chunked_loss(
-        student_hidden,
-        student_lm_head,
-        teacher_hidden,
-        teacher_lm_head,
-        labels,
-        elements_fn,
-        chunk_size,
-        reduction,
-        num_items_in_batch,
-        student_bias,
-        teacher_bias,
-        vocab_size,
-    )
+    """`local_sparse_top1_loss` of `hidden @ lm_head.T` logits, computed chunk by chunk (options as
+    `chunked_jsd_loss`)."""
+    options = dict(beta=beta, temperature=temperature, add_tail=add_tail)
+    rows_fn = functools.partial(sparse_top1_rows, reverse_kl_top_1_mode=reverse_kl_top_1_mode, **options)
+    heads = (student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels)
+    return chunked_logits_loss(rows_fn, heads, **chunk_options)

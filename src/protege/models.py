@@ -1,4 +1,4 @@
-"""Loading students and teachers from names or paths."""
+"""Loading students and teachers from names or paths, and running them on the trainer's batches."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import json
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+from .choices import DTYPE_NAMES
+
+DTYPES = {name: "auto" if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def parse_init_kwargs(kwargs: dict[str, Any] | str | None, field_name: str) -> dict[str, Any]:
@@ -51,3 +54,51 @@ def output_rows(model: torch.nn.Module) -> int:
     if head is not None and getattr(head, "weight", None) is not None:
         return head.weight.shape[0]
     return model.config.get_text_config().vocab_size
+
+
+# ----- Running a model on the trainer's batch layout (prompt columns, then completion columns) -----
+
+
+def forward_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model inputs of a batch: ids, attention mask and positions, no KV cache."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")} | {"use_cache": False}
+
+
+def completion_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """Logits (B, C, vocab_size) predicting each completion column; the LM head sees completion positions only."""
+    completion_width = batch["input_ids"].shape[1] - int(batch["prompt_width"])
+    logits = model(**forward_inputs(batch), logits_to_keep=completion_width + 1).logits
+    return logits[:, :-1, :vocab_size]
+
+
+def completion_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder body's final (post-norm) output (B, C, H) at the positions predicting each completion column.
+
+    A forward hook on the body takes its output while the model runs through its own (DDP, FSDP, DeepSpeed, PEFT)
+    wrappers, so no layer's hidden states but the last are kept, and the LM head computes one position only.
+    """
+    body = extract_model_from_parallel(model).get_decoder()
+    captured: list[torch.Tensor] = []
+    handle = body.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
+    try:
+        model(**forward_inputs(batch), logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[0][:, int(batch["prompt_width"]) - 1 : -1]
+
+
+def lm_head(model: torch.nn.Module, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output layer's weight (vocab_size, H) and bias, sliced to the shared vocabulary."""
+    head = extract_model_from_parallel(model).get_output_embeddings()
+    bias = None if head.bias is None else head.bias[:vocab_size]
+    return head.weight[:vocab_size], bias
+
+
+def require_plain_head(model: torch.nn.Module, who: str) -> None:
+    """Refuse a model whose logits are transformed after the LM head: hidden @ head.T would not reproduce them."""
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None):
+        raise ValueError(
+            f"loss_chunk_size: the {who} transforms its logits after the LM head "
+            "(softcapping or scaling), which the chunked loss does not reproduce"
+        )

@@ -1,1 +1,2 @@
-"""One module per `protege` subcommand; `protege.cli` wires them into one parser."""
+"""One module per `protege` subcommand (`train`, `serve-teacher`, `eval`, `demo`); `protege.cli` wires them into
+one parser."""

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             **mean_token_kl(student, teacher, tokenizer, rows, args.max_length, batch_size=args.batch_size),
         }
         if args.task == "demo":
-            from ..demo.pipeline import accuracy_on_rows
+            from ..demo.scoring import accuracy_on_rows
 
             results["student_accuracy"] = accuracy_on_rows(student, tokenizer, rows)
             results["teacher_accuracy"] = accuracy_on_rows(teacher, tokenizer, rows)

@@ -19,6 +19,7 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt
 
+from ..choices import RESPONSE_FORMATS
 from ..teacher.codec import encode
 from .backends import Backend
 
@@ -32,7 +33,7 @@ class SequenceLogprobsRequest(BaseModel):
     prompt_lengths: list[StrictInt]
     top_logprobs: StrictInt = 1
     temperature: StrictFloat | StrictInt = 1.0
-    response_format: Literal["json", "binary", "compact"] = "json"
+    response_format: Literal[RESPONSE_FORMATS] = "json"
 
 
 @dataclass
@@ -188,7 +189,7 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
             "vocab_size": backend.vocab_size,
             "max_model_len": limits.max_model_len,
             "max_top_logprobs": limits.max_top_logprobs,
-            "formats": ["json", "binary", "compact"],
+            "formats": list(RESPONSE_FORMATS),
             **stats,
         }
 

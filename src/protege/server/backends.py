@@ -30,9 +30,9 @@ class TransformersBackend:
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[
-            dtype
-        ]
+        from ..models import DTYPES
+
+        torch_dtype = DTYPES[dtype]
         self.model = (
             AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
             .to(self.device)

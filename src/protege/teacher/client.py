@@ -13,6 +13,7 @@ Every error names the URL and what was wrong.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
+from ..choices import TEACHER_PROTOCOLS
 from .codec import BatchScores, PayloadError, SequenceScores, decode
-
-PROTOCOLS = ("protege", "openai")
 
 
 class TeacherServerError(RuntimeError):
@@ -42,18 +42,29 @@ class TeacherClient:
         max_concurrency: int = 4,
         model: str | None = None,
     ):
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol={protocol!r} is not one of {PROTOCOLS}")
+        if protocol not in TEACHER_PROTOCOLS:
+            raise ValueError(f"protocol={protocol!r} is not one of {TEACHER_PROTOCOLS}")
         self.base_url = base_url.rstrip("/")
         self.protocol, self.response_format = protocol, response_format
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.max_tokens_per_request, self.max_concurrency = max_tokens_per_request, max_concurrency
         self.model = model
-        self._http = httpx.Client(timeout=timeout, headers={"Accept-Encoding": "gzip"})
+        self._client: httpx.Client | None = None
+        self._client_lock = threading.Lock()  # concurrent requests of one `score` call share the pool
         self._warned: set[str] = set()
 
+    @property
+    def _http(self) -> httpx.Client:
+        """The connection pool, opened on first use and again after `close`."""
+        with self._client_lock:
+            if self._client is None or self._client.is_closed:
+                self._client = httpx.Client(timeout=self.timeout, headers={"Accept-Encoding": "gzip"})
+            return self._client
+
     def close(self) -> None:
-        self._http.close()
+        """Release the connections (the trainer calls it when training ends)."""
+        if self._client is not None:
+            self._client.close()
 
     # ----- Transport -----
 

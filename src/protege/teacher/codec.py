@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMATS = ("json", "binary", "compact")
+from ..choices import RESPONSE_FORMATS
 
 
 @dataclass
@@ -140,7 +140,7 @@ def encode(rows: list[SequenceScores], top_k: int, response_format: str, vocab_s
             "token_ids_b64": _b64(stack("topk_ids", top_k), ids_dtype),
             "actual_logprobs_f16_b64": _b64(stack("actual_logprobs", 1), "float16"),
         }
-    raise ValueError(f"response_format={response_format!r} is not one of {FORMATS}")
+    raise ValueError(f"response_format={response_format!r} is not one of {RESPONSE_FORMATS}")
 
 
 def _key(payload: dict, name: str):
@@ -153,8 +153,8 @@ def decode(
     payload: dict, response_format: str, sequences: list[list[int]], prompt_lengths: list[int], top_k: int
 ) -> BatchScores:
     """Decode and check a response against its request: lengths, shapes, ids and finite values where required."""
-    if response_format not in FORMATS:
-        raise ValueError(f"response_format={response_format!r} is not one of {FORMATS}")
+    if response_format not in RESPONSE_FORMATS:
+        raise ValueError(f"response_format={response_format!r} is not one of {RESPONSE_FORMATS}")
     if not isinstance(payload, dict):
         raise PayloadError(f"the response is a {type(payload).__name__}, not a JSON object")
     try:

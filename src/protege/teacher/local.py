@@ -1,8 +1,30 @@
-"""A local teacher: frozen, in eval mode, sharing the student's tokenizer."""
+"""A local teacher: loaded, frozen, checked against the student's vocabulary, placed like the student, and run.
+
+`LocalTeacher` is the teacher view for a model beside the student: full logits at completion positions for the dense
+loss, or its last hidden state and LM head for the chunked and fused losses (never every layer's hidden states).
+"""
 
 from __future__ import annotations
 
-from ..models import output_rows
+import copy
+import os
+
+import torch
+from torch import nn
+
+from ..models import (
+    completion_hidden,
+    completion_logits,
+    lm_head,
+    load_causal_lm,
+    load_tokenizer,
+    output_rows,
+    parse_init_kwargs,
+    require_plain_head,
+)
+from ..objective import TeacherHidden, TeacherLogits
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def shared_vocab_size(student, teacher, tokenizer, teacher_tokenizer=None) -> int:
@@ -31,3 +53,78 @@ def shared_vocab_size(student, teacher, tokenizer, teacher_tokenizer=None) -> in
                 f"{who} cannot score every token, so it is not a model for this tokenizer"
             )
     return min(student_rows, teacher_rows)
+
+
+def _has_local_tokenizer(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES)
+
+
+def load_teacher(teacher_model, args) -> tuple[nn.Module, object | None]:
+    """The frozen teacher (`teacher_model`, else `args.teacher_model_name_or_path`) and its tokenizer, if any."""
+    teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+    if teacher_model is None:
+        raise ValueError("no teacher: pass teacher_model or set teacher_model_name_or_path")
+    teacher_kwargs = parse_init_kwargs(args.teacher_model_init_kwargs, "teacher_model_init_kwargs")
+    if isinstance(teacher_model, str):
+        if args.teacher_model_revision is not None:
+            teacher_kwargs.setdefault("revision", args.teacher_model_revision)
+        name = teacher_model
+        teacher_model = load_causal_lm(teacher_model, teacher_kwargs, args.trust_remote_code)
+    else:
+        if teacher_kwargs:
+            raise ValueError(
+                "teacher_model_init_kwargs were given but the teacher is already built; pass the "
+                "teacher as a path to load it with them, or drop teacher_model_init_kwargs"
+            )
+        name = teacher_model.config._name_or_path
+    teacher_tokenizer = None
+    if name and (not os.path.isdir(name) or _has_local_tokenizer(name)):
+        try:
+            teacher_tokenizer = load_tokenizer(name, args.trust_remote_code, args.teacher_model_revision)
+        except (OSError, ValueError):
+            teacher_tokenizer = None  # no tokenizer published with the teacher: only the sizes are checked
+    teacher_model.eval()
+    teacher_model.requires_grad_(False)
+    return teacher_model, teacher_tokenizer
+
+
+def place_teacher(teacher: nn.Module, accelerator, deepspeed_enabled: bool, fsdp_enabled: bool) -> nn.Module:
+    """Place the teacher like the student: sharded under DeepSpeed ZeRO-3 and FSDP, replicated otherwise."""
+    if deepspeed_enabled:
+        import deepspeed
+
+        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        config["zero_optimization"] = {"stage": 3} if stage == 3 else {"stage": 0}
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        teacher, *_ = deepspeed.initialize(model=teacher, config=config)
+    elif fsdp_enabled:
+        teacher = accelerator.prepare_model(teacher)
+    else:
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    teacher.eval()
+    return teacher
+
+
+class LocalTeacher:
+    """The teacher view of a model beside the student: "logits" or "hidden" (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, vocab_size: int, view: str):
+        if view not in ("logits", "hidden"):
+            raise ValueError(f"a local teacher gives 'logits' or 'hidden', not {view!r}")
+        if view == "hidden":
+            require_plain_head(model, "teacher")
+        self.model, self.vocab_size, self.view = model, vocab_size, view
+
+    def prepare(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Nothing to fetch ahead: a local teacher runs slice by slice."""
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor]) -> TeacherLogits | TeacherHidden:
+        if self.view == "logits":
+            return TeacherLogits(completion_logits(self.model, batch, self.vocab_size))
+        return TeacherHidden(completion_hidden(self.model, batch), *lm_head(self.model, self.vocab_size))
+
+    def close(self) -> None:
+        """Nothing to release."""

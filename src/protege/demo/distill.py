@@ -1,0 +1,138 @@
+"""The distillation run: the warmed-up student trained by protege's `DistillationTrainer` against the teacher, with
+its held-out accuracy measured every few steps."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import task
+from .encoder import Encoder
+from .scoring import generate
+from .settings import Settings, lr_multiplier
+from .supervised import adamw
+
+
+@dataclass
+class Distilled:
+    """The distilled student and what its run recorded."""
+
+    student: Any
+    curve: list[dict[str, float]]  # held-out accuracy by step, from the starting accuracy at step 0
+    losses: list[dict[str, float]]  # the trainer's logged loss by step
+    step_seconds: dict[str, float]  # mean seconds per logged step in generation, the teacher and the student
+    eval_seconds: float  # spent measuring the curve, so callers can leave it out of the training time
+    completion_tokens: int
+
+
+def distill(
+    teacher,
+    student,
+    optimizer_state: dict[str, Any] | None,
+    encoder: Encoder,
+    settings: Settings,
+    seed: int,
+    train_problems: list[task.Problem],
+    eval_problems: list[task.Problem],
+    start_accuracy: float,
+    output: Path,
+    progress,
+) -> Distilled:
+    """Distillation with DistillationTrainer, continuing from `optimizer_state` (a fresh AdamW when None).
+
+    With the demo's lmbda = 1 the dataset holds prompts only: the student writes every completion itself and the
+    teacher scores each token, so no reference answer is used here (`settings.distill_overrides` may change lmbda
+    and beta, as benchmarks/gkd_table.py does). The student's warm-up optimizer carries on (same AdamW state, same
+    constant learning rate), so the one thing that changes at step 0 is what the student learns from.
+    """
+    from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+
+    from ..config import DistillationConfig
+    from ..trainer import DistillationTrainer
+
+    max_completion = encoder.completion_length(train_problems[0])
+    args = dict(
+        output_dir=str(output / "distillation"),
+        max_steps=settings.distill_steps,
+        per_device_train_batch_size=settings.distill_batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=settings.student_sft.learning_rate,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        lmbda=1.0,
+        beta=settings.beta,
+        loss_top_k=0,
+        temperature=settings.temperature,
+        top_p=1.0,
+        max_completion_length=max_completion + 8,
+        max_length=max_completion + 8 + 32,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        use_cpu=True,
+        bf16=False,
+        dataloader_num_workers=0,
+    )
+    args = DistillationConfig(**{**args, **settings.distill_overrides})
+    # On-policy only (lmbda = 1): prompts alone, so no reference answer can leak in. Otherwise the reference chains
+    # are the dataset completions that the off-policy slices train on.
+    messages = task.prompt_messages if args.lmbda == 1.0 else task.conversation
+    rows = Dataset.from_list([{"messages": messages(p)} for p in train_problems])
+    curve = [{"step": 0, "accuracy": start_accuracy}]
+    timer = {"eval_seconds": 0.0}
+    bar = progress.add_task("student: on-policy distillation", total=settings.distill_steps, info="")
+
+    class Track(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                progress.update(bar, info=f"loss {logs['loss']:.4f}  acc {curve[-1]['accuracy']:.1%}")
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            progress.update(bar, completed=state.global_step)
+            if state.global_step % settings.eval_every == 0 or state.global_step == state.max_steps:
+                started = time.perf_counter()
+                accuracy = generate(model, encoder, eval_problems).accuracy
+                timer["eval_seconds"] += time.perf_counter() - started
+                curve.append({"step": state.global_step, "accuracy": accuracy})
+
+    optimizer = adamw(student, settings.student_sft)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(
+            settings.distill_schedule, step, settings.distill_steps, settings.distill_warmup_steps
+        ),
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=rows,
+        processing_class=encoder.tokenizer,
+        callbacks=[Track()],
+        optimizers=(optimizer, scheduler),
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    trainer.model.eval()
+    return Distilled(
+        student=trainer.model,
+        curve=curve,
+        losses=[{"step": e["step"], "loss": e["loss"]} for e in logs],
+        step_seconds={
+            key.split("/")[1]: round(sum(e[key] for e in logs) / len(logs), 4)
+            for key in ("time/generation_s", "time/teacher_s", "time/student_s")
+            if logs and all(key in e for e in logs)
+        },
+        eval_seconds=timer["eval_seconds"],
+        completion_tokens=round(sum(e.get("completion_tokens", 0) for e in logs)),
+    )

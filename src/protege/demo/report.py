@@ -1,0 +1,207 @@
+"""What a demo run tells: `results.json`, the accuracy plot `accuracy.png`, and the table printed at the end."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import task
+from .distill import Distilled
+from .scoring import Generations, Snapshot
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .pipeline import Prepared
+
+RESULTS_FILE = "results.json"
+PLOT_FILE = "accuracy.png"
+HELD_OUT_FILE = "held_out.jsonl"  # the held-out set as a chat dataset, for `protege eval --task demo`
+
+
+def progress_bars():
+    """One bar per stage, with a free-text `info` field for the latest loss or accuracy."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+
+
+def parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def results_record(
+    mode: str,
+    seed: int,
+    settings: Settings,
+    prepared: Prepared,
+    teacher_accuracy: float,
+    before: Snapshot,
+    after: Snapshot,
+    distilled: Distilled,
+    distill_prompts: int,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Everything `results.json` holds, in the order it is written."""
+    return {
+        "mode": mode,
+        "seed": seed,
+        "task": {
+            "description": f"{settings.digits}-digit addition worked column by column, then the answer",
+            "example": task.conversation(prepared.eval_problems[0]),
+            "held_out_problems": len(prepared.eval_problems),
+            "kl_problems": len(prepared.kl_problems),
+            "distillation_prompts": distill_prompts,
+        },
+        "models": {
+            "teacher": {
+                **asdict(settings.teacher),
+                "parameters": parameters(prepared.teacher),
+                **prepared.teacher_info,
+            },
+            "student": {
+                **asdict(settings.student),
+                "parameters": parameters(distilled.student),
+                **prepared.student_info,
+            },
+        },
+        "teacher_accuracy": teacher_accuracy,
+        "student_accuracy_before": before.accuracy,
+        "student_accuracy_after": after.accuracy,
+        "kl_teacher_student_before": before.kl_reference["teacher_student"],
+        "kl_teacher_student_after": after.kl_reference["teacher_student"],
+        "kl_student_teacher_before": before.kl_reference["student_teacher"],
+        "kl_student_teacher_after": after.kl_reference["student_teacher"],
+        "kl_on_own_chains": {"before": before.kl_own, "after": after.kl_own},
+        "first_wrong_line": {
+            "before": before.generations.first_wrong_lines(),
+            "after": after.generations.first_wrong_lines(),
+        },
+        "accuracy_curve": distilled.curve,
+        "distillation_loss": distilled.losses,
+        "distillation_step_seconds": distilled.step_seconds,
+        "distillation_completion_tokens": distilled.completion_tokens,
+        "examples": fixed_examples(before.generations, after.generations),
+        "settings": asdict(settings),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "environment": {
+            "torch": torch.__version__,
+            "threads": settings.threads,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def fixed_examples(before: Generations, after: Generations, count: int = 3) -> list[dict[str, Any]]:
+    """Held-out problems the student got wrong before distillation and right after, earliest slip first."""
+    fixed = [
+        {
+            "prompt": task.prompt_messages(problem)[0]["content"],
+            "before": old,
+            "after": new,
+            "first_wrong_line_before": task.first_wrong_line(old, problem),
+        }
+        for problem, old, new in zip(before.problems, before.texts, after.texts)
+        if task.score(old, problem) == 0 and task.score(new, problem) == 1
+    ]
+    return sorted(fixed, key=lambda example: example["first_wrong_line_before"])[:count]
+
+
+def write_results(results: dict[str, Any], output: Path) -> None:
+    (output / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+
+
+def draw_plot(console, results: dict[str, Any], output: Path) -> None:
+    """The student's accuracy curve against the teacher and the warm-up; matplotlib is optional, so only a notice
+    without it."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        console.print("[yellow]matplotlib is not installed, so there is no accuracy.png: pip install 'protege[plot]'")
+        return
+    figure = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(figure)  # the Agg backend for this figure only; pyplot's global state is left alone
+    axes = figure.subplots()
+    steps = [point["step"] for point in results["accuracy_curve"]]
+    accuracy = [100 * point["accuracy"] for point in results["accuracy_curve"]]
+    axes.plot(steps, accuracy, marker="o", color="tab:blue", label="student (on-policy distillation)")
+    axes.axhline(100 * results["teacher_accuracy"], color="tab:green", linestyle="--", label="teacher")
+    axes.axhline(
+        100 * results["student_accuracy_before"], color="tab:gray", linestyle=":", label="student after warm-up"
+    )
+    axes.set_xlabel("distillation step")
+    axes.set_ylabel("held-out exact-match accuracy (%)")
+    axes.set_ylim(0, 102)
+    axes.set_title(f"protege demo: {results['task']['description']}", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output / PLOT_FILE)
+
+
+def print_table(console, results: dict[str, Any], output: Path) -> None:
+    """Accuracy and KLs before and after, the models' sizes, where the time went, one fixed example, and how to score
+    the models again."""
+    from rich.table import Table
+
+    models = results["models"]
+    table = Table(title=f"protege demo: on-policy distillation ({results['mode']} run, seed {results['seed']})")
+    table.add_column("held-out problems")
+    table.add_column("student before", justify="right")
+    table.add_column("student after", justify="right")
+    table.add_column("teacher", justify="right")
+    table.add_row(
+        "exact-match accuracy",
+        f"{results['student_accuracy_before']:.1%}",
+        f"[bold]{results['student_accuracy_after']:.1%}[/bold]",
+        f"{results['teacher_accuracy']:.1%}",
+    )
+    for key, label in (("teacher_student", "KL(teacher || student)"), ("student_teacher", "KL(student || teacher)")):
+        table.add_row(
+            f"{label} per token",
+            f"{results[f'kl_{key}_before']:.4f}",
+            f"{results[f'kl_{key}_after']:.4f}",
+            "",
+        )
+    console.print(table)
+    student = models["student"]
+    warmup = f"{student['steps']} steps" if student.get("steps") else "cached"
+    console.print(
+        f"teacher: {models['teacher']['parameters']:,} parameters; student: {student['parameters']:,} parameters, "
+        f"warmed up for {warmup}, then distilled for {results['settings']['distill_steps']} steps on "
+        f"{results['task']['distillation_prompts']:,} prompts (no reference answers)"
+    )
+    cached = [name for name in ("teacher", "student") if models[name]["cached"]]
+    console.print(
+        "time: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in results["timings_s"].items())
+        + (f" ({' and '.join(cached)} from the cache)" if cached else "")
+    )
+    if results["examples"]:
+        example = results["examples"][0]
+        line = example["first_wrong_line_before"]
+        console.print(
+            f"\nheld-out problem {example['prompt']}: before distillation the student went wrong at line {line + 1}"
+        )
+        table = Table(show_header=True, box=None, padding=(0, 4))
+        table.add_column("before", style="red")
+        table.add_column("after", style="green")
+        table.add_row(example["before"], example["after"])
+        console.print(table)
+    console.print(f"\nwrote {output / RESULTS_FILE} and {output / PLOT_FILE}; score any model again with")
+    console.print(
+        f"  protege eval --model {output / 'student_distilled'} --teacher {output / 'teacher'} "
+        f"--dataset_name {output / HELD_OUT_FILE} --task demo",
+        soft_wrap=True,
+    )

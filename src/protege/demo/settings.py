@@ -1,0 +1,120 @@
+"""What shapes a demo run: the two models, their supervised training, the distillation, and the learning-rate schedules
+those settings name. `results.json` records a run's `Settings`, and the cache keys on them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import task
+
+
+def lr_multiplier(schedule: str, step: int, total: int, warmup_steps: int = 0) -> float:
+    """Learning-rate multiplier at `step` of `total`: a linear warm-up over `warmup_steps`, then "constant", or
+    "cosine" / "linear" decay to zero. One definition, so the warm-up, the distillation and the benchmark's baselines
+    follow the same schedule."""
+    warm = min(1.0, (step + 1) / max(warmup_steps, 1))
+    if schedule == "constant":
+        return warm
+    if schedule == "cosine":
+        return warm * 0.5 * (1.0 + math.cos(math.pi * step / total))
+    if schedule == "linear":
+        return warm * (1.0 - step / total)
+    raise ValueError(f"schedule={schedule!r} is not allowed: use 'constant', 'cosine' or 'linear'")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A GPT-2 shaped causal LM. GPT-2's learned absolute positions suit this fixed-layout task: a model with
+    rotary positions (Qwen2, Llama) needs several times more steps to learn which column to read."""
+
+    layers: int
+    hidden: int
+    heads: int = 4
+    positions: int = 128
+
+    def build(self, tokenizer, seed: int):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=self.positions,
+            n_embd=self.hidden,
+            n_layer=self.layers,
+            n_head=self.heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+
+@dataclass(frozen=True)
+class SFTSpec:
+    """Supervised training on reference chains: AdamW, a linear warm-up, then `schedule` over `steps`.
+
+    With `stop_at_accuracy`, the learning rate stays constant after the warm-up, and training stops as soon as
+    greedy accuracy on `validation_problems` (drawn apart from the held-out ones) reaches it, checked every
+    `check_every` steps; `steps` is then the most it may take. That is how the student gets its partial accuracy:
+    when a small model "gets" the task varies a lot from seed to seed, so a fixed number of steps would leave one
+    seed's student at 10% and another's at 80%.
+    """
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int = 30
+    adam_beta2: float = 0.999
+    stop_at_accuracy: float | None = None
+    check_every: int = 10
+    validation_problems: int = 64
+    schedule: str = "cosine"  # after the warm-up: "cosine" or "linear" decay to zero, or "constant"
+
+    def lr_factor(self, step: int) -> float:
+        schedule = "constant" if self.stop_at_accuracy is not None else self.schedule
+        return lr_multiplier(schedule, step, self.steps, self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that shapes a run; `results.json` records it."""
+
+    digits: int = task.DIGITS
+    teacher: ModelSpec = ModelSpec(layers=1, hidden=128, heads=8)
+    student: ModelSpec = ModelSpec(layers=1, hidden=64)
+    teacher_sft: SFTSpec = SFTSpec(steps=700, batch_size=32, learning_rate=6e-3)
+    student_sft: SFTSpec = SFTSpec(steps=600, batch_size=32, learning_rate=3e-3, stop_at_accuracy=0.3)
+    distill_steps: int = 200  # at the student's warm-up learning rate, with its optimizer state
+    distill_schedule: str = "constant"  # or "linear" / "cosine" decay to zero over distill_steps
+    distill_warmup_steps: int = 0  # linear learning-rate warm-up (for a fresh optimizer)
+    distill_batch_size: int = 64
+    beta: float = 0.5  # generalized JSD between forward and reverse KL
+    temperature: float = 1.0
+    eval_every: int = 20
+    eval_problems: int = 500
+    kl_problems: int = 200
+    threads: int = 1
+    distill_overrides: dict[str, Any] = field(default_factory=dict)  # more DistillationConfig fields
+
+    @classmethod
+    def for_run(cls, quick: bool) -> Settings:
+        if not quick:
+            return cls()
+        return cls(
+            teacher_sft=SFTSpec(steps=400, batch_size=32, learning_rate=6e-3),
+            distill_steps=100,
+            eval_every=10,
+            eval_problems=200,
+            kl_problems=96,
+        )

@@ -1,0 +1,252 @@
+"""Which loss runs, decided in one place: an `Objective`, made once from the config.
+
+The config's validation asks `Objective.from_config` whether a combination of settings is allowed, and the trainer
+asks the same objective which view of the teacher and of the student it needs and for the loss of each slice. No
+other module branches on `beta` or `loss_top_k`.
+
+Families (what the divergence is computed over):
+
+* "full": the whole vocabulary (`loss_top_k=0`, or Liger's fused kernel);
+* "top_k": a top-k support with a tail bucket or renormalised (`loss_top_k=k`; with a teacher server and beta 0, the
+  teacher's top-k as the server sends it);
+* "sparse_top1": beta > 0 and `loss_top_k=1`: the teacher's top-1 token and the reverse token (sampled or argmax).
+
+Views: the student gives logits (dense) or its last hidden state and LM head (chunked, `loss_chunk_size`); the teacher
+gives logits, its last hidden state and LM head, or server scores. Every combination reduces to one row function
+`elements(student_logits, *teacher_rows)` over the completion tokens, run at once or chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .losses import (
+    IGNORE_INDEX,
+    chunked_rows_sum,
+    divergence_rows,
+    sparse_top1_rows,
+    sparse_top1_support,
+    support_rows,
+)
+
+FAMILIES = ("full", "top_k", "sparse_top1")
+TEACHER_VIEWS = ("logits", "hidden", "scores")
+
+
+# ----- What the student and the teacher hand to the loss, aligned with a batch's completion columns -----
+
+
+@dataclass
+class StudentLogits:
+    logits: torch.Tensor  # (B, C, V)
+
+
+@dataclass
+class StudentHidden:
+    hidden: torch.Tensor  # (B, C, H), the decoder's final (post-norm) output
+    weight: torch.Tensor  # (V, H), the LM head sliced to the shared vocabulary
+    bias: torch.Tensor | None
+
+
+@dataclass
+class TeacherLogits:
+    logits: torch.Tensor  # (B, C, V)
+
+
+@dataclass
+class TeacherHidden:
+    hidden: torch.Tensor  # (B, C, H)
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None
+
+
+@dataclass
+class TeacherScores:
+    """A server's answer: top-k ids and log-probs (B, C, K) padded with -inf, and the actual token's log-prob."""
+
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    token_logprobs: torch.Tensor  # (B, C)
+
+
+StudentOutput = StudentLogits | StudentHidden
+TeacherOutput = TeacherLogits | TeacherHidden | TeacherScores
+
+
+@functools.lru_cache(maxsize=4)
+def _liger_jsd(beta: float, temperature: float):
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    return LigerFusedLinearJSDLoss(
+        beta=beta, ignore_index=IGNORE_INDEX, temperature=temperature, weight_hard_loss=0.0, weight_soft_loss=1.0
+    )
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The divergence and its support, and the views of student and teacher it is computed from."""
+
+    beta: float
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = full vocabulary
+    add_tail: bool = True
+    top1_mode: str = "sampled"
+    teacher_view: str = "logits"
+    chunk_size: int | None = None  # rows per chunk of the memory-bounded path; None = dense logits
+    fused: bool = False  # Liger's fused linear JSD (full vocabulary, hidden states)
+
+    @classmethod
+    def from_config(cls, args) -> Objective:
+        """The objective of a `DistillationConfig`, or a ValueError naming the field whose value is not allowed."""
+
+        def fail(field_name: str, value, allowed: str) -> None:
+            raise ValueError(f"{field_name}={value!r} is not allowed: {allowed}.")
+
+        server = bool(args.use_teacher_server)
+        if args.use_liger_kernel and server:
+            fail("use_liger_kernel", True, "the Liger fused loss needs a local teacher, not use_teacher_server")
+        if server:
+            if args.reverse_kl_top_1_mode == "argmax":
+                fail(
+                    "reverse_kl_top_1_mode",
+                    "argmax",
+                    "a teacher server only scores the sampled tokens, so use_teacher_server needs 'sampled'",
+                )
+            if args.beta == 0 and args.loss_top_k < 1:
+                fail(
+                    "loss_top_k",
+                    args.loss_top_k,
+                    "with use_teacher_server and beta=0 the loss uses the teacher's top-k, so loss_top_k must be >= 1",
+                )
+            if args.beta > 0 and args.loss_top_k != 1:
+                fail(
+                    "loss_top_k",
+                    args.loss_top_k,
+                    f"with use_teacher_server and beta={args.beta} only the sparse top-1 loss exists, so loss_top_k "
+                    "must be 1",
+                )
+        fused = bool(args.use_liger_kernel)
+        chunked = args.loss_chunk_size is not None and not server and not fused
+        return cls(
+            beta=args.beta,
+            temperature=args.temperature,
+            top_k=0 if fused else args.loss_top_k,
+            add_tail=args.loss_add_tail,
+            top1_mode=args.reverse_kl_top_1_mode,
+            teacher_view="scores" if server else ("hidden" if chunked or fused else "logits"),
+            chunk_size=args.loss_chunk_size if chunked else None,
+            fused=fused,
+        )
+
+    @staticmethod
+    def ineffective_settings(args) -> list[str]:
+        """Settings that are allowed but change nothing under this config, as warning messages."""
+        notes = []
+        sparse_top1 = args.beta > 0 and args.loss_top_k == 1
+        if args.reverse_kl_top_1_mode != "sampled" and not sparse_top1:
+            notes.append(
+                f"reverse_kl_top_1_mode={args.reverse_kl_top_1_mode!r} has no effect unless beta > 0 and "
+                "loss_top_k == 1."
+            )
+        if args.loss_top_k == 0 and not args.loss_add_tail:
+            notes.append("loss_add_tail=False has no effect when loss_top_k=0 (full vocabulary).")
+        if args.use_liger_kernel and (args.loss_top_k != 0 or args.reverse_kl_top_1_mode != "sampled"):
+            notes.append(
+                "use_liger_kernel computes the full-vocabulary JSD: loss_top_k, loss_add_tail and "
+                "reverse_kl_top_1_mode are ignored."
+            )
+        if args.loss_chunk_size is not None and (args.use_teacher_server or args.use_liger_kernel):
+            notes.append("loss_chunk_size has no effect with use_teacher_server or use_liger_kernel.")
+        if args.beta == 1 and sparse_top1 and not args.loss_add_tail:
+            notes.append(
+                "beta=1, loss_top_k=1 and loss_add_tail=False give a loss that is always zero (one-token support "
+                "renormalised to probability 1)."
+            )
+        return notes
+
+    @property
+    def family(self) -> str:
+        if self.fused or self.top_k == 0:
+            return "full"
+        if self.beta > 0 and self.top_k == 1:
+            return "sparse_top1"
+        return "top_k"
+
+    @property
+    def student_view(self) -> str:
+        """ "hidden" (last hidden state and LM head) for the chunked and fused paths, else "logits"."""
+        return "hidden" if self.chunk_size is not None or self.fused else "logits"
+
+    @property
+    def server_top_k(self) -> int:
+        """How many log-probs per position to ask of a teacher server."""
+        return max(self.top_k, 1)
+
+    # ----- The loss -----
+
+    def loss_sum(self, student: StudentOutput, teacher: TeacherOutput, labels: torch.Tensor) -> torch.Tensor:
+        """The divergence summed over the completion tokens of a slice (labels (B, C), -100 where not trained)."""
+        mask = labels != IGNORE_INDEX
+        if self.fused:
+            return self._fused_sum(student, teacher, labels, mask)
+        elements, teacher_rows = self._row_function(teacher, mask, labels[mask])
+        if isinstance(student, StudentHidden):
+            total, _ = chunked_rows_sum(
+                student.hidden[mask], student.weight, student.bias, elements, *teacher_rows, chunk_size=self.chunk_size
+            )
+            return total
+        return elements(student.logits[mask], *teacher_rows).sum()
+
+    def _row_function(self, teacher: TeacherOutput, mask: torch.Tensor, targets: torch.Tensor):
+        """The row function `elements(student_logits, *rows)` of this objective, and the teacher's rows for it."""
+        options = {"beta": self.beta, "temperature": self.temperature, "add_tail": self.add_tail}
+        if isinstance(teacher, TeacherScores):
+            if self.family == "sparse_top1":
+                ids, logprobs, valid = sparse_top1_support(
+                    targets,
+                    teacher.token_logprobs[mask].float(),
+                    teacher.topk_ids[..., 0][mask],
+                    teacher.topk_logprobs[..., 0][mask].float(),
+                    beta=self.beta,
+                )
+            else:  # the teacher's top-k as sent, forward KL
+                ids, logprobs = teacher.topk_ids[mask], teacher.topk_logprobs[mask].float()
+                valid = logprobs > -math.inf
+            return functools.partial(support_rows, **options), (ids, logprobs, valid)
+
+        if self.family == "sparse_top1":
+
+            def on_logits(student_logits, teacher_logits, rows_targets):
+                return sparse_top1_rows(
+                    student_logits, teacher_logits, rows_targets, reverse_kl_top_1_mode=self.top1_mode, **options
+                )
+        else:
+
+            def on_logits(student_logits, teacher_logits, _rows_targets):
+                return divergence_rows(student_logits, teacher_logits, top_k=self.top_k, **options)
+
+        if isinstance(teacher, TeacherLogits):
+            return on_logits, (teacher.logits[mask], targets)
+
+        def on_hidden(student_logits, teacher_hidden, rows_targets):
+            with torch.no_grad():
+                teacher_logits = F.linear(teacher_hidden, teacher.weight, teacher.bias)
+            return on_logits(student_logits, teacher_logits, rows_targets)
+
+        return on_hidden, (teacher.hidden[mask], targets)
+
+    def _fused_sum(self, student: StudentHidden, teacher: TeacherHidden, labels, mask) -> torch.Tensor:
+        """Liger's fused linear JSD (a mean over tokens), turned back into a sum."""
+        mean = _liger_jsd(self.beta, self.temperature)(
+            student.hidden.reshape(-1, student.hidden.shape[-1]),
+            student.weight,
+            teacher.hidden.reshape(-1, teacher.hidden.shape[-1]),
+            teacher.weight,
+            labels.reshape(-1),
+        )
+        return mean * mask.sum().clamp(min=1)
