@@ -93,7 +93,7 @@ def dense_step(hidden_s, weight_s, hidden_t, weight_t, labels, beta, chunk_size)
 
 
 def chunked_step(hidden_s, weight_s, hidden_t, weight_t, labels, beta, chunk_size):
-    from protege.losses import chunked_jsd_loss
+    from protege.chunked import chunked_jsd_loss
 
     loss = chunked_jsd_loss(hidden_s, weight_s, hidden_t, weight_t, labels, beta=beta, chunk_size=chunk_size)
     loss.backward()

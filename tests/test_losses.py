@@ -42,9 +42,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protege.chunked import chunked_jsd_loss, chunked_sparse_top1_loss
 from protege.losses import (
-    chunked_jsd_loss,
-    chunked_sparse_top1_loss,
     generalized_jsd_loss,
     local_sparse_top1_loss,
     sparse_top1_loss,

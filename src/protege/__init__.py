@@ -9,8 +9,8 @@ import importlib
 _EXPORTS = {
     "DistillationConfig": "config",
     "DistillationTrainer": "trainer",
-    "chunked_jsd_loss": "losses",
-    "chunked_sparse_top1_loss": "losses",
+    "chunked_jsd_loss": "chunked",
+    "chunked_sparse_top1_loss": "chunked",
     "generalized_jsd_loss": "losses",
     "local_sparse_top1_loss": "losses",
     "sparse_top1_loss": "losses",

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .chunked import chunked_rows_sum
 from .losses import (
     IGNORE_INDEX,
-    chunked_rows_sum,
     divergence_rows,
     sparse_top1_rows,
     sparse_top1_support,

@@ -1,0 +1,190 @@
+"""The memory-bounded path: hidden states and an LM head in, never a (tokens x vocabulary) tensor for the whole batch.
+
+Any row function of `losses` (student logits and the teacher's rows in, divergence elements out) runs here on
+`hidden @ lm_head.T` logits a chunk of tokens at a time, with the same value and gradient as on full logits. Pure
+functions of tensors, like `losses`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .losses import IGNORE_INDEX, check_reduction, divergence_rows, normaliser, sparse_top1_rows
+
+
+class _ChunkedRows(torch.autograd.Function):
+    """Forward computes the summed loss and its gradient chunk by chunk; backward only scales the stored gradient.
+
+    Each chunk's (C x V) logits live only inside one loop iteration, so peak memory is bounded by the chunk size, and
+    no logits are recomputed in backward, so the cost stays that of one dense forward and backward. Autograd runs
+    only from the loss to the chunk's logits; the LM head's (V x H) gradient is accumulated in place with `addmm_`, so
+    no (V x H) temporary is made per chunk, and backward scales the accumulated gradients in place. The teacher's
+    rows (any tensors with one row per token) are sliced alongside and handed to `elements_fn`.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, elements_fn, chunk_size, *teacher_rows):
+        needs = ctx.needs_input_grad[:3]
+        grads = [
+            torch.zeros_like(hidden) if needs[0] else None,
+            torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None,
+            torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None,
+        ]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        support_size = 0
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk_hidden = hidden[rows]
+            with torch.no_grad():
+                logits = F.linear(chunk_hidden, weight, bias).requires_grad_(any(needs))
+            with torch.enable_grad():
+                elements = elements_fn(logits, *(t[rows] for t in teacher_rows))
+                chunk_loss = elements.sum()
+            support_size = elements.shape[-1]
+            total += chunk_loss.detach()
+            if not any(needs):
+                continue
+            (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
+            del elements, chunk_loss, logits
+            if needs[0]:
+                grads[0][rows] = grad_logits @ weight
+            if needs[1]:
+                grads[1].addmm_(grad_logits.T.float(), chunk_hidden.float())
+            if needs[2]:
+                grads[2] += grad_logits.float().sum(0)
+        ctx.grads = grads  # intermediate results, not inputs or outputs: kept on ctx, scaled in place in backward
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        support = torch.tensor(support_size)
+        ctx.mark_non_differentiable(support)
+        return total, support
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_support):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the chunked loss's backward can run once per forward (its gradients are scaled in place)"
+            )
+        grads = tuple(
+            g.mul_(grad_total).to(dtype) if need and g is not None else None
+            for g, need, dtype in zip(ctx.grads, ctx.needs_input_grad[:3], ctx.dtypes)
+        )
+        ctx.grads = None
+        return (*grads, None, None, *([None] * (len(ctx.needs_input_grad) - 5)))
+
+
+def chunked_rows_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    elements_fn,
+    *teacher_rows: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, int]:
+    """Sum of `elements_fn(hidden @ weight.T + bias, *teacher_rows)` over rows (N, H), `chunk_size` rows at a time.
+
+    Returns the sum (differentiable in hidden, weight and bias) and the support size of the elements.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    total, support = _ChunkedRows.apply(hidden, weight, bias, elements_fn, chunk_size, *teacher_rows)
+    return total, int(support)
+
+
+def chunked_logits_loss(
+    rows_fn,
+    heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    *,
+    chunk_size: int = 256,
+    reduction: str = "batchmean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Any row loss `rows_fn(student_logits, teacher_logits, targets)` of `hidden @ lm_head.T (+ bias)` logits,
+    `chunk_size` tokens at a time; `heads` is (student_hidden, student_lm_head, teacher_hidden, teacher_lm_head,
+    labels).
+
+    Hidden states are (B, T, H) with labels (B, T), or (N, H) with labels (N,). LM heads are weight matrices (V, H);
+    `vocab_size` keeps only their first rows (a head padded past the tokenizer). Gradients reach the student's hidden
+    states, LM head and bias; the teacher gets none. Reductions: "batchmean", "sum", "mean".
+    """
+    check_reduction(reduction, ("batchmean", "sum", "mean"))
+    student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels = heads
+    if vocab_size is not None:
+        student_lm_head, teacher_lm_head = student_lm_head[:vocab_size], teacher_lm_head[:vocab_size]
+        student_bias = None if student_bias is None else student_bias[:vocab_size]
+        teacher_bias = None if teacher_bias is None else teacher_bias[:vocab_size]
+    if student_lm_head.shape[0] != teacher_lm_head.shape[0]:
+        raise ValueError(
+            f"student LM head has {student_lm_head.shape[0]} rows and teacher {teacher_lm_head.shape[0]}; "
+            "pass vocab_size to compare the shared vocabulary"
+        )
+    if labels is None:
+        labels = torch.zeros(student_hidden.shape[:-1], dtype=torch.long, device=student_hidden.device)
+    mask = labels != IGNORE_INDEX
+
+    def elements_fn(student_logits, teacher_rows, targets):
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_rows, teacher_lm_head, teacher_bias)
+        return rows_fn(student_logits, teacher_logits, targets)
+
+    total, support = chunked_rows_sum(
+        student_hidden[mask],
+        student_lm_head,
+        student_bias,
+        elements_fn,
+        teacher_hidden[mask],
+        labels[mask],
+        chunk_size=chunk_size,
+    )
+    return total / normaliser(reduction, int(mask.sum()), support, num_items_in_batch)
+
+
+def chunked_jsd_loss(
+    student_hidden: torch.Tensor,
+    student_lm_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_lm_head: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    add_tail: bool = True,
+    **chunk_options,
+) -> torch.Tensor:
+    """`generalized_jsd_loss` of `hidden @ lm_head.T` logits, computed chunk by chunk; `chunk_options` are those of
+    `chunked_logits_loss` (chunk_size, reduction, num_items_in_batch, student_bias, teacher_bias, vocab_size)."""
+
+    def rows_fn(student_logits, teacher_logits, _targets):
+        return divergence_rows(
+            student_logits, teacher_logits, beta=beta, temperature=temperature, top_k=top_k, add_tail=add_tail
+        )
+
+    heads = (student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels)
+    return chunked_logits_loss(rows_fn, heads, **chunk_options)
+
+
+def chunked_sparse_top1_loss(
+    student_hidden: torch.Tensor,
+    student_lm_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_lm_head: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float,
+    reverse_kl_top_1_mode: str = "sampled",
+    temperature: float = 1.0,
+    add_tail: bool = True,
+    **chunk_options,
+) -> torch.Tensor:
+    """`local_sparse_top1_loss` of `hidden @ lm_head.T` logits, computed chunk by chunk (options as
+    `chunked_jsd_loss`)."""
+    options = dict(beta=beta, temperature=temperature, add_tail=add_tail)
+    rows_fn = functools.partial(sparse_top1_rows, reverse_kl_top_1_mode=reverse_kl_top_1_mode, **options)
+    heads = (student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels)
+    return chunked_logits_loss(rows_fn, heads, **chunk_options)
