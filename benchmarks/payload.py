@@ -54,7 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORMATS = ("json", "binary", "compact")
+from protege.choices import RESPONSE_FORMATS as FORMATS
+
 GZIP_LEVEL = 6  # the compresslevel protege's app gives GZipMiddleware (src/protege/server/app.py)
 
 

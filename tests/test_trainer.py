@@ -225,3 +225,11 @@ def test_local_teacher_hidden_view_keeps_only_the_last_hidden_state(tiny_paths, 
     assert seen[0] is None
     torch.testing.assert_close(answer.hidden, full[:, width - 1 : -1])
     assert answer.weight.shape[0] == trainer.vocab_size
+
+
+def test_log_completions_prints_the_steps_generations(tiny_paths, tmp_path, capsys):
+    trainer = trainer_for(tiny_paths, tmp_path, max_steps=2, log_completions=True, log_completions_steps=2)
+    trainer.train()
+    printed = capsys.readouterr().out
+    assert "Completions at step 2" in printed and "Completions at step 1" not in printed
+    assert "What is" in printed  # the prompts of the arithmetic rows

@@ -30,6 +30,7 @@ class TrainingWindow:
     min_length: list[float] = field(default_factory=list)
     max_length: list[float] = field(default_factory=list)
     truncated_fraction: list[float] = field(default_factory=list)
+    samples: list[tuple[str, str]] = field(default_factory=list)  # the last step's (prompt, completion) texts
 
     def start(self) -> None:
         if self.started is None:

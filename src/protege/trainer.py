@@ -158,7 +158,6 @@ class DistillationTrainer(Trainer):
             self.teacher = LocalTeacher(self.teacher_model, self.vocab_size, self.objective.teacher_view)
         self.generation_config, self.eos_token_ids = self._generation_config(model, processing_class)
         self._window = TrainingWindow()
-        self._last_samples: list[tuple[str, str]] = []
 
     # ----- Construction helpers -----
 
@@ -249,11 +248,11 @@ class DistillationTrainer(Trainer):
         if not self.args.log_completions:
             return
         decode, pad = self.processing_class.batch_decode, self.processing_class.pad_token_id
-        self._last_samples = []
+        self._window.samples = []
         for batch in batches:
             width = batch["prompt_ids"].shape[1]
             completions = batch["input_ids"][:, width:].masked_fill(batch["labels"][:, width:] == IGNORE_INDEX, pad)
-            self._last_samples.extend(
+            self._window.samples.extend(
                 zip(
                     decode(batch["prompt_ids"], skip_special_tokens=True),
                     decode(completions, skip_special_tokens=True),
@@ -316,7 +315,7 @@ class DistillationTrainer(Trainer):
     def _maybe_print_completions(self) -> None:
         args = self.args
         step = self.state.global_step
-        if not (args.log_completions and self._last_samples and step % args.log_completions_steps == 0):
+        if not (args.log_completions and self._window.samples and step % args.log_completions_steps == 0):
             return
         if self.accelerator.is_main_process:
             from rich.console import Console
@@ -325,8 +324,7 @@ class DistillationTrainer(Trainer):
             table = Table(title=f"Completions at step {step}", show_lines=True)
             table.add_column("prompt", overflow="fold")
             table.add_column("completion", overflow="fold")
-            samples = self._last_samples[: args.num_completions_to_print or len(self._last_samples)]
+            samples = self._window.samples[: args.num_completions_to_print or len(self._window.samples)]
             for prompt, completion in samples:
                 table.add_row(prompt, completion)
             Console().print(table)
-        self._last_samples = []
