@@ -10,6 +10,7 @@ import torch
 from transformers import HfArgumentParser
 
 from protege import DistillationConfig
+from protege.objective import Objective
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without CUDA")
 
@@ -46,7 +47,7 @@ def test_defaults_follow_trl(make):
     assert config.vllm_server_port == 8001
     assert config.reverse_kl_top_1_mode == "sampled"
     assert config.loss_add_tail is True
-    assert config.loss_chunk_size is None
+    assert config.loss_chunk_size == "auto"  # memory-bounded by default
     assert config.use_teacher_server is False
     assert config.use_vllm is False
     assert config.num_generations == 1
@@ -164,10 +165,22 @@ def test_bf16_true_without_cuda(make):
         make(bf16=True)
 
 
-@pytest.mark.parametrize("value", [0, -4])
+@pytest.mark.parametrize("value", [0, -4, "abc", "-3", True])
 def test_loss_chunk_size_below_one(make, value):
-    with pytest.raises(ValueError, match=r"loss_chunk_size="):
+    with pytest.raises(ValueError, match=r"loss_chunk_size=.*'auto', an integer >= 1, or None"):
         make(loss_chunk_size=value)
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("auto", "auto"), ("128", 128), (64, 64), ("none", None), (None, None)])
+def test_loss_chunk_size_values(make, value, parsed):
+    assert make(loss_chunk_size=value).loss_chunk_size == parsed
+
+
+def test_server_objectives_are_chunked_too(make):
+    objective = Objective.from_config(make(**SERVER))
+    assert (objective.chunk_size, objective.student_view, objective.teacher_view) == ("auto", "hidden", "scores")
+    dense = Objective.from_config(make(loss_chunk_size=None, **SERVER))
+    assert (dense.chunk_size, dense.student_view) == (None, "logits")
 
 
 def test_use_vllm_not_available_yet(make):
@@ -247,7 +260,6 @@ def test_warns_num_generations_with_off_policy_slices(make):
     [
         (dict(reverse_kl_top_1_mode="argmax", loss_top_k=5), r"reverse_kl_top_1_mode='argmax' has no effect"),
         (dict(loss_top_k=0, loss_add_tail=False), r"loss_add_tail=False has no effect"),
-        (dict(loss_chunk_size=64, **SERVER), r"loss_chunk_size has no effect"),
         (dict(beta=1.0, loss_top_k=1, loss_add_tail=False), r"always zero"),
     ],
 )

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 from conftest import free_port
 from test_trainer import config, logged
 from tiny import dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from protege import DistillationTrainer
+from protege.server.backends import TransformersBackend
 from protege.teacher.client import TeacherClient, TeacherServerError
 
 
@@ -169,3 +173,57 @@ def test_unreachable_server_fails_at_construction(tiny_paths, tmp_path):
             ),
             train_dataset=dataset(8),
         )
+
+
+def loss_and_grads(trainer, batch, chunk_size):
+    """One slice's loss and the student's gradients, with the trainer's objective chunked as given (None: dense)."""
+    trainer.objective = dataclasses.replace(trainer.objective, chunk_size=chunk_size)
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("beta", "top_k"), [(0.5, 1), (1.0, 1), (0.0, 5)])
+def test_server_objectives_chunked_equal_dense(tiny_paths, tmp_path, teacher_url, beta, top_k):
+    """The memory-bounded path serves the server objectives too: same loss and gradients as full student logits."""
+    trainer = DistillationTrainer(
+        model=tiny_paths["student"],
+        args=config(
+            tmp_path, beta=beta, loss_top_k=top_k, use_teacher_server=True, teacher_model_server_url=teacher_url
+        ),
+        train_dataset=dataset(8),
+    )
+    assert trainer.objective.chunk_size == "auto" and trainer.objective.student_view == "hidden"
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    dense_loss, dense_grads = loss_and_grads(trainer, batch, None)
+    assert dense_loss > 0
+    for chunk_size in ("auto", 3):
+        loss, grads = loss_and_grads(trainer, batch, chunk_size)
+        torch.testing.assert_close(loss, dense_loss, rtol=1e-5, atol=1e-7)
+        assert grads.keys() == dense_grads.keys()
+        for name, grad in dense_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=f"{chunk_size} {name}")
+
+
+def test_backend_scores_in_chunks_like_full_logits(tiny_paths):
+    """The transformers backend's LM head runs a few positions at a time; the answers equal full-logits scoring."""
+    backend = TransformersBackend(tiny_paths["teacher"])
+    sequences = [[5, 9, 12, 40, 41, 7], [3, 8, 22, 17], [11, 12, 13, 14, 15, 16, 17, 18]]
+    prompt_lengths = [2, 3, 4]
+    for temperature in (0.7, 1.0):  # the last, 1.0, is compared with `score` below
+        ids = torch.zeros((3, 8), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        with torch.inference_mode():
+            full = backend._score_logits(ids, mask, sequences, prompt_lengths, 4, temperature)
+            backend.chunk_tokens = 3
+            chunked = backend._score_chunked(ids, mask, sequences, prompt_lengths, 4, temperature)
+        assert full[0].shape == (4 + 1 + 4, 4)  # one row per scored token
+        np.testing.assert_allclose(chunked[0], full[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(chunked[1], full[1])
+        np.testing.assert_allclose(chunked[2], full[2], rtol=1e-5, atol=1e-6)
+    rows = backend.score(sequences, prompt_lengths, 4, 1.0)
+    assert [len(r.actual_ids) for r in rows] == [4, 1, 4]
+    np.testing.assert_allclose(np.concatenate([r.actual_logprobs for r in rows]), full[2], rtol=1e-5, atol=1e-6)

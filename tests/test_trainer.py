@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny import dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -233,3 +234,23 @@ def test_log_completions_prints_the_steps_generations(tiny_paths, tmp_path, caps
     printed = capsys.readouterr().out
     assert "Completions at step 2" in printed and "Completions at step 1" not in printed
     assert "What is" in printed  # the prompts of the arithmetic rows
+
+
+def test_auto_chunking_falls_back_to_full_logits_for_soft_capped_models(tiny_paths, tmp_path):
+    """'auto' cannot reproduce a logit transform after the LM head, so it uses full logits; an explicit size refuses."""
+    student = AutoModelForCausalLM.from_pretrained(tiny_paths["student"])
+    student.config.final_logit_softcapping = 30.0
+    args = config(tmp_path, lmbda=0.0)
+    with pytest.warns(UserWarning, match="soft-capping"):
+        trainer = DistillationTrainer(
+            model=student, teacher_model=tiny_paths["teacher"], args=args, train_dataset=dataset(8)
+        )
+    assert trainer.objective.chunk_size is None and trainer.objective.student_view == "logits"
+    assert trainer.teacher.view == "logits"
+    with pytest.raises(ValueError, match="loss_chunk_size: the student transforms its logits"):
+        DistillationTrainer(
+            model=student,
+            teacher_model=tiny_paths["teacher"],
+            args=config(tmp_path, lmbda=0.0, loss_chunk_size=4),
+            train_dataset=dataset(8),
+        )

@@ -14,6 +14,16 @@ import torch.nn.functional as F
 
 from .losses import IGNORE_INDEX, check_reduction, divergence_rows, normaliser, sparse_top1_rows
 
+# Per-chunk working memory that "auto" aims at: the JSD's autograd graph keeps about 17 (chunk x vocabulary) float32
+# tensors (measured, docs/benchmarks.md), so a chunk is about 256 MiB / (17 * 4 bytes * vocabulary) tokens.
+AUTO_CHUNK_BYTES = 256 * 2**20
+TENSORS_PER_CHUNK_ROW = 17
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk for a vocabulary: bounded memory at a large vocabulary, few chunks at a small one."""
+    return max(16, AUTO_CHUNK_BYTES // (TENSORS_PER_CHUNK_ROW * 4 * max(vocab_size, 1)))
+
 
 class _ChunkedRows(torch.autograd.Function):
     """Forward computes the summed loss and its gradient chunk by chunk; backward only scales the stored gradient.
@@ -81,14 +91,20 @@ def chunked_rows_sum(
     bias: torch.Tensor | None,
     elements_fn,
     *teacher_rows: torch.Tensor,
-    chunk_size: int,
+    chunk_size: int | str,
 ) -> tuple[torch.Tensor, int]:
-    """Sum of `elements_fn(hidden @ weight.T + bias, *teacher_rows)` over rows (N, H), `chunk_size` rows at a time.
+    """Sum of `elements_fn(hidden @ weight.T + bias, *teacher_rows)` over rows (N, H), `chunk_size` rows at a time
+    ("auto": `auto_chunk_size` of the weight's vocabulary).
 
     Returns the sum (differentiable in hidden, weight and bias) and the support size of the elements.
     """
-    if chunk_size < 1:
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_size(weight.shape[0])
+    if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if not torch.is_grad_enabled():  # evaluation: autograd.Function would still compute the gradients
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     total, support = _ChunkedRows.apply(hidden, weight, bias, elements_fn, chunk_size, *teacher_rows)
     return total, int(support)
 
@@ -97,7 +113,7 @@ def chunked_logits_loss(
     rows_fn,
     heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
     *,
-    chunk_size: int = 256,
+    chunk_size: int | str = 256,
     reduction: str = "batchmean",
     num_items_in_batch: int | torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,

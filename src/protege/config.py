@@ -153,14 +153,16 @@ class DistillationConfig(TrainingArguments):
             "choices": list(REVERSE_KL_TOP_1_MODES),
         },
     )
-    loss_chunk_size: int | None = field(
-        default=None,
+    loss_chunk_size: int | str | None = field(
+        default="auto",
         metadata={
-            "help": "Compute the loss from hidden states and LM heads this many tokens at a time, never holding "
-            "full-vocabulary logits for the whole batch (same value and gradient as the dense loss, far less "
-            "memory). Peak memory grows with the chunk (about 17 chunk x vocabulary float32 tensors for the "
-            "JSD); 128 to 256 is a good start, see docs/benchmarks.md. None computes full logits at once. Local "
-            "teacher only."
+            "help": "The loss is computed from hidden states and LM heads this many completion tokens at a time, "
+            "never holding full-vocabulary logits for the whole batch (same value and gradient as full logits, "
+            "memory bounded by the chunk, in every mode, local teacher or server). 'auto' (default) sizes the "
+            "chunk to the vocabulary, about 256 MiB of per-chunk tensors (52 tokens at 151,936, 26,000 at 300); an "
+            "integer fixes it; None (or 'none' on the command line) computes full logits at once, the dense path "
+            "of earlier releases and of TRL. Models that transform logits after the LM head (soft-capping) use "
+            "the dense path under 'auto'."
         },
     )
 
@@ -292,8 +294,7 @@ class DistillationConfig(TrainingArguments):
             fail("temperature", self.temperature, "it must be > 0")
         if self.loss_top_k < 0:
             fail("loss_top_k", self.loss_top_k, "it must be >= 0 (0 means the full vocabulary)")
-        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
-            fail("loss_chunk_size", self.loss_chunk_size, "it must be >= 1, or None for the dense loss")
+        self.loss_chunk_size = self._parse_chunk_size(self.loss_chunk_size)
         if self.max_completion_length < 1:
             fail("max_completion_length", self.max_completion_length, "it must be >= 1")
         if self.max_length is not None:
@@ -370,6 +371,20 @@ class DistillationConfig(TrainingArguments):
                 )
 
         self._warn_ineffective()
+
+    @staticmethod
+    def _parse_chunk_size(value: str | int | None) -> str | int | None:
+        """'auto', a positive integer, or None; the command line's strings ('none', '128') become those."""
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("auto", "none", "dense"):
+                return None if text != "auto" else "auto"
+            value = int(text) if text.isdigit() else value
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(
+            f"loss_chunk_size={value!r} is not allowed: it must be 'auto', an integer >= 1, or None for the dense loss."
+        )
 
     def _warn_ineffective(self) -> None:
         notes = Objective.ineffective_settings(self)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from . import models
 from .data import DistillationCollator, Tokenizer, tokenize_dataset
-from .losses import IGNORE_INDEX, generalized_jsd_loss
-from .teacher.local import shared_vocab_size
+from .losses import IGNORE_INDEX
+from .objective import Objective, student_output
+from .teacher.local import LocalTeacher, shared_vocab_size
 
 
 @torch.no_grad()
@@ -42,14 +44,19 @@ def summed_token_kl(
 ) -> dict[str, torch.Tensor]:
     """KL(teacher || student) and KL(student || teacher) summed over the completion tokens of one collated batch, and
     the number of those tokens. Sums, as 0-dim tensors, so that callers can average over any batching: over many
-    batches (`mean_token_kl`) or within one (the demo, whose numbers are the loss's own float32 mean)."""
+    batches (`mean_token_kl`) or within one (the demo, whose numbers are the loss's own float32 mean).
+
+    Computed like the trainer's loss, from last hidden states and LM heads a chunk of tokens at a time, so memory does
+    not grow with tokens x vocabulary (full logits for models that transform them after the LM head)."""
     device = next(student.parameters()).device
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
-    labels = batch["labels"][:, 1:].to(device)
-    student_logits = student(**inputs).logits[:, :-1, :vocab]
-    teacher_logits = teacher(**inputs).logits[:, :-1, :vocab]
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    vocab = vocab if vocab is not None else min(models.output_rows(student), models.output_rows(teacher))
+    view = "hidden" if models.has_plain_head(student) and models.has_plain_head(teacher) else "logits"
+    labels = batch["labels"][:, int(batch["prompt_width"]) :]
+    student_side = student_output(student, batch, view, vocab)
+    teacher_side = LocalTeacher(teacher, vocab, view)(batch)
+    chunk_size = "auto" if view == "hidden" else None
     return {
-        "kl_teacher_student": generalized_jsd_loss(student_logits, teacher_logits, labels, beta=0.0, reduction="sum"),
-        "kl_student_teacher": generalized_jsd_loss(student_logits, teacher_logits, labels, beta=1.0, reduction="sum"),
-        "completion_tokens": labels.ne(IGNORE_INDEX).sum(),
-    }
+        f"kl_{name}": Objective(beta=beta, chunk_size=chunk_size).loss_sum(student_side, teacher_side, labels)
+        for name, beta in (("teacher_student", 0.0), ("student_teacher", 1.0))
+    } | {"completion_tokens": labels.ne(IGNORE_INDEX).sum()}

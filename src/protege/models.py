@@ -71,8 +71,8 @@ def completion_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], vo
     return logits[:, :-1, :vocab_size]
 
 
-def completion_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The decoder body's final (post-norm) output (B, C, H) at the positions predicting each completion column.
+def last_hidden_state(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    """The decoder body's final (post-norm) output (B, T, H).
 
     A forward hook on the body takes its output while the model runs through its own (DDP, FSDP, DeepSpeed, PEFT)
     wrappers, so no layer's hidden states but the last are kept, and the LM head computes one position only.
@@ -81,10 +81,15 @@ def completion_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     captured: list[torch.Tensor] = []
     handle = body.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
     try:
-        model(**forward_inputs(batch), logits_to_keep=1)
+        model(**inputs, logits_to_keep=1)
     finally:
         handle.remove()
-    return captured[0][:, int(batch["prompt_width"]) - 1 : -1]
+    return captured[0]
+
+
+def completion_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The last hidden state (B, C, H) at the positions predicting each completion column."""
+    return last_hidden_state(model, **forward_inputs(batch))[:, int(batch["prompt_width"]) - 1 : -1]
 
 
 def lm_head(model: torch.nn.Module, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -94,10 +99,15 @@ def lm_head(model: torch.nn.Module, vocab_size: int) -> tuple[torch.Tensor, torc
     return head.weight[:vocab_size], bias
 
 
+def has_plain_head(model: torch.nn.Module) -> bool:
+    """Whether the logits are exactly hidden @ head.T (+ bias): no soft-capping or scaling after the LM head."""
+    text_config = model.config.get_text_config()
+    return not (getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None))
+
+
 def require_plain_head(model: torch.nn.Module, who: str) -> None:
     """Refuse a model whose logits are transformed after the LM head: hidden @ head.T would not reproduce them."""
-    text_config = model.config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None):
+    if not has_plain_head(model):
         raise ValueError(
             f"loss_chunk_size: the {who} transforms its logits after the LM head "
             "(softcapping or scaling), which the chunked loss does not reproduce"

@@ -18,6 +18,7 @@ gives logits, its last hidden state and LM head, or server scores. Every combina
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import models
 from .chunked import chunked_rows_sum
 from .losses import (
     IGNORE_INDEX,
@@ -78,6 +80,13 @@ StudentOutput = StudentLogits | StudentHidden
 TeacherOutput = TeacherLogits | TeacherHidden | TeacherScores
 
 
+def student_output(model, batch: dict[str, torch.Tensor], view: str, vocab_size: int) -> StudentOutput:
+    """What the student hands to the loss: its last hidden state and LM head ("hidden"), or completion logits."""
+    if view == "hidden":
+        return StudentHidden(models.completion_hidden(model, batch), *models.lm_head(model, vocab_size))
+    return StudentLogits(models.completion_logits(model, batch, vocab_size))
+
+
 @functools.lru_cache(maxsize=4)
 def _liger_jsd(beta: float, temperature: float):
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
@@ -97,7 +106,7 @@ class Objective:
     add_tail: bool = True
     top1_mode: str = "sampled"
     teacher_view: str = "logits"
-    chunk_size: int | None = None  # rows per chunk of the memory-bounded path; None = dense logits
+    chunk_size: int | str | None = None  # tokens per chunk of the memory-bounded path, or "auto"; None = dense
     fused: bool = False  # Liger's fused linear JSD (full vocabulary, hidden states)
 
     @classmethod
@@ -131,7 +140,7 @@ class Objective:
                     "must be 1",
                 )
         fused = bool(args.use_liger_kernel)
-        chunked = args.loss_chunk_size is not None and not server and not fused
+        chunked = args.loss_chunk_size is not None and not fused
         return cls(
             beta=args.beta,
             temperature=args.temperature,
@@ -160,14 +169,22 @@ class Objective:
                 "use_liger_kernel computes the full-vocabulary JSD: loss_top_k, loss_add_tail and "
                 "reverse_kl_top_1_mode are ignored."
             )
-        if args.loss_chunk_size is not None and (args.use_teacher_server or args.use_liger_kernel):
-            notes.append("loss_chunk_size has no effect with use_teacher_server or use_liger_kernel.")
+        if args.loss_chunk_size is not None and args.use_liger_kernel:
+            notes.append("loss_chunk_size has no effect with use_liger_kernel (Liger chunks the loss itself).")
         if args.beta == 1 and sparse_top1 and not args.loss_add_tail:
             notes.append(
                 "beta=1, loss_top_k=1 and loss_add_tail=False give a loss that is always zero (one-token support "
                 "renormalised to probability 1)."
             )
         return notes
+
+    def dense(self) -> Objective:
+        """The same objective on full logits (for models whose logits are transformed after the LM head)."""
+        if self.fused or self.chunk_size is None:
+            return self
+        return dataclasses.replace(
+            self, chunk_size=None, teacher_view="logits" if self.teacher_view == "hidden" else self.teacher_view
+        )
 
     @property
     def family(self) -> str:

@@ -15,6 +15,7 @@ One optimizer step, as the transformers training loop runs it:
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -27,7 +28,7 @@ from .config import DistillationConfig
 from .data import DistillationCollator, Tokenizer, tokenize_dataset
 from .losses import IGNORE_INDEX
 from .metrics import TrainingWindow
-from .objective import Objective, StudentHidden, StudentLogits, StudentOutput
+from .objective import Objective, student_output
 from .rollout import draw_on_policy, generate_slices
 from .teacher.local import LocalTeacher, load_teacher, place_teacher, shared_vocab_size
 from .teacher.remote import RemoteTeacher, connect_teacher
@@ -113,6 +114,14 @@ class DistillationTrainer(Trainer):
         else:
             teacher, teacher_tokenizer = load_teacher(teacher_model, args)
             self.vocab_size = shared_vocab_size(model, teacher, processing_class, teacher_tokenizer)
+        if self.objective.chunk_size == "auto" and not all(models.has_plain_head(m) for m in (model, teacher or model)):
+            warnings.warn(
+                "loss_chunk_size='auto': a model transforms its logits after the LM head (soft-capping), so the loss "
+                "uses full logits (more memory); the chunked path cannot reproduce the transform",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.objective = self.objective.dense()
         if self.objective.student_view == "hidden":
             models.require_plain_head(model, "student")
 
@@ -268,18 +277,13 @@ class DistillationTrainer(Trainer):
 
     # ----- Loss -----
 
-    def _student_output(self, model, inputs) -> StudentOutput:
-        if self.objective.student_view == "hidden":
-            return StudentHidden(models.completion_hidden(model, inputs), *models.lm_head(model, self.vocab_size))
-        return StudentLogits(models.completion_logits(model, inputs, self.vocab_size))
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"][:, int(inputs["prompt_width"]) :]
         tokens = labels.ne(IGNORE_INDEX).sum()
         started = time.perf_counter()
         teacher = self.teacher(inputs)
         self._window.teacher_seconds += time.perf_counter() - started
-        student = self._student_output(model, inputs)
+        student = student_output(model, inputs, self.objective.student_view, self.vocab_size)
         loss_sum = self.objective.loss_sum(student, teacher, labels)
         if "on_policy" in inputs:  # a training slice (evaluation batches carry no flag)
             self._window.add_loss(inputs["on_policy"], loss_sum.item(), tokens.item())

@@ -28,10 +28,10 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         from ..models import DTYPES
 
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = DTYPES[dtype]
         self.model = (
             AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -46,8 +46,11 @@ class TransformersBackend:
         rows = self.model.get_output_embeddings().weight.shape[0]
         # Ids past the tokenizer in a padded output layer are never real tokens; accept only real ones.
         self.vocab_size = tokenizer_size if 1 < tokenizer_size <= rows else rows
+        self.chunk_tokens: int | None = None  # scored positions per LM-head chunk; None sizes it to the vocabulary
 
     def score(self, sequences, prompt_lengths, top_k, temperature):
+        from ..models import has_plain_head
+
         torch = self.torch
         width = max(len(s) for s in sequences)
         ids = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -55,36 +58,85 @@ class TransformersBackend:
         for i, s in enumerate(sequences):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
-        start = min(prompt_lengths) - 1  # first position whose logits any sequence needs
         with torch.inference_mode():
-            logits = self.model(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                logits_to_keep=width - start,
-                use_cache=False,
-            ).logits
-            # Log-probs only where they are returned: top-k and gather on the logits, minus one logsumexp per position.
-            scaled = logits[..., : self.vocab_size].float()
-            if temperature != 1:
-                scaled = scaled / temperature
-            normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
-            top_logits, top_ids = scaled.topk(top_k, dim=-1)
-            top_logprobs = top_logits - normaliser
-            targets = torch.cat([ids[:, start + 1 :], torch.zeros((len(sequences), 1), dtype=torch.long)], dim=1)
-            actual = (scaled.gather(-1, targets.to(self.device).unsqueeze(-1)) - normaliser).squeeze(-1)
-        top_logprobs, top_ids, actual = top_logprobs.cpu().numpy(), top_ids.cpu().numpy(), actual.cpu().numpy()
-        rows = []
-        for i, (s, p) in enumerate(zip(sequences, prompt_lengths)):
-            positions = slice(p - 1 - start, len(s) - 1 - start)
+            if has_plain_head(self.model):
+                top_logprobs, top_ids, actual = self._score_chunked(
+                    ids, mask, sequences, prompt_lengths, top_k, temperature
+                )
+            else:
+                top_logprobs, top_ids, actual = self._score_logits(
+                    ids, mask, sequences, prompt_lengths, top_k, temperature
+                )
+        rows, start = [], 0
+        for s, p in zip(sequences, prompt_lengths):
+            n = len(s) - p
             rows.append(
                 SequenceScores(
-                    top_logprobs[i, positions],
-                    top_ids[i, positions].astype(np.int64),
-                    actual[i, positions],
+                    top_logprobs[start : start + n],
+                    top_ids[start : start + n].astype(np.int64),
+                    actual[start : start + n],
                     np.asarray(s[p:], dtype=np.int64),
                 )
             )
+            start += n
         return rows
+
+    @staticmethod
+    def _scored_positions(sequences, prompt_lengths):
+        """(row, position) of every scored token's predicting position, and the token it predicts."""
+        rows, positions, targets = [], [], []
+        for i, (s, p) in enumerate(zip(sequences, prompt_lengths)):
+            rows += [i] * (len(s) - p)
+            positions += range(p - 1, len(s) - 1)
+            targets += s[p:]
+        return rows, positions, targets
+
+    def _log_probs(self, logits, targets, top_k, temperature):
+        """Top-k and actual-token log-probs of rows of logits: one logsumexp per row, nothing else normalised."""
+        scaled = logits[..., : self.vocab_size].float()
+        if temperature != 1:
+            scaled = scaled / temperature
+        normaliser = self.torch.logsumexp(scaled, dim=-1, keepdim=True)
+        top_logits, top_ids = scaled.topk(top_k, dim=-1)
+        actual = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser.squeeze(-1)
+        return (top_logits - normaliser).cpu().numpy(), top_ids.cpu().numpy(), actual.cpu().numpy()
+
+    def _score_chunked(self, ids, mask, sequences, prompt_lengths, top_k, temperature):
+        """The LM head on a chunk of scored positions at a time: memory bounded by the chunk, not by tokens x vocab."""
+        from ..chunked import auto_chunk_size
+        from ..models import last_hidden_state, lm_head
+
+        torch = self.torch
+        hidden = last_hidden_state(self.model, input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        rows, positions, targets = self._scored_positions(sequences, prompt_lengths)
+        hidden = hidden[torch.tensor(rows), torch.tensor(positions)]
+        targets = torch.tensor(targets, device=self.device)
+        weight, bias = lm_head(self.model, self.vocab_size)
+        chunk = self.chunk_tokens or auto_chunk_size(self.vocab_size)
+        parts = [
+            self._log_probs(
+                torch.nn.functional.linear(hidden[i : i + chunk], weight, bias),
+                targets[i : i + chunk],
+                top_k,
+                temperature,
+            )
+            for i in range(0, hidden.shape[0], chunk)
+        ]
+        return tuple(np.concatenate(column) for column in zip(*parts))
+
+    def _score_logits(self, ids, mask, sequences, prompt_lengths, top_k, temperature):
+        """Full logits of every scored position at once, for models that transform their logits after the LM head."""
+        torch = self.torch
+        start = min(prompt_lengths) - 1  # first position whose logits any sequence needs
+        logits = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            logits_to_keep=ids.shape[1] - start,
+            use_cache=False,
+        ).logits
+        rows, positions, targets = self._scored_positions(sequences, prompt_lengths)
+        logits = logits[torch.tensor(rows), torch.tensor(positions) - start]
+        return self._log_probs(logits, torch.tensor(targets, device=self.device), top_k, temperature)
 
 
 class VLLMBackend:
