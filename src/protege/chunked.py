@@ -12,12 +12,20 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .losses import IGNORE_INDEX, check_reduction, divergence_rows, normaliser, sparse_top1_rows
+from .losses import (
+    IGNORE_INDEX,
+    check_reduction,
+    divergence_rows,
+    divergence_rows_value_and_grad,
+    normaliser,
+    sparse_top1_rows,
+)
 
-# Per-chunk working memory that "auto" aims at: the JSD's autograd graph keeps about 17 (chunk x vocabulary) float32
-# tensors (measured, docs/benchmarks.md), so a chunk is about 256 MiB / (17 * 4 bytes * vocabulary) tokens.
+# Per-chunk working memory that "auto" aims at. A chunk of the full-vocabulary JSD (closed-form gradient) keeps about
+# 10 (chunk x vocabulary) float32 tensors alive, top-k and sparse top-1 about 6 (measured at vocabulary 151,936,
+# docs/benchmarks.md), so a chunk is about 256 MiB / (10 * 4 bytes * vocabulary) tokens.
 AUTO_CHUNK_BYTES = 256 * 2**20
-TENSORS_PER_CHUNK_ROW = 17
+TENSORS_PER_CHUNK_ROW = 10
 
 
 def auto_chunk_size(vocab_size: int) -> int:
@@ -32,11 +40,12 @@ class _ChunkedRows(torch.autograd.Function):
     no logits are recomputed in backward, so the cost stays that of one dense forward and backward. Autograd runs
     only from the loss to the chunk's logits; the LM head's (V x H) gradient is accumulated in place with `addmm_`, so
     no (V x H) temporary is made per chunk, and backward scales the accumulated gradients in place. The teacher's
-    rows (any tensors with one row per token) are sliced alongside and handed to `elements_fn`.
+    rows (any tensors with one row per token) are sliced alongside and handed to `elements_fn`, or, when given, to
+    `value_and_grad_fn`, which returns a chunk's summed loss and its gradient in closed form (fewer (C x V) tensors).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, elements_fn, chunk_size, *teacher_rows):
+    def forward(ctx, hidden, weight, bias, elements_fn, value_and_grad_fn, chunk_size, *teacher_rows):
         needs = ctx.needs_input_grad[:3]
         grads = [
             torch.zeros_like(hidden) if needs[0] else None,
@@ -48,17 +57,26 @@ class _ChunkedRows(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             chunk_hidden = hidden[rows]
+            chunk_rows = [t[rows] for t in teacher_rows]
             with torch.no_grad():
-                logits = F.linear(chunk_hidden, weight, bias).requires_grad_(any(needs))
-            with torch.enable_grad():
-                elements = elements_fn(logits, *(t[rows] for t in teacher_rows))
-                chunk_loss = elements.sum()
-            support_size = elements.shape[-1]
+                logits = F.linear(chunk_hidden, weight, bias)
+            if value_and_grad_fn is not None:
+                chunk_loss, grad_logits = value_and_grad_fn(logits, *chunk_rows)
+                grad_logits = grad_logits.to(logits.dtype)  # as autograd gives it, in the logits' dtype
+                support_size = logits.shape[-1]
+            else:
+                logits.requires_grad_(any(needs))
+                with torch.enable_grad():
+                    elements = elements_fn(logits, *chunk_rows)
+                    chunk_loss = elements.sum()
+                support_size = elements.shape[-1]
+                if any(needs):
+                    (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
+                del elements
             total += chunk_loss.detach()
+            del chunk_loss, logits
             if not any(needs):
                 continue
-            (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
-            del elements, chunk_loss, logits
             if needs[0]:
                 grads[0][rows] = grad_logits @ weight
             if needs[1]:
@@ -82,7 +100,7 @@ class _ChunkedRows(torch.autograd.Function):
             for g, need, dtype in zip(ctx.grads, ctx.needs_input_grad[:3], ctx.dtypes)
         )
         ctx.grads = None
-        return (*grads, None, None, *([None] * (len(ctx.needs_input_grad) - 5)))
+        return (*grads, *([None] * (len(ctx.needs_input_grad) - 3)))
 
 
 def chunked_rows_sum(
@@ -92,6 +110,7 @@ def chunked_rows_sum(
     elements_fn,
     *teacher_rows: torch.Tensor,
     chunk_size: int | str,
+    value_and_grad_fn=None,
 ) -> tuple[torch.Tensor, int]:
     """Sum of `elements_fn(hidden @ weight.T + bias, *teacher_rows)` over rows (N, H), `chunk_size` rows at a time
     ("auto": `auto_chunk_size` of the weight's vocabulary).
@@ -105,8 +124,20 @@ def chunked_rows_sum(
     if not torch.is_grad_enabled():  # evaluation: autograd.Function would still compute the gradients
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
-    total, support = _ChunkedRows.apply(hidden, weight, bias, elements_fn, chunk_size, *teacher_rows)
+    total, support = _ChunkedRows.apply(hidden, weight, bias, elements_fn, value_and_grad_fn, chunk_size, *teacher_rows)
     return total, int(support)
+
+
+def through_teacher_head(fn, weight: torch.Tensor, bias: torch.Tensor | None):
+    """`fn(student_logits, teacher_logits, *rest)` made to take the teacher's last hidden state in place of its logits;
+    the teacher's chunk of logits is made under no_grad, like the student's."""
+
+    def on_hidden(student_logits, teacher_hidden, *rest):
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_hidden, weight, bias)
+        return fn(student_logits, teacher_logits, *rest)
+
+    return on_hidden
 
 
 def chunked_logits_loss(
@@ -119,10 +150,11 @@ def chunked_logits_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     vocab_size: int | None = None,
+    value_and_grad_fn=None,
 ) -> torch.Tensor:
     """Any row loss `rows_fn(student_logits, teacher_logits, targets)` of `hidden @ lm_head.T (+ bias)` logits,
     `chunk_size` tokens at a time; `heads` is (student_hidden, student_lm_head, teacher_hidden, teacher_lm_head,
-    labels).
+    labels). `value_and_grad_fn`, with the same arguments, may give a chunk's sum and gradient in closed form.
 
     Hidden states are (B, T, H) with labels (B, T), or (N, H) with labels (N,). LM heads are weight matrices (V, H);
     `vocab_size` keeps only their first rows (a head padded past the tokenizer). Gradients reach the student's hidden
@@ -143,19 +175,15 @@ def chunked_logits_loss(
         labels = torch.zeros(student_hidden.shape[:-1], dtype=torch.long, device=student_hidden.device)
     mask = labels != IGNORE_INDEX
 
-    def elements_fn(student_logits, teacher_rows, targets):
-        with torch.no_grad():
-            teacher_logits = F.linear(teacher_rows, teacher_lm_head, teacher_bias)
-        return rows_fn(student_logits, teacher_logits, targets)
-
     total, support = chunked_rows_sum(
         student_hidden[mask],
         student_lm_head,
         student_bias,
-        elements_fn,
+        through_teacher_head(rows_fn, teacher_lm_head, teacher_bias),
         teacher_hidden[mask],
         labels[mask],
         chunk_size=chunk_size,
+        value_and_grad_fn=value_and_grad_fn and through_teacher_head(value_and_grad_fn, teacher_lm_head, teacher_bias),
     )
     return total / normaliser(reduction, int(mask.sum()), support, num_items_in_batch)
 
@@ -181,8 +209,12 @@ def chunked_jsd_loss(
             student_logits, teacher_logits, beta=beta, temperature=temperature, top_k=top_k, add_tail=add_tail
         )
 
+    def value_and_grad_fn(student_logits, teacher_logits, _targets):
+        return divergence_rows_value_and_grad(student_logits, teacher_logits, beta=beta, temperature=temperature)
+
     heads = (student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels)
-    return chunked_logits_loss(rows_fn, heads, **chunk_options)
+    full = top_k <= 0 or top_k >= student_lm_head.shape[0]
+    return chunked_logits_loss(rows_fn, heads, value_and_grad_fn=value_and_grad_fn if full else None, **chunk_options)
 
 
 def chunked_sparse_top1_loss(

@@ -159,7 +159,7 @@ class DistillationConfig(TrainingArguments):
             "help": "The loss is computed from hidden states and LM heads this many completion tokens at a time, "
             "never holding full-vocabulary logits for the whole batch (same value and gradient as full logits, "
             "memory bounded by the chunk, in every mode, local teacher or server). 'auto' (default) sizes the "
-            "chunk to the vocabulary, about 256 MiB of per-chunk tensors (52 tokens at 151,936, 26,000 at 300); an "
+            "chunk to the vocabulary, about 256 MiB of per-chunk tensors (44 tokens at 151,936, 22,000 at 300); an "
             "integer fixes it; None (or 'none' on the command line) computes full logits at once, the dense path "
             "of earlier releases and of TRL. Models that transform logits after the LM head (soft-capping) use "
             "the dense path under 'auto'."

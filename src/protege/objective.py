@@ -24,13 +24,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import models
-from .chunked import chunked_rows_sum
+from .chunked import chunked_rows_sum, through_teacher_head
 from .losses import (
     IGNORE_INDEX,
     divergence_rows,
+    divergence_rows_value_and_grad,
     sparse_top1_rows,
     sparse_top1_support,
     support_rows,
@@ -211,16 +211,23 @@ class Objective:
         mask = labels != IGNORE_INDEX
         if self.fused:
             return self._fused_sum(student, teacher, labels, mask)
-        elements, teacher_rows = self._row_function(teacher, mask, labels[mask])
+        elements, value_and_grad, teacher_rows = self._row_function(teacher, mask, labels[mask])
         if isinstance(student, StudentHidden):
             total, _ = chunked_rows_sum(
-                student.hidden[mask], student.weight, student.bias, elements, *teacher_rows, chunk_size=self.chunk_size
+                student.hidden[mask],
+                student.weight,
+                student.bias,
+                elements,
+                *teacher_rows,
+                chunk_size=self.chunk_size,
+                value_and_grad_fn=value_and_grad,
             )
             return total
         return elements(student.logits[mask], *teacher_rows).sum()
 
     def _row_function(self, teacher: TeacherOutput, mask: torch.Tensor, targets: torch.Tensor):
-        """The row function `elements(student_logits, *rows)` of this objective, and the teacher's rows for it."""
+        """This objective's row function `elements(student_logits, *rows)`, its closed-form value and gradient where
+        there is one (the full-vocabulary divergence), and the teacher's rows for them."""
         options = {"beta": self.beta, "temperature": self.temperature, "add_tail": self.add_tail}
         if isinstance(teacher, TeacherScores):
             if self.family == "sparse_top1":
@@ -234,8 +241,9 @@ class Objective:
             else:  # the teacher's top-k as sent, forward KL
                 ids, logprobs = teacher.topk_ids[mask], teacher.topk_logprobs[mask].float()
                 valid = logprobs > -math.inf
-            return functools.partial(support_rows, **options), (ids, logprobs, valid)
+            return functools.partial(support_rows, **options), None, (ids, logprobs, valid)
 
+        value_and_grad = None
         if self.family == "sparse_top1":
 
             def on_logits(student_logits, teacher_logits, rows_targets):
@@ -247,15 +255,18 @@ class Objective:
             def on_logits(student_logits, teacher_logits, _rows_targets):
                 return divergence_rows(student_logits, teacher_logits, top_k=self.top_k, **options)
 
+            if self.family == "full":
+
+                def value_and_grad(student_logits, teacher_logits, _rows_targets):
+                    return divergence_rows_value_and_grad(
+                        student_logits, teacher_logits, beta=self.beta, temperature=self.temperature
+                    )
+
         if isinstance(teacher, TeacherLogits):
-            return on_logits, (teacher.logits[mask], targets)
-
-        def on_hidden(student_logits, teacher_hidden, rows_targets):
-            with torch.no_grad():
-                teacher_logits = F.linear(teacher_hidden, teacher.weight, teacher.bias)
-            return on_logits(student_logits, teacher_logits, rows_targets)
-
-        return on_hidden, (teacher.hidden[mask], targets)
+            return on_logits, value_and_grad, (teacher.logits[mask], targets)
+        through_head = functools.partial(through_teacher_head, weight=teacher.weight, bias=teacher.bias)
+        value_and_grad = value_and_grad and through_head(value_and_grad)
+        return through_head(on_logits), value_and_grad, (teacher.hidden[mask], targets)
 
     def _fused_sum(self, student: StudentHidden, teacher: TeacherHidden, labels, mask) -> torch.Tensor:
         """Liger's fused linear JSD (a mean over tokens), turned back into a sum."""
