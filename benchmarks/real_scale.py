@@ -21,7 +21,7 @@ and runs 64-token completions.
 
 Every case (mode x completion length) is one off-policy step (lmbda 0) on 2 rows of ~16 prompt and exactly N
 completion tokens (batch 2, gradient accumulation 1), float32, AdamW (``adamw_torch``), learning rate 1e-6, no
-activation checkpointing, no saving, in a fresh process of ``real_scale_worker.py`` (whose docstring says what it
+activation checkpointing (unless ``--activation-checkpointing``), no saving, in a fresh process of ``real_scale_worker.py`` (whose docstring says what it
 measures). The modes (``real_scale_worker.MODES``), all at beta 0.5 unless said:
 
 * ``local-default``: protege with no loss setting: its default ``loss_top_k`` and ``loss_chunk_size``;
@@ -117,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/protege_real_scale"), help="models and runs")
     p.add_argument("--mem-budget-gib", type=float, default=21.0, help="kill a case whose worker + server pass this")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the worker and the server")
+    p.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute the student's activations (long completions)"
+    )
     p.add_argument("--python", default=sys.executable, help="interpreter for protege (default: this one)")
     p.add_argument("--trl-python", default=str(REPO / ".trl-env" / "bin" / "python"), help="TRL 1.8.0's interpreter")
     p.add_argument("--json", type=Path, help="append the results here (default: CACHE_DIR/results.json)")
@@ -346,6 +349,7 @@ def main(argv=None) -> int:
                 tokenizer=built["tokenizer"],
                 output_dir=str(case_dir / "trainer"),
                 threads=args.threads,
+                activation_checkpointing=args.activation_checkpointing,
             )
             record = run_case(case, args, built, case_dir)
             records.append(record)

@@ -81,6 +81,7 @@ class Case(RunSettings):
     tokenizer: str = setting(help="tokenizer folder (PreTrainedTokenizerFast)")
     server_url: str | None = setting(None, "teacher server of the server modes")
     output_dir: str | None = setting(None, "Trainer output_dir (nothing is saved)")
+    activation_checkpointing: bool = setting(False, "recompute the student's layer activations in backward")
 
     def __post_init__(self) -> None:
         self.max_completion_length = self.max_completion_length or self.completion_tokens
@@ -161,6 +162,7 @@ def main(argv=None) -> int:
             shared.pop("loss_top_k")
         if mode.server:
             shared["teacher_model_server_url"] = case.server_url
+        shared["activation_checkpointing"] = case.activation_checkpointing
         return DistillationConfig(**{**shared, **mode.config})
 
     trainer, timer, init_warnings = workers.build_trainer(
