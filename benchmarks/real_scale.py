@@ -21,8 +21,9 @@ and runs 64-token completions.
 
 Every case (mode x completion length) is one off-policy step (lmbda 0) on 2 rows of ~16 prompt and exactly N
 completion tokens (batch 2, gradient accumulation 1), float32, AdamW (``adamw_torch``), learning rate 1e-6, no
-activation checkpointing (unless ``--activation-checkpointing``), no saving, in a fresh process of ``real_scale_worker.py`` (whose docstring says what it
-measures). The modes (``real_scale_worker.MODES``), all at beta 0.5 unless said:
+activation checkpointing (unless ``--activation-checkpointing``), no saving, in a fresh process of
+``real_scale_worker.py`` (whose docstring says what it measures). The modes (``real_scale_worker.MODES``), all at
+beta 0.5 unless said:
 
 * ``local-default``: protege with no loss setting: its default ``loss_top_k`` and ``loss_chunk_size``;
 * ``local-dense``: protege, full vocabulary (``loss_top_k=0``), full logits (``loss_chunk_size=None``);

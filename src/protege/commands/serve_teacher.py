@@ -47,6 +47,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..server.app import ServerLimits, serve
+    from ..server.backends import return_large_blocks_to_the_os
+
+    return_large_blocks_to_the_os()  # the server process is ours: keep its memory bounded by the live tensors
 
     if args.backend == "vllm":
         from ..server.backends import VLLMBackend
