@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protege.choices import RESPONSE_FORMATS as FORMATS
+from protege.choices import LOGPROB_FORMATS as FORMATS
 
 GZIP_LEVEL = 6  # the compresslevel protege's app gives GZipMiddleware (src/protege/server/app.py)
 

@@ -28,12 +28,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import protege.teacher.client as client_module
-from protege.choices import RESPONSE_FORMATS
+from protege.choices import LOGPROB_FORMATS
 from protege.teacher.client import TeacherClient, TeacherServerError
 from protege.teacher.codec import BatchScores, SequenceScores, encode
 
 VOCAB = 1000
-FORMATS = RESPONSE_FORMATS
+FORMATS = LOGPROB_FORMATS
 SEQUENCES = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19]]
 PROMPT_LENGTHS = [2, 1, 4]
 

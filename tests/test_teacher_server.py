@@ -9,56 +9,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, start_server, stop_server
 from test_trainer import config, logged
 from tiny import dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from protege import DistillationTrainer
 from protege.server.backends import TransformersBackend
-from protege.teacher.client import TeacherClient, TeacherServerError
-
-
-def start_server(model: str, port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "protege",
-            "serve-teacher",
-            "--model",
-            model,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        TeacherClient(f"http://127.0.0.1:{port}").wait_until_ready(timeout=120)
-    except TeacherServerError:
-        process.kill()
-        raise AssertionError(f"the teacher server did not start: {process.communicate()[1][-2000:]}") from None
-    return process
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
-@pytest.fixture(scope="module")
-def teacher_url(tiny_paths):
-    port = free_port()
-    process = start_server(tiny_paths["teacher"], port)
-    yield f"http://127.0.0.1:{port}"
-    stop_server(process)
+from protege.teacher.client import TeacherServerError
 
 
 def first_loss(tiny_paths, tmp_path, **overrides) -> float:
@@ -119,7 +77,8 @@ class StopServerAt(TrainerCallback):
             stop_server(self.process)
 
 
-def test_server_lost_mid_training_then_resumed(tiny_paths, tmp_path):
+@pytest.mark.parametrize("response_format", ["compact", "hidden"])
+def test_server_lost_mid_training_then_resumed(tiny_paths, tmp_path, response_format):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = start_server(tiny_paths["teacher"], port)
@@ -134,6 +93,7 @@ def test_server_lost_mid_training_then_resumed(tiny_paths, tmp_path):
         teacher_model_server_url=url,
         teacher_server_max_retries=2,
         teacher_server_timeout=10.0,
+        teacher_server_response_format=response_format,
     )
     trainer = DistillationTrainer(model=tiny_paths["student"], args=config(tmp_path, **args), train_dataset=dataset(64))
     trainer.add_callback(StopServerAt(process, 3))

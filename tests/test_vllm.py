@@ -205,3 +205,52 @@ def test_trainer_with_openai_vllm_teacher_matches_local(vllm_models, openai_vllm
         teacher_server_model=vllm_models["teacher"],
     )
     assert served == pytest.approx(local, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def hidden_vllm_server(vllm_models):
+    port = free_port()
+    command = [str(VLLM_PYTHON), "-m", "protege", "serve-teacher", "--backend", "vllm", "--vllm-hidden-states"]
+    command += ["--model", vllm_models["teacher"], "--dtype", "float32", "--port", str(port)]
+    process = start(command + ["--max-model-len", "256", "--log-level", "warning"], "/health/", port)
+    yield f"http://127.0.0.1:{port}"
+    stop(process)
+
+
+def test_vllm_pooling_runner_serves_hidden_states_and_the_head(vllm_models, hidden_vllm_server, tmp_path):
+    """vLLM's pooling runner gives the final hidden states (the transformers backend's, to float32 rounding), and
+    /lm_head/ reads the head from the checkpoint; the log-prob formats are refused with a message."""
+    backend = TransformersBackend(vllm_models["teacher"])
+    expected = backend.hidden_states(SEQUENCES, PROMPT_LENGTHS)
+    client = TeacherClient(hidden_vllm_server)
+    served = client.hidden_states(SEQUENCES, PROMPT_LENGTHS, dtype="float32", hidden_size=64)
+    assert [s.shape for s in served] == [(5, 64), (4, 64), (5, 64)]
+    for got, want in zip(served, expected):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    head = client.lm_head(tmp_path)
+    np.testing.assert_array_equal(head.weight.numpy(), backend.lm_head().weight.numpy())
+    with pytest.raises(TeacherServerError, match=r"HTTP 400.*--vllm-hidden-states and serves response_format='hidden'"):
+        client.score(SEQUENCES, PROMPT_LENGTHS, top_k=1)
+
+
+def test_trainer_with_vllm_hidden_teacher_matches_local(vllm_models, hidden_vllm_server, tmp_path):
+    """The exact full-vocabulary JSD through vLLM's hidden states equals the local teacher's."""
+    from protege import DistillationTrainer
+
+    def first_loss(**overrides):
+        trainer = DistillationTrainer(
+            model=vllm_models["student"],
+            args=config(tmp_path, lmbda=0.0, beta=0.5, loss_top_k=0, max_steps=1, **overrides),
+            teacher_model=None if overrides else vllm_models["teacher"],
+            train_dataset=dataset(16),
+        )
+        trainer.train()
+        return logged(trainer, "loss")[0]
+
+    served = first_loss(
+        use_teacher_server=True,
+        teacher_model_server_url=hidden_vllm_server,
+        teacher_server_response_format="hidden",
+        teacher_server_hidden_dtype="float32",
+    )
+    assert served == pytest.approx(first_loss(), rel=1e-4)

@@ -3,6 +3,9 @@ command line lists them in --help without loading torch)."""
 
 REVERSE_KL_TOP_1_MODES = ("sampled", "argmax")  # DistillationConfig.reverse_kl_top_1_mode
 TEACHER_PROTOCOLS = ("protege", "openai")  # DistillationConfig.teacher_server_protocol
-RESPONSE_FORMATS = ("json", "binary", "compact")  # teacher server payloads (teacher_server_response_format)
+LOGPROB_FORMATS = ("json", "binary", "compact")  # teacher server payloads of top-k log-probs
+HIDDEN_FORMAT = "hidden"  # the teacher server payload of final hidden states (the loss applies the LM head)
+RESPONSE_FORMATS = (*LOGPROB_FORMATS, HIDDEN_FORMAT)  # teacher_server_response_format
+HIDDEN_DTYPES = ("float16", "bfloat16", "float32")  # wire dtypes of hidden states (teacher_server_hidden_dtype)
 VLLM_MODES = ("colocate", "server")  # DistillationConfig.vllm_mode
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # weights dtypes by name (init kwargs, serve-teacher)

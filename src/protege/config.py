@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from .choices import RESPONSE_FORMATS, REVERSE_KL_TOP_1_MODES, TEACHER_PROTOCOLS, VLLM_MODES
+from .choices import (
+    HIDDEN_DTYPES,
+    HIDDEN_FORMAT,
+    RESPONSE_FORMATS,
+    REVERSE_KL_TOP_1_MODES,
+    TEACHER_PROTOCOLS,
+    VLLM_MODES,
+)
 from .objective import Objective
 
 
@@ -186,8 +193,26 @@ class DistillationConfig(TrainingArguments):
         default="compact",
         metadata={
             "help": "Payload format asked of a 'protege' server: 'compact' (float16, ragged; smallest), 'binary' "
-            "(TRL's float32 base64 arrays; use it with trl vllm-serve) or 'json'.",
+            "(TRL's float32 base64 arrays; use it with trl vllm-serve) or 'json': the teacher's top-k log-probs. "
+            "'hidden': the teacher's final hidden states (2H bytes a token in 16 bits) and its LM head, fetched once; "
+            "the loss is then exact for every beta, loss_top_k and temperature, as with a local teacher.",
             "choices": list(RESPONSE_FORMATS),
+        },
+    )
+    teacher_server_hidden_dtype: str = field(
+        default="float16",
+        metadata={
+            "help": "Wire dtype of the 'hidden' format: 'float16' (default; exact for a bfloat16 or float16 teacher, "
+            "2^-11 relative rounding for a float32 one), 'bfloat16', or 'float32' (exact, twice the bytes).",
+            "choices": list(HIDDEN_DTYPES),
+        },
+    )
+    teacher_lm_head_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "With the 'hidden' format, read the teacher's LM head from this checkpoint (local folder or hub "
+            "id; only the head's tensors are read, located through the safetensors index) instead of downloading "
+            "it from the server's /lm_head/ (cached by SHA-256 in $PROTEGE_CACHE_DIR or ~/.cache/protege)."
         },
     )
     teacher_server_model: str | None = field(
@@ -362,6 +387,19 @@ class DistillationConfig(TrainingArguments):
                     "teacher_server_response_format",
                     self.teacher_server_response_format,
                     f"it must be one of {RESPONSE_FORMATS}",
+                )
+            if self.teacher_server_hidden_dtype not in HIDDEN_DTYPES:
+                fail(
+                    "teacher_server_hidden_dtype",
+                    self.teacher_server_hidden_dtype,
+                    f"it must be one of {HIDDEN_DTYPES}",
+                )
+            if self.teacher_server_response_format == HIDDEN_FORMAT and self.teacher_server_protocol != "protege":
+                fail(
+                    "teacher_server_response_format",
+                    HIDDEN_FORMAT,
+                    "hidden states come from a protege teacher server (teacher_server_protocol='protege'); an "
+                    "OpenAI-compatible server only gives log-probs",
                 )
             if self.teacher_server_protocol == "openai" and not self.teacher_server_model:
                 fail(

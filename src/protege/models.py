@@ -10,6 +10,7 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .choices import DTYPE_NAMES
+from .teacher.head import logit_transform
 
 DTYPES = {name: "auto" if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -101,8 +102,7 @@ def lm_head(model: torch.nn.Module, vocab_size: int) -> tuple[torch.Tensor, torc
 
 def has_plain_head(model: torch.nn.Module) -> bool:
     """Whether the logits are exactly hidden @ head.T (+ bias): no soft-capping or scaling after the LM head."""
-    text_config = model.config.get_text_config()
-    return not (getattr(text_config, "final_logit_softcapping", None) or getattr(text_config, "logit_scale", None))
+    return logit_transform(model.config) == (1.0, None)
 
 
 def require_plain_head(model: torch.nn.Module, who: str) -> None:

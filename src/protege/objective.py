@@ -12,8 +12,9 @@ Families (what the divergence is computed over):
 * "sparse_top1": beta > 0 and `loss_top_k=1`: the teacher's top-1 token and the reverse token (sampled or argmax).
 
 Views: the student gives logits (dense) or its last hidden state and LM head (chunked, `loss_chunk_size`); the teacher
-gives logits, its last hidden state and LM head, or server scores. Every combination reduces to one row function
-`elements(student_logits, *teacher_rows)` over the completion tokens, run at once or chunk by chunk.
+gives logits, its last hidden state and LM head (local, or a server's "hidden" format), or server scores. Every
+combination reduces to one row function `elements(student_logits, *teacher_rows)` over the completion tokens, run at
+once or chunk by chunk.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import models
+from .choices import HIDDEN_FORMAT
 from .chunked import chunked_rows_sum, through_teacher_head
 from .losses import (
     IGNORE_INDEX,
@@ -117,27 +119,32 @@ class Objective:
             raise ValueError(f"{field_name}={value!r} is not allowed: {allowed}.")
 
         server = bool(args.use_teacher_server)
+        # A server's hidden states and the teacher's LM head give the full distribution, as a local teacher does.
+        log_probs_only = server and getattr(args, "teacher_server_response_format", None) != HIDDEN_FORMAT
+        exact = "; teacher_server_response_format='hidden' gives the exact loss for any setting"
         if args.use_liger_kernel and server:
             fail("use_liger_kernel", True, "the Liger fused loss needs a local teacher, not use_teacher_server")
-        if server:
+        if log_probs_only:
             if args.reverse_kl_top_1_mode == "argmax":
                 fail(
                     "reverse_kl_top_1_mode",
                     "argmax",
-                    "a teacher server only scores the sampled tokens, so use_teacher_server needs 'sampled'",
+                    "a teacher server's log-probs cover only the sampled tokens, so use_teacher_server needs "
+                    f"'sampled'{exact}",
                 )
             if args.beta == 0 and args.loss_top_k < 1:
                 fail(
                     "loss_top_k",
                     args.loss_top_k,
-                    "with use_teacher_server and beta=0 the loss uses the teacher's top-k, so loss_top_k must be >= 1",
+                    "with use_teacher_server and beta=0 the loss uses the teacher's top-k log-probs, so loss_top_k "
+                    f"must be >= 1{exact}",
                 )
             if args.beta > 0 and args.loss_top_k != 1:
                 fail(
                     "loss_top_k",
                     args.loss_top_k,
-                    f"with use_teacher_server and beta={args.beta} only the sparse top-1 loss exists, so loss_top_k "
-                    "must be 1",
+                    f"with use_teacher_server and beta={args.beta} only the sparse top-1 loss exists on log-probs, "
+                    f"so loss_top_k must be 1{exact}",
                 )
         fused = bool(args.use_liger_kernel)
         chunked = args.loss_chunk_size is not None and not fused
@@ -147,7 +154,7 @@ class Objective:
             top_k=0 if fused else args.loss_top_k,
             add_tail=args.loss_add_tail,
             top1_mode=args.reverse_kl_top_1_mode,
-            teacher_view="scores" if server else ("hidden" if chunked or fused else "logits"),
+            teacher_view="scores" if log_probs_only else ("hidden" if chunked or fused or server else "logits"),
             chunk_size=args.loss_chunk_size if chunked else None,
             fused=fused,
         )

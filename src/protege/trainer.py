@@ -30,8 +30,8 @@ from .losses import IGNORE_INDEX
 from .metrics import TrainingWindow
 from .objective import Objective, student_output
 from .rollout import draw_on_policy, generate_slices
-from .teacher.local import LocalTeacher, load_teacher, place_teacher, shared_vocab_size
-from .teacher.remote import RemoteTeacher, connect_teacher
+from .teacher.local import LocalTeacher, load_teacher, place_teacher, shared_rows, shared_vocab_size
+from .teacher.remote import RemoteHiddenTeacher, RemoteTeacher, connect_teacher, teacher_head
 
 
 class RepeatSampler(Sampler):
@@ -111,6 +111,15 @@ class DistillationTrainer(Trainer):
                 )
             client, teacher = connect_teacher(args, processing_class), None
             self.vocab_size = models.output_rows(model)
+            if self.objective.teacher_view == "hidden":
+                try:
+                    head, where = teacher_head(args, client)
+                    self.vocab_size = shared_rows(len(processing_class), self.vocab_size, head.vocab_size)
+                    weight, bias = head.for_loss(self.vocab_size, model.device, model.dtype, where)
+                except BaseException:
+                    client.close()
+                    raise
+                del head
         else:
             teacher, teacher_tokenizer = load_teacher(teacher_model, args)
             self.vocab_size = shared_vocab_size(model, teacher, processing_class, teacher_tokenizer)
@@ -159,7 +168,11 @@ class DistillationTrainer(Trainer):
         )
         if teacher is None:
             self.teacher_model = None
-            self.teacher = RemoteTeacher(client, self.objective.server_top_k, args.temperature)
+            if self.objective.teacher_view == "hidden":
+                weight, bias = weight.to(self.args.device), None if bias is None else bias.to(self.args.device)
+                self.teacher = RemoteHiddenTeacher(client, weight, bias, args.teacher_server_hidden_dtype)
+            else:
+                self.teacher = RemoteTeacher(client, self.objective.server_top_k, args.temperature)
         else:
             self.teacher_model = place_teacher(
                 teacher, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled

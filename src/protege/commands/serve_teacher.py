@@ -10,9 +10,9 @@ from ..choices import DTYPE_NAMES
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve-teacher",
-        help="Serve a teacher's log-probs over HTTP (POST /get_sequence_logprobs/).",
+        help="Serve a teacher's log-probs or hidden states over HTTP (POST /get_sequence_logprobs/).",
         description="Serve a teacher model's log-probs for distillation. Speaks TRL's /get_sequence_logprobs/ "
-        "contract (json and binary formats) plus protege's compact format; see docs/teacher-server.md.",
+        "contract (json and binary formats) plus protege's compact and hidden formats; see docs/teacher-server.md.",
     )
     parser.add_argument("--model", required=True, help="Hub id or local path of the teacher model.")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1).")
@@ -40,6 +40,13 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--max-body-mb", type=float, default=64.0, help="Largest request body in MiB (default: 64).")
     parser.add_argument("--no-batching", action="store_true", help="Score each request alone.")
+    parser.add_argument(
+        "--vllm-hidden-states",
+        action="store_true",
+        help="With --backend vllm: build vLLM's pooling runner, which serves response_format='hidden' (final hidden "
+        "states; the LM head is read from the checkpoint for /lm_head/) and only it. The transformers backend "
+        "serves every format without this flag.",
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow custom modelling code.")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default: info).")
     parser.set_defaults(handler=run)
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
             max_logprobs=args.max_top_logprobs,
             trust_remote_code=args.trust_remote_code,
+            hidden_states=args.vllm_hidden_states,
         )
     else:
         from ..server.backends import TransformersBackend

@@ -1,7 +1,8 @@
 """The teacher server's HTTP layer: validation, request batching and response formats (FastAPI + uvicorn).
 
 Concurrent requests wait in a queue; a single worker takes as many as fit a token budget (requests with the same
-top_logprobs and temperature), scores them in one backend call in a thread, and answers each. A request the server
+top_logprobs and temperature, or all asking for hidden states), scores them in one backend call in a thread, and
+answers each. A request the server
 cannot serve is refused with a 4xx and a message before it reaches the queue, and the next one is served normally.
 """
 
@@ -11,21 +12,25 @@ import asyncio
 import contextlib
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException
 from fastapi.middleware.gzip import GZipMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt
 
-from ..choices import RESPONSE_FORMATS
-from ..teacher.codec import encode
+from ..choices import HIDDEN_DTYPES, HIDDEN_FORMAT, LOGPROB_FORMATS, RESPONSE_FORMATS
+from ..teacher.codec import encode, encode_hidden
+from ..teacher.head import save_head
 from .backends import Backend
 
 
 class SequenceLogprobsRequest(BaseModel):
-    """The body of POST /get_sequence_logprobs/ (TRL's contract, plus the "compact" format)."""
+    """The body of POST /get_sequence_logprobs/ (TRL's contract, plus the "compact" and "hidden" formats)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,6 +39,13 @@ class SequenceLogprobsRequest(BaseModel):
     top_logprobs: StrictInt = 1
     temperature: StrictFloat | StrictInt = 1.0
     response_format: Literal[RESPONSE_FORMATS] = "json"
+    hidden_dtype: Literal[HIDDEN_DTYPES] = "float16"  # the "hidden" format's wire dtype
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys are scored in one backend call."""
+        if self.response_format == HIDDEN_FORMAT:
+            return (HIDDEN_FORMAT,)
+        return (self.top_logprobs, self.temperature)
 
 
 @dataclass
@@ -53,12 +65,28 @@ class _Job:
     future: asyncio.Future = field(repr=False)
 
 
+def serves(backend: Backend) -> tuple[bool, bool]:
+    """Whether a backend serves the log-prob formats and the hidden format (a backend that does not say: log-probs)."""
+    return getattr(backend, "serves_logprobs", True), getattr(backend, "serves_hidden", False)
+
+
 def validate(request: SequenceLogprobsRequest, backend: Backend, limits: ServerLimits) -> None:
     """Refuse what the backend cannot serve, naming the sequence and the problem (HTTP 400)."""
 
     def refuse(message: str) -> None:
         raise HTTPException(status_code=400, detail=message)
 
+    serves_logprobs, serves_hidden = serves(backend)
+    if request.response_format == HIDDEN_FORMAT and not serves_hidden:
+        refuse(
+            "response_format='hidden' needs the transformers backend (serve-teacher --backend transformers), or the "
+            "vllm backend started with --vllm-hidden-states"
+        )
+    if request.response_format != HIDDEN_FORMAT and not serves_logprobs:
+        refuse(
+            f"response_format={request.response_format!r}: this server was started with --vllm-hidden-states and "
+            "serves response_format='hidden' only"
+        )
     if not request.sequences:
         refuse("'sequences' is empty")
     if len(request.prompt_lengths) != len(request.sequences):
@@ -118,9 +146,47 @@ class BodyLimit:
         return f"request body of {size} bytes or more is over the limit of {self.max_bytes}"
 
 
-def render(rows, top_k: int, response_format: str, vocab_size: int) -> bytes:
-    payload = encode(rows, top_k, response_format, vocab_size)
+def render(rows, request: SequenceLogprobsRequest, vocab_size: int) -> bytes:
+    if request.response_format == HIDDEN_FORMAT:
+        payload = encode_hidden(rows, request.hidden_dtype)
+    else:
+        payload = encode(rows, request.top_logprobs, request.response_format, vocab_size)
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+class HeadFile:
+    """The backend's LM head as one safetensors file, written on first request; its description for /lm_head/meta/."""
+
+    def __init__(self, backend: Backend):
+        self.backend, self.lock = backend, asyncio.Lock()
+        self.folder: Path | None = None
+        self.meta: dict | None = None
+
+    async def ready(self) -> dict:
+        if not serves(self.backend)[1]:
+            raise HTTPException(
+                status_code=404,
+                detail="this server does not serve the LM head: use the transformers backend, or the vllm backend "
+                "with --vllm-hidden-states",
+            )
+        async with self.lock:
+            if self.meta is None:
+                self.meta = await asyncio.get_running_loop().run_in_executor(None, self._write)
+        return self.meta
+
+    def _write(self) -> dict:
+        head = self.backend.lm_head()
+        self.folder = Path(tempfile.mkdtemp(prefix="protege-lm-head-"))
+        sha256 = save_head(head, self.path)
+        return {**head.metadata(), "sha256": sha256, "bytes": self.path.stat().st_size}
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "lm_head.safetensors"
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
@@ -134,12 +200,12 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
             jobs = [await queue.get()]
             if limits.batching:
                 await asyncio.sleep(limits.batch_wait_s)
-                key = (jobs[0].request.top_logprobs, jobs[0].request.temperature)
+                key = jobs[0].request.batch_key()
                 budget = limits.max_batch_tokens - jobs[0].tokens
                 deferred = []
                 while not queue.empty():
                     job = queue.get_nowait()
-                    if (job.request.top_logprobs, job.request.temperature) == key and job.tokens <= budget:
+                    if job.request.batch_key() == key and job.tokens <= budget:
                         jobs.append(job)
                         budget -= job.tokens
                     else:
@@ -151,10 +217,12 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
             request = jobs[0].request
             stats["backend_calls"] += 1
             stats["scored_tokens"] += sum(len(s) - p for s, p in zip(sequences, prompt_lengths))
+            if request.response_format == HIDDEN_FORMAT:
+                call = (backend.hidden_states, sequences, prompt_lengths)
+            else:
+                call = (backend.score, sequences, prompt_lengths, request.top_logprobs, request.temperature)
             try:
-                rows = await loop.run_in_executor(
-                    None, backend.score, sequences, prompt_lengths, request.top_logprobs, request.temperature
-                )
+                rows = await loop.run_in_executor(None, *call)
             except Exception as error:  # the backend failed: every waiting request gets a 500 with the reason
                 for job in jobs:
                     if not job.future.done():
@@ -167,11 +235,14 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
                     job.future.set_result(rows[start : start + count])
                 start += count
 
+    head_file = HeadFile(backend)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         task = asyncio.create_task(worker())
         yield
         task.cancel()
+        head_file.remove()
 
     app = FastAPI(title="protege teacher server", lifespan=lifespan)
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=6)  # level 9 costs 3x the time for ~1%
@@ -189,9 +260,29 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
             "vocab_size": backend.vocab_size,
             "max_model_len": limits.max_model_len,
             "max_top_logprobs": limits.max_top_logprobs,
-            "formats": list(RESPONSE_FORMATS),
+            "formats": [
+                *(LOGPROB_FORMATS if serves(backend)[0] else ()),
+                *((HIDDEN_FORMAT,) if serves(backend)[1] else ()),
+            ],
+            "tokenizer_sha256": getattr(backend, "tokenizer_sha256", None),
             **stats,
         }
+
+    @app.get("/lm_head/meta/")
+    async def lm_head_meta() -> dict:
+        """The head's vocabulary and hidden size, dtype, logit transform, and the SHA-256 of /lm_head/'s bytes."""
+        return await head_file.ready()
+
+    @app.get("/lm_head/")
+    async def lm_head() -> FileResponse:
+        """The teacher's LM head as a safetensors file ("weight", optional "bias"; the metadata in its header)."""
+        meta = await head_file.ready()
+        return FileResponse(
+            head_file.path,
+            media_type="application/octet-stream",
+            headers={"ETag": f'"{meta["sha256"]}"'},
+            filename="lm_head.safetensors",
+        )
 
     @app.post("/get_sequence_logprobs/")
     async def get_sequence_logprobs(request: SequenceLogprobsRequest) -> Response:
@@ -208,9 +299,10 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
         except Exception as error:
             raise HTTPException(status_code=500, detail=f"the teacher backend failed: {error}") from None
         # Encoding a large answer takes long enough to stall other requests: do it off the event loop.
-        body = await asyncio.get_running_loop().run_in_executor(
-            None, render, rows, request.top_logprobs, request.response_format, backend.vocab_size
-        )
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(None, render, rows, request, backend.vocab_size)
+        except ValueError as error:  # hidden states that do not fit the asked dtype
+            raise HTTPException(status_code=422, detail=str(error)) from None
         return Response(content=body, media_type="application/json")
 
     return app

@@ -7,16 +7,23 @@ from typing import Protocol
 import numpy as np
 
 from ..teacher.codec import SequenceScores
+from ..teacher.head import LMHead
 
 
 class Backend(Protocol):
     vocab_size: int
     model_name: str
     honours_temperature: bool
+    serves_logprobs: bool  # the json, binary and compact formats
+    serves_hidden: bool  # the hidden format and /lm_head/
 
     def score(
         self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int, temperature: float
     ) -> list[SequenceScores]: ...
+
+    def hidden_states(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[np.ndarray]: ...
+
+    def lm_head(self) -> LMHead: ...
 
 
 def return_large_blocks_to_the_os(threshold_bytes: int = 4 * 2**20) -> bool:
@@ -41,12 +48,15 @@ class TransformersBackend:
     """A transformers causal LM on CPU or GPU; sequences are right-padded into one forward pass."""
 
     honours_temperature = True
+    serves_logprobs = True
+    serves_hidden = True
 
     def __init__(self, model: str, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..models import DTYPES
+        from ..teacher.head import vocabulary_sha256
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,17 +68,18 @@ class TransformersBackend:
         )
         self.model_name = model
         try:
-            tokenizer_size = len(AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code))
+            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
         except (OSError, ValueError):
-            tokenizer_size = 0
+            tokenizer = None
+        tokenizer_size = 0 if tokenizer is None else len(tokenizer)
+        self.tokenizer_sha256 = None if tokenizer is None else vocabulary_sha256(tokenizer)
         rows = self.model.get_output_embeddings().weight.shape[0]
         # Ids past the tokenizer in a padded output layer are never real tokens; accept only real ones.
         self.vocab_size = tokenizer_size if 1 < tokenizer_size <= rows else rows
         self.chunk_tokens: int | None = None  # scored positions per LM-head chunk; None sizes it to the vocabulary
 
-    def score(self, sequences, prompt_lengths, top_k, temperature):
-        from ..models import has_plain_head
-
+    def _padded(self, sequences):
+        """Right-padded ids and attention mask (B, Tmax)."""
         torch = self.torch
         width = max(len(s) for s in sequences)
         ids = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -76,6 +87,35 @@ class TransformersBackend:
         for i, s in enumerate(sequences):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
+        return ids, mask
+
+    def lm_head(self) -> LMHead:
+        from ..teacher.head import head_of_model
+
+        return head_of_model(self.model)
+
+    def hidden_states(self, sequences, prompt_lengths):
+        """The final hidden state at each scored position, (completion length, H) float32 per sequence."""
+        ids, mask = self._padded(sequences)
+        with self.torch.inference_mode():
+            hidden = self._scored_hidden(ids, mask, sequences, prompt_lengths).float().cpu().numpy()
+        bounds = np.cumsum([0] + [len(s) - p for s, p in zip(sequences, prompt_lengths)])
+        return [hidden[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+
+    def _scored_hidden(self, ids, mask, sequences, prompt_lengths):
+        """(scored tokens, H): the decoder's final output at the positions predicting each completion token."""
+        from ..models import last_hidden_state
+
+        torch = self.torch
+        hidden = last_hidden_state(self.model, input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        rows, positions, _ = self._scored_positions(sequences, prompt_lengths)
+        return hidden[torch.tensor(rows), torch.tensor(positions)]
+
+    def score(self, sequences, prompt_lengths, top_k, temperature):
+        from ..models import has_plain_head
+
+        torch = self.torch
+        ids, mask = self._padded(sequences)
         with torch.inference_mode():
             if has_plain_head(self.model):
                 top_logprobs, top_ids, actual = self._score_chunked(
@@ -122,13 +162,11 @@ class TransformersBackend:
     def _score_chunked(self, ids, mask, sequences, prompt_lengths, top_k, temperature):
         """The LM head on a chunk of scored positions at a time: memory bounded by the chunk, not by tokens x vocab."""
         from ..chunked import auto_chunk_size
-        from ..models import last_hidden_state, lm_head
+        from ..models import lm_head
 
         torch = self.torch
-        hidden = last_hidden_state(self.model, input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-        rows, positions, targets = self._scored_positions(sequences, prompt_lengths)
-        hidden = hidden[torch.tensor(rows), torch.tensor(positions)]
-        targets = torch.tensor(targets, device=self.device)
+        hidden = self._scored_hidden(ids, mask, sequences, prompt_lengths)
+        targets = torch.tensor(self._scored_positions(sequences, prompt_lengths)[2], device=self.device)
         weight, bias = lm_head(self.model, self.vocab_size)
         chunk = self.chunk_tokens or auto_chunk_size(self.vocab_size)
         parts = [
@@ -162,6 +200,10 @@ class VLLMBackend:
 
     vLLM returns prompt log-probs of the untempered distribution whatever the sampling temperature, and the tempered
     one cannot be rebuilt from a top-k, so this backend serves temperature 1 only.
+
+    With `hidden_states=True` it builds vLLM's pooling runner instead ("token_embed", no activation), which returns
+    the final post-norm hidden state of every prompt token: the "hidden" format, and only it (one vLLM object cannot
+    both generate and pool). The LM head for /lm_head/ is then read from the checkpoint files.
     """
 
     honours_temperature = False
@@ -174,24 +216,48 @@ class VLLMBackend:
         max_logprobs: int = 100,
         trust_remote_code: bool = False,
         gpu_memory_utilization: float = 0.9,
+        hidden_states: bool = False,
     ):
         from vllm import LLM, SamplingParams
+
+        from ..teacher.head import vocabulary_sha256
 
         self.sampling_params = SamplingParams
         kwargs = {
             "model": model,
             "dtype": dtype,
-            "max_logprobs": max_logprobs,
             "enable_prefix_caching": False,
             "trust_remote_code": trust_remote_code,
             "enforce_eager": True,
             "gpu_memory_utilization": gpu_memory_utilization,
         }
+        if hidden_states:
+            from vllm.config import PoolerConfig
+
+            kwargs |= {"runner": "pooling", "pooler_config": PoolerConfig(task="token_embed", use_activation=False)}
+        else:
+            kwargs["max_logprobs"] = max_logprobs
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         self.llm = LLM(**kwargs)
-        self.model_name = model
+        self.model_name, self.trust_remote_code = model, trust_remote_code
+        self.serves_logprobs, self.serves_hidden = not hidden_states, hidden_states
         self.vocab_size = len(self.llm.get_tokenizer())
+        self.tokenizer_sha256 = vocabulary_sha256(self.llm.get_tokenizer())
+
+    def hidden_states(self, sequences, prompt_lengths):
+        outputs = self.llm.encode(
+            [{"prompt_token_ids": s} for s in sequences], pooling_task="token_embed", use_tqdm=False
+        )
+        return [
+            output.outputs.data[p - 1 : len(s) - 1].float().cpu().numpy()
+            for s, p, output in zip(sequences, prompt_lengths, outputs)
+        ]
+
+    def lm_head(self) -> LMHead:
+        from ..teacher.head import head_from_checkpoint
+
+        return head_from_checkpoint(self.model_name, trust_remote_code=self.trust_remote_code)
 
     def score(self, sequences, prompt_lengths, top_k, temperature):
         params = self.sampling_params(max_tokens=1, temperature=temperature, prompt_logprobs=top_k)

@@ -13,16 +13,19 @@ Every error names the URL and what was wrong.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
 
 from ..choices import TEACHER_PROTOCOLS
-from .codec import BatchScores, PayloadError, SequenceScores, decode
+from .codec import BatchScores, PayloadError, SequenceScores, decode, decode_hidden
+from .head import LMHead, cache_dir, file_sha256, load_head
 
 
 class TeacherServerError(RuntimeError):
@@ -88,15 +91,55 @@ class TeacherClient:
             time.sleep(interval)
         raise TeacherServerError(f"teacher server at {self._url(path)} was not ready after {timeout:g} s ({last})")
 
-    def vocab_size(self) -> int | None:
-        """The vocabulary size a protege server reports on /info/, or None where the server has no such endpoint."""
+    def info(self) -> dict:
+        """What a protege server reports on /info/ (vocabulary size and fingerprint, formats); {} where the server
+        has no such endpoint."""
         if self.protocol != "protege":
-            return None
+            return {}
         try:
             response = self._http.get(self._url("/info/"))
         except httpx.HTTPError as error:
             raise TeacherServerError(f"teacher server at {self._url('/info/')} did not answer: {error}") from None
-        return response.json().get("vocab_size") if response.status_code == 200 else None
+        return response.json() if response.status_code == 200 else {}
+
+    def vocab_size(self) -> int | None:
+        """The vocabulary size a protege server reports on /info/, or None where the server has no such endpoint."""
+        return self.info().get("vocab_size")
+
+    def lm_head(self, folder: Path | None = None) -> LMHead:
+        """The teacher's LM head from /lm_head/, kept in `folder` (default: `head.cache_dir()`) under its SHA-256, so
+        it is downloaded once per head, whatever the number of runs."""
+        url = self._url("/lm_head/")
+        try:
+            response = self._http.get(self._url("/lm_head/meta/"))
+        except httpx.HTTPError as error:
+            raise TeacherServerError(f"teacher server at {url}meta/ did not answer: {error}") from None
+        if response.status_code != 200:
+            raise TeacherServerError(
+                f"teacher server at {url} does not serve the LM head (HTTP {response.status_code}): "
+                f"{response.text[:300]}"
+            )
+        meta = response.json()
+        folder = Path(folder) if folder is not None else cache_dir()
+        path = folder / f"{meta['sha256']}.safetensors"
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+            try:
+                with self._http.stream("GET", url, headers={"Accept-Encoding": "identity"}) as stream:
+                    if stream.status_code != 200:
+                        raise TeacherServerError(f"teacher server at {url} answered HTTP {stream.status_code}")
+                    with open(partial, "wb") as f:
+                        for block in stream.iter_bytes(2**22):
+                            f.write(block)
+            except httpx.HTTPError as error:
+                partial.unlink(missing_ok=True)
+                raise TeacherServerError(f"teacher server at {url}: the download failed: {error}") from None
+            if file_sha256(partial) != meta["sha256"]:
+                partial.unlink(missing_ok=True)
+                raise TeacherServerError(f"teacher server at {url}: the downloaded head does not match its SHA-256")
+            os.replace(partial, path)
+        return load_head(path)
 
     def _post(self, path: str, body: dict) -> dict:
         url = self._url(path)
@@ -131,10 +174,9 @@ class TeacherClient:
 
     # ----- Scoring -----
 
-    def score(
-        self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int = 1, temperature: float = 1.0
-    ) -> BatchScores:
-        """Teacher log-probs for the completion part of each sequence, padded to (B, Tmax, K)."""
+    def _in_requests(self, sequences: list[list[int]], prompt_lengths: list[int], run) -> list:
+        """`run(sequences, prompt_lengths)` on requests of at most `max_tokens_per_request` tokens, sent concurrently;
+        their rows in order."""
         chunks, current, tokens = [], [], 0
         for i, sequence in enumerate(sequences):
             if current and tokens + len(sequence) > self.max_tokens_per_request:
@@ -145,18 +187,44 @@ class TeacherClient:
         if current:
             chunks.append(current)
 
-        def run(chunk: list[int]) -> list[SequenceScores]:
-            seqs, plens = [sequences[i] for i in chunk], [prompt_lengths[i] for i in chunk]
+        def one(chunk: list[int]) -> list:
+            return run([sequences[i] for i in chunk], [prompt_lengths[i] for i in chunk])
+
+        if len(chunks) == 1:
+            return one(chunks[0])
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            return [row for part in pool.map(one, chunks) for row in part]
+
+    def score(
+        self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int = 1, temperature: float = 1.0
+    ) -> BatchScores:
+        """Teacher log-probs for the completion part of each sequence, padded to (B, Tmax, K)."""
+
+        def run(seqs: list[list[int]], plens: list[int]) -> list[SequenceScores]:
             if self.protocol == "protege":
                 return self._score_protege(seqs, plens, top_k, temperature)
             return self._score_openai(seqs, plens, top_k, temperature)
 
-        if len(chunks) == 1:
-            rows = run(chunks[0])
-        else:
-            with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-                rows = [row for part in pool.map(run, chunks) for row in part]
-        return BatchScores.pad(rows, top_k)
+        return BatchScores.pad(self._in_requests(sequences, prompt_lengths, run), top_k)
+
+    def hidden_states(
+        self,
+        sequences: list[list[int]],
+        prompt_lengths: list[int],
+        dtype: str = "float16",
+        hidden_size: int | None = None,
+    ) -> list[np.ndarray]:
+        """The teacher's final hidden states at the completion positions of each sequence, (length, H) float32."""
+        url = self._url("/get_sequence_logprobs/")
+
+        def run(seqs: list[list[int]], plens: list[int]) -> list[np.ndarray]:
+            body = {"sequences": seqs, "prompt_lengths": plens, "response_format": "hidden", "hidden_dtype": dtype}
+            try:
+                return decode_hidden(self._post("/get_sequence_logprobs/", body), seqs, plens, hidden_size)
+            except PayloadError as error:
+                raise TeacherServerError(f"teacher server at {url} answered a bad payload: {error}") from None
+
+        return self._in_requests(sequences, prompt_lengths, run)
 
     def _score_protege(self, sequences, prompt_lengths, top_k, temperature) -> list[SequenceScores]:
         body = {

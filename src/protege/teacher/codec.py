@@ -10,6 +10,12 @@ log-probs (sorted, descending) with their token ids, and the log-prob of the act
   in the narrowest unsigned type the vocabulary fits (uint16 up to 65536 tokens), and no actual-token ids (the client
   sent them). 2x to 2.6x smaller than "binary" at equal completion lengths, 3x to 4x with ragged ones, before HTTP
   compression; with gzip about 8x to 10x smaller than "json" (docs/benchmarks.md).
+
+And one format of another kind:
+
+* "hidden" - the teacher's final (post-norm) hidden states at the scored positions, ragged rows (sum of lengths, H)
+  in float16 (default), bfloat16 or float32: 2H bytes a token in 16 bits, whatever the vocabulary. The trainer applies
+  the teacher's LM head (served once on /lm_head/) itself, so the loss is exact for every beta and top-k.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..choices import RESPONSE_FORMATS
+from ..choices import HIDDEN_DTYPES, HIDDEN_FORMAT, LOGPROB_FORMATS
 
 
 @dataclass
@@ -140,7 +146,7 @@ def encode(rows: list[SequenceScores], top_k: int, response_format: str, vocab_s
             "token_ids_b64": _b64(stack("topk_ids", top_k), ids_dtype),
             "actual_logprobs_f16_b64": _b64(stack("actual_logprobs", 1), "float16"),
         }
-    raise ValueError(f"response_format={response_format!r} is not one of {RESPONSE_FORMATS}")
+    raise ValueError(f"response_format={response_format!r} is not one of {LOGPROB_FORMATS}")
 
 
 def _key(payload: dict, name: str):
@@ -153,8 +159,8 @@ def decode(
     payload: dict, response_format: str, sequences: list[list[int]], prompt_lengths: list[int], top_k: int
 ) -> BatchScores:
     """Decode and check a response against its request: lengths, shapes, ids and finite values where required."""
-    if response_format not in RESPONSE_FORMATS:
-        raise ValueError(f"response_format={response_format!r} is not one of {RESPONSE_FORMATS}")
+    if response_format not in LOGPROB_FORMATS:
+        raise ValueError(f"response_format={response_format!r} is not one of {LOGPROB_FORMATS}")
     if not isinstance(payload, dict):
         raise PayloadError(f"the response is a {type(payload).__name__}, not a JSON object")
     try:
@@ -250,3 +256,82 @@ def _check(batch: BatchScores, sequences: list[list[int]], prompt_lengths: list[
             raise PayloadError(f"sequence {i}: top-k token ids contain negative values")
         if (np.diff(top, axis=-1) > 1e-3).any():
             raise PayloadError(f"sequence {i}: top-k log-probs are not sorted in descending order")
+
+
+# ----- The "hidden" format -----
+
+
+def _bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> the upper 16 bits of its nearest bfloat16 (round half to even); numpy has no bfloat16 type."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def encode_hidden(rows: list[np.ndarray], dtype: str = "float16") -> dict:
+    """A JSON-serialisable payload of each sequence's (L, H) hidden states, or a ValueError naming the first sequence
+    whose states are not finite in `dtype` (float16 overflows past 65,504: ask for bfloat16 or float32)."""
+    if dtype not in HIDDEN_DTYPES:
+        raise ValueError(f"hidden dtype {dtype!r} is not one of {HIDDEN_DTYPES}")
+    hidden_size = rows[0].shape[-1] if rows else 0
+    stacked = np.concatenate([np.asarray(r, np.float32).reshape(-1, hidden_size) for r in rows]) if rows else None
+    stacked = np.zeros((0, 0), np.float32) if stacked is None else stacked
+    if dtype == "bfloat16":
+        wire = _bfloat16_bits(stacked)
+        back = _from_bfloat16_bits(wire)
+    else:
+        with np.errstate(over="ignore"):
+            wire = stacked.astype(np.dtype(dtype).newbyteorder("<"))
+        back = wire
+    if not np.isfinite(back).all():
+        row = int(np.flatnonzero(~np.isfinite(back).all(axis=-1))[0])
+        sequence = int(np.searchsorted(np.cumsum([len(r) for r in rows]), row, side="right"))
+        raise ValueError(
+            f"sequence {sequence}: the teacher's hidden states are not finite in {dtype} (largest magnitude "
+            f"{float(np.abs(stacked[row]).max()):.4g}); ask for bfloat16 or float32"
+        )
+    return {
+        "format": HIDDEN_FORMAT,
+        "completion_lengths": [len(r) for r in rows],
+        "hidden_size": int(hidden_size),
+        "dtype": dtype,
+        "hidden_b64": base64.b64encode(np.ascontiguousarray(wire).tobytes()).decode(),
+    }
+
+
+def decode_hidden(
+    payload: dict, sequences: list[list[int]], prompt_lengths: list[int], hidden_size: int | None = None
+) -> list[np.ndarray]:
+    """Each sequence's (completion length, H) float32 hidden states, checked against the request: lengths, the
+    hidden size (when known), the byte count and finite values."""
+    if not isinstance(payload, dict):
+        raise PayloadError(f"the response is a {type(payload).__name__}, not a JSON object")
+    if payload.get("format") != HIDDEN_FORMAT:
+        raise PayloadError(f"the response's format is {payload.get('format')!r}, not {HIDDEN_FORMAT!r}")
+    expected = [len(s) - p for s, p in zip(sequences, prompt_lengths)]
+    lengths = _key(payload, "completion_lengths")
+    if lengths != expected:
+        raise PayloadError(f"completion_lengths {lengths!r:.120} do not match the request's {expected!r:.120}")
+    width, dtype = _key(payload, "hidden_size"), _key(payload, "dtype")
+    if not isinstance(width, int) or width < 1 or (hidden_size is not None and width != hidden_size):
+        raise PayloadError(f"hidden_size {width!r} does not match the teacher's LM head ({hidden_size})")
+    if dtype not in HIDDEN_DTYPES:
+        raise PayloadError(f"dtype {dtype!r} is not one of {HIDDEN_DTYPES}")
+    total = sum(expected)
+    if dtype == "bfloat16":
+        hidden = _from_bfloat16_bits(_unb64(_key(payload, "hidden_b64"), "uint16", total * width, "hidden_b64"))
+    else:
+        hidden = _unb64(_key(payload, "hidden_b64"), dtype, total * width, "hidden_b64").astype(np.float32)
+    hidden = hidden.reshape(total, width)
+    rows, start = [], 0
+    for i, n in enumerate(expected):
+        row = hidden[start : start + n]
+        if not np.isfinite(row).all():
+            position = int(np.flatnonzero(~np.isfinite(row).all(axis=-1))[0])
+            raise PayloadError(f"sequence {i}: the hidden state at completion position {position} is not finite")
+        rows.append(row)
+        start += n
+    return rows

@@ -44,8 +44,11 @@ def shared_vocab_size(student, teacher, tokenizer, teacher_tokenizer=None) -> in
             f"tokens; only in the student: {only_student}, only in the teacher: {only_teacher}, different ids: "
             f"{moved}). Distillation on token logits needs one shared tokenizer."
         )
-    tokens = len(tokenizer)
-    student_rows, teacher_rows = output_rows(student), output_rows(teacher)
+    return shared_rows(len(tokenizer), output_rows(student), output_rows(teacher))
+
+
+def shared_rows(tokens: int, student_rows: int, teacher_rows: int) -> int:
+    """The narrower of two output layers, each of which must cover the tokenizer's `tokens`."""
     for who, rows in (("student", student_rows), ("teacher", teacher_rows)):
         if rows < tokens:
             raise ValueError(

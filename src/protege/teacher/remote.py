@@ -1,23 +1,30 @@
 """A teacher behind a server: connect, then score every slice of an optimizer step in one client call.
 
-`RemoteTeacher` is the teacher view for `use_teacher_server`: `prepare` sends the step's completions at once and
-puts each slice's answer in its batch (`teacher_scores`), so the network round trip is paid once per step, and the
-loss reads it from the batch. Evaluation batches, which skip `prepare`, are scored when first asked.
+Two views, one per kind of answer, both filling each slice's batch (`teacher_output`) in `prepare`, so the network
+round trip is paid once per step, and the loss reads the answer from the batch. Evaluation batches, which skip
+`prepare`, are scored when first asked.
+
+* `RemoteTeacher`: top-k log-probs (the json, binary and compact formats);
+* `RemoteHiddenTeacher`: final hidden states (the hidden format) and the teacher's LM head, fetched once, so the loss
+  is exact for any beta, top-k and temperature.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..losses import IGNORE_INDEX
-from ..objective import TeacherScores
+from ..objective import TeacherHidden, TeacherScores
 from .client import TeacherClient
+from .head import LMHead, head_from_checkpoint, vocabulary_sha256
 
 
 def connect_teacher(args, tokenizer) -> TeacherClient:
     """A client for `args.teacher_model_server_url`, once the server answers and serves the student's vocabulary."""
+    url = args.teacher_model_server_url
     client = TeacherClient(
-        args.teacher_model_server_url,
+        url,
         protocol=args.teacher_server_protocol,
         response_format=args.teacher_server_response_format,
         timeout=args.teacher_server_timeout,
@@ -26,11 +33,25 @@ def connect_teacher(args, tokenizer) -> TeacherClient:
     )
     try:
         client.wait_until_ready(args.teacher_server_startup_timeout)
-        served = client.vocab_size()
+        info = client.info()
+        served = info.get("vocab_size")
         if served is not None and served != len(tokenizer):
             raise ValueError(
-                f"the teacher server at {args.teacher_model_server_url} serves a vocabulary of {served} "
+                f"the teacher server at {url} serves a vocabulary of {served} "
                 f"tokens but the student's tokenizer has {len(tokenizer)}; they must share a tokenizer"
+            )
+        fingerprint = info.get("tokenizer_sha256")
+        if fingerprint is not None and fingerprint != vocabulary_sha256(tokenizer):
+            raise ValueError(
+                f"the teacher server at {url} has a tokenizer of the same size as the student's but other token ids "
+                "(its vocabulary's SHA-256 differs); they must share a tokenizer"
+            )
+        formats = info.get("formats")
+        if formats is not None and args.teacher_server_response_format not in formats:
+            raise ValueError(
+                f"teacher_server_response_format={args.teacher_server_response_format!r}: the teacher server at "
+                f"{url} serves {formats} (the hidden format needs its transformers backend, or the vllm backend "
+                "started with --vllm-hidden-states)"
             )
     except BaseException:
         client.close()
@@ -38,8 +59,38 @@ def connect_teacher(args, tokenizer) -> TeacherClient:
     return client
 
 
+def teacher_head(args, client: TeacherClient) -> tuple[LMHead, str]:
+    """The teacher's LM head and where it came from: `teacher_lm_head_path`'s checkpoint when set, else the server."""
+    if args.teacher_lm_head_path is not None:
+        path = args.teacher_lm_head_path
+        return head_from_checkpoint(path, trust_remote_code=args.trust_remote_code), f"teacher_lm_head_path={path!r}"
+    return client.lm_head(), f"{client.base_url}/lm_head/"
+
+
+def completion_sequences(batches: list[dict[str, torch.Tensor]]):
+    """Every row with a completion, as (prompt + completion ids), its prompt length, and its (slice, row) place."""
+    sequences, prompt_lengths, places = [], [], []
+    for b, batch in enumerate(batches):
+        width = batch["prompt_ids"].shape[1]
+        completion_mask = batch["labels"][:, width:].ne(IGNORE_INDEX)
+        for row in range(batch["input_ids"].shape[0]):
+            prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()].tolist()
+            completion = batch["input_ids"][row, width:][completion_mask[row]].tolist()
+            if completion:  # a prompt-only row has nothing to score
+                sequences.append(prompt + completion)
+                prompt_lengths.append(len(prompt))
+                places.append((b, row))
+    return sequences, prompt_lengths, places
+
+
+def _shape(batch: dict[str, torch.Tensor]) -> tuple[int, int, torch.device]:
+    """Rows, completion columns and device of a slice."""
+    rows, width = batch["input_ids"].shape[0], batch["input_ids"].shape[1] - batch["prompt_ids"].shape[1]
+    return rows, width, batch["input_ids"].device
+
+
 class RemoteTeacher:
-    """The teacher view of a server: top-k log-probs at completion positions (see the module docstring)."""
+    """The teacher view of a server's top-k log-probs at completion positions (see the module docstring)."""
 
     def __init__(self, client: TeacherClient, top_k: int, temperature: float):
         self.client, self.top_k, self.temperature = client, top_k, temperature
@@ -49,34 +100,42 @@ class RemoteTeacher:
 
     def prepare(self, batches: list[dict[str, torch.Tensor]]) -> None:
         """One client call for every slice of the step; each slice's answer rides along in its batch."""
-        sequences, prompt_lengths, places = [], [], []
-        for b, batch in enumerate(batches):
-            width = batch["prompt_ids"].shape[1]
-            completion_mask = batch["labels"][:, width:].ne(IGNORE_INDEX)
-            for row in range(batch["input_ids"].shape[0]):
-                prompt = batch["prompt_ids"][row][batch["prompt_mask"][row].bool()].tolist()
-                completion = batch["input_ids"][row, width:][completion_mask[row]].tolist()
-                if completion:  # a prompt-only row has nothing to score
-                    sequences.append(prompt + completion)
-                    prompt_lengths.append(len(prompt))
-                    places.append((b, row))
+        sequences, prompt_lengths, places = completion_sequences(batches)
         scores = self.client.score(sequences, prompt_lengths, self.top_k, self.temperature) if sequences else None
         for batch in batches:
-            rows, width = batch["input_ids"].shape[0], batch["input_ids"].shape[1] - batch["prompt_ids"].shape[1]
-            device = batch["input_ids"].device
-            batch["teacher_scores"] = TeacherScores(
+            rows, width, device = _shape(batch)
+            batch["teacher_output"] = TeacherScores(
                 topk_ids=torch.zeros((rows, width, self.top_k), dtype=torch.long, device=device),
                 topk_logprobs=torch.full((rows, width, self.top_k), float("-inf"), device=device),
                 token_logprobs=torch.full((rows, width), float("-inf"), device=device),
             )
         for i, (b, row) in enumerate(places):
             n = int(scores.completion_lengths[i])
-            answer = batches[b]["teacher_scores"]
+            answer = batches[b]["teacher_output"]
             answer.topk_logprobs[row, :n] = torch.from_numpy(scores.topk_logprobs[i, :n])
             answer.topk_ids[row, :n] = torch.from_numpy(scores.topk_ids[i, :n])
             answer.token_logprobs[row, :n] = torch.from_numpy(scores.actual_logprobs[i, :n])
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> TeacherScores:
-        if "teacher_scores" not in batch:
+        if "teacher_output" not in batch:
             self.prepare([batch])
-        return batch["teacher_scores"]
+        return batch["teacher_output"]
+
+
+class RemoteHiddenTeacher(RemoteTeacher):
+    """The teacher view of a server's final hidden states, with the teacher's LM head held here (`weight`, `bias`:
+    sliced to the shared vocabulary, on the student's device, in its compute dtype)."""
+
+    def __init__(self, client: TeacherClient, weight: torch.Tensor, bias: torch.Tensor | None, wire_dtype: str):
+        self.client, self.weight, self.bias, self.wire_dtype = client, weight, bias, wire_dtype
+
+    def prepare(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        sequences, prompt_lengths, places = completion_sequences(batches)
+        hidden_size = self.weight.shape[1]
+        states = self.client.hidden_states(sequences, prompt_lengths, self.wire_dtype, hidden_size) if sequences else []
+        for batch in batches:
+            rows, width, device = _shape(batch)
+            hidden = torch.zeros((rows, width, hidden_size), dtype=self.weight.dtype, device=device)
+            batch["teacher_output"] = TeacherHidden(hidden, self.weight, self.bias)
+        for (b, row), state in zip(places, states):
+            batches[b]["teacher_output"].hidden[row, : len(state)] = torch.from_numpy(np.ascontiguousarray(state))
