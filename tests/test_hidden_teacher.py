@@ -168,6 +168,8 @@ def test_trainer_reads_the_head_from_teacher_lm_head_path(tiny_paths, tmp_path, 
     )
     torch.testing.assert_close(from_path.teacher.weight, served.teacher.weight, rtol=0, atol=0)
     torch.testing.assert_close(loss_and_grads(from_path)[0], loss_and_grads(served)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"has an LM head of shape \(300, 32\) but the teacher server .* \(300, 64\)"):
+        hidden_trainer(tiny_paths, tmp_path / "wrong", teacher_url, teacher_lm_head_path=tiny_paths["student"])
 
 
 def test_logit_transforms_folded_or_refused():

@@ -106,20 +106,28 @@ class TeacherClient:
         """The vocabulary size a protege server reports on /info/, or None where the server has no such endpoint."""
         return self.info().get("vocab_size")
 
-    def lm_head(self, folder: Path | None = None) -> LMHead:
-        """The teacher's LM head from /lm_head/, kept in `folder` (default: `head.cache_dir()`) under its SHA-256, so
-        it is downloaded once per head, whatever the number of runs."""
-        url = self._url("/lm_head/")
+    def lm_head_meta(self, required: bool = False) -> dict | None:
+        """/lm_head/meta/: the served head's sizes, dtype, logit transform and SHA-256; None where it is not served
+        (an error when `required`)."""
+        url = self._url("/lm_head/meta/")
         try:
-            response = self._http.get(self._url("/lm_head/meta/"))
+            response = self._http.get(url)
         except httpx.HTTPError as error:
-            raise TeacherServerError(f"teacher server at {url}meta/ did not answer: {error}") from None
-        if response.status_code != 200:
+            raise TeacherServerError(f"teacher server at {url} did not answer: {error}") from None
+        if response.status_code == 200:
+            return response.json()
+        if required:
             raise TeacherServerError(
                 f"teacher server at {url} does not serve the LM head (HTTP {response.status_code}): "
                 f"{response.text[:300]}"
             )
-        meta = response.json()
+        return None
+
+    def lm_head(self, folder: Path | None = None) -> LMHead:
+        """The teacher's LM head from /lm_head/, kept in `folder` (default: `head.cache_dir()`) under its SHA-256, so
+        it is downloaded once per head, whatever the number of runs."""
+        url = self._url("/lm_head/")
+        meta = self.lm_head_meta(required=True)
         folder = Path(folder) if folder is not None else cache_dir()
         path = folder / f"{meta['sha256']}.safetensors"
         if not path.exists():

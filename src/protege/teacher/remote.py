@@ -61,10 +61,18 @@ def connect_teacher(args, tokenizer) -> TeacherClient:
 
 def teacher_head(args, client: TeacherClient) -> tuple[LMHead, str]:
     """The teacher's LM head and where it came from: `teacher_lm_head_path`'s checkpoint when set, else the server."""
-    if args.teacher_lm_head_path is not None:
-        path = args.teacher_lm_head_path
-        return head_from_checkpoint(path, trust_remote_code=args.trust_remote_code), f"teacher_lm_head_path={path!r}"
-    return client.lm_head(), f"{client.base_url}/lm_head/"
+    if args.teacher_lm_head_path is None:
+        return client.lm_head(), f"{client.base_url}/lm_head/"
+    where = f"teacher_lm_head_path={args.teacher_lm_head_path!r}"
+    head = head_from_checkpoint(args.teacher_lm_head_path, trust_remote_code=args.trust_remote_code)
+    served = client.lm_head_meta()
+    if served is not None and (int(served["vocab_size"]), int(served["hidden_size"])) != head.weight.shape:
+        raise ValueError(
+            f"{where} has an LM head of shape {tuple(head.weight.shape)} but the teacher server at {client.base_url} "
+            f"serves a model whose head is ({served['vocab_size']}, {served['hidden_size']}); they must be the same "
+            "teacher"
+        )
+    return head, where
 
 
 def completion_sequences(batches: list[dict[str, torch.Tensor]]):
