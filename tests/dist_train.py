@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
-from test_trainer import config
-from tiny import dataset
+from tiny import config, dataset
 from transformers import TrainerCallback
 
 from protege import DistillationTrainer

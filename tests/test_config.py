@@ -183,9 +183,20 @@ def test_server_objectives_are_chunked_too(make):
     assert (dense.chunk_size, dense.student_view) == (None, "logits")
 
 
-def test_use_vllm_not_available_yet(make):
-    with pytest.raises(ValueError, match=r"use_vllm=True.*not available"):
+def test_use_vllm_needs_vllm_installed(make):
+    """This environment has no vLLM (it lives in .vllm-env): a one-line error that says where to get it."""
+    with pytest.raises(ValueError, match=r"use_vllm=True is not allowed: vLLM is not installed .*make vllm-env"):
         make(use_vllm=True)
+
+
+def test_generation_settings(make):
+    assert make(generation_kwargs='{"no_repeat_ngram_size": 3}').generation_kwargs == {"no_repeat_ngram_size": 3}
+    with pytest.raises(ValueError, match=r"generation_kwargs='\{oops' is not allowed: it is not valid JSON"):
+        make(generation_kwargs="{oops")
+    with pytest.raises(ValueError, match=r"min_p=1.5 is not allowed"):
+        make(min_p=1.5)
+    with pytest.raises(ValueError, match=r"vllm_sync_frequency=0 is not allowed"):
+        make(vllm_sync_frequency=0)
 
 
 @no_cuda

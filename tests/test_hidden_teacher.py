@@ -8,8 +8,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from test_trainer import config, held_out_kl
-from tiny import dataset
+from tiny import config, dataset, held_out_kl
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from protege import DistillationConfig, DistillationTrainer

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 from datasets import Dataset
-from test_trainer import config
-from tiny import dataset
+from tiny import config, dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from protege import DistillationTrainer

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import free_port, start_server, stop_server
-from test_trainer import config, logged
-from tiny import dataset
+from tiny import config, dataset, logged
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from protege import DistillationTrainer

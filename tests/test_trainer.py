@@ -4,33 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import dataset
+from tiny import config, dataset, held_out_kl, logged
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from protege import DistillationConfig, DistillationTrainer
-from protege.evaluation import mean_token_kl
-
-
-def config(tmp_path, **overrides) -> DistillationConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=4,
-        logging_steps=1,
-        report_to="none",
-        learning_rate=1e-2,
-        max_completion_length=12,
-        max_length=48,
-        save_strategy="no",
-        lmbda=1.0,
-        beta=0.5,
-        loss_top_k=0,
-        seed=0,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
-    return DistillationConfig(**values)
+from protege import DistillationTrainer
 
 
 def trainer_for(tiny_paths, tmp_path, train=None, **overrides) -> DistillationTrainer:
@@ -40,15 +17,6 @@ def trainer_for(tiny_paths, tmp_path, train=None, **overrides) -> DistillationTr
         args=config(tmp_path, **overrides),
         train_dataset=train if train is not None else dataset(64),
     )
-
-
-def held_out_kl(student, teacher, tokenizer) -> float:
-    """Mean per-token KL(teacher || student) on the completions of held-out rows."""
-    return mean_token_kl(student, teacher, tokenizer, dataset(32, seed=99), 48, 36)["kl_teacher_student"]
-
-
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 def test_student_learns_on_policy_and_off_policy(tiny_paths, tmp_path):

@@ -1,4 +1,5 @@
-"""Tiny student, teacher, tokenizer and arithmetic chat data, built offline for the trainer tests."""
+"""Tiny student, teacher, tokenizer and arithmetic chat data, built offline for the trainer tests, and the trainer
+settings they share (no pytest import: scripts run in other environments use them too)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from protege import DistillationConfig
+from protege.evaluation import mean_token_kl
 from protege.toy import arithmetic_rows, tiny_model, train_tokenizer
 
 
@@ -32,3 +35,34 @@ def build(folder: Path) -> dict[str, str]:
 
 def dataset(count: int = 64, seed: int = 0) -> Dataset:
     return Dataset.from_list(arithmetic_rows(count, seed))
+
+
+def config(tmp_path, **overrides) -> DistillationConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        logging_steps=1,
+        report_to="none",
+        learning_rate=1e-2,
+        max_completion_length=12,
+        max_length=48,
+        save_strategy="no",
+        lmbda=1.0,
+        beta=0.5,
+        loss_top_k=0,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return DistillationConfig(**values)
+
+
+def held_out_kl(student, teacher, tokenizer) -> float:
+    """Mean per-token KL(teacher || student) on the completions of held-out rows."""
+    return mean_token_kl(student, teacher, tokenizer, dataset(32, seed=99), 48, 36)["kl_teacher_student"]
+
+
+def logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]

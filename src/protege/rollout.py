@@ -44,28 +44,49 @@ class Rollout:
     truncated: torch.Tensor
 
 
-@torch.no_grad()
+def model_generate(model: torch.nn.Module, generation_config):
+    """`generate(prompt_ids, prompt_mask)` with transformers' `model.generate`: the new tokens (B, W), right-padded."""
+
+    @torch.no_grad()
+    def generate(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            output = model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config
+            )
+        finally:
+            model.train(was_training)
+        return output[:, prompt_ids.shape[1] :]
+
+    return generate
+
+
+def vllm_generate(engine, model: torch.nn.Module, step: int, pad_token_id: int):
+    """`generate(prompt_ids, prompt_mask)` with a colocated vLLM engine (`vllm_colocate.VLLMColocate`), which first
+    gets the student's current weights: the new tokens (B, W), right-padded."""
+
+    def generate(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+        completions = engine.generate(model, prompts, step)
+        width = max(1, max(len(c) for c in completions))
+        out = torch.full((len(completions), width), pad_token_id, dtype=torch.long)
+        for row, tokens in enumerate(completions):
+            out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return out.to(prompt_ids.device)
+
+    return generate
+
+
 def generate_slices(
-    model: torch.nn.Module,
-    slices: list[dict[str, torch.Tensor]],
-    generation_config,
-    eos_token_ids: list[int],
-    pad_token_id: int,
+    slices: list[dict[str, torch.Tensor]], generate, eos_token_ids: list[int], pad_token_id: int, max_new_tokens: int
 ) -> list[Rollout]:
-    """Generate completions for every slice's prompts in one `generate` call, then split them back by slice."""
+    """Generate completions for every slice's prompts in one `generate(prompt_ids, prompt_mask)` call (the new
+    tokens, right-padded), then split them back by slice."""
     width = max(s["prompt_ids"].shape[1] for s in slices)
     padded = [left_pad_to(s["prompt_ids"], s["prompt_mask"], width, pad_token_id) for s in slices]
-    prompt_ids = torch.cat([p[0] for p in padded])
-    prompt_mask = torch.cat([p[1] for p in padded])
-    was_training = model.training
-    model.eval()
-    try:
-        output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
-    finally:
-        model.train(was_training)
-    generated = output[:, width:]
+    generated = generate(torch.cat([p[0] for p in padded]), torch.cat([p[1] for p in padded]))
     lengths = completion_lengths(generated, eos_token_ids)
-    max_new_tokens = generation_config.max_new_tokens
     rollouts, start = [], 0
     for s in slices:
         rows = slice(start, start + s["prompt_ids"].shape[0])

