@@ -13,7 +13,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from protege import DistillationConfig, DistillationTrainer
 from protege.teacher.client import TeacherClient, TeacherServerError
-from protege.teacher.codec import PayloadError, decode_hidden, encode_hidden
+from protege.teacher.codec import (
+    PayloadError,
+    decode_hidden,
+    decode_hidden_binary,
+    encode_hidden,
+    encode_hidden_binary,
+)
 from protege.teacher.head import LMHead, head_from_checkpoint, logit_transform
 from protege.teacher.remote import RemoteHiddenTeacher
 
@@ -203,6 +209,14 @@ def test_hidden_payload_round_trip(dtype, bytes_per_value, tolerance):
     exact = decode_hidden(encode_hidden(rows, "float32"), sequences, prompt_lengths)
     for row, back in zip(rows, exact):
         np.testing.assert_array_equal(back, row)
+    blob = encode_hidden_binary(rows, dtype)  # what protege's client asks for: the same, as raw safetensors bytes
+    assert 13 * 96 * bytes_per_value < len(blob) < 13 * 96 * bytes_per_value + 300
+    for back, via_json in zip(decode_hidden_binary(blob, sequences, prompt_lengths, 96), decoded):
+        np.testing.assert_array_equal(back, via_json)
+    with pytest.raises(PayloadError, match=r"hidden_size 96 does not match the teacher's LM head \(64\)"):
+        decode_hidden_binary(blob, sequences, prompt_lengths, hidden_size=64)
+    with pytest.raises(PayloadError, match="not a safetensors hidden payload"):
+        decode_hidden_binary(blob[:-10], sequences, prompt_lengths)
     with pytest.raises(PayloadError, match=r"hidden_size 96 does not match the teacher's LM head \(64\)"):
         decode_hidden(payload, sequences, prompt_lengths, hidden_size=64)
     with pytest.raises(PayloadError, match=r"completion_lengths \[5, 1, 7\] do not match"):
@@ -231,6 +245,9 @@ def test_bad_hidden_requests_get_4xx(teacher_url):
     good = {"sequences": [[1, 2, 3]], "prompt_lengths": [1], "response_format": "hidden"}
     answer = httpx.post(url, json=good)
     assert answer.status_code == 200 and answer.json()["completion_lengths"] == [2]
+    binary = httpx.post(url, json=good, headers={"Accept": "application/octet-stream"})
+    assert binary.headers["content-type"] == "application/octet-stream"
+    assert len(decode_hidden_binary(binary.content, [[1, 2, 3]], [1])[0]) == 2
     assert httpx.post(url, json=good | {"hidden_dtype": "float64"}).status_code == 422
     refused = httpx.post(url, json=good | {"sequences": [[1, 2, 300]]})
     assert refused.status_code == 400 and "outside the vocabulary [0, 300)" in refused.text

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt
 
 from ..choices import HIDDEN_DTYPES, HIDDEN_FORMAT, LOGPROB_FORMATS, RESPONSE_FORMATS
-from ..teacher.codec import encode, encode_hidden
+from ..teacher.codec import encode, encode_hidden, encode_hidden_binary
 from ..teacher.head import save_head
 from .backends import Backend
 
@@ -146,7 +146,10 @@ class BodyLimit:
         return f"request body of {size} bytes or more is over the limit of {self.max_bytes}"
 
 
-def render(rows, request: SequenceLogprobsRequest, vocab_size: int) -> bytes:
+def render(rows, request: SequenceLogprobsRequest, vocab_size: int, binary: bool = False) -> bytes:
+    """The answer's body: JSON, or for the hidden format asked as binary, one safetensors blob."""
+    if request.response_format == HIDDEN_FORMAT and binary:
+        return encode_hidden_binary(rows, request.hidden_dtype)
     if request.response_format == HIDDEN_FORMAT:
         payload = encode_hidden(rows, request.hidden_dtype)
     else:
@@ -285,7 +288,7 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
         )
 
     @app.post("/get_sequence_logprobs/")
-    async def get_sequence_logprobs(request: SequenceLogprobsRequest) -> Response:
+    async def get_sequence_logprobs(request: SequenceLogprobsRequest, http_request: Request) -> Response:
         stats["requests"] += 1
         try:
             validate(request, backend, limits)
@@ -299,11 +302,15 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
         except Exception as error:
             raise HTTPException(status_code=500, detail=f"the teacher backend failed: {error}") from None
         # Encoding a large answer takes long enough to stall other requests: do it off the event loop.
+        binary = "application/octet-stream" in http_request.headers.get("accept", "")
         try:
-            body = await asyncio.get_running_loop().run_in_executor(None, render, rows, request, backend.vocab_size)
+            body = await asyncio.get_running_loop().run_in_executor(
+                None, render, rows, request, backend.vocab_size, binary
+            )
         except ValueError as error:  # hidden states that do not fit the asked dtype
             raise HTTPException(status_code=422, detail=str(error)) from None
-        return Response(content=body, media_type="application/json")
+        binary = binary and request.response_format == HIDDEN_FORMAT
+        return Response(content=body, media_type="application/octet-stream" if binary else "application/json")
 
     return app
 

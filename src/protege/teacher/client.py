@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 
 from ..choices import TEACHER_PROTOCOLS
-from .codec import BatchScores, PayloadError, SequenceScores, decode, decode_hidden
+from .codec import BatchScores, PayloadError, SequenceScores, decode, decode_hidden_binary
 from .head import LMHead, cache_dir, file_sha256, load_head
 
 
@@ -150,10 +150,21 @@ class TeacherClient:
         return load_head(path)
 
     def _post(self, path: str, body: dict) -> dict:
+        """POST with retries; the answer's JSON."""
+        response = self._post_for(path, body)
+        try:
+            return response.json()
+        except ValueError:
+            raise TeacherServerError(
+                f"teacher server at {self._url(path)} answered invalid JSON ({len(response.content)} bytes)"
+            ) from None
+
+    def _post_for(self, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
+        """POST with retries (connection errors, timeouts, 5xx); the 200 answer, or a TeacherServerError."""
         url = self._url(path)
         for attempt in range(self.max_retries + 1):
             try:
-                response = self._http.post(url, json=body)
+                response = self._http.post(url, json=body, headers=headers)
             except httpx.DecodingError as error:
                 raise TeacherServerError(
                     f"teacher server at {url} answered a body that does not decode: {error}"
@@ -164,12 +175,7 @@ class TeacherClient:
                 problem = f"{type(error).__name__}: {error}"
             else:
                 if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        raise TeacherServerError(
-                            f"teacher server at {url} answered invalid JSON ({len(response.content)} bytes)"
-                        ) from None
+                    return response
                 if 400 <= response.status_code < 500:
                     raise TeacherServerError(
                         f"teacher server at {url} refused the request (HTTP "
@@ -227,8 +233,12 @@ class TeacherClient:
 
         def run(seqs: list[list[int]], plens: list[int]) -> list[np.ndarray]:
             body = {"sequences": seqs, "prompt_lengths": plens, "response_format": "hidden", "hidden_dtype": dtype}
+            # Raw safetensors bytes: 2H a token in 16 bits. gzip of base64 JSON saves a quarter of that at several
+            # times the encode time (docs/benchmarks.md), so the binary answer goes uncompressed.
+            headers = {"Accept": "application/octet-stream", "Accept-Encoding": "identity"}
+            answer = self._post_for("/get_sequence_logprobs/", body, headers)
             try:
-                return decode_hidden(self._post("/get_sequence_logprobs/", body), seqs, plens, hidden_size)
+                return decode_hidden_binary(answer.content, seqs, plens, hidden_size)
             except PayloadError as error:
                 raise TeacherServerError(f"teacher server at {url} answered a bad payload: {error}") from None
 
