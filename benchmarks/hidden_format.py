@@ -9,8 +9,9 @@ Three parts (``--parts``, default all):
   RMSNorm gives, up to its weight); the log-prob rows come from random logits (normal, sd 4) over the whole
   vocabulary, so the gzip figures of the log-prob formats are indicative (benchmarks/payload.py measures them on a
   trained model). Encode = `codec.encode` / `codec.encode_hidden` + the server's JSON rendering (+ gzip at level 6
-  for "+gzip"); decode = gunzip + `json.loads` + `codec.decode` / `codec.decode_hidden` with their checks; medians
-  of --repeats runs, per 1,000 tokens.
+  for "+gzip"); decode = gunzip + `json.loads` + `codec.decode` / `codec.decode_hidden` with their checks; and the
+  hidden format's binary answer (`encode_hidden_binary`, one safetensors blob, uncompressed), which protege's client
+  asks for. Medians of --repeats runs, per 1,000 tokens.
 * ``error``: on benchmarks/payload.py's trained teacher and student (vocabulary 8000, cached in --cache-dir; ~7
   CPU-minutes the first time), 16 held-out windows of 32 + 128 tokens. The teacher is run the way the server runs it
   (`TransformersBackend.score`, K = 100, and `.hidden_states`). For beta 0, 0.5 and 1, the exact loss (full
@@ -76,17 +77,20 @@ def synthetic_logprob_rows(tokens_per_row: int, rows: int, vocab: int, top_k: in
     return out
 
 
-def measure_hidden(rows, sequences, prompt_lengths, dtype: str, gzip_level: int, repeats: int) -> dict:
-    from protege.teacher.codec import decode_hidden, encode_hidden
+def measure_hidden(rows, sequences, prompt_lengths, dtype: str, gzip_level: int, repeats: int, binary=False) -> dict:
+    """The JSON payload (base64), or with `binary` the safetensors blob protege's client asks for."""
+    from protege.teacher.codec import decode_hidden, decode_hidden_binary, encode_hidden, encode_hidden_binary
 
     def encode():
-        body = payload.render(encode_hidden(rows, dtype))
+        body = encode_hidden_binary(rows, dtype) if binary else payload.render(encode_hidden(rows, dtype))
         return payload.gzip_body(body, gzip_level) if gzip_level else body
 
     encode_ms, wire = payload._median_ms(encode, repeats)
 
     def decode():
         body = zlib.decompress(wire, 16 + zlib.MAX_WBITS) if gzip_level else wire
+        if binary:
+            return decode_hidden_binary(body, sequences, prompt_lengths, rows[0].shape[-1])
         return decode_hidden(json.loads(body), sequences, prompt_lengths, rows[0].shape[-1])
 
     decode_ms, _ = payload._median_ms(decode, repeats)
@@ -135,14 +139,25 @@ def part_size(args) -> list[dict]:
                 record[f"{tag}_decode_ms_per_1k"] = per_thousand(measured["decode_ms"], tokens)
             record["smaller_than_full_float32"] = full / record["raw"]
             results.append(record)
+            binary = measure_hidden(rows, sequences, prompt_lengths, dtype, 0, args.repeats, binary=True)
+            results.append(
+                {
+                    "format": f"hidden {dtype}, binary (the client's)",
+                    "K or H": hidden_size,
+                    "raw": record["raw"],
+                    "body": binary["bytes"] / tokens,
+                    "body_encode_ms_per_1k": per_thousand(binary["encode_ms"], tokens),
+                    "body_decode_ms_per_1k": per_thousand(binary["decode_ms"], tokens),
+                }
+            )
     return results
 
 
 def size_table(results: list[dict]) -> str:
     lines = [
-        "| format | K or H | tensor bytes/token | body bytes/token | gzip bytes/token | encode ms/1k tok (gzip) "
-        "| decode ms/1k tok (gzip) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| format | K or H | tensor bytes/token | body bytes/token | gzip bytes/token | encode ms/1k tok (body) "
+        "| decode ms/1k tok (body) | encode ms/1k tok (gzip) | decode ms/1k tok (gzip) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
 
@@ -151,6 +166,7 @@ def size_table(results: list[dict]) -> str:
 
         lines.append(
             f"| {r['format']} | {r['K or H']:,} | {fmt('raw')} | {fmt('body')} | {fmt('gzip')} "
+            f"| {fmt('body_encode_ms_per_1k', '.1f')} | {fmt('body_decode_ms_per_1k', '.1f')} "
             f"| {fmt('gzip_encode_ms_per_1k', '.1f')} | {fmt('gzip_decode_ms_per_1k', '.1f')} |"
         )
     return "\n".join(lines)

@@ -260,7 +260,14 @@ class DistillationConfig(TrainingArguments):
     )
 
     # ----- vLLM (student generation) -----
-    use_vllm: bool = field(default=False, metadata={"help": "Generate student completions with vLLM."})
+    use_vllm: bool = field(
+        default=False,
+        metadata={
+            "help": "Generate the student's on-policy completions with vLLM (vllm_mode='colocate': an engine in this "
+            "process that receives the student's weights when they change). Needs vLLM installed (on a CPU: train "
+            "inside `make vllm-env`'s environment)."
+        },
+    )
     vllm_mode: str = field(
         default="colocate",
         metadata={
