@@ -25,8 +25,8 @@ float16 (the library's default) rounds the teacher's states by 2^-11. Each run i
 Output: a markdown table (held-out accuracy at half and at the whole budget, per seed and the mean) on stdout, and
 every run (curves, per-step losses, seconds per step in generation / teacher / student) in `--json`.
 
-    python benchmarks/hidden_vs_top1.py --seeds 0 1 2   # 3 seeds x 3 runs of 60 steps, ~30 minutes on 2 busy cores
-    python benchmarks/hidden_vs_top1.py --quick         # smoke run: seed 0, 4 steps, 32 held-out problems
+    python benchmarks/hidden_vs_top1.py --seeds 0 1 2   # 3 seeds x 3 runs of 60 steps: 25 min on 2 busy cores
+    python benchmarks/hidden_vs_top1.py --quick         # smoke run: seed 0, 4 steps, 32 held-out problems; 3 min
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-import protege.teacher.client as client_module
+import protege.http_client as client_module
 from protege.choices import LOGPROB_FORMATS
 from protege.teacher.client import TeacherClient, TeacherServerError
 from protege.teacher.codec import BatchScores, SequenceScores, encode

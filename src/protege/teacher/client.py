@@ -2,9 +2,7 @@
 
 It must not lose a training run to a flaky network, nor train on a wrong answer:
 
-* every request has a timeout, and `wait_until_ready` waits for `/health/` with one;
-* connection errors, timeouts and 5xx answers are retried with exponential backoff; 4xx answers are not (the request
-  itself is wrong, and sending it again cannot help);
+* timeouts, retries with backoff on connection errors, timeouts and 5xx (never on 4xx): `http_client.RetryingClient`;
 * every response is checked against its request (lengths, shapes, ids, finite values) before it reaches the loss;
 * large batches are split into requests sent concurrently.
 
@@ -14,8 +12,6 @@ Every error names the URL and what was wrong.
 from __future__ import annotations
 
 import os
-import threading
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,15 +20,18 @@ import httpx
 import numpy as np
 
 from ..choices import TEACHER_PROTOCOLS
+from ..http_client import RetryingClient, ServerError
 from .codec import BatchScores, PayloadError, SequenceScores, decode, decode_hidden_binary
 from .head import LMHead, cache_dir, file_sha256, load_head
 
 
-class TeacherServerError(RuntimeError):
+class TeacherServerError(ServerError):
     """The teacher server could not be reached, refused the request, or answered something unusable."""
 
 
-class TeacherClient:
+class TeacherClient(RetryingClient):
+    role, error = "teacher server", TeacherServerError
+
     def __init__(
         self,
         base_url: str,
@@ -47,60 +46,20 @@ class TeacherClient:
     ):
         if protocol not in TEACHER_PROTOCOLS:
             raise ValueError(f"protocol={protocol!r} is not one of {TEACHER_PROTOCOLS}")
-        self.base_url = base_url.rstrip("/")
+        super().__init__(base_url, timeout, max_retries, backoff)
         self.protocol, self.response_format = protocol, response_format
-        self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.max_tokens_per_request, self.max_concurrency = max_tokens_per_request, max_concurrency
         self.model = model
-        self._client: httpx.Client | None = None
-        self._client_lock = threading.Lock()  # concurrent requests of one `score` call share the pool
         self._warned: set[str] = set()
 
-    @property
-    def _http(self) -> httpx.Client:
-        """The connection pool, opened on first use and again after `close`."""
-        with self._client_lock:
-            if self._client is None or self._client.is_closed:
-                self._client = httpx.Client(timeout=self.timeout, headers={"Accept-Encoding": "gzip"})
-            return self._client
-
-    def close(self) -> None:
-        """Release the connections (the trainer calls it when training ends)."""
-        if self._client is not None:
-            self._client.close()
-
-    # ----- Transport -----
-
-    def _url(self, path: str) -> str:
-        return f"{self.base_url}{path}"
-
-    def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5) -> None:
-        """Poll the health endpoint until it answers 200, or raise after `timeout` seconds."""
-        path = "/health/" if self.protocol == "protege" else "/health"
-        deadline, last = time.monotonic() + timeout, "no answer"
-        while time.monotonic() < deadline:
-            try:
-                response = self._http.get(
-                    self._url(path), timeout=min(self.timeout, max(deadline - time.monotonic(), 0.05))
-                )
-                if response.status_code == 200:
-                    return
-                last = f"HTTP {response.status_code}"
-            except httpx.HTTPError as error:
-                last = f"{type(error).__name__}: {error}"
-            time.sleep(interval)
-        raise TeacherServerError(f"teacher server at {self._url(path)} was not ready after {timeout:g} s ({last})")
+    def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5, path: str | None = None) -> None:
+        path = path or ("/health/" if self.protocol == "protege" else "/health")
+        super().wait_until_ready(timeout, interval, path)
 
     def info(self) -> dict:
         """What a protege server reports on /info/ (vocabulary size and fingerprint, formats); {} where the server
         has no such endpoint."""
-        if self.protocol != "protege":
-            return {}
-        try:
-            response = self._http.get(self._url("/info/"))
-        except httpx.HTTPError as error:
-            raise TeacherServerError(f"teacher server at {self._url('/info/')} did not answer: {error}") from None
-        return response.json() if response.status_code == 200 else {}
+        return (self._get_json("/info/") or {}) if self.protocol == "protege" else {}
 
     def vocab_size(self) -> int | None:
         """The vocabulary size a protege server reports on /info/, or None where the server has no such endpoint."""
@@ -148,43 +107,6 @@ class TeacherClient:
                 raise TeacherServerError(f"teacher server at {url}: the downloaded head does not match its SHA-256")
             os.replace(partial, path)
         return load_head(path)
-
-    def _post(self, path: str, body: dict) -> dict:
-        """POST with retries; the answer's JSON."""
-        response = self._post_for(path, body)
-        try:
-            return response.json()
-        except ValueError:
-            raise TeacherServerError(
-                f"teacher server at {self._url(path)} answered invalid JSON ({len(response.content)} bytes)"
-            ) from None
-
-    def _post_for(self, path: str, body: dict, headers: dict | None = None) -> httpx.Response:
-        """POST with retries (connection errors, timeouts, 5xx); the 200 answer, or a TeacherServerError."""
-        url = self._url(path)
-        for attempt in range(self.max_retries + 1):
-            try:
-                response = self._http.post(url, json=body, headers=headers)
-            except httpx.DecodingError as error:
-                raise TeacherServerError(
-                    f"teacher server at {url} answered a body that does not decode: {error}"
-                ) from None
-            except httpx.TimeoutException:
-                problem = f"no answer within the {self.timeout:g} s timeout"
-            except httpx.TransportError as error:
-                problem = f"{type(error).__name__}: {error}"
-            else:
-                if response.status_code == 200:
-                    return response
-                if 400 <= response.status_code < 500:
-                    raise TeacherServerError(
-                        f"teacher server at {url} refused the request (HTTP "
-                        f"{response.status_code}): {response.text[:500]}"
-                    )
-                problem = f"HTTP {response.status_code}: {response.text[:200]}"
-            if attempt < self.max_retries:
-                time.sleep(self.backoff * 2**attempt)
-        raise TeacherServerError(f"teacher server at {url} failed after {self.max_retries + 1} attempts: {problem}")
 
     # ----- Scoring -----
 
@@ -236,7 +158,7 @@ class TeacherClient:
             # Raw safetensors bytes: 2H a token in 16 bits. gzip of base64 JSON saves a quarter of that at several
             # times the encode time (docs/benchmarks.md), so the binary answer goes uncompressed.
             headers = {"Accept": "application/octet-stream", "Accept-Encoding": "identity"}
-            answer = self._post_for("/get_sequence_logprobs/", body, headers)
+            answer = self._post_for("/get_sequence_logprobs/", headers, json=body)
             try:
                 return decode_hidden_binary(answer.content, seqs, plens, hidden_size)
             except PayloadError as error:

@@ -1,0 +1,434 @@
+"""Throughput of on-policy distillation steps: student generation with transformers' ``generate`` vs vLLM colocate.
+
+Both modes run protege's ``DistillationTrainer`` with lmbda 1 (every slice on-policy), in a fresh process of the vLLM
+environment's interpreter (``make vllm-env`` creates ``.vllm-env``), so torch and transformers are the same:
+
+* ``transformers``: ``use_vllm=False``; the trainer generates a step's completions with ``model.generate``;
+* ``vllm``: ``use_vllm=True, vllm_mode="colocate"``; a ``vllm.LLM`` in the training process generates them, after the
+  trainer pushed the student's changed weights to it (``collective_rpc("reload_weights")``, every step).
+
+Either way the trainer makes ONE generation call per optimizer step for all its slices (``get_batch_samples``).
+
+    .vllm-env/bin/python benchmarks/generation.py --quick                  # smoke run: tiny models, 16 tokens
+    .vllm-env/bin/python benchmarks/generation.py                          # grad accum 4 and 8, 128 tokens
+    .vllm-env/bin/python benchmarks/generation.py --grad-accum 8 --modes vllm --steps 5 --json /tmp/g.json
+
+The parent uses the standard library only (any Python 3.10+ can run it); the workers run with ``--python`` (default
+``.vllm-env/bin/python``) and the environment ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (the engine in-process),
+``VLLM_CPU_KVCACHE_SPACE`` (``--kv-cache-gib``, default 2), ``HF_HUB_OFFLINE=1``, ``TOKENIZERS_PARALLELISM=false``
+and ``OMP_NUM_THREADS`` = ``--threads`` (default 2; vLLM's CPU worker binds the process's threads itself once built,
+so each worker reports the torch thread count it trained with).
+
+Models, built once into ``--cache-dir`` with ``real_scale.build_models`` (random init, float32, in a process of
+``--python``; the manifest ``built.json`` caches them):
+
+* tokenizer: word level, exactly 32,000 entries (``<pad>``, ``<unk>``, ``<|im_start|>``, ``<|im_end|>``, ``t0``,
+  ``t1``, ...), pad ``<pad>``, eos ``<|im_end|>``, a chat template wrapping each turn in ``<|im_start|>`` ..
+  ``<|im_end|>``, in its own folder (loaded with ``PreTrainedTokenizerFast`` and passed as ``processing_class``);
+* student: Qwen2, hidden 512, 8 layers, 8 heads (2 key-value, head_dim 64), intermediate 1536, tied: 40.7M
+  parameters;
+* teacher: Qwen2, hidden 512, 4 layers, same heads, intermediate 1536, tied: 28.1M parameters, so the teacher's cost
+  is small and the same in both modes.
+
+``--quick`` builds a vocabulary of 2000, a student and a teacher of hidden 64, 2 layers, 2 heads (head_dim 32, the
+least vLLM's CPU kernels take), and runs 1 warm-up and 2 timed steps of 16-token completions at grad accum 1.
+
+Data: prompt-only rows, ``{"prompt": [{"role": "user", "content": "t812 t17 ..."}]}``, ``--prompt-words`` (16)
+random words each (19 tokens with the chat markers and the generation prompt), as many rows as the run takes.
+
+Settings, the same in both modes: per_device_train_batch_size 8, gradient_accumulation_steps ``--grad-accum`` (4 and
+8: 32 and 64 prompts a step), max_completion_length ``--max-new-tokens`` (128), temperature 1.0, top_p 1.0, top_k
+off, lmbda 1, beta 0.5, loss_top_k 0 (full vocabulary), float32 (bf16 False), AdamW (``adamw_torch``), learning rate
+1e-5, no activation checkpointing, seed 0. No minimum length is forced: random models rarely sample the EOS, and the
+table shows the mean completion length the trainer logged (``completions/mean_length``).
+
+Timing (``workers.step_timer``): step k takes from the ``on_step_end`` of step k-1 (``on_train_begin`` for step 1) to
+its own ``on_step_end``, so generation (which the trainer does in ``get_batch_samples``, before ``on_step_begin``),
+the weight push, teacher and student passes and the AdamW step are all inside. ``--warmup`` (1) steps run first and
+are not counted, then ``--steps`` (3) timed steps. Per timed step the worker reports its wall seconds, the trainer's
+logged ``time/generation_s`` (the one generation call, the vLLM weight push included), the seconds of the weight push
+alone (the engine's ``_sync_weights``, timed by the worker) and the trainer's logged ``completion_tokens`` (completion
+tokens trained on; checked against ``workers.counting_trainer``'s count of ``labels != -100``). Building the trainer
+(and the vLLM engine) is outside the timing and reported as ``setup_seconds``.
+
+Trained completion tokens/s = completion tokens of the timed steps / their wall seconds; speedup = vLLM's over
+transformers' at the same grad accum. Peak RSS is the worker's ``ru_maxrss``.
+
+Output: a markdown table on stdout, and ``--json`` (default /tmp/generation.json) with every step, the date, the
+machine (``vs_trl.machine``), the 1-minute load average before and after each worker, and the git revision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import workers
+from real_scale import Shapes, build_models, qwen2, source_state
+from vs_trl import machine
+from workers import RunSettings, setting
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MODES = ("transformers", "vllm")
+SHAPES = {
+    "full": Shapes("full", 32_000, qwen2(512, 8, 8, 2, 1536, tied=True), qwen2(512, 4, 8, 2, 1536, tied=True)),
+    "quick": Shapes("quick", 2000, qwen2(64, 2, 2, 2, 256, tied=True), qwen2(64, 2, 2, 2, 256, tied=True)),
+}
+GIB = 2**30
+
+
+@dataclasses.dataclass(kw_only=True)
+class Case(RunSettings):
+    """One worker: one mode at one grad accum; the `RunSettings` part is what `workers.trainer_config` reads."""
+
+    mode: str = setting(help=f"one of {', '.join(MODES)}")
+    steps: int = setting(3, "optimizer steps timed, after the warm-up")
+    warmup: int = setting(1, "optimizer steps run first and not timed")
+    batch: int = setting(8, "per_device_train_batch_size")
+    grad_accum: int = setting(4, "gradient_accumulation_steps")
+    max_completion_length: int = setting(128, "max_completion_length (new tokens a prompt)")
+    max_length: int = setting(0, "0: prompt tokens + max_completion_length + 16 (also vLLM's max_model_len)")
+    top_p: float = setting(1.0)
+    learning_rate: float = setting(1e-5)
+    threads: int = setting(2, "torch threads (and OMP_NUM_THREADS)")
+    prompt_words: int = setting(16, "random words in each prompt")
+    student: str = setting(help="student model folder")
+    teacher: str = setting(help="teacher model folder")
+    tokenizer: str = setting(help="tokenizer folder (PreTrainedTokenizerFast)")
+    output_dir: str | None = setting(None, "Trainer output_dir (nothing is saved)")
+
+    def __post_init__(self) -> None:
+        self.max_length = self.max_length or self.prompt_words + 3 + self.max_completion_length + 16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Worker side (the vLLM environment's interpreter)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def prompts(case: Case, tokenizer) -> list[dict]:
+    """Prompt-only chat rows of random words, enough for every step of the run."""
+    words = sorted(w for w in tokenizer.get_vocab() if w[1:].isdigit())
+    rng = random.Random(case.seed)
+    count = (case.warmup + case.steps) * case.batch * case.grad_accum
+    return [
+        {"prompt": [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(case.prompt_words))}]}
+        for _ in range(count)
+    ]
+
+
+def worker(argv: list[str]) -> int:
+    case = workers.parse(Case, argv, "one mode of benchmarks/generation.py")
+    if case.mode not in MODES:
+        raise SystemExit(f"--mode must be one of {MODES}")
+
+    import datasets
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers.utils import logging as hf_logging
+
+    import protege
+    from protege import DistillationConfig, DistillationTrainer
+
+    torch.set_num_threads(case.threads)
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+    # AutoTokenizer on a folder whose config.json is Qwen2 would rebuild Qwen2's BPE: load the word-level one as is.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(case.tokenizer)
+    train_dataset = datasets.Dataset.from_list(prompts(case, tokenizer))
+    student = AutoModelForCausalLM.from_pretrained(case.student, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(case.teacher, dtype=torch.float32)
+
+    def configure(**shared):
+        if "activation_checkpointing" not in {f.name for f in dataclasses.fields(DistillationConfig)}:
+            shared["gradient_checkpointing"] = shared.pop("activation_checkpointing")  # transformers < 5.2x
+        return DistillationConfig(**{**shared, "use_vllm": case.mode == "vllm", "vllm_mode": "colocate"})
+
+    started = time.perf_counter()
+    trainer, timer, init_warnings = workers.build_trainer(
+        case,
+        case.mode,
+        configure,
+        DistillationTrainer,
+        TrainerCallback,
+        model=student,
+        teacher_model=teacher,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    setup_seconds = time.perf_counter() - started
+    threads_ready = torch.get_num_threads()
+
+    sync_seconds: dict[int, float] = {}  # by the optimizer step (1-based) whose generation pushed the weights
+    if trainer.vllm is not None:
+        push = trainer.vllm._sync_weights
+
+        def timed_push(model, step):
+            began = time.perf_counter()
+            push(model, step)
+            sync_seconds[step + 1] = sync_seconds.get(step + 1, 0.0) + time.perf_counter() - began
+
+        trainer.vllm._sync_weights = timed_push
+
+    train_seconds, logs = workers.train(trainer)
+    total = case.warmup + case.steps
+    steps = []
+    for k in range(1, total + 1):
+        log = logs.get(k, {})
+        steps.append(
+            {
+                "step": k,
+                "timed": k > case.warmup,
+                "seconds": timer.end[k] - timer.end[k - 1],
+                "generation_seconds": log.get("time/generation_s"),
+                "sync_seconds": sync_seconds.get(k),
+                "teacher_seconds": log.get("time/teacher_s"),
+                "student_seconds": log.get("time/student_s"),
+                "completion_tokens": log.get("completion_tokens"),
+                "counted_tokens": trainer.step_tokens.get(k),
+                "mean_length": log.get("completions/mean_length"),
+                "truncated_fraction": log.get("completions/truncated_fraction"),
+                "on_policy_fraction": log.get("on_policy_fraction"),
+                "loss": log.get("loss"),
+            }
+        )
+    timed = [s for s in steps if s["timed"]]
+    seconds = sum(s["seconds"] for s in timed)
+    tokens = sum(s["completion_tokens"] or 0 for s in timed)
+    workers.emit_result(
+        {
+            "mode": case.mode,
+            "grad_accum": case.grad_accum,
+            "prompts_per_step": case.batch * case.grad_accum,
+            "steps": steps,
+            "timed_seconds": seconds,
+            "timed_completion_tokens": tokens,
+            "tokens_per_second": tokens / seconds if seconds > 0 else None,
+            "seconds_per_step": seconds / len(timed),
+            "generation_seconds_per_step": mean(s["generation_seconds"] for s in timed),
+            "sync_seconds_per_step": mean(s["sync_seconds"] for s in timed),
+            "mean_completion_length": mean(s["mean_length"] for s in timed),
+            "token_counts_match": all(s["completion_tokens"] == s["counted_tokens"] for s in steps),
+            "generate_calls": None if trainer.vllm is None else trainer.vllm.generate_calls,
+            "setup_seconds": setup_seconds,
+            "train_seconds": train_seconds,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+            "student_params": sum(p.numel() for p in student.parameters()),
+            "teacher_params": sum(p.numel() for p in teacher.parameters()),
+            "torch_threads_ready": threads_ready,
+            "torch_threads_after": torch.get_num_threads(),
+            "protege_version": protege.__version__,
+            "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+            "vllm_version": vllm_version(),
+            "init_warnings": init_warnings,
+            "config": dataclasses.asdict(case),
+        }
+    )
+    return 0
+
+
+def vllm_version() -> str | None:
+    try:
+        import vllm
+    except ImportError:
+        return None
+    return vllm.__version__
+
+
+def mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def build(argv: list[str]) -> int:
+    folder, name = argv
+    workers.emit_result(build_models(Path(folder), SHAPES[name]))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parent side (standard library only)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: both, in this order")
+    p.add_argument("--grad-accum", type=int, nargs="+", help="gradient_accumulation_steps (default: 4 8; --quick: 1)")
+    p.add_argument("--max-new-tokens", type=int, help="max_completion_length (default: 128; --quick: 16)")
+    p.add_argument("--steps", type=int, help="timed steps (default: 3; --quick: 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--batch", type=int, default=8, help="per_device_train_batch_size")
+    p.add_argument("--prompt-words", type=int, default=16, help="random words in each prompt")
+    p.add_argument("--threads", type=int, default=2, help="torch threads and OMP_NUM_THREADS of the workers")
+    p.add_argument("--kv-cache-gib", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE of the workers")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny models, grad accum 1, 16 tokens, 2 steps")
+    p.add_argument("--cache-dir", type=Path, default=Path("/tmp/protege_generation"), help="models and runs")
+    p.add_argument(
+        "--python", default=str(REPO / ".vllm-env" / "bin" / "python"), help="the vLLM environment's interpreter"
+    )
+    p.add_argument("--timeout", type=float, default=3600, help="seconds a worker may take")
+    p.add_argument("--json", type=Path, default=Path("/tmp/generation.json"), help="write everything here")
+    args = p.parse_args(argv)
+    args.shapes = "quick" if args.quick else "full"
+    args.grad_accum = args.grad_accum or ([1] if args.quick else [4, 8])
+    args.max_new_tokens = args.max_new_tokens or (16 if args.quick else 128)
+    args.steps = args.steps or (2 if args.quick else 3)
+    return args
+
+
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the worker sees only its own environment (and benchmarks/, its script's folder)
+    threads = str(args.threads)
+    kv_cache = f"{args.kv_cache_gib:g}"
+    env.update(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE=kv_cache,
+        HF_HUB_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+    )
+    return env
+
+
+def run(argv: list[str], env: dict, folder: Path, timeout: float) -> workers.Finished:
+    """A worker to its end (or `timeout`), its output kept in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(argv, env=env, cwd=folder, capture_output=True, text=True, timeout=timeout)
+        finished = workers.Finished(argv, done.returncode, done.stdout, done.stderr, workers.read_result(done.stdout))
+    except subprocess.TimeoutExpired as expired:
+        out, err = (x.decode() if isinstance(x, bytes) else x or "" for x in (expired.stdout, expired.stderr))
+        finished = workers.Finished(argv, -1, out, err + f"\ntimed out after {timeout:.0f} s", None)
+    (folder / "worker.out").write_text(finished.stdout)
+    (folder / "worker.err").write_text(finished.stderr)
+    return finished
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(records: list[dict]) -> str:
+    lines = [
+        "| mode | grad accum | prompts/step | mean completion length | s/step | generation s/step "
+        "| weight sync s/step | trained completion tokens/s | speedup | peak RSS GiB | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        rss = None if r.get("peak_rss") is None else r["peak_rss"] / GIB
+        lines.append(
+            f"| {r['mode']} | {r['grad_accum']} | {r['prompts_per_step']} "
+            f"| {fmt(r.get('mean_completion_length'), '.1f')} "
+            f"| {fmt(r.get('seconds_per_step'), '.2f')} | {fmt(r.get('generation_seconds_per_step'), '.2f')} "
+            f"| {fmt(r.get('sync_seconds_per_step'), '.3f')} | {fmt(r.get('tokens_per_second'), '.1f')} "
+            f"| {fmt(r.get('speedup'), '.2f')} | {fmt(rss, '.2f')} | {r['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        return worker(argv[1:])
+    if argv[:1] == ["build"]:
+        return build(argv[1:])
+    args = parse_args(argv)
+    if not Path(args.python).exists():
+        raise SystemExit(f"no vLLM interpreter at {args.python}: run `make vllm-env` or pass --python")
+    env = worker_env(args)
+    started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    started = time.perf_counter()
+    folder = args.cache_dir / args.shapes
+    done = run(workers.command(args.python, __file__, "build", folder, args.shapes), env, folder, args.timeout)
+    if done.returncode != 0 or done.result is None:
+        sys.stderr.write(done.stderr[-4000:])
+        raise SystemExit(f"building the models failed (exit {done.returncode})")
+    built = done.result
+    source = source_state()
+    print(f"{started_at}; protege {source}; machine: {machine()}; 1-min load {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"{args.shapes} shapes: vocabulary {SHAPES[args.shapes].vocab}, student {built['student_params']:,} "
+        f"parameters, teacher {built['teacher_params']:,}; {args.threads} threads; KV cache {args.kv_cache_gib:g} GiB",
+        flush=True,
+    )
+    records = []
+    for grad_accum in args.grad_accum:
+        for mode in args.modes:
+            case_dir = folder / "runs" / f"ga{grad_accum}-{mode}"
+            case = Case(
+                mode=mode,
+                steps=args.steps,
+                warmup=args.warmup,
+                batch=args.batch,
+                grad_accum=grad_accum,
+                max_completion_length=args.max_new_tokens,
+                threads=args.threads,
+                prompt_words=args.prompt_words,
+                student=built["student"],
+                teacher=built["teacher"],
+                tokenizer=built["tokenizer"],
+                output_dir=str(case_dir / "trainer"),
+            )
+            record = {"mode": mode, "grad_accum": grad_accum, "prompts_per_step": args.batch * grad_accum}
+            record["load_before"] = os.getloadavg()[0]
+            began = time.perf_counter()
+            done = run(workers.command(args.python, __file__, "worker", case), env, case_dir, args.timeout)
+            record.update(done.result or {}, process_seconds=time.perf_counter() - began)
+            record["load_after"] = os.getloadavg()[0]
+            if done.returncode != 0 or done.result is None:
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+                record["status"] = f"failed: exit {done.returncode}: {tail} (see {case_dir}/worker.err)"
+            elif not record["token_counts_match"]:
+                record["status"] = "logged completion_tokens differ from the tokens compute_loss received"
+            else:
+                record["status"] = "ok"
+            records.append(record)
+            print(
+                f"  ga {grad_accum} {mode:<12} {record['status']}: {fmt(record.get('tokens_per_second'), '.1f')} "
+                f"tokens/s, {fmt(record.get('seconds_per_step'), '.1f')} s/step, process "
+                f"{record['process_seconds']:.0f} s, load {record['load_before']:.2f} -> {record['load_after']:.2f}",
+                flush=True,
+            )
+    for record in records:  # vLLM's (and transformers' own, 1.00) over transformers' at the same grad accum
+        baseline = [r for r in records if r["mode"] == "transformers" and r["grad_accum"] == record["grad_accum"]]
+        if record["status"] == "ok" and baseline and baseline[0]["status"] == "ok":
+            record["speedup"] = record["tokens_per_second"] / baseline[0]["tokens_per_second"]
+    wall = time.perf_counter() - started
+    print()
+    print(table(records))
+    print(f"\nwall time {wall:.0f} s; 1-min load average {os.getloadavg()[0]:.2f} at the end")
+    report = {
+        "started": started_at,
+        "wall_seconds": wall,
+        "source": source,
+        "machine": machine(),
+        "load_average_end": os.getloadavg(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "shapes": dataclasses.asdict(SHAPES[args.shapes]),
+        "built": built,
+        "records": records,
+    }
+    args.json.write_text(json.dumps(report, indent=1, default=str))
+    print(f"results written to {args.json}")
+    return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
