@@ -12,10 +12,13 @@ import signal
 import subprocess
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import free_port
 from tiny import arithmetic_rows, config, dataset, logged
+from transformers import AutoModelForCausalLM
 
 from protege.server.backends import TransformersBackend
 from protege.teacher.client import TeacherClient, TeacherServerError
@@ -301,3 +304,117 @@ def test_colocated_vllm_resumes_from_checkpoint_weights(vllm_models, tmp_path):
     # One push, at the first generation after resuming: vLLM holds the checkpoint's weights.
     assert resumed["pushes"] == 1 and resumed["synced_step"] == 2
     assert resumed["gap_to_start_weights"] < 1e-4, resumed
+
+
+# ----- Student generation from a separate server (use_vllm=True, vllm_mode="server"), the trainer in .venv -----
+
+
+def start_student_server(vllm_models, port: int) -> subprocess.Popen:
+    command = [str(VLLM_PYTHON), "-m", "protege", "serve-student", "--model", vllm_models["vllm_student"]]
+    command += ["--dtype", "float32", "--port", str(port), "--max-model-len", "256", "--log-level", "warning"]
+    return start(command, "/health/", port)
+
+
+def server_settings(url: str, **overrides) -> dict:
+    return {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": url, "lmbda": 1.0} | overrides
+
+
+@torch.no_grad()
+def sampled_logprobs(model, prompts, completions) -> list[list[float]]:
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
+        out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1).tolist())
+    return out
+
+
+def test_student_server_trains_from_pushed_weights(vllm_models, tmp_path):
+    from protege import DistillationTrainer
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_student_server(vllm_models, port)
+    try:
+        trainer = DistillationTrainer(
+            model=vllm_models["vllm_student"],
+            teacher_model=vllm_models["teacher"],
+            args=config(tmp_path, **server_settings(url, max_steps=3, gradient_accumulation_steps=4)),
+            train_dataset=dataset(32),
+        )
+        trainer.train()
+        engine = trainer.vllm
+        assert engine.generate_calls == 3 and engine.synced_step == 2  # one call per step, weights before each
+        assert httpx.get(f"{url}/info/").json()["weights_version"] == 2
+        # Push the trained weights; the server's samples then carry the trained student's log-probs.
+        engine.synced_step = None
+        prompts = [[5, 6, 7, 8], [9, 10, 11]]
+        engine.generate(trainer.model, prompts, step=3)
+        answer = httpx.post(
+            f"{url}/generate/",
+            json={
+                "prompts": prompts,
+                "seeds": [1, 2],
+                "sampling": {"max_tokens": 8, "detokenize": False},
+                "logprobs": True,
+            },
+            timeout=120,
+        ).json()
+        model = trainer.model.eval()
+        served = answer["logprobs"]
+        for got, want in zip(served, sampled_logprobs(model, prompts, answer["completions"])):
+            np.testing.assert_allclose(got, want, atol=1e-4)
+        start = AutoModelForCausalLM.from_pretrained(vllm_models["vllm_student"])
+        gaps = [
+            abs(a - b)
+            for g, w in zip(served, sampled_logprobs(start, prompts, answer["completions"]))
+            for a, b in zip(g, w)
+        ]
+        assert max(gaps) > 1e-2  # and they are not the starting weights'
+        refused = httpx.post(f"{url}/weights/?chunk=1&chunks=2&version=9", content=b"x", timeout=30)
+        assert refused.status_code == 409 and "chunk 0 was expected" in refused.text
+    finally:
+        stop(process)
+
+
+def test_student_server_lost_mid_training_then_resumed(vllm_models, tmp_path):
+    from transformers import TrainerCallback
+
+    from protege import DistillationTrainer
+    from protege.vllm_server import StudentServerError
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_student_server(vllm_models, port)
+
+    class StopServerAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                stop(process)
+
+    settings = server_settings(
+        url, max_steps=6, save_strategy="steps", save_steps=2, vllm_server_max_retries=1, vllm_server_timeout=20.0
+    )
+    trainer = DistillationTrainer(
+        model=vllm_models["vllm_student"],
+        teacher_model=vllm_models["teacher"],
+        args=config(tmp_path, **settings),
+        train_dataset=dataset(64),
+    )
+    trainer.add_callback(StopServerAt())
+    with pytest.raises(StudentServerError, match=rf"student vLLM server at {url}/weights/.* failed after 2 attempts"):
+        trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-2"]
+    process = start_student_server(vllm_models, port)  # a fresh server: starting weights until the first push
+    try:
+        resumed = DistillationTrainer(
+            model=vllm_models["vllm_student"],
+            teacher_model=vllm_models["teacher"],
+            args=config(tmp_path, **settings),
+            train_dataset=dataset(64),
+        )
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+        assert resumed.state.global_step == 6 and resumed.vllm.generate_calls == 4
+        assert httpx.get(f"{url}/info/").json()["weights_version"] == 5
+    finally:
+        stop(process)

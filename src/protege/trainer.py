@@ -181,7 +181,11 @@ class DistillationTrainer(Trainer):
             self.teacher = LocalTeacher(self.teacher_model, self.vocab_size, self.objective.teacher_view)
         self.generation_config, self.eos_token_ids = self._generation_config(model, processing_class)
         self.vllm = None
-        if args.use_vllm:
+        if args.use_vllm and args.vllm_mode == "server":
+            from .vllm_server import VLLMServer
+
+            self.vllm = VLLMServer(args, self.eos_token_ids, self.accelerator.process_index)
+        elif args.use_vllm:
             from .vllm_colocate import VLLMColocate
 
             self.vllm = VLLMColocate(
@@ -328,6 +332,8 @@ class DistillationTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self.teacher.close()  # a server client's connections; it reopens them if used again
+            if self.vllm is not None:
+                self.vllm.close()
 
     # ----- Logging -----
 

@@ -47,6 +47,29 @@ def student_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
     yield from model.state_dict().items()
 
 
+def sampling_options(args, eos_token_ids: list[int]) -> dict:
+    """vLLM SamplingParams fields from the config (`generation_kwargs` last, so it overrides), token ids out."""
+    options = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k if args.top_k > 0 else -1,
+        "min_p": args.min_p or 0.0,
+        "repetition_penalty": args.repetition_penalty,
+        "max_tokens": args.max_completion_length,
+        "stop_token_ids": list(eos_token_ids),
+        "detokenize": False,
+    }
+    if args.vllm_structured_outputs_regex:
+        options["structured_outputs_regex"] = args.vllm_structured_outputs_regex
+    return options | (args.generation_kwargs or {})
+
+
+def prompt_seeds(seed: int, process_index: int, step: int, count: int) -> list[int]:
+    """One sampling seed per prompt, from (seed, rank, step): runs repeat, repeated prompts get different samples."""
+    base = int(np.random.default_rng([seed, process_index, step]).integers(2**31))
+    return [base + row for row in range(count)]
+
+
 class VLLMColocate:
     """One `vllm.LLM` in this training process, generating the student's on-policy completions."""
 
@@ -92,25 +115,15 @@ class VLLMColocate:
         self.synced_step = step
 
     def _sampling(self, count: int, step: int) -> list:
-        """One SamplingParams per prompt: the config's sampling, a seed from (seed, rank, step) plus the row."""
-        args = self.args
-        options = {
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "top_k": args.top_k if args.top_k > 0 else -1,
-            "min_p": args.min_p or 0.0,
-            "repetition_penalty": args.repetition_penalty,
-            "max_tokens": args.max_completion_length,
-            "stop_token_ids": self.eos_token_ids,
-            "detokenize": False,
-        }
-        if args.vllm_structured_outputs_regex:
+        """One SamplingParams per prompt: the config's sampling and the prompt's seed."""
+        options = sampling_options(self.args, self.eos_token_ids)
+        regex = options.pop("structured_outputs_regex", None)
+        if regex:
             from vllm.sampling_params import StructuredOutputsParams
 
-            options["structured_outputs"] = StructuredOutputsParams(regex=args.vllm_structured_outputs_regex)
-        options |= args.generation_kwargs or {}
-        base_seed = int(np.random.default_rng([args.seed, self.process_index, step]).integers(2**31))
-        return [self.sampling_params(seed=base_seed + row, **options) for row in range(count)]
+            options["structured_outputs"] = StructuredOutputsParams(regex=regex)
+        seeds = prompt_seeds(self.args.seed, self.process_index, step, count)
+        return [self.sampling_params(seed=seed, **options) for seed in seeds]
 
     def generate(self, model: torch.nn.Module, prompts: list[list[int]], step: int) -> list[list[int]]:
         """Completion token ids (up to and including a stop token) for each prompt, in one vLLM call, from the
@@ -129,4 +142,5 @@ class VLLMColocate:
         return [list(output.outputs[0].token_ids) for output in outputs]
 
     def close(self) -> None:
-        self.folder.cleanup()
+        """Nothing to release between runs: the engine stays for the next `train` call (its config folder goes
+        with the object)."""

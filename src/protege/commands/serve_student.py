@@ -1,0 +1,46 @@
+"""`protege serve-student`: the student's vLLM engine over HTTP, for `use_vllm=True, vllm_mode="server"`."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..choices import DTYPE_NAMES
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve-student",
+        help="Serve the student's generations with vLLM, taking weight updates over HTTP (vllm_mode='server').",
+        description="Start a vLLM engine of the student that generates completions of token-id prompts "
+        "(POST /generate/) and takes the trainer's weights after each optimizer step (POST /weights/, safetensors "
+        "bytes in chunks). Needs vLLM in this environment. See README's 'Student generation with vLLM'.",
+    )
+    parser.add_argument("--model", required=True, help="The student's starting checkpoint (folder or hub id).")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1).")
+    parser.add_argument("--port", type=int, default=8001, help="Port to listen on (default: 8001, TRL's).")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES, help="Weights dtype (default: auto).")
+    parser.add_argument("--max-model-len", type=int, default=None, help="vLLM's max_model_len (prompt + completion).")
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9, help="Fraction of GPU memory vLLM may take."
+    )
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallel size.")
+    parser.add_argument("--max-body-mb", type=float, default=1024.0, help="Largest request body in MiB (a chunk).")
+    parser.add_argument("--log-level", default="info", help="uvicorn log level (default: info).")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..server.student import StudentEngine, create_student_app
+
+    engine = StudentEngine(
+        args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
+    app = create_student_app(engine, max_body_bytes=int(args.max_body_mb * 2**20))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

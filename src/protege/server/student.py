@@ -1,0 +1,140 @@
+"""`protege serve-student`: the student's vLLM engine behind HTTP, for `use_vllm=True, vllm_mode="server"`.
+
+The trainer pushes the student's weights after each optimizer step as safetensors bytes (`POST /weights/`, in chunks
+of at most `vllm_server_chunk_mb`; the last chunk commits them all at once with vLLM's `reload_weights`) and asks for
+completions of token-id prompts (`POST /generate/`). Plain HTTP, so it works wherever vLLM runs, CPU included (TRL's
+`trl vllm-serve` syncs weights over NCCL, GPU only). Requests are served one at a time: generation and a weight
+update never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+from fastapi import FastAPI, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, StrictInt
+
+from .app import BodyLimit
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[list[StrictInt]]
+    seeds: list[StrictInt]
+    sampling: dict  # vLLM SamplingParams fields (token ids out), plus "structured_outputs_regex"
+    logprobs: bool = False  # also return each sampled token's log-prob (to check which weights sampled it)
+
+
+class StudentEngine:
+    """A `vllm.LLM` of the student that takes weight updates in chunks and generates from token ids."""
+
+    def __init__(self, model: str, dtype: str = "auto", max_model_len: int | None = None, **engine_options):
+        import torch
+        import vllm
+
+        self.vllm = vllm
+        options = {"model": model, "dtype": dtype, "skip_tokenizer_init": True, **engine_options}
+        options.setdefault("enforce_eager", not torch.cuda.is_available())
+        if max_model_len is not None:
+            options["max_model_len"] = max_model_len
+        self.llm = vllm.LLM(**options)
+        self.model_name = model
+        self.pending: dict = {}  # tensors of an update not yet committed
+        self.weights_version: int | None = None  # the trainer's step of the last committed update
+
+    def receive(self, blob: bytes, chunk: int, chunks: int, version: int) -> bool:
+        """Add one chunk of an update (chunk 0 starts a new one); the last commits it. Returns whether it did."""
+        from safetensors.torch import load
+
+        if chunk == 0:
+            self.pending = {}
+        self.pending.update(load(blob))
+        if chunk < chunks - 1:
+            return False
+        weights, self.pending = self.pending, {}
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
+        self.weights_version = version
+        return True
+
+    def generate(self, request: GenerateRequest) -> dict:
+        """{"completions": token ids per prompt} and, when asked, "logprobs" of each sampled token."""
+        options = dict(request.sampling) | ({"logprobs": 0} if request.logprobs else {})
+        regex = options.pop("structured_outputs_regex", None)
+        if regex:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            options["structured_outputs"] = StructuredOutputsParams(regex=regex)
+        params = [self.vllm.SamplingParams(seed=seed, **options) for seed in request.seeds]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in request.prompts], params, use_tqdm=False)
+        answer = {"completions": [list(output.outputs[0].token_ids) for output in outputs]}
+        if request.logprobs:
+            answer["logprobs"] = [
+                [step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+                for o in outputs
+            ]
+        return answer
+
+
+def create_student_app(engine: StudentEngine, max_body_bytes: int = 2**30, max_prompts: int = 4096) -> FastAPI:
+    lock = asyncio.Lock()  # one engine call at a time
+    expected_chunk = {"next": 0}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+
+    app = FastAPI(title="protege student generation server", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    @app.get("/health/")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/info/")
+    async def info() -> dict:
+        return {"model": engine.model_name, "weights_version": engine.weights_version}
+
+    @app.post("/weights/")
+    async def weights(request: Request, chunk: int, chunks: int, version: int) -> dict:
+        if not 0 <= chunk < chunks:
+            raise HTTPException(status_code=400, detail=f"chunk={chunk} is outside [0, chunks={chunks})")
+        if chunk not in (0, expected_chunk["next"]):
+            raise HTTPException(
+                status_code=409,
+                detail=f"chunk {chunk} arrived but chunk {expected_chunk['next']} was expected; start again at 0",
+            )
+        blob = await request.body()
+        async with lock:
+            try:
+                committed = await asyncio.get_running_loop().run_in_executor(
+                    None, engine.receive, blob, chunk, chunks, version
+                )
+            except (ValueError, json.JSONDecodeError) as error:
+                expected_chunk["next"] = 0
+                raise HTTPException(status_code=400, detail=f"chunk {chunk} is not safetensors: {error}") from None
+            except Exception as error:  # noqa: BLE001 (safetensors' own error type, or vLLM refusing a tensor)
+                expected_chunk["next"] = 0
+                raise HTTPException(status_code=400, detail=f"the update was refused: {error}") from None
+        expected_chunk["next"] = 0 if committed else chunk + 1
+        return {"committed": committed, "weights_version": engine.weights_version}
+
+    @app.post("/generate/")
+    async def generate(request: GenerateRequest) -> dict:
+        if len(request.seeds) != len(request.prompts):
+            detail = f"{len(request.seeds)} seeds for {len(request.prompts)} prompts"
+            raise HTTPException(status_code=400, detail=detail)
+        if not request.prompts or len(request.prompts) > max_prompts:
+            raise HTTPException(status_code=400, detail=f"{len(request.prompts)} prompts: send 1 to {max_prompts}")
+        if any(not prompt for prompt in request.prompts):
+            raise HTTPException(status_code=400, detail="a prompt is empty")
+        async with lock:
+            try:
+                answer = await asyncio.get_running_loop().run_in_executor(None, engine.generate, request)
+            except (TypeError, ValueError) as error:  # sampling fields vLLM does not accept, a prompt too long
+                raise HTTPException(status_code=400, detail=f"vLLM refused the request: {error}") from None
+        return answer | {"weights_version": engine.weights_version}
+
+    return app

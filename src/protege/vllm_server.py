@@ -1,0 +1,84 @@
+"""Student generation from a separate `protege serve-student` server (`use_vllm=True, vllm_mode="server"`).
+
+Same interface as `vllm_colocate.VLLMColocate`: before a generation whose weights changed (every optimizer step, or
+every `vllm_sync_frequency` steps) the student's weights go to the server as safetensors bytes in chunks of at most
+`vllm_server_chunk_mb`, then the prompts' token ids and the config's sampling go out and completions' token ids come
+back. Timeouts, retries and errors naming the URL come from `http_client.RetryingClient`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .http_client import RetryingClient, ServerError
+from .vllm_colocate import prompt_seeds, sampling_options, student_weights
+
+
+class StudentServerError(ServerError):
+    """The student's generation server could not be reached, refused a request, or answered something unusable."""
+
+
+class StudentServerClient(RetryingClient):
+    role, error = "student vLLM server", StudentServerError
+
+
+def weight_chunks(weights, max_bytes: int):
+    """Groups of (name, tensor) of at most `max_bytes` each (a larger tensor alone), in state-dict order."""
+    group, size = {}, 0
+    for name, tensor in weights:
+        nbytes = tensor.numel() * tensor.element_size()
+        if group and size + nbytes > max_bytes:
+            yield group
+            group, size = {}, 0
+        group[name] = tensor.detach().cpu().contiguous()
+        size += nbytes
+    if group:
+        yield group
+
+
+class VLLMServer:
+    """The student's generations from a `protege serve-student` server (see the module docstring)."""
+
+    def __init__(self, args, eos_token_ids: list[int], process_index: int):
+        url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+        retries = args.vllm_server_max_retries
+        self.client = StudentServerClient(url, timeout=args.vllm_server_timeout, max_retries=retries)
+        self.client.wait_until_ready(args.vllm_server_timeout)
+        self.args, self.eos_token_ids, self.process_index = args, eos_token_ids, process_index
+        self.synced_step: int | None = None
+        self.generate_calls = 0
+        self.pushed_bytes = 0
+
+    def _sync_weights(self, model: torch.nn.Module, step: int) -> None:
+        if self.synced_step is not None and step - self.synced_step < self.args.vllm_sync_frequency:
+            return
+        from safetensors.torch import save
+
+        with torch.no_grad():
+            chunks = list(weight_chunks(student_weights(model), int(self.args.vllm_server_chunk_mb * 2**20)))
+            for index, chunk in enumerate(chunks):
+                blob = save(chunk)
+                query = f"/weights/?chunk={index}&chunks={len(chunks)}&version={step}"
+                self.client._post_for(query, content=blob, headers={"Content-Type": "application/octet-stream"})
+                self.pushed_bytes += len(blob)
+        self.synced_step = step
+
+    def generate(self, model: torch.nn.Module, prompts: list[list[int]], step: int) -> list[list[int]]:
+        self._sync_weights(model, step)
+        body = {
+            "prompts": prompts,
+            "seeds": prompt_seeds(self.args.seed, self.process_index, step, len(prompts)),
+            "sampling": sampling_options(self.args, self.eos_token_ids),
+        }
+        answer = self.client._post("/generate/", body)
+        completions = answer.get("completions")
+        if not isinstance(completions, list) or len(completions) != len(prompts):
+            raise StudentServerError(
+                f"student vLLM server at {self.client.base_url}/generate/ answered "
+                f"{type(completions).__name__} for {len(prompts)} prompts"
+            )
+        self.generate_calls += 1
+        return completions
+
+    def close(self) -> None:
+        self.client.close()
