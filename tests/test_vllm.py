@@ -177,6 +177,12 @@ def test_vllm_backend_matches_transformers(vllm_models, protege_vllm_server, top
             assert_same_scores(served, expected, top_k)
 
 
+def test_vllm_logprob_backend_refuses_hidden_states_naming_the_way(protege_vllm_server):
+    with pytest.raises(TeacherServerError, match=r"HTTP 400.*needs the transformers backend .*--vllm-hidden-states"):
+        TeacherClient(protege_vllm_server).hidden_states(SEQUENCES, PROMPT_LENGTHS)
+    assert httpx.get(f"{protege_vllm_server}/lm_head/meta/").status_code == 404
+
+
 def test_vllm_backend_refuses_other_temperatures(protege_vllm_server):
     with pytest.raises(TeacherServerError, match=r"HTTP 400.*serves temperature 1 only"):
         TeacherClient(protege_vllm_server).score(SEQUENCES, PROMPT_LENGTHS, top_k=1, temperature=0.7)
