@@ -25,9 +25,9 @@ Models, built once into ``--cache-dir`` with ``real_scale.build_models`` (random
 * tokenizer: word level, exactly 32,000 entries (``<pad>``, ``<unk>``, ``<|im_start|>``, ``<|im_end|>``, ``t0``,
   ``t1``, ...), pad ``<pad>``, eos ``<|im_end|>``, a chat template wrapping each turn in ``<|im_start|>`` ..
   ``<|im_end|>``, in its own folder (loaded with ``PreTrainedTokenizerFast`` and passed as ``processing_class``);
-* student: Qwen2, hidden 512, 8 layers, 8 heads (2 key-value, head_dim 64), intermediate 1536, tied: 40.7M
+* student: Qwen2, hidden 512, 8 layers, 8 heads (2 key-value, head_dim 64), intermediate 1536, tied: 40.5M
   parameters;
-* teacher: Qwen2, hidden 512, 4 layers, same heads, intermediate 1536, tied: 28.1M parameters, so the teacher's cost
+* teacher: Qwen2, hidden 512, 4 layers, same heads, intermediate 1536, tied: 28.5M parameters, so the teacher's cost
   is small and the same in both modes.
 
 ``--quick`` builds a vocabulary of 2000, a student and a teacher of hidden 64, 2 layers, 2 heads (head_dim 32, the

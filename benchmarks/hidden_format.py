@@ -24,7 +24,8 @@ Three parts (``--parts``, default all):
   completion tokens, float32: the teacher head's bytes on the student's device, and the time and peak RSS of one
   chunked loss forward + backward (`Objective.loss_sum`, loss_chunk_size "auto") per objective: the exact JSD and the
   sparse top-1 through hidden states, the sparse top-1 and the top-20 forward KL through log-probs. Each case runs in
-  a fresh process; peak RSS is its ru_maxrss minus the RSS before the loss.
+  a fresh process; the peak is the loss's: the high-water mark is reset just before it (/proc/self/clear_refs), and
+  the table gives VmHWM after it minus VmRSS before it.
 
     python benchmarks/hidden_format.py                  # all parts: ~10 min on 2 cores (+7 the first time)
     python benchmarks/hidden_format.py --parts size student
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import sys
 import time
 import zlib
@@ -268,6 +268,14 @@ def error_table(results: list[dict]) -> str:
 # ----- student -----
 
 
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
 def _student_case(name: str, quick: bool, threads: int, queue) -> None:
     """One chunked loss forward + backward at real shapes, in a fresh process (peak RSS of this case alone)."""
     import torch
@@ -300,12 +308,13 @@ def _student_case(name: str, quick: bool, threads: int, queue) -> None:
         "log-probs: sparse top-1 (beta 0.5)": Objective(beta=0.5, top_k=1, chunk_size="auto"),
         "log-probs: top-20 forward KL (beta 0)": Objective(beta=0.0, top_k=20, chunk_size="auto"),
     }[name]
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: the set-up's own peak is not counted
+    rss_before = status_bytes("VmRSS")
     started = time.perf_counter()
     loss = objective.loss_sum(StudentHidden(student_hidden, student_weight, None), teacher, labels)
     loss.backward()
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status_bytes("VmHWM")
     teacher_head_bytes = teacher.weight.numel() * 4 if isinstance(teacher, TeacherHidden) else 0
     queue.put(
         {
