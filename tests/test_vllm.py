@@ -195,21 +195,26 @@ def test_openai_protocol_against_stock_vllm(vllm_models, openai_vllm_server, top
     assert_same_scores(client.score(SEQUENCES, PROMPT_LENGTHS, top_k=top_k), expected, top_k)
 
 
-def test_trainer_with_openai_vllm_teacher_matches_local(vllm_models, openai_vllm_server, tmp_path):
+def first_loss(vllm_models, tmp_path, loss_top_k: int, **server) -> float:
+    """The first logged loss of one off-policy JSD(0.5) step, with the local teacher or the given server settings."""
     from protege import DistillationTrainer
 
-    def first_loss(**overrides):
-        trainer = DistillationTrainer(
-            model=vllm_models["student"],
-            args=config(tmp_path, lmbda=0.0, beta=0.5, loss_top_k=1, max_steps=1, **overrides),
-            teacher_model=None if overrides else vllm_models["teacher"],
-            train_dataset=dataset(16),
-        )
-        trainer.train()
-        return logged(trainer, "loss")[0]
+    trainer = DistillationTrainer(
+        model=vllm_models["student"],
+        args=config(tmp_path, lmbda=0.0, beta=0.5, loss_top_k=loss_top_k, max_steps=1, **server),
+        teacher_model=None if server else vllm_models["teacher"],
+        train_dataset=dataset(16),
+    )
+    trainer.train()
+    return logged(trainer, "loss")[0]
 
-    local = first_loss()
+
+def test_trainer_with_openai_vllm_teacher_matches_local(vllm_models, openai_vllm_server, tmp_path):
+    local = first_loss(vllm_models, tmp_path, 1)
     served = first_loss(
+        vllm_models,
+        tmp_path,
+        1,
         use_teacher_server=True,
         teacher_model_server_url=openai_vllm_server,
         teacher_server_protocol="openai",
@@ -246,25 +251,16 @@ def test_vllm_pooling_runner_serves_hidden_states_and_the_head(vllm_models, hidd
 
 def test_trainer_with_vllm_hidden_teacher_matches_local(vllm_models, hidden_vllm_server, tmp_path):
     """The exact full-vocabulary JSD through vLLM's hidden states equals the local teacher's."""
-    from protege import DistillationTrainer
-
-    def first_loss(**overrides):
-        trainer = DistillationTrainer(
-            model=vllm_models["student"],
-            args=config(tmp_path, lmbda=0.0, beta=0.5, loss_top_k=0, max_steps=1, **overrides),
-            teacher_model=None if overrides else vllm_models["teacher"],
-            train_dataset=dataset(16),
-        )
-        trainer.train()
-        return logged(trainer, "loss")[0]
-
     served = first_loss(
+        vllm_models,
+        tmp_path,
+        0,
         use_teacher_server=True,
         teacher_model_server_url=hidden_vllm_server,
         teacher_server_response_format="hidden",
         teacher_server_hidden_dtype="float32",
     )
-    assert served == pytest.approx(first_loss(), rel=1e-4)
+    assert served == pytest.approx(first_loss(vllm_models, tmp_path, 0), rel=1e-4)
 
 
 # ----- Student generation with vLLM in the training process (use_vllm=True, vllm_mode="colocate") -----
