@@ -48,14 +48,18 @@ the weight push, teacher and student passes and the AdamW step are all inside. `
 are not counted, then ``--steps`` (3) timed steps. Per timed step the worker reports its wall seconds, the trainer's
 logged ``time/generation_s`` (the one generation call, the vLLM weight push included), the seconds of the weight push
 alone (the engine's ``_sync_weights``, timed by the worker) and the trainer's logged ``completion_tokens`` (completion
-tokens trained on; checked against ``workers.counting_trainer``'s count of ``labels != -100``). Building the trainer
-(and the vLLM engine) is outside the timing and reported as ``setup_seconds``.
+tokens trained on; checked against ``workers.counting_trainer``'s count of ``labels != -100``). The JSON also has the
+logged ``time/teacher_s`` (per step) and ``time/student_s`` x grad accum (the trainer logs the mean over the step's
+``training_step`` calls, one a slice). Building the trainer (and the vLLM engine) is outside the timing and reported
+as ``setup_seconds``.
 
 Trained completion tokens/s = completion tokens of the timed steps / their wall seconds; speedup = vLLM's over
 transformers' at the same grad accum. Peak RSS is the worker's ``ru_maxrss``.
 
 Output: a markdown table on stdout, and ``--json`` (default /tmp/generation.json) with every step, the date, the
-machine (``vs_trl.machine``), the 1-minute load average before and after each worker, and the git revision.
+machine (``vs_trl.machine``), the git revision, and the 1-minute load average sampled every 10 s while each worker
+ran (the table shows its mean). The machine's other load moves these numbers a lot: on 2 cores, a process with 2
+OpenMP threads waits at every barrier for a core another process holds.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ SHAPES = {
     "quick": Shapes("quick", 2000, qwen2(64, 2, 2, 2, 256, tied=True), qwen2(64, 2, 2, 2, 256, tied=True)),
 }
 GIB = 2**30
+LOAD_SECONDS = 10.0
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -187,6 +192,7 @@ def worker(argv: list[str]) -> int:
     steps = []
     for k in range(1, total + 1):
         log = logs.get(k, {})
+        per_slice = log.get("time/student_s")  # the mean over the step's training_step calls (one a slice)
         steps.append(
             {
                 "step": k,
@@ -195,7 +201,7 @@ def worker(argv: list[str]) -> int:
                 "generation_seconds": log.get("time/generation_s"),
                 "sync_seconds": sync_seconds.get(k),
                 "teacher_seconds": log.get("time/teacher_s"),
-                "student_seconds": log.get("time/student_s"),
+                "student_seconds": None if per_slice is None else per_slice * case.grad_accum,
                 "completion_tokens": log.get("completion_tokens"),
                 "counted_tokens": trainer.step_tokens.get(k),
                 "mean_length": log.get("completions/mean_length"),
@@ -307,18 +313,29 @@ def worker_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def run(argv: list[str], env: dict, folder: Path, timeout: float) -> workers.Finished:
-    """A worker to its end (or `timeout`), its output kept in `folder`."""
+def run(argv: list[str], env: dict, folder: Path, timeout: float) -> tuple[workers.Finished, list[float]]:
+    """A worker to its end (or `timeout`), its output going to `folder`/worker.out and worker.err as it runs; also
+    the 1-minute load average, sampled every `LOAD_SECONDS` while it ran."""
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        done = subprocess.run(argv, env=env, cwd=folder, capture_output=True, text=True, timeout=timeout)
-        finished = workers.Finished(argv, done.returncode, done.stdout, done.stderr, workers.read_result(done.stdout))
-    except subprocess.TimeoutExpired as expired:
-        out, err = (x.decode() if isinstance(x, bytes) else x or "" for x in (expired.stdout, expired.stderr))
-        finished = workers.Finished(argv, -1, out, err + f"\ntimed out after {timeout:.0f} s", None)
-    (folder / "worker.out").write_text(finished.stdout)
-    (folder / "worker.err").write_text(finished.stderr)
-    return finished
+    out, err = folder / "worker.out", folder / "worker.err"
+    load = [os.getloadavg()[0]]
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen(argv, env=env, cwd=folder, stdout=stdout, stderr=stderr)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                process.wait(timeout=LOAD_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                load.append(os.getloadavg()[0])
+                if time.monotonic() > deadline:
+                    process.kill()
+                    process.wait()
+                    stderr.write(f"\nkilled after {timeout:.0f} s\n")
+                    break
+    load.append(os.getloadavg()[0])
+    text = out.read_text()
+    return workers.Finished(argv, process.returncode, text, err.read_text(), workers.read_result(text)), load
 
 
 def fmt(value, spec: str) -> str:
@@ -328,8 +345,8 @@ def fmt(value, spec: str) -> str:
 def table(records: list[dict]) -> str:
     lines = [
         "| mode | grad accum | prompts/step | mean completion length | s/step | generation s/step "
-        "| weight sync s/step | trained completion tokens/s | speedup | peak RSS GiB | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| weight sync s/step | trained completion tokens/s | speedup | peak RSS GiB | 1-min load (mean) | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         rss = None if r.get("peak_rss") is None else r["peak_rss"] / GIB
@@ -338,7 +355,7 @@ def table(records: list[dict]) -> str:
             f"| {fmt(r.get('mean_completion_length'), '.1f')} "
             f"| {fmt(r.get('seconds_per_step'), '.2f')} | {fmt(r.get('generation_seconds_per_step'), '.2f')} "
             f"| {fmt(r.get('sync_seconds_per_step'), '.3f')} | {fmt(r.get('tokens_per_second'), '.1f')} "
-            f"| {fmt(r.get('speedup'), '.2f')} | {fmt(rss, '.2f')} | {r['status']} |"
+            f"| {fmt(r.get('speedup'), '.2f')} | {fmt(rss, '.2f')} | {fmt(r.get('load_mean'), '.2f')} | {r['status']} |"
         )
     return "\n".join(lines)
 
@@ -356,7 +373,7 @@ def main(argv=None) -> int:
     started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     started = time.perf_counter()
     folder = args.cache_dir / args.shapes
-    done = run(workers.command(args.python, __file__, "build", folder, args.shapes), env, folder, args.timeout)
+    done, _ = run(workers.command(args.python, __file__, "build", folder, args.shapes), env, folder, args.timeout)
     if done.returncode != 0 or done.result is None:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"building the models failed (exit {done.returncode})")
@@ -387,11 +404,10 @@ def main(argv=None) -> int:
                 output_dir=str(case_dir / "trainer"),
             )
             record = {"mode": mode, "grad_accum": grad_accum, "prompts_per_step": args.batch * grad_accum}
-            record["load_before"] = os.getloadavg()[0]
             began = time.perf_counter()
-            done = run(workers.command(args.python, __file__, "worker", case), env, case_dir, args.timeout)
+            done, load = run(workers.command(args.python, __file__, "worker", case), env, case_dir, args.timeout)
             record.update(done.result or {}, process_seconds=time.perf_counter() - began)
-            record["load_after"] = os.getloadavg()[0]
+            record.update(load_before=load[0], load_after=load[-1], load_mean=sum(load) / len(load), load_samples=load)
             if done.returncode != 0 or done.result is None:
                 tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
                 record["status"] = f"failed: exit {done.returncode}: {tail} (see {case_dir}/worker.err)"
@@ -403,7 +419,8 @@ def main(argv=None) -> int:
             print(
                 f"  ga {grad_accum} {mode:<12} {record['status']}: {fmt(record.get('tokens_per_second'), '.1f')} "
                 f"tokens/s, {fmt(record.get('seconds_per_step'), '.1f')} s/step, process "
-                f"{record['process_seconds']:.0f} s, load {record['load_before']:.2f} -> {record['load_after']:.2f}",
+                f"{record['process_seconds']:.0f} s, 1-min load {record['load_before']:.2f} -> "
+                f"{record['load_after']:.2f} (mean {record['load_mean']:.2f})",
                 flush=True,
             )
     for record in records:  # vLLM's (and transformers' own, 1.00) over transformers' at the same grad accum
