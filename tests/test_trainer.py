@@ -222,3 +222,33 @@ def test_auto_chunking_falls_back_to_full_logits_for_soft_capped_models(tiny_pat
             args=config(tmp_path, lmbda=0.0, loss_chunk_size=4),
             train_dataset=dataset(8),
         )
+
+
+def test_vllm_weight_push_of_a_peft_student_is_the_merged_model(tiny_paths):
+    """What vLLM receives from a LoRA student: the base model's names, the adapters merged, trained copies of
+    `modules_to_save` in place of the originals, and the PEFT model untouched."""
+    from peft import LoraConfig, get_peft_model
+
+    from protege.vllm_colocate import student_weights
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_paths["student"])
+    names = list(base.state_dict())
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    pushed = dict(student_weights(model))
+    assert sorted(pushed) == sorted(names)
+    for name, value in model.named_parameters():  # unmerged again: nothing changed
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_paths["student"]), config)
+    reference.load_state_dict(model.state_dict())
+    expected = reference.merge_and_unload().state_dict()
+    for name in names:
+        torch.testing.assert_close(pushed[name], expected[name], rtol=1e-6, atol=1e-6, msg=name)
+    original = AutoModelForCausalLM.from_pretrained(tiny_paths["student"]).state_dict()
+    assert not torch.equal(
+        pushed["model.layers.0.self_attn.q_proj.weight"], original["model.layers.0.self_attn.q_proj.weight"]
+    )
+    torch.testing.assert_close(pushed["lm_head.weight"], original["lm_head.weight"] + 1.0)

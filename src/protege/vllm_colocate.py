@@ -31,20 +31,26 @@ def require_vllm():
 
 
 def student_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The student's weights under the names vLLM loads (a PEFT model's adapters merged into its base layers)."""
+    """The student's weights under the names vLLM loads. A PEFT model's LoRA deltas are added to its base layers'
+    weights on the fly (the model itself is not merged and unmerged, which would drift its frozen weights by rounding
+    every step), and the trained copies of `modules_to_save` replace the originals."""
     model = extract_model_from_parallel(model)
-    if hasattr(model, "merge_adapter"):  # PEFT: merge, read the base model's names, unmerge
-        model.merge_adapter()
-        try:
-            base = model.get_base_model()
-            for name, tensor in base.state_dict().items():
-                if "lora_" in name or "modules_to_save" in name and "original_module" not in name:
-                    continue
-                yield name.replace(".base_layer", "").replace(".original_module", ""), tensor
-        finally:
-            model.unmerge_adapter()
+    if not hasattr(model, "get_base_model"):
+        yield from model.state_dict().items()
         return
-    yield from model.state_dict().items()
+    base = model.get_base_model()
+    deltas = {}
+    for module_name, module in base.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "lora_A"):
+            adapters = [a for a in module.active_adapters if a in module.lora_A and not module.merged]
+            if adapters:
+                deltas[f"{module_name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in adapters)
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        if name in deltas:
+            tensor = tensor + deltas[name].to(tensor.dtype)
+        yield name.replace(".base_layer", "").replace(".modules_to_save.default", ""), tensor
 
 
 def sampling_options(args, eos_token_ids: list[int]) -> dict:
