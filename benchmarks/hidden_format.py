@@ -101,7 +101,6 @@ def part_size(args) -> list[dict]:
     rows_count, length, prompt = (2, 64, 8) if args.quick else (8, 256, 32)
     vocab = 4096 if args.quick else VOCAB
     tokens = rows_count * length
-    sequences = [[1] * (prompt + length) for _ in range(rows_count)]
     sequences = [
         [*range(prompt), *np.random.default_rng(i).integers(0, vocab, length).tolist()] for i in range(rows_count)
     ]

@@ -4,6 +4,8 @@ objective."""
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 import numpy as np
 import pytest
@@ -196,8 +198,6 @@ def test_logit_transforms_folded_or_refused():
 
 @pytest.mark.parametrize(("dtype", "bytes_per_value", "tolerance"), [("float16", 2, 1e-3), ("bfloat16", 2, 8e-3)])
 def test_hidden_payload_round_trip(dtype, bytes_per_value, tolerance):
-    import base64
-
     rng = np.random.default_rng(0)
     rows = [rng.normal(0, 3, (n, 96)).astype(np.float32) for n in (5, 1, 7)]
     sequences, prompt_lengths = [[1] * (n + 2) for n in (5, 1, 7)], [2, 2, 2]
@@ -230,9 +230,9 @@ def test_non_finite_hidden_states_are_refused():
         encode_hidden(rows, "float16")
     assert encode_hidden(rows, "bfloat16")["dtype"] == "bfloat16"
     payload = encode_hidden(rows, "float32")
-    raw = np.frombuffer(__import__("base64").b64decode(payload["hidden_b64"]), np.float32).copy()
+    raw = np.frombuffer(base64.b64decode(payload["hidden_b64"]), np.float32).copy()
     raw[9] = np.nan  # sequence 1 (rows 2..4), completion position 0
-    payload["hidden_b64"] = __import__("base64").b64encode(raw.tobytes()).decode()
+    payload["hidden_b64"] = base64.b64encode(raw.tobytes()).decode()
     with pytest.raises(PayloadError, match="sequence 1: the hidden state at completion position 0 is not finite"):
         decode_hidden(payload, [[1, 1, 1], [1, 1, 1, 1]], [1, 1])
 
