@@ -1,13 +1,18 @@
 """Shared test setup: offline hub, one intra-op thread, the tiny models every trainer test uses, and free ports."""
 
+from __future__ import annotations
+
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import pytest
 import torch
+import uvicorn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -58,6 +63,66 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+def listening_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    return sock
+
+
+class ThreadedUvicorn:
+    """An ASGI app served by uvicorn in a daemon thread, on a socket bound beforehand (no port race)."""
+
+    def __init__(self, app, limits=None, **ssl):
+        """`limits` (a ServerLimits): serve with protege's own uvicorn settings (guards, timeouts, TLS from `ssl`)."""
+        from protege.server.app import uvicorn_config
+
+        self.sock = listening_socket()
+        scheme = "https" if ssl else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.sock.getsockname()[1]}"
+        if limits is None:
+            config = uvicorn.Config(app, log_level="error", lifespan="auto")
+        else:
+            config = uvicorn_config(app, "127.0.0.1", 0, limits, "error", **ssl)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> ThreadedUvicorn:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the stub server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    """A TransformersBackend on a 300-token teacher, for servers run in this process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: a thread pool only adds latency, a lot of it on a loaded machine
+
+    from protege.server.backends import TransformersBackend
+    from protege.toy import tiny_model, train_tokenizer
+
+    texts = [f"What is {a}+{b}? {a}+{b}={a + b}" for a in range(30) for b in range(30)]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    model = tiny_model(len(tokenizer), layers=2, hidden=32, heads=4, seed=0)
+    with torch.no_grad():  # spread the logits, so that top-k ranks are not near-ties
+        model.lm_head.weight.mul_(30.0)
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    yield TransformersBackend(str(path), device="cpu")
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

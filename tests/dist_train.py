@@ -2,8 +2,9 @@
 
     python -m torch.distributed.run --nproc_per_node N dist_train.py STUDENT TEACHER OUT [SETTINGS_JSON]
 
-SETTINGS_JSON overrides SETTINGS below (and "rows", the dataset size, 64 by default), so each test states only what it
-changes. Every rank writes OUT/rank{R}.json; rank 0 also saves the trained weights to OUT/weights.pt.
+SETTINGS_JSON overrides SETTINGS below (and "rows", the dataset size, 64 by default; "resume", passed to
+`train(resume_from_checkpoint=...)`), so each test states only what it changes. Every rank writes OUT/rank{R}.json;
+rank 0 also saves the trained weights to OUT/weights.pt.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ class RecordFractions(TrainerCallback):
 def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
     settings = {**SETTINGS, **json.loads(overrides)}
     rows = settings.pop("rows", 64)
+    resume = settings.pop("resume", None)
     args = config(Path(out), **settings)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset(rows))
     record = RecordFractions()
     trainer.add_callback(record)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     weights = {name: value.detach().cpu().to(torch.float32) for name, value in trainer.model.state_dict().items()}
     digest = hashlib.sha256()
     for name, value in sorted(weights.items()):

@@ -20,8 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-import uvicorn
-from conftest import free_port
+from conftest import ThreadedUvicorn, free_port, listening_socket
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -39,37 +38,6 @@ PROMPT_LENGTHS = [2, 1, 4]
 
 
 # ----- Helpers -----
-
-
-def listening_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    return sock
-
-
-class ThreadedUvicorn:
-    """An ASGI app served by uvicorn in a daemon thread, on a socket bound beforehand (no port race)."""
-
-    def __init__(self, app):
-        self.sock = listening_socket()
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="auto"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ThreadedUvicorn:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the stub server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 def fake_rows(sequences: list[list[int]], prompt_lengths: list[int], top_k: int) -> list[SequenceScores]:
@@ -472,28 +440,6 @@ def test_large_batch_is_split_into_concurrent_requests_and_merged_in_order(stub)
 # ----- The real server -----
 
 
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: a thread pool only adds latency, a lot of it on a loaded machine
-
-    from protege.server.backends import TransformersBackend
-    from protege.toy import tiny_model, train_tokenizer
-
-    texts = [f"What is {a}+{b}? {a}+{b}={a + b}" for a in range(30) for b in range(30)]
-    tokenizer = train_tokenizer(texts, vocab_size=300)
-    model = tiny_model(len(tokenizer), layers=2, hidden=32, heads=4, seed=0)
-    with torch.no_grad():  # spread the logits, so that top-k ranks are not near-ties
-        model.lm_head.weight.mul_(30.0)
-    path = tmp_path_factory.mktemp("teacher") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    yield TransformersBackend(str(path), device="cpu")
-    torch.set_num_threads(threads)
-
-
 LIMITS = dict(max_model_len=64, max_top_logprobs=8, max_body_bytes=16384)
 
 
@@ -544,7 +490,12 @@ def refusals(vocab: int):
         ("mismatched lengths", body(prompt_lengths=[1]), 400, "'prompt_lengths' has 1 entries for 2 sequences"),
         ("temperature 0", body(temperature=0), 400, "temperature=0 must be a finite number > 0"),
         ("temperature < 0", body(temperature=-0.5), 400, "temperature=-0.5 must be a finite number > 0"),
-        ("temperature NaN", b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": NaN}', 400, "temperature"),
+        (
+            "temperature NaN",
+            b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": NaN}',
+            422,
+            "finite number",
+        ),
         ("unknown field", body(top_k=2), 422, "top_k"),
     ]
 

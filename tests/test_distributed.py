@@ -30,13 +30,24 @@ def torchrun(processes: int, tiny_paths: dict[str, str], out: Path, **settings: 
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
 
 
-def test_two_processes_agree(tiny_paths, tmp_path):
-    ranks = torchrun(2, tiny_paths, tmp_path)
+def test_two_processes_agree_and_resume_exactly(tiny_paths, tmp_path):
+    """Ranks agree; each checkpoint is published whole (both ranks' RNG states in it, no staging folder left); and
+    resuming both ranks from the step-2 checkpoint ends with the uninterrupted run's weights and draws."""
+    ranks = torchrun(2, tiny_paths, tmp_path / "straight", save_strategy="steps", save_steps=2)
     assert [r["world"] for r in ranks] == [2, 2]
     assert len(ranks[0]["fractions"]) == 4
     assert ranks[0]["fractions"] == ranks[1]["fractions"]
     assert 0 < sum(ranks[0]["fractions"]) < 4  # lmbda = 0.5 gave both kinds of slices
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    out = tmp_path / "straight" / "out"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]
+    expected = {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json", "optimizer.pt", "model.safetensors"}
+    for step in (2, 4):
+        assert expected <= {p.name for p in (out / f"checkpoint-{step}").iterdir()}
+
+    resumed = torchrun(2, tiny_paths, tmp_path / "resumed", resume=str(out / "checkpoint-2"))
+    assert [r["fractions"] for r in resumed] == [ranks[0]["fractions"][2:]] * 2
+    assert [r["weights"] for r in resumed] == [ranks[0]["weights"]] * 2
 
 
 def test_world_size_does_not_change_the_update(tiny_paths, tmp_path):

@@ -86,9 +86,17 @@ def test_prompt_completion_formats_train(tiny_paths, tmp_path):
         trainer.train()
 
 
-def test_prompts_are_truncated_from_the_left(tiny_paths, tmp_path):
+def test_prompts_are_truncated_from_the_left_on_request(tiny_paths, tmp_path):
     long = {"messages": [user("noise " * 40 + "What is 2+2?"), assistant("2+2=4")]}
-    trainer = build(tiny_paths, tmp_path, Dataset.from_list([long] * 4), lmbda=0.0, max_prompt_length=16)
+    with pytest.warns(UserWarning, match=r"4 of 4 prompts .* cut from the left to their last 16 tokens"):
+        trainer = build(
+            tiny_paths,
+            tmp_path,
+            Dataset.from_list([long] * 4),
+            lmbda=0.0,
+            max_prompt_length=16,
+            prompt_truncation="left",
+        )
     row = trainer.train_dataset[0]
     assert len(row["prompt_ids"]) == 16
     text = trainer.processing_class.decode(row["prompt_ids"])

@@ -8,4 +8,6 @@ HIDDEN_FORMAT = "hidden"  # the teacher server payload of final hidden states (t
 RESPONSE_FORMATS = (*LOGPROB_FORMATS, HIDDEN_FORMAT)  # teacher_server_response_format
 HIDDEN_DTYPES = ("float16", "bfloat16", "float32")  # wire dtypes of hidden states (teacher_server_hidden_dtype)
 VLLM_MODES = ("colocate", "server")  # DistillationConfig.vllm_mode
+PROMPT_TRUNCATIONS = ("middle", "left", "error")  # DistillationConfig.prompt_truncation
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # weights dtypes by name (init kwargs, serve-teacher)
+API_KEY_VARIABLE = "PROTEGE_TEACHER_API_KEY"  # the teacher server's key: serve-teacher --api-key, the trainer's client

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .losses import (
     IGNORE_INDEX,
     check_reduction,
+    compute_dtype,
     divergence_rows,
     divergence_rows_value_and_grad,
     normaliser,
@@ -47,12 +48,15 @@ class _ChunkedRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, elements_fn, value_and_grad_fn, chunk_size, *teacher_rows):
         needs = ctx.needs_input_grad[:3]
+        # Sums over tokens are kept in float32 at least (bf16 would lose a chunk's gradient against the total), and in
+        # float64 for float64 inputs, which a float32 sum would round.
+        accumulate = compute_dtype(hidden, weight, bias)
         grads = [
             torch.zeros_like(hidden) if needs[0] else None,
-            torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None,
-            torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None,
+            torch.zeros_like(weight, dtype=compute_dtype(weight)) if needs[1] else None,
+            torch.zeros_like(bias, dtype=compute_dtype(bias)) if needs[2] else None,
         ]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=accumulate, device=hidden.device)
         support_size = 0
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
@@ -73,16 +77,16 @@ class _ChunkedRows(torch.autograd.Function):
                 if any(needs):
                     (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
                 del elements
-            total += chunk_loss.detach()
+            total = total + chunk_loss.detach()  # promotes: a teacher in float64 makes the chunk's loss float64
             del chunk_loss, logits
             if not any(needs):
                 continue
             if needs[0]:
                 grads[0][rows] = grad_logits @ weight
             if needs[1]:
-                grads[1].addmm_(grad_logits.T.float(), chunk_hidden.float())
+                grads[1].addmm_(grad_logits.T.to(grads[1].dtype), chunk_hidden.to(grads[1].dtype))
             if needs[2]:
-                grads[2] += grad_logits.float().sum(0)
+                grads[2] += grad_logits.to(grads[2].dtype).sum(0)
         ctx.grads = grads  # intermediate results, not inputs or outputs: kept on ctx, scaled in place in backward
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         support = torch.tensor(support_size)

@@ -27,6 +27,7 @@ from transformers import TrainingArguments
 from .choices import (
     HIDDEN_DTYPES,
     HIDDEN_FORMAT,
+    PROMPT_TRUNCATIONS,
     RESPONSE_FORMATS,
     REVERSE_KL_TOP_1_MODES,
     TEACHER_PROTOCOLS,
@@ -103,13 +104,31 @@ class DistillationConfig(TrainingArguments):
     # ----- Lengths -----
     max_length: int | None = field(
         default=1024,
-        metadata={"help": "Maximum tokens of prompt plus completion. Dataset completions are cut to what is left."},
+        metadata={
+            "help": "Maximum tokens of prompt plus completion. A dataset completion longer than what its prompt leaves "
+            "is cut at the end and loses its EOS, so it trains as unfinished text (one warning counts such rows). "
+            "None cuts nothing: a row that cannot fit a limit known at start (the teacher server's max_model_len, "
+            "or the student's or local teacher's max_position_embeddings; for on-policy rows, the prompt plus "
+            "max_completion_length) is then refused before training, naming the row."
+        },
     )
     max_prompt_length: int | None = field(
         default=None,
         metadata={
-            "help": "Maximum prompt tokens; longer prompts lose tokens from the left, keeping the end where the "
-            "question usually is. Defaults to max_length - max_completion_length."
+            "help": "Maximum prompt tokens; a longer prompt is cut as prompt_truncation says. Defaults to "
+            "max_length - max_completion_length; must be smaller than max_length, to leave room for a completion."
+        },
+    )
+    prompt_truncation: str = field(
+        default="middle",
+        metadata={
+            "help": "How a prompt over max_prompt_length is cut: 'middle' (default) keeps its first and last halves "
+            "of the budget, so the chat template's start (BOS, system prompt, first turn's header) and its end (the "
+            "last question and the assistant header generation starts from) both survive; 'left' keeps only its "
+            "last tokens (TRL with truncation_side='left'); 'error' refuses the row, naming it. One warning counts "
+            "the rows cut when the dataset is tokenized; each tokenized row records prompt_tokens_cut and "
+            "completion_tokens_cut.",
+            "choices": list(PROMPT_TRUNCATIONS),
         },
     )
     max_completion_length: int = field(
@@ -226,6 +245,21 @@ class DistillationConfig(TrainingArguments):
         default=4,
         metadata={"help": "Retries, with exponential backoff, after connection errors, timeouts and 5xx answers."},
     )
+    teacher_server_deadline: float | None = field(
+        default=300.0,
+        metadata={
+            "help": "Seconds one teacher-server call may take with all its retries and waits, after which training "
+            "stops with an error naming the server (the last checkpoint stays resumable). None: no total limit."
+        },
+    )
+    teacher_server_api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "API key sent as 'Authorization: Bearer KEY' to a teacher server started with --api-key "
+            "(default: $PROTEGE_TEACHER_API_KEY, which keeps it out of training_args.bin too). Redacted in logged "
+            "arguments."
+        },
+    )
     teacher_server_startup_timeout: float = field(
         default=60.0, metadata={"help": "Seconds to wait for the teacher server's health check at start-up."}
     )
@@ -326,6 +360,13 @@ class DistillationConfig(TrainingArguments):
         default=None, metadata={"help": "How many completions the table shows (None shows all of the step's)."}
     )
 
+    def to_dict(self) -> dict:
+        """TrainingArguments' dict (what logs and trackers get), without the teacher server's API key."""
+        values = super().to_dict()
+        if values.get("teacher_server_api_key"):
+            values["teacher_server_api_key"] = "<TEACHER_SERVER_API_KEY>"
+        return values
+
     def __post_init__(self) -> None:
         if not self.use_cpu and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # Without this, transformers sets up one process per GPU and, finding none, trains each rank alone.
@@ -368,6 +409,15 @@ class DistillationConfig(TrainingArguments):
                 self.max_prompt_length = self.max_length - self.max_completion_length
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             fail("max_prompt_length", self.max_prompt_length, "it must be >= 1")
+        if None not in (self.max_prompt_length, self.max_length) and self.max_prompt_length >= self.max_length:
+            fail(
+                "max_prompt_length",
+                self.max_prompt_length,
+                f"it must be smaller than max_length ({self.max_length}), or a full-length prompt leaves no room "
+                "for a completion",
+            )
+        if self.prompt_truncation not in PROMPT_TRUNCATIONS:
+            fail("prompt_truncation", self.prompt_truncation, f"it must be one of {PROMPT_TRUNCATIONS}")
         if not 0.0 < self.top_p <= 1.0:
             fail("top_p", self.top_p, "it must be in (0.0, 1.0]")
         if self.top_k < 0:
@@ -430,6 +480,9 @@ class DistillationConfig(TrainingArguments):
                     self.teacher_model_server_url,
                     "it must be set when use_teacher_server=True",
                 )
+            for name in ("teacher_server_timeout", "teacher_server_deadline", "teacher_server_startup_timeout"):
+                if getattr(self, name) is not None and not getattr(self, name) > 0:
+                    fail(name, getattr(self, name), "it must be > 0 seconds")
             if self.teacher_server_protocol not in TEACHER_PROTOCOLS:
                 fail("teacher_server_protocol", self.teacher_server_protocol, f"it must be one of {TEACHER_PROTOCOLS}")
             if self.teacher_server_response_format not in RESPONSE_FORMATS:

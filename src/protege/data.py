@@ -7,19 +7,35 @@ Two dataset shapes are accepted, as in TRL's dataset formats:
 * `prompt` / `completion` columns: both strings (plain text, no template) or both message lists (chat template).
 
 Every row is checked before training starts, and a bad row raises a ValueError naming its index and the problem.
+Conversations follow the role order chat templates are written for (`ORDER_RULE`), since a template renders a
+misordered conversation without complaint and the completion the author meant can end up in the prompt.
+
+Truncation is explicit (`Tokenizer`): a prompt over its budget is cut as `prompt_truncation` says (by default in the
+middle, keeping the template's start and the question's end), a completion over what `max_length` leaves is cut at the
+end without an EOS (it trains as unfinished text), both are marked in the row (`prompt_tokens_cut`,
+`completion_tokens_cut`), and `tokenize_dataset` reports them in one warning with counts. Rows that no truncation
+shortens but that cannot fit a known limit (`SequenceLimit`: a teacher server's max_model_len, a model's positions)
+are refused at start, naming the row, instead of failing at the step that meets them.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
 
+from .choices import PROMPT_TRUNCATIONS
 from .losses import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
+ORDER_RULE = (
+    "a conversation is an optional system message, then user and assistant turns alternating from a user turn, "
+    "with tool messages only right after an assistant message or another tool message"
+)
+_NEXT_ROLES = {None: ("user",), "user": ("assistant",), "assistant": ("user", "tool"), "tool": ("tool", "assistant")}
 
 
 def _check_messages(messages: Any, index: int, column: str) -> None:
@@ -37,19 +53,52 @@ def _check_messages(messages: Any, index: int, column: str) -> None:
             raise ValueError(f"{where} is a system message after the first position")
 
 
+def _check_order(conversation: list[tuple[str, dict]], index: int) -> None:
+    """Refuse role orders such as [assistant, user] or [user, user]: templates render them silently, and the first
+    hides the intended completion in the prompt."""
+    previous = None
+    for where, message in conversation:
+        role = message["role"]
+        if role == "system":  # first position only, checked already
+            continue
+        if role not in _NEXT_ROLES[previous]:
+            after = "before any user message" if previous is None else f"right after role {previous!r}"
+            hint = " (merge them into one message)" if role == previous else ""
+            raise ValueError(f"row {index}: {where} has role {role!r} {after}{hint}; {ORDER_RULE}")
+        previous = role
+
+
+def _check_completion(completion: list[tuple[str, dict]], index: int) -> None:
+    """A message completion ends with an assistant turn and says something, as a plain completion must."""
+    where, last = completion[-1]
+    if last["role"] != "assistant":
+        raise ValueError(
+            f"row {index}: the completion ends with a {last['role']!r} message ({where}); it must end with an "
+            "assistant turn to be distilled"
+        )
+    for where, message in completion:
+        if message["role"] == "assistant" and not message["content"].strip() and not message.get("tool_calls"):
+            raise ValueError(f"row {index}: the completion is empty: {where} (assistant) has no content")
+
+
 def split_row(row: dict[str, Any], index: int) -> tuple[str | list[dict], str | list[dict] | None]:
     """The prompt and completion of one row (completion None for a prompt-only row), validated."""
-    if "messages" in row and row["messages"] is not None:
+    conversation: list[tuple[str, dict]] = []
+    completion_turns: list[tuple[str, dict]] = []
+    if row.get("messages") is not None:
         messages = row["messages"]
         _check_messages(messages, index, "messages")
+        conversation = [(f"messages[{i}]", m) for i, m in enumerate(messages)]
         if len(messages) > 1 and messages[-1]["role"] == "assistant":
             prompt, completion = messages[:-1], [messages[-1]]
+            completion_turns = conversation[-1:]
         else:
             prompt, completion = messages, None
-    elif "prompt" in row:
+    elif row.get("prompt") is not None:
         prompt, completion = row["prompt"], row.get("completion")
         if isinstance(prompt, list):
             _check_messages(prompt, index, "prompt")
+            conversation = [(f"prompt[{i}]", m) for i, m in enumerate(prompt)]
             if completion is not None:
                 _check_messages(completion, index, "completion")
                 if completion[0]["role"] != "assistant":
@@ -57,6 +106,8 @@ def split_row(row: dict[str, Any], index: int) -> tuple[str | list[dict], str | 
                         f"row {index}: the completion must start with an assistant message, got "
                         f"role {completion[0]['role']!r}"
                     )
+                completion_turns = [(f"completion[{i}]", m) for i, m in enumerate(completion)]
+                conversation += completion_turns
         elif isinstance(prompt, str):
             if completion is not None and not isinstance(completion, str):
                 raise ValueError(
@@ -65,13 +116,19 @@ def split_row(row: dict[str, Any], index: int) -> tuple[str | list[dict], str | 
                 )
             if not prompt.strip():
                 raise ValueError(f"row {index}: the prompt is empty")
-            if completion is not None and not completion:
+            if completion is not None and not completion.strip():
                 raise ValueError(f"row {index}: the completion is empty")
         else:
             raise ValueError(
                 f"row {index}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}"
             )
     else:
+        present = [repr(column) for column in ("messages", "prompt") if column in row]
+        if present:
+            raise ValueError(
+                f"row {index}: {' and '.join(present)} {'is' if len(present) == 1 else 'are'} None; a row needs a "
+                "list of messages in 'messages', or a 'prompt' (and a 'completion')"
+            )
         raise ValueError(f"row {index}: no 'messages' or 'prompt' column (columns: {sorted(row)})")
     if isinstance(prompt, list):
         if not any(m["role"] == "user" for m in prompt):
@@ -83,16 +140,88 @@ def split_row(row: dict[str, Any], index: int) -> tuple[str | list[dict], str | 
             )
         if not any(m["content"].strip() for m in prompt if m["role"] != "system"):
             raise ValueError(f"row {index}: the prompt is empty")
+        _check_order(conversation, index)
+    if completion_turns:
+        _check_completion(completion_turns, index)
     return prompt, completion
+
+
+@dataclass(frozen=True)
+class SequenceLimit:
+    """The longest sequence something in the run accepts, and what that is (named in errors)."""
+
+    tokens: int
+    source: str
+
+
+def _max_positions(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def sequence_limit(
+    max_length: int | None, server_max_model_len: int | None = None, models: dict[str, Any] | None = None
+) -> SequenceLimit | None:
+    """The smallest limit known before training, so an over-long row fails at start rather than at its step.
+
+    A teacher server's max_model_len is hard (it refuses longer sequences), so it always counts. A model's
+    max_position_embeddings counts only with max_length=None: rotary models often run past it, and an explicit
+    max_length is the user's word on what fits.
+    """
+    limits = []
+    if isinstance(server_max_model_len, int) and server_max_model_len > 0:
+        limits.append(SequenceLimit(server_max_model_len, "the teacher server's max_model_len"))
+    if max_length is None:
+        for name, model in (models or {}).items():
+            positions = _max_positions(model)
+            if positions is not None:
+                limits.append(SequenceLimit(positions, f"the {name}'s max_position_embeddings"))
+    return min(limits, key=lambda limit: limit.tokens, default=None)
+
+
+def cut_prompt(ids: list[int], budget: int, mode: str) -> list[int]:
+    """`ids` shortened to `budget` tokens: 'middle' keeps the first and last halves (a template's start, with BOS and
+    system prompt, and its end, with the question and the assistant header); 'left' keeps the end."""
+    if len(ids) <= budget:
+        return ids
+    if mode == "left":
+        return ids[len(ids) - budget :]
+    tail = budget // 2
+    return ids[: budget - tail] + ids[len(ids) - tail :]
 
 
 @dataclass
 class Tokenizer:
-    """Turns validated rows into prompt and completion ids within the configured budgets."""
+    """Turns validated rows into prompt and completion ids within the configured budgets (see the module docstring).
+
+    `max_completion_length` and `limit` only serve the start-up check of rows against a known `SequenceLimit`.
+    """
 
     tokenizer: Any
     max_prompt_length: int | None
     max_length: int | None
+    prompt_truncation: str = "middle"
+    max_completion_length: int | None = None
+    limit: SequenceLimit | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_truncation not in PROMPT_TRUNCATIONS:
+            raise ValueError(f"prompt_truncation={self.prompt_truncation!r} is not one of {PROMPT_TRUNCATIONS}")
+
+    @property
+    def prompt_budget(self) -> int | None:
+        """Prompt tokens allowed: max_prompt_length, and at most max_length - 1 so a completion keeps a token."""
+        budgets = [self.max_prompt_length, None if self.max_length is None else self.max_length - 1]
+        return min((b for b in budgets if b is not None), default=None)
+
+    def budget_name(self) -> str:
+        budget = self.prompt_budget
+        if self.max_prompt_length is not None and budget == self.max_prompt_length:
+            return f"max_prompt_length={budget}"
+        return f"max_length - 1 = {budget}"
 
     def _render_prompt(self, prompt: str | list[dict]) -> list[int]:
         if isinstance(prompt, str):
@@ -119,7 +248,16 @@ class Tokenizer:
             completion_ids = completion_ids[: len(completion_ids) - completion_ids[::-1].index(eos)]
         return completion_ids
 
-    def __call__(self, row: dict[str, Any], index: int, needs_completion: bool) -> dict[str, list[int]]:
+    def __call__(
+        self,
+        row: dict[str, Any],
+        index: int,
+        needs_completion: bool,
+        uses_completion: bool = True,
+        on_policy: bool = False,
+    ) -> dict[str, Any]:
+        """One row's ids and how many tokens each part lost. `needs_completion`: a row without one is an error;
+        `uses_completion` / `on_policy`: which sequences the row can become, for the check against `limit`."""
         prompt, completion = split_row(row, index)
         if completion is None and needs_completion:
             raise ValueError(
@@ -133,23 +271,133 @@ class Tokenizer:
             completion_ids = [] if completion is None else self._render_completion(prompt, completion, prompt_ids)
         except ValueError as error:
             raise ValueError(f"row {index}: {error}") from None
-        if self.max_prompt_length is not None:
-            prompt_ids = prompt_ids[-self.max_prompt_length :]
-        if self.max_length is not None:
-            completion_ids = completion_ids[: max(self.max_length - len(prompt_ids), 0)]
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids}
+        prompt_cut = completion_cut = 0
+        budget = self.prompt_budget
+        if budget is not None and len(prompt_ids) > budget:
+            if self.prompt_truncation == "error":
+                raise ValueError(
+                    f"row {index}: the prompt has {len(prompt_ids)} tokens, over {self.budget_name()}; "
+                    "prompt_truncation='error' refuses such rows ('middle' keeps their first and last tokens)"
+                )
+            prompt_cut = len(prompt_ids) - budget
+            prompt_ids = cut_prompt(prompt_ids, budget, self.prompt_truncation)
+        if self.max_length is not None and len(prompt_ids) + len(completion_ids) > self.max_length:
+            room = self.max_length - len(prompt_ids)
+            completion_cut = len(completion_ids) - room
+            completion_ids = completion_ids[:room]  # no EOS appended: the row trains as unfinished text
+        self._check_limit(index, len(prompt_ids), len(completion_ids) if uses_completion else 0, on_policy)
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids,
+            "prompt_tokens_cut": prompt_cut,
+            "completion_tokens_cut": completion_cut,
+        }
+
+    def _check_limit(self, index: int, prompt: int, completion: int, on_policy: bool) -> None:
+        limit = self.limit
+        if limit is None:
+            return
+        advice = f"set max_length (at most {limit.tokens}) to cut rows to fit, or drop the row"
+        if completion and prompt + completion > limit.tokens:
+            raise ValueError(
+                f"row {index}: prompt and completion are {prompt} + {completion} = {prompt + completion} tokens, "
+                f"over {limit.source} ({limit.tokens}); {advice}"
+            )
+        generated = self.max_completion_length or 0
+        if on_policy and prompt + generated > limit.tokens:
+            raise ValueError(
+                f"row {index}: the prompt has {prompt} tokens, so with max_completion_length={generated} a generated "
+                f"sequence can reach {prompt + generated} tokens, over {limit.source} ({limit.tokens}); {advice}"
+            )
+
+    def describe_cut(self) -> str:
+        """How this tokenizer cuts an over-long prompt, for the truncation warning."""
+        budget = self.prompt_budget
+        if self.prompt_truncation == "left":
+            return f"from the left to their last {budget} tokens (prompt_truncation='left')"
+        return (
+            f"in the middle to their first {budget - budget // 2} and last {budget // 2} tokens "
+            "(prompt_truncation='middle')"
+        )
 
 
-def tokenize_dataset(dataset: Dataset | IterableDataset, tokenizer: Tokenizer, needs_completion: bool):
-    """Validate and tokenize every row up front (lazily for an IterableDataset)."""
+def _rows(indices: list[int], shown: int = 5) -> str:
+    more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
+    return f"row{'s' if len(indices) > 1 else ''} {', '.join(map(str, indices[:shown]))}{more}"
+
+
+def truncation_warning(
+    name: str, tokenizer: Tokenizer, prompt_cuts: list[int], completion_cuts: list[int] | None
+) -> str | None:
+    """One message counting the rows whose prompt or completion was cut (None when none was); `completion_cuts` is
+    None where completions are not trained on."""
+    total, parts = len(prompt_cuts), []
+    prompts = [i for i, cut in enumerate(prompt_cuts) if cut]
+    if prompts:
+        longest = max(prompt_cuts) + tokenizer.prompt_budget
+        parts.append(
+            f"{len(prompts)} of {total} prompts were longer than {tokenizer.budget_name()} (the longest {longest} "
+            f"tokens) and were cut {tokenizer.describe_cut()}: {_rows(prompts)}"
+        )
+    completions = [i for i, cut in enumerate(completion_cuts or []) if cut]
+    if completions:
+        parts.append(
+            f"{len(completions)} of {total} completions were cut at the end to fit max_length={tokenizer.max_length}, "
+            f"losing their EOS, so they train as unfinished text: {_rows(completions)}"
+        )
+    return f"{name}: {'; '.join(parts)}." if parts else None
+
+
+def tokenize_dataset(
+    dataset: Dataset | IterableDataset,
+    tokenizer: Tokenizer,
+    needs_completion: bool,
+    uses_completion: bool = True,
+    on_policy: bool = False,
+    name: str = "dataset",
+):
+    """Validate and tokenize every row up front (lazily for an IterableDataset), warning once with the counts of cut
+    rows (for a streamed dataset, at its first cut row: the counts are unknown until it has been read)."""
     columns = dataset.column_names
     if columns is not None and "messages" not in columns and "prompt" not in columns:
         raise ValueError(
             f"the dataset needs a 'messages' column or 'prompt' (and 'completion') columns; it has {columns}"
         )
-    return dataset.map(
-        lambda row, index: tokenizer(row, index, needs_completion), with_indices=True, remove_columns=columns
-    )
+
+    def tokenize(row: dict[str, Any], index: int) -> dict[str, Any]:
+        return tokenizer(row, index, needs_completion, uses_completion, on_policy)
+
+    if isinstance(dataset, IterableDataset):
+        warned = []
+
+        def tokenize_and_warn(row: dict[str, Any], index: int) -> dict[str, Any]:
+            out = tokenize(row, index)
+            parts = []
+            if out["prompt_tokens_cut"]:
+                parts.append(f"its prompt lost {out['prompt_tokens_cut']} tokens, cut {tokenizer.describe_cut()}")
+            if out["completion_tokens_cut"] and uses_completion:
+                parts.append(
+                    f"its completion lost {out['completion_tokens_cut']} tokens at the end to fit "
+                    f"max_length={tokenizer.max_length}, and its EOS, so it trains as unfinished text"
+                )
+            if parts and not warned:
+                warned.append(index)
+                warnings.warn(
+                    f"{name} (streamed): row {index} was cut: {'; '.join(parts)}. A streamed dataset is tokenized "
+                    "during training, so its cut rows cannot be counted up front; later ones are not reported.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return out
+
+        return dataset.map(tokenize_and_warn, with_indices=True, remove_columns=columns)
+    rows = dataset.map(tokenize, with_indices=True, remove_columns=columns)
+    if len(rows):
+        completion_cuts = list(rows["completion_tokens_cut"]) if uses_completion else None
+        message = truncation_warning(name, tokenizer, list(rows["prompt_tokens_cut"]), completion_cuts)
+        if message:
+            warnings.warn(message, UserWarning, stacklevel=2)
+    return rows
 
 
 def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Conventions shared by every function here:
 
-* Logits are divided by `temperature`, then normalised with `log_softmax` in float32, whatever the input dtype.
+* Logits are divided by `temperature`, then normalised with `log_softmax` in the wider of the inputs' dtype and float32
+  (`compute_dtype`): bf16 and fp16 are upcast, since their 8 or 11 bits cannot hold a log-probability's precision,
+  while float64 stays float64, so a float64 caller gets float64 accuracy.
 * `beta = 0` is forward KL(T || S), `beta = 1` is reverse KL(S || T), and `0 < beta < 1` is the generalized JSD of the
   GKD paper: with M = (1 - beta) * S + beta * T, the loss is beta * KL(T || M) + (1 - beta) * KL(S || M). The interior
   formula tends to 0, not to the KLs, as beta approaches 0 or 1: the endpoints are the two KLs on purpose.
@@ -12,9 +14,13 @@ Conventions shared by every function here:
   or by `num_items_in_batch` when given (the trainer passes the completion-token count of the whole optimizer step, so
   the gradient does not depend on gradient accumulation); "sum"; "mean" divides by tokens x support size; "none"
   returns the per-element tensor with zeros at masked positions.
-* A sparse support (top-k, top-1) either gets a tail bucket holding the mass outside it, log(1 - sum p), or is
-  renormalised; slots marked invalid (duplicates, padding) contribute nothing.
+* A sparse support (top-k, top-1) either gets a tail bucket holding the mass outside it, log(1 - sum p) with the
+  support's log-mass capped at -MIN_TAIL_PROB (TRL's floor), or is renormalised; slots marked invalid (duplicates,
+  padding) contribute nothing.
 * 0 * log 0 is 0: tokens with zero probability (logits of -inf) never produce NaN, in the value or the gradient.
+
+`trl_generalized_jsd_loss` is the exception to the reduction rules: it reduces exactly as TRL 1.8.0's static
+`DistillationTrainer.generalized_jsd_loss` does, for code written against TRL.
 """
 
 from __future__ import annotations
@@ -27,8 +33,24 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
-# Smallest tail mass kept: 1 - sum(p) below this is float32 round-off, and a floor keeps log() and its gradient finite.
+# The support's log-mass is capped at -MIN_TAIL_PROB, so the tail keeps at least 1 - exp(-1e-7), about 1e-7 (TRL's
+# floor): 1 - sum(p) below it is float32 round-off, and the floor keeps log() and its gradient finite.
 MIN_TAIL_PROB = 1e-7
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype losses compute in: the widest floating dtype among `tensors` and float32. bf16 and fp16 are upcast
+    (too few mantissa bits for log-probabilities); float64 is never rounded down to float32."""
+    dtype = torch.float32
+    for tensor in tensors:
+        if tensor is not None and tensor.is_floating_point():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def upcast(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`tensor` in `dtype`, by default its own `compute_dtype`."""
+    return tensor.to(dtype or compute_dtype(tensor))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -66,8 +88,9 @@ def _logsumexp(logp: torch.Tensor) -> torch.Tensor:
 
 
 def _tail_logp(support_logp: torch.Tensor) -> torch.Tensor:
-    """log(1 - sum exp(support_logp)) over the last dimension, floored at MIN_TAIL_PROB."""
-    return torch.log((-torch.expm1(_logsumexp(support_logp))).clamp(min=MIN_TAIL_PROB))
+    """log(1 - sum exp(support_logp)) over the last dimension, with the log of the sum capped at -MIN_TAIL_PROB (the
+    cap also absorbs a sum just above 1 from round-off)."""
+    return torch.log(-torch.expm1(_logsumexp(support_logp).clamp(max=-MIN_TAIL_PROB)))
 
 
 def _renormalise(support_logp: torch.Tensor) -> torch.Tensor:
@@ -125,10 +148,12 @@ def divergence_rows(
     top_k: int = 0,
     add_tail: bool = True,
 ) -> torch.Tensor:
-    """Divergence elements for rows of logits (N, V): (N, V) for the full vocabulary, (N, S) for a top-k support."""
-    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    """Divergence elements for rows of logits (..., V): (..., V) for the full vocabulary, (..., S) for a top-k
+    support."""
+    dtype = compute_dtype(student_logits, teacher_logits)
+    student_logp = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     with torch.no_grad():
-        teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        teacher_logp = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     if top_k <= 0 or top_k >= student_logp.shape[-1]:
         return divergence_elements(student_logp, teacher_logp, beta)
     ids, valid = top_k_support(student_logp.detach(), teacher_logp, beta, top_k)
@@ -140,15 +165,16 @@ def divergence_rows_value_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The full-vocabulary divergence of rows of finite logits, summed, and its gradient with respect to the student's
     logits, in closed form: the value and gradient of `divergence_rows(..., top_k=0)` under autograd, with about 6
-    instead of about 17 (N x V) float32 tensors alive at once.
+    instead of about 17 (N x V) tensors alive at once (in `compute_dtype` of the inputs).
 
     With S and T the tempered softmaxes and M = (1 - beta) S + beta T, the gradient of the loss through the softmax is
     S * (g - sum(S * g)) / temperature with g = (1 - beta) log(S / M), g = log(S / T) at beta = 1, and (S - T) /
     temperature at beta = 0.
     """
+    dtype = compute_dtype(student_logits, teacher_logits)
     with torch.no_grad():
-        student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-        teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        student_logp = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+        teacher_logp = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
         student_p = student_logp.exp()
         if beta == 0:
             teacher_p = teacher_logp.exp()
@@ -181,9 +207,10 @@ def support_rows(
     add_tail: bool = True,
 ) -> torch.Tensor:
     """Divergence elements for rows of student logits (N, V) against a teacher known only on a support (N, S)."""
-    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    dtype = compute_dtype(student_logits, teacher_support_logprobs)
+    student_logp = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     return support_elements(
-        student_logp.gather(-1, support_ids.long()), teacher_support_logprobs.float(), support_valid, beta, add_tail
+        student_logp.gather(-1, support_ids.long()), teacher_support_logprobs.to(dtype), support_valid, beta, add_tail
     )
 
 
@@ -221,7 +248,9 @@ def sparse_top1_rows(
 ) -> torch.Tensor:
     """Sparse top-1 elements for rows (N, V) of student and teacher logits, with the sampled tokens `targets` (N,)."""
     with torch.no_grad():
-        teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        teacher_logp = F.log_softmax(
+            upcast(teacher_logits, compute_dtype(student_logits, teacher_logits)) / temperature, dim=-1
+        )
         top1_logprobs, top1_ids = teacher_logp.max(dim=-1)
         if reverse_kl_top_1_mode == "argmax":
             reverse_ids = student_logits.argmax(dim=-1)
@@ -321,6 +350,52 @@ def generalized_jsd_loss(
     return _masked_loss(rows_fn, student_logits, labels, [teacher_logits], reduction, num_items_in_batch)
 
 
+def trl_generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    top_k: int = 0,
+    add_tail: bool = True,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`generalized_jsd_loss` reduced as TRL 1.8.0's static `DistillationTrainer.generalized_jsd_loss` reduces it, with
+    its positional signature, so code written against TRL gets TRL's numbers. The divergence elements are protege's
+    (same math; see the module docstring); what differs from `generalized_jsd_loss` is the reduction:
+
+    * with `labels`, only the rows whose label is not -100 are kept, (N, S); without, every position, (..., S);
+    * `num_items_in_batch`, when given, wins over `reduction`: the sum divided by it, a scalar even for "none";
+    * "batchmean": the sum over the number of kept rows with labels (at least 1), but over the first dimension (the
+      batch size, in sequences) without them;
+    * "sum"; "mean": over every element kept (0 when none is, where TRL gives NaN); "none": the kept elements.
+    """
+    check_reduction(reduction)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ; slice both to the shared vocabulary first"
+        )
+    if labels is not None:
+        mask = token_mask(student_logits, labels)
+        student_logits, teacher_logits = student_logits[mask], teacher_logits[mask]
+    elements = divergence_rows(
+        student_logits, teacher_logits, beta=beta, temperature=temperature, top_k=top_k, add_tail=add_tail
+    )
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(elements.device)
+        return elements.sum() / num_items_in_batch
+    if reduction == "none":
+        return elements
+    if reduction == "sum":
+        return elements.sum()
+    if reduction == "mean":
+        return elements.sum() / max(elements.numel(), 1)
+    return elements.sum() / max(elements.shape[0], 1)  # kept rows with labels, sequences (dimension 0) without
+
+
 def sparse_top1_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -343,7 +418,7 @@ def sparse_top1_loss(
 
     def rows_fn(student_rows, targets, token_logprobs, top1_ids, top1_logprobs):
         ids, teacher_support, valid = sparse_top1_support(
-            targets, token_logprobs.float(), top1_ids, top1_logprobs.float(), beta=beta
+            targets, upcast(token_logprobs), top1_ids, upcast(top1_logprobs), beta=beta
         )
         return support_rows(
             student_rows, ids, teacher_support, valid, beta=beta, temperature=temperature, add_tail=add_tail
@@ -393,7 +468,7 @@ def topk_forward_kl_loss(
     """Forward KL(T || S) over the teacher's top-k, given as ids and log-probs (B, T, K) padded with -inf."""
 
     def rows_fn(student_rows, ids, logprobs):
-        logprobs = logprobs.float()
+        logprobs = upcast(logprobs)
         valid = logprobs > -math.inf
         return support_rows(student_rows, ids, logprobs, valid, beta=0.0, temperature=temperature, add_tail=add_tail)
 

@@ -10,6 +10,7 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .choices import DTYPE_NAMES
+from .model_source import check_model_source
 from .teacher.head import logit_transform
 
 DTYPES = {name: "auto" if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES}
@@ -36,7 +37,12 @@ def parse_init_kwargs(kwargs: dict[str, Any] | str | None, field_name: str) -> d
     return kwargs
 
 
-def load_causal_lm(name_or_path: str, init_kwargs: dict[str, Any], trust_remote_code: bool) -> PreTrainedModel:
+def load_causal_lm(
+    name_or_path: str, init_kwargs: dict[str, Any], trust_remote_code: bool, role: str = "student"
+) -> PreTrainedModel:
+    """The model at `name_or_path`. A name that points at nothing is a `ModelSourceError` (a ValueError) naming
+    `role` and the name, at once, instead of transformers' hub-id error or a minute of retries."""
+    check_model_source(name_or_path, role, init_kwargs)
     kwargs = {"trust_remote_code": trust_remote_code, **init_kwargs}
     kwargs.setdefault("dtype", torch.float32)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)

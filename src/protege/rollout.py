@@ -2,11 +2,17 @@
 
 The decisions are a pure function of (seed, optimizer step), so they are identical on every rank and survive a
 checkpoint and resume without any saved state; the trainer still broadcasts rank 0's draw as a guard against ranks
-configured with different seeds.
+configured with different seeds. Sampling is seeded the same way, from (seed, rank, step) (`sampling_seed`), for
+transformers' `generate` as for vLLM, so a resumed run generates exactly what an uninterrupted one does. Sampling from
+the process-wide RNG did not: on a resume, transformers restores that RNG from the checkpoint only after the first
+step's batches are fetched, and generation runs while they are (in `get_batch_samples`), so the first resumed step
+sampled from an unrestored RNG and every later step from the stream one step behind.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +26,28 @@ def draw_on_policy(lmbda: float, num_slices: int, seed: int, step: int) -> list[
     """Which of a step's slices are on-policy: each independently with probability `lmbda`."""
     draws = np.random.default_rng([seed, step]).random(num_slices)
     return [bool(u < lmbda) for u in draws]
+
+
+def sampling_seed(seed: int, process_index: int, step: int) -> int:
+    """The seed of one rank's sampling at one optimizer step: runs repeat, resumed or not, and ranks differ."""
+    return int(np.random.default_rng([seed, process_index, step]).integers(2**31))
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Draws inside come from `seed` alone (on the CPU and on `device`), and the process's RNG continues afterwards as
+    if they had not been made: generation does not move the random streams the rest of training uses."""
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    module = torch.get_device_module(device.type)
+    with torch.random.fork_rng(devices=[device], device_type=device.type):
+        torch.random.default_generator.manual_seed(seed)
+        with module.device(device) if hasattr(module, "device") else nullcontext():  # that device's generator
+            module.manual_seed(seed)
+        yield
 
 
 def completion_lengths(tokens: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
@@ -44,17 +72,19 @@ class Rollout:
     truncated: torch.Tensor
 
 
-def model_generate(model: torch.nn.Module, generation_config):
-    """`generate(prompt_ids, prompt_mask)` with transformers' `model.generate`: the new tokens (B, W), right-padded."""
+def model_generate(model: torch.nn.Module, generation_config, seed: int):
+    """`generate(prompt_ids, prompt_mask)` with transformers' `model.generate`, sampling from `seed`: the new tokens
+    (B, W), right-padded."""
 
     @torch.no_grad()
     def generate(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         was_training = model.training
         model.eval()
         try:
-            output = model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config
-            )
+            with seeded(seed, prompt_ids.device):
+                output = model.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config
+                )
         finally:
             model.train(was_training)
         return output[:, prompt_ids.shape[1] :]

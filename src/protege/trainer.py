@@ -10,11 +10,17 @@ One optimizer step, as the transformers training loop runs it:
    tokens of the whole step across all ranks. That count normalises the loss, so the gradient does not depend on
    gradient accumulation or world size.
 2. `compute_loss` runs each slice: one teacher call, the student, and the objective's divergence over completion
-   positions only (the LM heads never see prompt positions).
+   positions only (the LM heads never see prompt positions). A non-finite loss on any rank stops training at the
+   step's last slice, before the optimizer step (`NonFiniteLossError`).
+
+Checkpoints are written under a staging name and renamed when complete, and `resume_from_checkpoint=True` takes the
+newest complete one (`checkpoints`).
 """
 
 from __future__ import annotations
 
+import math
+import os
 import time
 import warnings
 
@@ -23,16 +29,22 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import Sampler
 from transformers import GenerationConfig, PreTrainedModel, Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import rotate_checkpoints
 
-from . import models
+from . import checkpoints, models
 from .config import DistillationConfig
-from .data import DistillationCollator, Tokenizer, tokenize_dataset
-from .losses import IGNORE_INDEX
+from .data import DistillationCollator, Tokenizer, sequence_limit, tokenize_dataset
+from .losses import IGNORE_INDEX, trl_generalized_jsd_loss
 from .metrics import TrainingWindow
 from .objective import Objective, student_output
-from .rollout import draw_on_policy, generate_slices, model_generate, vllm_generate
+from .rollout import draw_on_policy, generate_slices, model_generate, sampling_seed, vllm_generate
 from .teacher.local import LocalTeacher, load_teacher, place_teacher, shared_rows, shared_vocab_size
 from .teacher.remote import RemoteHiddenTeacher, RemoteTeacher, connect_teacher, teacher_head
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped on a NaN or infinite loss, before the optimizer step could write it into the weights."""
 
 
 class RepeatSampler(Sampler):
@@ -51,6 +63,17 @@ class RepeatSampler(Sampler):
 
     def __len__(self) -> int:
         return self.size * self.repeats
+
+
+def _served_max_model_len(client) -> int | None:
+    """The teacher server's max_model_len from /info/ (None where it has no such endpoint), so that rows it would
+    refuse fail at start, naming the row, not at the step that meets them."""
+    try:
+        value = client.info().get("max_model_len")
+    except BaseException:
+        client.close()
+        raise
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _disable_dropout(model: nn.Module) -> None:
@@ -111,6 +134,7 @@ class DistillationTrainer(Trainer):
                     "also pass teacher_model"
                 )
             client, teacher = connect_teacher(args, processing_class), None
+            server_max_model_len = _served_max_model_len(client)
             self.vocab_size = models.output_rows(model)
             if self.objective.teacher_view == "hidden":
                 try:
@@ -123,6 +147,7 @@ class DistillationTrainer(Trainer):
                 del head
         else:
             teacher, teacher_tokenizer = load_teacher(teacher_model, args)
+            server_max_model_len = None
             self.vocab_size = shared_vocab_size(model, teacher, processing_class, teacher_tokenizer)
         if self.objective.chunk_size == "auto" and not all(models.has_plain_head(m) for m in (model, teacher or model)):
             warnings.warn(
@@ -146,9 +171,20 @@ class DistillationTrainer(Trainer):
         if args.disable_dropout:
             _disable_dropout(model)
 
-        self._row_tokenizer = Tokenizer(processing_class, args.max_prompt_length, args.max_length)
+        self._train_lmbda = args.lmbda  # which sequences training rows become; self.args is not set yet
+        self._staging_dir: str | None = None  # set while a checkpoint is written (see _save_checkpoint)
+        self._push_pending = False
+        self._nonfinite: tuple[float, bool] | None = None  # this step's first non-finite slice loss, and its flag
+        self._row_tokenizer = Tokenizer(
+            processing_class,
+            args.max_prompt_length,
+            args.max_length,
+            args.prompt_truncation,
+            args.max_completion_length,
+            sequence_limit(args.max_length, server_max_model_len, {"student": model, "teacher": teacher}),
+        )
         if train_dataset is not None:
-            train_dataset = self._tokenize(train_dataset, needs_completion=args.lmbda < 1)
+            train_dataset = self._tokenize(train_dataset, train=True)
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._tokenize(v) for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
@@ -192,6 +228,15 @@ class DistillationTrainer(Trainer):
                 self.model, args, self.eos_token_ids, self.accelerator.process_index, self.accelerator.num_processes
             )
         self._window = TrainingWindow()
+        # TRL's attributes, for callbacks and subclasses that read them: copies of args taken here. The loss and
+        # generation read args (through the objective), so setting these later changes nothing, unlike in TRL.
+        self.lmbda, self.beta, self.temperature, self.top_p = args.lmbda, args.beta, args.temperature, args.top_p
+        self.num_generations, self.reverse_kl_top_1_mode = args.num_generations, args.reverse_kl_top_1_mode
+        self.loss_top_k, self.loss_add_tail = args.loss_top_k, args.loss_add_tail
+        self.use_teacher_server, self.teacher_model_server_url = args.use_teacher_server, args.teacher_model_server_url
+        self.use_liger_loss, self.use_vllm = args.use_liger_kernel, args.use_vllm
+        self.log_completions, self.log_completions_steps = args.log_completions, args.log_completions_steps
+        self.num_completions_to_print = args.num_completions_to_print
 
     # ----- Construction helpers -----
 
@@ -215,11 +260,20 @@ class DistillationTrainer(Trainer):
         )
         return config, eos_ids
 
-    def _tokenize(self, dataset, needs_completion: bool = False):
-        """Validate and tokenize raw rows; evaluation rows may be prompt-only (they then add no tokens)."""
+    def _tokenize(self, dataset, train: bool = False):
+        """Validate and tokenize raw rows. Training rows need a completion when lmbda < 1; evaluation is off-policy and
+        its rows may be prompt-only (they then add no tokens)."""
         if "prompt_ids" in (dataset.column_names or []):
             return dataset
-        return tokenize_dataset(dataset, self._row_tokenizer, needs_completion)
+        lmbda = self._train_lmbda if train else 0.0
+        return tokenize_dataset(
+            dataset,
+            self._row_tokenizer,
+            needs_completion=train and lmbda < 1,
+            uses_completion=lmbda < 1,
+            on_policy=lmbda > 0,
+            name="train_dataset" if train else "eval_dataset",
+        )
 
     def get_eval_dataloader(self, eval_dataset=None):
         if eval_dataset is not None and not isinstance(eval_dataset, str):
@@ -257,7 +311,8 @@ class DistillationTrainer(Trainer):
             if self.vllm is not None:
                 generate = vllm_generate(self.vllm, self.model, self.state.global_step, pad)
             else:
-                generate = model_generate(self.model, self.generation_config)
+                seed = sampling_seed(self.args.seed, self.accelerator.process_index, self.state.global_step)
+                generate = model_generate(self.model, self.generation_config, seed)
             rollouts = generate_slices(
                 [batches[i] for i in on_policy], generate, self.eos_token_ids, pad, self.args.max_completion_length
             )
@@ -302,7 +357,53 @@ class DistillationTrainer(Trainer):
         self._window.student_seconds.append(time.perf_counter() - started - teacher_seconds)
         return loss
 
+    def _stop_on_nonfinite_loss(self, model) -> None:
+        """Raise `NonFiniteLossError` on every rank if any rank had a non-finite slice loss in this step.
+
+        Checked once per optimizer step, at its last slice before that slice's backward (which reduces the gradients
+        over ranks, and under DeepSpeed also steps the optimizer), so all ranks decide together and none is left
+        waiting in a collective; the gradients accumulated so far are dropped, never applied.
+        """
+        local = self._nonfinite
+        self._nonfinite = None
+        flags = [float(local is not None)]
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.gather(torch.tensor(flags, device=self.args.device)).tolist()
+        ranks = [rank for rank, flag in enumerate(flags) if flag]
+        if not ranks:
+            return
+        model.zero_grad(set_to_none=True)
+        step = self.state.global_step + 1
+        where = f"on rank {ranks[0]}" if len(ranks) == 1 else f"on ranks {ranks}"
+        value = f"{local[0]} in an {'on' if local[1] else 'off'}-policy slice" if local else "non-finite"
+        raise NonFiniteLossError(
+            f"the loss was {value} at optimizer step {step} ({where}); training stopped before that step's update, so "
+            f"the weights in memory are those of step {step - 1} and no checkpoint holds a non-finite update. Likely "
+            "causes: a teacher that returns NaN or infinite log-probs (a teacher server's answers, an fp16 teacher "
+            "overflowing), NaN or inf already in the student's or teacher's weights, inputs or a loss temperature that "
+            "overflow, or a learning rate high enough to diverge (lower learning_rate, keep max_grad_norm > 0, prefer "
+            "bf16 to fp16)."
+        )
+
     # ----- Loss -----
+
+    @staticmethod
+    def generalized_jsd_loss(
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        reduction: str = "batchmean",
+        top_k: int = 0,
+        add_tail: bool = True,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """TRL 1.8.0's static loss, with its signature and reductions (`losses.trl_generalized_jsd_loss`), for tests
+        and subclasses written against TRL. compute_loss does not call it: overriding it changes no training loss."""
+        return trl_generalized_jsd_loss(
+            student_logits, teacher_logits, labels, beta, temperature, reduction, top_k, add_tail, num_items_in_batch
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"][:, int(inputs["prompt_width"]) :]
@@ -313,7 +414,12 @@ class DistillationTrainer(Trainer):
         student = student_output(model, inputs, self.objective.student_view, self.vocab_size)
         loss_sum = self.objective.loss_sum(student, teacher, labels)
         if "on_policy" in inputs:  # a training slice (evaluation batches carry no flag)
-            self._window.add_loss(inputs["on_policy"], loss_sum.item(), tokens.item())
+            value = loss_sum.item()
+            self._window.add_loss(inputs["on_policy"], value, tokens.item())
+            if not math.isfinite(value) and self._nonfinite is None:
+                self._nonfinite = (value, bool(inputs["on_policy"]))
+            if self.accelerator.sync_gradients:  # the step's last slice
+                self._stop_on_nonfinite_loss(model)
         if num_items_in_batch is None:  # evaluation: the mean over this batch's completion tokens
             loss = loss_sum / tokens.clamp(min=1)
         else:  # training: DDP averages gradients over ranks, so undo that mean on top of the global token count
@@ -327,13 +433,65 @@ class DistillationTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """transformers' `train`, where `resume_from_checkpoint=True` takes the newest complete checkpoint."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = checkpoints.newest_complete(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+        self._nonfinite = None
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self.teacher.close()  # a server client's connections; it reopens them if used again
             if self.vllm is not None:
                 self.vllm.close()
+
+    # ----- Checkpoints: staged, then renamed when complete (see `checkpoints`) -----
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' save, with its `run_dir` pointed at a staging folder, then published under its real name.
+
+        Only the processes that save (`should_save`: the main one, or each node's with `save_on_each_node`) delete,
+        rename and rotate; the barriers keep every rank's files (RNG states, shards) inside the staging folder before
+        the rename, and every rank behind it afterwards.
+        """
+        run_dir = self._get_output_dir(trial)
+        staging = checkpoints.staging_folder(run_dir, self.state.global_step)
+        name = checkpoints.checkpoint_name(self.state.global_step)
+        written, final = os.path.join(staging, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            checkpoints.clear_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir, self._push_pending = staging, False
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        if self.state.best_model_checkpoint == written:  # this step is the best: transformers saw it while staged
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(written, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.publish(written, final)
+            # transformers' rotation ran inside the staging folder, where there is nothing to rotate; now for real
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+        if self._push_pending:
+            self._push_pending = False
+            super()._push_from_checkpoint(final)
+
+    def _get_output_dir(self, trial) -> str:
+        """The staging folder while transformers writes a checkpoint (its `checkpoint-N` goes inside), else its own."""
+        return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Uploads run in the background: one from the staging folder would lose its files to the rename."""
+        if self._staging_dir is not None:
+            self._push_pending = True
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
 
     # ----- Logging -----
 

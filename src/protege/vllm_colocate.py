@@ -13,9 +13,10 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from accelerate.utils import extract_model_from_parallel
+
+from .rollout import sampling_seed
 
 
 def require_vllm():
@@ -72,7 +73,7 @@ def sampling_options(args, eos_token_ids: list[int]) -> dict:
 
 def prompt_seeds(seed: int, process_index: int, step: int, count: int) -> list[int]:
     """One sampling seed per prompt, from (seed, rank, step): runs repeat, repeated prompts get different samples."""
-    base = int(np.random.default_rng([seed, process_index, step]).integers(2**31))
+    base = sampling_seed(seed, process_index, step)
     return [base + row for row in range(count)]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def add_parser(subparsers) -> None:
@@ -42,10 +41,14 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ..evaluation import mean_token_kl
+    from ..model_source import check_model_source
     from ..models import load_causal_lm, load_tokenizer
     from .datasets import eval_split, load_any
+    from .errors import report
 
     try:
+        check_model_source(args.model, "student")  # both names before the dataset: a wrong one fails at once
+        check_model_source(args.teacher, "teacher")
         dataset = load_any(args.dataset_name, args.dataset_config)
         split = eval_split(dataset, args.split) or ("train" if "train" in dataset else None)
         if split is None:
@@ -54,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
         if args.max_samples is not None:
             rows = rows.select(range(min(args.max_samples, len(rows))))
         tokenizer = load_tokenizer(args.model, trust_remote_code=False)
-        student = load_causal_lm(args.model, {}, trust_remote_code=False).eval()
-        teacher = load_causal_lm(args.teacher, {}, trust_remote_code=False).eval()
+        student = load_causal_lm(args.model, {}, trust_remote_code=False, role="student").eval()
+        teacher = load_causal_lm(args.teacher, {}, trust_remote_code=False, role="teacher").eval()
         results = {
             "split": split,
             "rows": len(rows),
@@ -67,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
             results["student_accuracy"] = accuracy_on_rows(student, tokenizer, rows)
             results["teacher_accuracy"] = accuracy_on_rows(teacher, tokenizer, rows)
     except (ValueError, OSError) as error:
-        print(f"protege eval: error: {error}", file=sys.stderr)
-        return 2
+        return report("eval", error)
     table = Table(title=f"{args.model} vs {args.teacher} on {args.dataset_name} [{split}]")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -30,17 +30,26 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
+    from ..model_source import check_model_source
+    from .errors import report
 
-    from ..server.student import StudentEngine, create_student_app
+    try:
+        check_model_source(args.model, "student")  # before vLLM starts: a wrong name fails at once
+        import uvicorn
 
-    engine = StudentEngine(
-        args.model,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        tensor_parallel_size=args.tensor_parallel_size,
-    )
+        from ..server.student import StudentEngine, create_student_app
+
+        engine = StudentEngine(
+            args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size,
+        )
+    except ImportError as error:
+        return report("serve-student", f"{error} (serve-student needs vLLM and the server extras)")
+    except (ValueError, OSError) as error:
+        return report("serve-student", error)
     app = create_student_app(engine, max_body_bytes=int(args.max_body_mb * 2**20))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

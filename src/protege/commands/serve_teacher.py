@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from ..choices import DTYPE_NAMES
+from ..choices import API_KEY_VARIABLE, DTYPE_NAMES
 
 
 def add_parser(subparsers) -> None:
@@ -38,7 +39,57 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--max-top-logprobs", type=int, default=100, help="Largest top_logprobs a request may ask for (default: 100)."
     )
-    parser.add_argument("--max-body-mb", type=float, default=64.0, help="Largest request body in MiB (default: 64).")
+    parser.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=None,
+        help="Most tokens one request may hold; larger ones get 413 (default: the larger of --max-batch-tokens and "
+        "--max-model-len). protege's client reads it from /info/ and splits its batches to fit.",
+    )
+    parser.add_argument(
+        "--max-queued-tokens",
+        type=int,
+        default=None,
+        help="Most tokens waiting for the model; a request past it gets 503 with Retry-After (default: 8 x "
+        "--max-request-tokens).",
+    )
+    parser.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=None,
+        help="Largest request body in MiB (default: 16 bytes a token of --max-request-tokens, at least 1 MiB).",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="Seconds a connection has to send its request headers "
+        "(after connecting, or after its previous answer) before it is closed (default: 10).",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="Seconds a request body may stall between chunks before a 408 (default: 30).",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="Open connections past which new ones are closed at once "
+        "(default: 1024; the open-file limit is raised to its hard limit).",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="Require 'Authorization: Bearer KEY' on every route but /health/ (default: $PROTEGE_TEACHER_API_KEY, "
+        "else no key; the trainer sends teacher_server_api_key or the same variable).",
+    )
+    parser.add_argument("--ssl-certfile", default=None, help="Serve HTTPS with this certificate (PEM).")
+    parser.add_argument("--ssl-keyfile", default=None, help="The certificate's private key (PEM).")
+    parser.add_argument(
+        "--enable-docs", action="store_true", help="Serve /docs, /redoc and /openapi.json (off by default)."
+    )
     parser.add_argument("--no-batching", action="store_true", help="Score each request alone.")
     parser.add_argument(
         "--vllm-hidden-states",
@@ -53,9 +104,49 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..server.app import ServerLimits, serve
+    from ..model_source import check_model_source
+    from .errors import report
+
+    try:
+        check_model_source(args.model, "teacher")  # before the server's imports: a wrong name fails at once
+        limits, backend = _load(args)
+    except ImportError as error:  # the server extras, or vLLM for --backend vllm
+        return report("serve-teacher", f"{error} (pip install 'protege[server]'; --backend vllm also needs vLLM)")
+    except (ValueError, OSError) as error:  # a bad limit, or a model transformers or vLLM cannot load
+        return report("serve-teacher", error)
+    from ..server.app import serve
+
+    serve(
+        backend,
+        args.host,
+        args.port,
+        limits,
+        args.log_level,
+        api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
+        docs=args.enable_docs,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+    )
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    """The server's limits and its backend, with the model loaded: everything that can fail before it listens."""
+    from ..server.app import ServerLimits
     from ..server.backends import return_large_blocks_to_the_os
 
+    limits = ServerLimits(
+        max_model_len=args.max_model_len,
+        max_top_logprobs=args.max_top_logprobs,
+        max_batch_tokens=args.max_batch_tokens,
+        max_request_tokens=args.max_request_tokens,
+        max_queued_tokens=args.max_queued_tokens,
+        max_body_bytes=None if args.max_body_mb is None else int(args.max_body_mb * 2**20),
+        batching=not args.no_batching,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
+    )
     return_large_blocks_to_the_os()  # the server process is ours: keep its memory bounded by the live tensors
 
     if args.backend == "vllm":
@@ -73,12 +164,4 @@ def run(args: argparse.Namespace) -> int:
         from ..server.backends import TransformersBackend
 
         backend = TransformersBackend(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    limits = ServerLimits(
-        max_model_len=args.max_model_len,
-        max_top_logprobs=args.max_top_logprobs,
-        max_batch_tokens=args.max_batch_tokens,
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        batching=not args.no_batching,
-    )
-    serve(backend, args.host, args.port, limits, args.log_level)
-    return 0
+    return limits, backend

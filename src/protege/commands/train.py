@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import sys
+import difflib
+import typing
 from dataclasses import dataclass, field
 
 import yaml
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 from ..config import DistillationConfig
+from ..model_source import check_model_source
+from .errors import UsageError, report
 
 
 @dataclass
@@ -58,25 +64,128 @@ class ModelConfig:
     bnb_4bit_quant_storage: str | None = field(default=None, metadata={"help": "Storage dtype of 4-bit weights."})
 
 
-class UsageError(ValueError):
-    """A problem with what the user asked for: printed as one line, exit code 2."""
+# --help lists the flags in these groups, in this order: protege's own first, then transformers' TrainingArguments.
+HELP_GROUPS = {
+    "distillation": "The objective: which divergence, over which tokens, on whose completions, and the lengths.",
+    "teacher": "The teacher: a local model, or a teacher server that scores for it.",
+    "generation": "The student's on-policy completions: sampling, vLLM, and the completions table.",
+    "model": "The student, and its LoRA adapter.",
+    "dataset": "What to train and evaluate on.",
+    "training (transformers TrainingArguments)": "Optimizer, schedule, batch sizes, precision, logging, saving, hub.",
+}
+TRAINING_GROUP = "training (transformers TrainingArguments)"
+TRAINING_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingArguments))
+GENERATION_FIELDS = frozenset(
+    {"num_generations", "generation_batch_size", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs"}
+    | {"use_vllm", "log_completions", "log_completions_steps", "num_completions_to_print"}
+)
+# Listed first within their groups (the rest keep the dataclasses' order): the flags a distillation run sets.
+LEADING_FIELDS = ("lmbda", "beta", "temperature", "loss_top_k", "loss_add_tail", "teacher_model_name_or_path")
+USAGE = (
+    "protege train [-h] [--config FILE.yaml] --model_name_or_path STUDENT --teacher_model_name_or_path TEACHER "
+    "--dataset_name DATASET [--FLAG [VALUE] ...]"
+)
 
 
-def build_parser(prog: str = "protege train"):
-    from transformers import HfArgumentParser
+def help_group(dtype: type, name: str) -> str:
+    """The --help group of a field. DistillationConfig's own fields are sorted by prefix, so a field added later
+    lands in a sensible group (distillation by default); what it inherits from TrainingArguments goes last."""
+    if dtype is ScriptArguments:
+        return "dataset"
+    if dtype is ModelConfig or name in ("model_init_kwargs", "trust_remote_code"):
+        return "model"
+    if name in TRAINING_FIELDS or not issubclass(dtype, DistillationConfig):
+        return TRAINING_GROUP
+    if name.startswith("teacher_") or name == "use_teacher_server":
+        return "teacher"
+    if name.startswith("vllm_") or name in GENERATION_FIELDS:
+        return "generation"
+    return "distillation"
 
-    parser = HfArgumentParser(
-        (ScriptArguments, DistillationConfig, ModelConfig),
-        prog=prog,
-        description="Distil a student from a teacher. Flags follow TRL's distillation script.",
-    )
-    parser.add_argument("--config", default=None, help="YAML file of the same keys as the flags (flags override it).")
 
-    def one_line_error(message: str):
+def bool_or_word(value: str) -> bool | str:
+    """A `str | bool` field's value (include_num_input_tokens_seen: true, false, 'all', 'non_padding')."""
+    try:
+        return string_to_bool(value)
+    except argparse.ArgumentTypeError:
+        return value
+
+
+class TrainArgumentParser(HfArgumentParser):
+    """HfArgumentParser with the flags in `HELP_GROUPS`, every boolean flag usable bare, and one-line errors.
+
+    HfArgumentParser puts every field of a dataclass without `_argument_group_name` in one flat list (TrainingArguments'
+    ~200 flags before the distillation ones), and gives a `bool | None` field (bf16, tf32, disable_tqdm...) no bare
+    form, so `--bf16` alone fails while `--fp16` works. TRL's documented commands use bare boolean flags.
+    """
+
+    def __init__(self, dataclass_types, **kwargs) -> None:
+        super().__init__(dataclass_types, **kwargs)
+        self._accept_bare_booleans()
+
+    def _add_dataclass_arguments(self, dtype) -> None:
+        if not hasattr(self, "_help_groups"):  # created once, before any flag, so groups print in HELP_GROUPS order
+            self._help_groups = {title: self.add_argument_group(title, text) for title, text in HELP_GROUPS.items()}
+        hints = typing.get_type_hints(dtype)
+        leading = {name: rank for rank, name in enumerate(LEADING_FIELDS)}
+        for dataclass_field in sorted(dataclasses.fields(dtype), key=lambda f: leading.get(f.name, len(leading))):
+            if dataclass_field.init:
+                dataclass_field.type = hints[dataclass_field.name]
+                group = self._help_groups[help_group(dtype, dataclass_field.name)]
+                self._parse_dataclass_field(group, dataclass_field)
+
+    def _accept_bare_booleans(self) -> None:
+        """`--flag`, `--flag true` and `--flag false` for every boolean field, whatever its default."""
+        word_fields = {
+            name
+            for dtype in self.dataclass_types
+            for name, hint in typing.get_type_hints(dtype).items()
+            if {bool, str} <= set(typing.get_args(hint))
+        }
+        for action in self._actions:
+            if action.type is string_to_bool:
+                if action.nargs is None:
+                    action.nargs, action.const = "?", True
+                if action.dest in word_fields:
+                    action.type = bool_or_word
+
+    def error(self, message: str) -> typing.NoReturn:
         raise UsageError(message)
 
-    parser.error = one_line_error
+    def long_flags(self) -> list[str]:
+        return [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+
+
+def build_parser(prog: str = "protege train") -> TrainArgumentParser:
+    parser = TrainArgumentParser(
+        (ScriptArguments, DistillationConfig, ModelConfig),
+        prog=prog,
+        usage=USAGE,
+        description="Distil a student from a teacher. Flags follow TRL's distillation script; a boolean flag may be "
+        "given bare (--bf16) or with a value (--bf16 false).",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.yaml",
+        help="YAML file of the same keys as the flags (flags override it).",
+    )
     return parser
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def unknown_arguments(parser: TrainArgumentParser, remaining: list[str]) -> str:
+    """One line for what the parser did not take: each unknown flag with the closest real one, or stray values."""
+    flags = [item.split("=", 1)[0] for item in remaining if item.startswith("-")]
+    if not flags:
+        return f"unexpected value(s) {' '.join(remaining)}: no flag takes them"
+    known = parser.long_flags()
+    named = ", ".join(f"{flag}{did_you_mean(flag, known)}" for flag in flags)
+    return f"unknown flag{'s' if len(flags) > 1 else ''} {named}"
 
 
 def parse(argv: list[str]) -> tuple[ScriptArguments, DistillationConfig, ModelConfig]:
@@ -101,10 +210,16 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, DistillationConfig, ModelCo
             raise UsageError(f"config file {config_path} must hold a mapping of keys to values")
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UsageError(f"unknown key(s) in {config_path}: {', '.join(unknown)}")
+            named = ", ".join(f"{key}{did_you_mean(key, sorted(known))}" for key in unknown)
+            raise UsageError(f"unknown key(s) in {config_path}: {named}")
         parser.set_defaults(**values)
+    _, remaining = parser.parse_known_args(argv)  # before the dataclasses, so a typo is reported as one
+    if remaining:
+        raise UsageError(unknown_arguments(parser, remaining))
     try:
-        script_args, training_args, model_args, *_ = parser.parse_args_into_dataclasses(args=argv)
+        script_args, training_args, model_args, *_ = parser.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False
+        )
     except ValueError as error:  # a DistillationConfig rule, or a value argparse could not convert
         raise UsageError(str(error)) from None
     if not model_args.model_name_or_path:
@@ -159,12 +274,39 @@ def model_kwargs(model_args: ModelConfig, revision: str | None) -> dict:
     return kwargs
 
 
+def resume_value(flag: str | None) -> str | bool | None:
+    """--resume_from_checkpoint: a folder, or true/yes/1 for the newest complete checkpoint in output_dir."""
+    if flag is not None and flag.strip().lower() in ("true", "yes", "1"):
+        return True
+    return flag
+
+
+def check_models(student: str, args: DistillationConfig) -> None:
+    """The student's and the local teacher's names point at models (see `protege.model_source`), with the init
+    kwargs they will be loaded with, so a wrong name fails before the dataset and the weights load."""
+    from ..models import parse_init_kwargs
+
+    check_model_source(student, "student", parse_init_kwargs(args.model_init_kwargs, "model_init_kwargs"))
+    if not args.use_teacher_server:
+        teacher_kwargs = parse_init_kwargs(args.teacher_model_init_kwargs, "teacher_model_init_kwargs")
+        if args.teacher_model_revision is not None:
+            teacher_kwargs.setdefault("revision", args.teacher_model_revision)
+        check_model_source(args.teacher_model_name_or_path, "teacher", teacher_kwargs)
+
+
 def run(argv: list[str]) -> int:
-    from ..trainer import DistillationTrainer
+    from ..checkpoints import newest_complete
+    from ..http_client import ServerError
+    from ..trainer import DistillationTrainer, NonFiniteLossError
     from .datasets import eval_split, load_any
 
     try:
         script_args, args, model_args = parse(argv)
+        if args.model_init_kwargs is None:
+            args.model_init_kwargs = model_kwargs(model_args, model_args.model_revision)
+        if args.teacher_model_init_kwargs is None and not args.use_teacher_server:
+            args.teacher_model_init_kwargs = model_kwargs(model_args, args.teacher_model_revision)
+        check_models(model_args.model_name_or_path, args)  # before the dataset: a wrong name fails at once
         dataset = load_any(script_args.dataset_name, script_args.dataset_config)
         if script_args.dataset_train_split not in dataset:
             raise UsageError(
@@ -172,10 +314,9 @@ def run(argv: list[str]) -> int:
                 f"(splits: {sorted(dataset)})"
             )
         test_split = eval_split(dataset, script_args.dataset_test_split) if args.eval_strategy != "no" else None
-        if args.model_init_kwargs is None:
-            args.model_init_kwargs = model_kwargs(model_args, model_args.model_revision)
-        if args.teacher_model_init_kwargs is None and not args.use_teacher_server:
-            args.teacher_model_init_kwargs = model_kwargs(model_args, args.teacher_model_revision)
+        resume = resume_value(args.resume_from_checkpoint)
+        if resume is True and newest_complete(args.output_dir) is None:
+            raise UsageError(f"--resume_from_checkpoint: no complete checkpoint in {args.output_dir}")
         trainer = DistillationTrainer(
             model=model_args.model_name_or_path,
             teacher_model=None if args.use_teacher_server else args.teacher_model_name_or_path,
@@ -184,10 +325,12 @@ def run(argv: list[str]) -> int:
             eval_dataset=dataset[test_split] if test_split else None,
             peft_config=peft_config(model_args),
         )
-    except (ValueError, OSError) as error:
-        print(f"protege train: error: {error}", file=sys.stderr)
-        return 2
-    trainer.train()
+    except (ValueError, OSError, ServerError) as error:
+        return report("train", error)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except (ServerError, NonFiniteLossError) as error:  # the last checkpoint is intact and resumable
+        return report("train", error)
     trainer.save_model(args.output_dir)
     if args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)

@@ -2,8 +2,11 @@
 
 Concurrent requests wait in a queue; a single worker takes as many as fit a token budget (requests with the same
 top_logprobs and temperature, or all asking for hidden states), scores them in one backend call in a thread, and
-answers each. A request the server
-cannot serve is refused with a 4xx and a message before it reaches the queue, and the next one is served normally.
+answers each. A request the server cannot serve is refused with a 4xx and a short message before it reaches the
+queue, and the next one is served normally. Memory stays bounded by the model and the limits: a request holds at most
+`max_request_tokens` tokens (413), the queue at most `max_queued_tokens` (503 with Retry-After), and a request whose
+client hung up leaves the queue unscored. Parsing and validation run off the event loop, so `/health/` answers
+throughout; the transport-level guards (timeouts, connection cap, API key) are in `guard.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -20,19 +23,20 @@ from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.middleware.gzip import GZipMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt
+from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError
 
 from ..choices import HIDDEN_DTYPES, HIDDEN_FORMAT, LOGPROB_FORMATS, RESPONSE_FORMATS
-from ..teacher.codec import encode, encode_hidden, encode_hidden_binary
+from ..teacher.codec import BatchScores, check_scores, encode, encode_hidden, encode_hidden_binary
 from ..teacher.head import save_head
 from .backends import Backend
+from .guard import RequestGuard, guarded_protocol, limit_logging, raise_open_file_limit
 
 
 class SequenceLogprobsRequest(BaseModel):
     """The body of POST /get_sequence_logprobs/ (TRL's contract, plus the "compact" and "hidden" formats)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sequences: list[list[StrictInt]]
     prompt_lengths: list[StrictInt]
@@ -48,14 +52,44 @@ class SequenceLogprobsRequest(BaseModel):
         return (self.top_logprobs, self.temperature)
 
 
+TEMPERATURE_RANGE = (1e-3, 1e3)  # outside it float32 log-probs degenerate (all -inf but one, or overflow)
+
+
 @dataclass
 class ServerLimits:
+    """What one request, the queue and one connection may take; None derives a limit from the others."""
+
     max_model_len: int = 4096
     max_top_logprobs: int = 100
     max_batch_tokens: int = 16384
-    max_body_bytes: int = 64 * 2**20
+    max_request_tokens: int | None = None  # default: max(max_batch_tokens, max_model_len)
+    max_queued_tokens: int | None = None  # default: 8 x max_request_tokens
+    max_body_bytes: int | None = None  # default: 16 bytes a token of max_request_tokens, at least 1 MiB
     batching: bool = True
     batch_wait_s: float = 0.005
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_request_tokens is None:
+            self.max_request_tokens = max(self.max_batch_tokens, self.max_model_len)
+        if self.max_queued_tokens is None:
+            self.max_queued_tokens = 8 * self.max_request_tokens
+        if self.max_body_bytes is None:  # a token id is at most 7 characters and a comma in JSON
+            self.max_body_bytes = max(2**20, 16 * self.max_request_tokens)
+        for name in ("max_model_len", "max_top_logprobs", "max_batch_tokens", "max_body_bytes", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_request_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_request_tokens={self.max_request_tokens} must be >= max_model_len={self.max_model_len}: "
+                "a request of one longest sequence must fit"
+            )
+        if self.max_queued_tokens < self.max_request_tokens:
+            raise ValueError(
+                f"max_queued_tokens={self.max_queued_tokens} must be >= max_request_tokens={self.max_request_tokens}"
+            )
 
 
 @dataclass
@@ -63,6 +97,60 @@ class _Job:
     request: SequenceLogprobsRequest
     tokens: int
     future: asyncio.Future = field(repr=False)
+
+
+class Busy(Exception):
+    """The queue holds as many tokens as it may."""
+
+
+class WorkQueue:
+    """Jobs waiting for the backend, bounded in tokens; a cancelled job (its client hung up) leaves the count at once
+    and is dropped unscored when it reaches the front."""
+
+    def __init__(self, max_tokens: int):
+        self.jobs: asyncio.Queue[_Job] = asyncio.Queue()
+        self.max_tokens, self.tokens = max_tokens, 0
+
+    def put(self, job: _Job) -> None:
+        if self.tokens + job.tokens > self.max_tokens:
+            raise Busy(f"the server is busy: {self.tokens} tokens are queued, the limit is {self.max_tokens}")
+        self.tokens += job.tokens
+        self.jobs.put_nowait(job)
+
+    def cancel(self, job: _Job) -> None:
+        if not job.future.done():
+            job.future.cancel()
+            self.tokens -= job.tokens
+
+    def _leave(self, job: _Job) -> bool:
+        """Take `job` off the count; whether it is still wanted."""
+        if job.future.cancelled():
+            return False
+        self.tokens -= job.tokens
+        return True
+
+    async def next_batch(self, limits: ServerLimits) -> list[_Job]:
+        """The oldest live job, plus (when batching) every queued job with its batch key that fits the budget."""
+        while True:
+            first = await self.jobs.get()
+            if self._leave(first):
+                break
+        jobs = [first]
+        if limits.batching:
+            await asyncio.sleep(limits.batch_wait_s)
+            key, budget, deferred = first.request.batch_key(), limits.max_batch_tokens - first.tokens, []
+            while not self.jobs.empty():
+                job = self.jobs.get_nowait()
+                if job.future.cancelled():
+                    continue
+                if job.request.batch_key() == key and job.tokens <= budget and self._leave(job):
+                    jobs.append(job)
+                    budget -= job.tokens
+                else:
+                    deferred.append(job)
+            for job in deferred:
+                self.jobs.put_nowait(job)
+        return jobs
 
 
 def serves(backend: Backend) -> tuple[bool, bool]:
@@ -95,8 +183,11 @@ def validate(request: SequenceLogprobsRequest, backend: Backend, limits: ServerL
     top_limit = min(limits.max_top_logprobs, vocab_size)
     if not 1 <= request.top_logprobs <= top_limit:
         refuse(f"top_logprobs={request.top_logprobs} is outside [1, {top_limit}]")
-    if not (math.isfinite(request.temperature) and request.temperature > 0):
-        refuse(f"temperature={request.temperature} must be a finite number > 0")
+    low, high = TEMPERATURE_RANGE
+    if not request.temperature > 0:
+        refuse(f"temperature={_short(request.temperature)} must be a finite number > 0")
+    if not low <= request.temperature <= high:  # exact for ints of any size: no float conversion
+        refuse(f"temperature={_short(request.temperature)} is outside [{low:g}, {high:g}]")
     if request.temperature != 1 and not getattr(backend, "honours_temperature", True):
         refuse(
             f"temperature={request.temperature}: this backend's log-probs are untempered, so it serves "
@@ -117,33 +208,34 @@ def validate(request: SequenceLogprobsRequest, backend: Backend, limits: ServerL
             refuse(f"sequence {i} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
-class BodyLimit:
-    """Refuse a request body over `max_bytes` with 413, whether it declares its length or arrives in chunks."""
+def _short(value) -> str:
+    """A number as it can be quoted in an error: a huge integer shortened."""
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:8]}...({len(text)} digits)"
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and int(declared) > self.max_bytes:
-            response = JSONResponse(status_code=413, content={"detail": self._message(int(declared))})
-            return await response(scope, receive, send)
-        received = 0
+MAX_LISTED_ERRORS = 5
 
-        async def counting_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:  # raised while the route reads the body: FastAPI answers it
-                raise HTTPException(status_code=413, detail=self._message(received))
-            return message
 
-        return await self.app(scope, counting_receive, send)
-
-    def _message(self, size: int) -> str:
-        return f"request body of {size} bytes or more is over the limit of {self.max_bytes}"
+def parse(body: bytes, backend: Backend, limits: ServerLimits) -> tuple[SequenceLogprobsRequest, int]:
+    """The request and its token count, or the HTTPException that refuses it: 422 for a body that is not a valid
+    request (the first few errors and their count, never the input echoed back), 413 over max_request_tokens, 400
+    for what the backend cannot serve."""
+    try:
+        request = SequenceLogprobsRequest.model_validate_json(body)
+    except ValidationError as error:
+        errors = error.errors(include_url=False, include_input=False, include_context=False)
+        listed = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors[:MAX_LISTED_ERRORS]]
+        raise HTTPException(status_code=422, detail={"errors": listed, "error_count": error.error_count()}) from None
+    tokens = sum(len(s) for s in request.sequences)
+    if tokens > limits.max_request_tokens:
+        raise HTTPException(
+            status_code=413,
+            detail=f"the request holds {tokens} tokens, over the limit of {limits.max_request_tokens} a request "
+            "(max_request_tokens on /info/): split it",
+        )
+    validate(request, backend, limits)
+    return request, tokens
 
 
 def render(rows, request: SequenceLogprobsRequest, vocab_size: int, binary: bool = False) -> bytes:
@@ -153,6 +245,7 @@ def render(rows, request: SequenceLogprobsRequest, vocab_size: int, binary: bool
     if request.response_format == HIDDEN_FORMAT:
         payload = encode_hidden(rows, request.hidden_dtype)
     else:
+        check_scores(BatchScores.pad(rows, request.top_logprobs), request.sequences, request.prompt_lengths)
         payload = encode(rows, request.top_logprobs, request.response_format, vocab_size)
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
 
@@ -192,29 +285,19 @@ class HeadFile:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
+def create_app(
+    backend: Backend, limits: ServerLimits | None = None, api_key: str | None = None, docs: bool = False
+) -> FastAPI:
+    """The teacher server's app. `api_key`: every route but /health/ needs `Authorization: Bearer <key>`. `docs`:
+    serve /docs, /redoc and /openapi.json (off by default: they describe the server to anyone who reaches it)."""
     limits = limits or ServerLimits()
-    queue: asyncio.Queue[_Job] = asyncio.Queue()
-    stats = {"requests": 0, "refused": 0, "backend_calls": 0, "scored_tokens": 0}
+    queue = WorkQueue(limits.max_queued_tokens)
+    stats = {"requests": 0, "refused": 0, "busy": 0, "cancelled": 0, "backend_calls": 0, "scored_tokens": 0}
 
     async def worker() -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await queue.get()]
-            if limits.batching:
-                await asyncio.sleep(limits.batch_wait_s)
-                key = jobs[0].request.batch_key()
-                budget = limits.max_batch_tokens - jobs[0].tokens
-                deferred = []
-                while not queue.empty():
-                    job = queue.get_nowait()
-                    if job.request.batch_key() == key and job.tokens <= budget:
-                        jobs.append(job)
-                        budget -= job.tokens
-                    else:
-                        deferred.append(job)
-                for job in deferred:
-                    queue.put_nowait(job)
+            jobs = await queue.next_batch(limits)
             sequences = [s for job in jobs for s in job.request.sequences]
             prompt_lengths = [p for job in jobs for p in job.request.prompt_lengths]
             request = jobs[0].request
@@ -247,10 +330,12 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
         task.cancel()
         head_file.remove()
 
-    app = FastAPI(title="protege teacher server", lifespan=lifespan)
+    hidden = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="protege teacher server", lifespan=lifespan, **hidden)
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=6)  # level 9 costs 3x the time for ~1%
-
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(
+        RequestGuard, max_bytes=limits.max_body_bytes, body_timeout_s=limits.body_timeout_s, api_key=api_key
+    )
 
     @app.get("/health/")
     async def health() -> dict:
@@ -259,16 +344,18 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
     @app.get("/info/")
     async def info() -> dict:
         return {
-            "model": backend.model_name,
+            "model": public_name(backend.model_name),
             "vocab_size": backend.vocab_size,
             "max_model_len": limits.max_model_len,
             "max_top_logprobs": limits.max_top_logprobs,
+            "max_request_tokens": limits.max_request_tokens,
             "formats": [
                 *(LOGPROB_FORMATS if serves(backend)[0] else ()),
                 *((HIDDEN_FORMAT,) if serves(backend)[1] else ()),
             ],
             "tokenizer_sha256": getattr(backend, "tokenizer_sha256", None),
             **stats,
+            "queued_tokens": queue.tokens,
         }
 
     @app.get("/lm_head/meta/")
@@ -287,27 +374,40 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
             filename="lm_head.safetensors",
         )
 
-    @app.post("/get_sequence_logprobs/")
-    async def get_sequence_logprobs(request: SequenceLogprobsRequest, http_request: Request) -> Response:
+    @app.post("/get_sequence_logprobs/", openapi_extra=REQUEST_SCHEMA)
+    async def get_sequence_logprobs(http_request: Request) -> Response:
         stats["requests"] += 1
+        loop = asyncio.get_running_loop()
+        body = await http_request.body()
         try:
-            validate(request, backend, limits)
+            request, tokens = await loop.run_in_executor(None, parse, body, backend, limits)
         except HTTPException:
             stats["refused"] += 1
             raise
-        future = asyncio.get_running_loop().create_future()
-        await queue.put(_Job(request, sum(len(s) for s in request.sequences), future))
+        job = _Job(request, tokens, loop.create_future())
         try:
-            rows = await future
+            queue.put(job)
+        except Busy as error:
+            stats["busy"] += 1
+            raise HTTPException(status_code=503, detail=str(error), headers={"Retry-After": "1"}) from None
+        hung_up = asyncio.create_task(client_gone(http_request))
+        try:
+            await asyncio.wait({job.future, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hung_up.cancel()
+        if not job.future.done():  # the client is gone: nobody will read an answer
+            queue.cancel(job)
+            stats["cancelled"] += 1
+            return Response(status_code=499)
+        try:
+            rows = job.future.result()
         except Exception as error:
             raise HTTPException(status_code=500, detail=f"the teacher backend failed: {error}") from None
         # Encoding a large answer takes long enough to stall other requests: do it off the event loop.
         binary = "application/octet-stream" in http_request.headers.get("accept", "")
         try:
-            body = await asyncio.get_running_loop().run_in_executor(
-                None, render, rows, request, backend.vocab_size, binary
-            )
-        except ValueError as error:  # hidden states that do not fit the asked dtype
+            body = await loop.run_in_executor(None, render, rows, request, backend.vocab_size, binary)
+        except ValueError as error:  # non-finite log-probs or hidden states that do not fit the asked dtype
             raise HTTPException(status_code=422, detail=str(error)) from None
         binary = binary and request.response_format == HIDDEN_FORMAT
         return Response(content=body, media_type="application/octet-stream" if binary else "application/json")
@@ -315,7 +415,68 @@ def create_app(backend: Backend, limits: ServerLimits | None = None) -> FastAPI:
     return app
 
 
-def serve(backend: Backend, host: str, port: int, limits: ServerLimits, log_level: str = "info") -> None:
+# The route reads its body itself (to parse it off the event loop); this keeps the request schema in /openapi.json.
+REQUEST_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": SequenceLogprobsRequest.model_json_schema()}},
+    }
+}
+
+
+async def client_gone(request: Request) -> None:
+    """Return when the client disconnects (after the body, the ASGI server's next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def public_name(model: str) -> str:
+    """A local model's folder name, not its absolute path (which says how the host is laid out); a hub id as is."""
+    path = Path(model)
+    return path.name if path.is_absolute() or path.exists() else model
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int, limits: ServerLimits, log_level: str = "info", **ssl):
+    """uvicorn's settings for protege's servers: the guarded h11 protocol, its timeouts and connection cap, TLS
+    (`ssl_certfile`, `ssl_keyfile`, ... as uvicorn names them), and rate-limited logs."""
     import uvicorn
 
-    uvicorn.run(create_app(backend, limits), host=host, port=port, log_level=log_level)
+    limit_logging()
+    raise_open_file_limit()
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=guarded_protocol(limits.header_timeout_s, limits.max_connections),
+        timeout_keep_alive=5,
+        **{key: value for key, value in ssl.items() if value is not None},
+    )
+
+
+def serve(
+    backend: Backend,
+    host: str,
+    port: int,
+    limits: ServerLimits,
+    log_level: str = "info",
+    api_key: str | None = None,
+    docs: bool = False,
+    **ssl,
+) -> None:
+    import uvicorn
+
+    if api_key is None and host not in LOOPBACK:
+        _log.warning(
+            "serving on %s without an API key: anyone who reaches port %d can use this teacher; set --api-key or "
+            "PROTEGE_TEACHER_API_KEY",
+            host,
+            port,
+        )
+    uvicorn.Server(
+        uvicorn_config(create_app(backend, limits, api_key, docs), host, port, limits, log_level, **ssl)
+    ).run()
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_log = logging.getLogger("protege.server")

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..choices import TEACHER_PROTOCOLS
 from ..http_client import RetryingClient, ServerError
-from .codec import BatchScores, PayloadError, SequenceScores, decode, decode_hidden_binary
+from .codec import BatchScores, PayloadError, SequenceScores, check_scores, decode, decode_hidden_binary
 from .head import LMHead, cache_dir, file_sha256, load_head
 
 
@@ -43,10 +43,12 @@ class TeacherClient(RetryingClient):
         max_tokens_per_request: int = 16384,
         max_concurrency: int = 4,
         model: str | None = None,
+        deadline: float | None = None,
+        api_key: str | None = None,
     ):
         if protocol not in TEACHER_PROTOCOLS:
             raise ValueError(f"protocol={protocol!r} is not one of {TEACHER_PROTOCOLS}")
-        super().__init__(base_url, timeout, max_retries, backoff)
+        super().__init__(base_url, timeout, max_retries, backoff, deadline, api_key)
         self.protocol, self.response_format = protocol, response_format
         self.max_tokens_per_request, self.max_concurrency = max_tokens_per_request, max_concurrency
         self.model = model
@@ -139,7 +141,14 @@ class TeacherClient(RetryingClient):
         def run(seqs: list[list[int]], plens: list[int]) -> list[SequenceScores]:
             if self.protocol == "protege":
                 return self._score_protege(seqs, plens, top_k, temperature)
-            return self._score_openai(seqs, plens, top_k, temperature)
+            rows = self._score_openai(seqs, plens, top_k, temperature)
+            try:  # the protege formats are checked as they decode; an OpenAI answer is checked the same way here
+                check_scores(BatchScores.pad(rows, top_k), seqs, plens)
+            except PayloadError as error:
+                raise TeacherServerError(
+                    f"teacher server at {self._url('/v1/completions')} answered impossible log-probs: {error}"
+                ) from None
+            return rows
 
         return BatchScores.pad(self._in_requests(sequences, prompt_lengths, run), top_k)
 

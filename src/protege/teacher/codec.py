@@ -172,7 +172,7 @@ def decode(
         raise
     except (TypeError, KeyError, ValueError, IndexError, AttributeError) as error:
         raise PayloadError(f"malformed {response_format} payload ({type(error).__name__}: {error})") from None
-    _check(batch, sequences, prompt_lengths)
+    check_scores(batch, sequences, prompt_lengths)
     return batch
 
 
@@ -243,7 +243,9 @@ def _decode(payload, response_format, sequences, prompt_lengths, top_k) -> Batch
     return BatchScores.pad(rows, top_k)
 
 
-def _check(batch: BatchScores, sequences: list[list[int]], prompt_lengths: list[int]) -> None:
+def check_scores(batch: BatchScores, sequences: list[list[int]], prompt_lengths: list[int]) -> None:
+    """What every answer must be, whoever sent it: actual ids as sent, finite actual and top-1 log-probs, no NaN or
+    positive log-prob, ids >= 0, top-k sorted (PayloadError naming the sequence)."""
     for i, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
         n = int(batch.completion_lengths[i])
         if not np.array_equal(batch.actual_ids[i, :n], np.asarray(sequence[prompt_length:], dtype=np.int64)):

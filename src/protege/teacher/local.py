@@ -72,7 +72,7 @@ def load_teacher(teacher_model, args) -> tuple[nn.Module, object | None]:
         if args.teacher_model_revision is not None:
             teacher_kwargs.setdefault("revision", args.teacher_model_revision)
         name = teacher_model
-        teacher_model = load_causal_lm(teacher_model, teacher_kwargs, args.trust_remote_code)
+        teacher_model = load_causal_lm(teacher_model, teacher_kwargs, args.trust_remote_code, role="teacher")
     else:
         if teacher_kwargs:
             raise ValueError(

@@ -11,9 +11,12 @@ round trip is paid once per step, and the loss reads the answer from the batch. 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
+from ..choices import API_KEY_VARIABLE
 from ..losses import IGNORE_INDEX
 from ..objective import TeacherHidden, TeacherScores
 from .client import TeacherClient
@@ -30,10 +33,14 @@ def connect_teacher(args, tokenizer) -> TeacherClient:
         timeout=args.teacher_server_timeout,
         max_retries=args.teacher_server_max_retries,
         model=args.teacher_server_model,
+        deadline=args.teacher_server_deadline,
+        api_key=args.teacher_server_api_key or os.environ.get(API_KEY_VARIABLE),
     )
     try:
         client.wait_until_ready(args.teacher_server_startup_timeout)
         info = client.info()
+        if info.get("max_request_tokens"):  # the server refuses larger requests: split batches to fit
+            client.max_tokens_per_request = min(client.max_tokens_per_request, int(info["max_request_tokens"]))
         served = info.get("vocab_size")
         if served is not None and served != len(tokenizer):
             raise ValueError(

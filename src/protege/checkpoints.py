@@ -1,0 +1,91 @@
+"""Checkpoints that appear whole or not at all, and `resume_from_checkpoint=True` that only picks whole ones.
+
+transformers writes `checkpoint-N` in place, file by file, and `resume_from_checkpoint=True` takes the highest N: a
+process killed during a save leaves a newest `checkpoint-N` that cannot be resumed from. The trainer instead has
+transformers write the checkpoint inside a staging folder, `tmp-checkpoint-N/checkpoint-N` (a name that transformers'
+discovery and rotation never match: their regex is `^checkpoint-(\\d+)$`, their glob `checkpoint-*`), and renames it
+to `checkpoint-N` once every file of every rank is written (`publish`). A rename within one filesystem is atomic, so a
+kill at any point leaves either the whole checkpoint or none. `newest_complete` passes over what a kill left behind:
+staging folders, and a `checkpoint-N` without `trainer_state.json` (transformers writes it last; such a folder comes
+from a save that was not staged). The next save deletes leftover staging folders (`clear_staging`).
+
+This guards against a killed process, not against a power loss (files are not fsynced before the rename).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import warnings
+
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+STAGING_PREFIX = "tmp-"
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_STAGING = re.compile(rf"^{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+
+def staging_folder(run_dir: str, step: int) -> str:
+    """Where the checkpoint of `step` is written before it is published as `run_dir/checkpoint-{step}`."""
+    return os.path.join(run_dir, STAGING_PREFIX + checkpoint_name(step))
+
+
+def clear_staging(run_dir: str) -> None:
+    """Delete the staging folders under `run_dir`: a save runs one at a time, so any there is a killed save's."""
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        if _STAGING.match(name):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def publish(written: str, final: str) -> None:
+    """Give the complete checkpoint `written` (inside its staging folder) its name `final`, in one rename.
+
+    A `final` already there (an earlier run's in the same output folder) is first moved into the staging folder, which
+    is then deleted with it: a kill between the two renames leaves neither name, so resume falls back to the previous
+    checkpoint rather than to a mixture.
+    """
+    staging = os.path.dirname(written)
+    if not os.path.isdir(written):
+        return  # another process that saves on a shared filesystem published it already
+    if os.path.lexists(final):
+        os.rename(final, os.path.join(staging, "replaced"))
+    os.rename(written, final)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def is_complete(folder: str) -> bool:
+    """Whether the save of `folder` finished: transformers writes the trainer state last."""
+    return os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME))
+
+
+def newest_complete(output_dir: str) -> str | None:
+    """The `checkpoint-N` with the highest N that a save finished, warning with the names of incomplete ones."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps, incomplete = {}, []
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if not os.path.isdir(path):
+            continue
+        if _STAGING.match(name):
+            incomplete.append(name)
+        elif (match := _CHECKPOINT.match(name)) is not None:
+            if is_complete(path):
+                steps[int(match.group(1))] = path
+            else:
+                incomplete.append(name)
+    newest = steps[max(steps)] if steps else None
+    if incomplete:
+        warnings.warn(
+            f"resume_from_checkpoint=True: skipping incomplete checkpoint folders in {output_dir} (a save that did not "
+            f"finish, e.g. a killed process): {', '.join(sorted(incomplete))}; resuming from "
+            f"{os.path.basename(newest) if newest else 'none'}. They can be deleted.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return newest

@@ -1,0 +1,512 @@
+"""The teacher server against hostile clients, over real HTTP on 127.0.0.1: huge requests, hung-up clients, a full
+queue, idle and slow connections, malformed bodies (a hypothesis fuzz run), API keys and TLS; and the client against
+impossible answers and a frozen server.
+
+Servers run with protege's own uvicorn settings (`ThreadedUvicorn(app, limits)`), or as `protege serve-teacher`
+processes. Waiting for a server-side event polls /info/ with a deadline; no assertion rests on elapsed time.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import httpx
+import numpy as np
+import pytest
+from conftest import ThreadedUvicorn, free_port, start_server, stop_server
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protege.server.app import ServerLimits, create_app
+from protege.teacher.client import TeacherClient, TeacherServerError
+
+ROUTE = "/get_sequence_logprobs/"
+GOOD = {"sequences": [[3, 40, 41, 42], [7, 8, 9]], "prompt_lengths": [1, 2], "top_logprobs": 2}
+
+
+class GatedBackend:
+    """The real backend, whose calls wait for `gate`: requests sent meanwhile stay queued. Counts the sequences it
+    scored, so a test can tell which requests reached the model."""
+
+    def __init__(self, inner):
+        self.inner, self.vocab_size, self.model_name = inner, inner.vocab_size, inner.model_name
+        self.gate, self.scored = threading.Event(), []
+
+    def score(self, sequences, *args):
+        self.gate.wait(timeout=60)
+        self.scored.extend(sequences)
+        return self.inner.score(sequences, *args)
+
+
+def wait_for(url: str, key: str, value: int, timeout: float = 30.0, headers: dict | None = None) -> dict:
+    """Poll /info/ until `key` reaches `value`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = httpx.get(f"{url}/info/", headers=headers).json()
+        if info[key] >= value:
+            return info
+        assert time.monotonic() < deadline, f"/info/ {key} stayed at {info[key]}, expected {value}"
+        time.sleep(0.01)
+
+
+def raw_request(url: str, body: bytes, content_type: str = "application/json") -> socket.socket:
+    """A POST written on a fresh socket, left open (the caller reads or hangs up)."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+# ----- Limits: request size, queue, hung-up clients -----
+
+
+def test_request_over_the_token_limit_gets_413_naming_both_counts(backend):
+    limits = ServerLimits(max_model_len=64, max_batch_tokens=100)
+    with ThreadedUvicorn(create_app(backend, limits), limits) as running:
+        info = httpx.get(f"{running.url}/info/").json()
+        assert info["max_request_tokens"] == 100
+        answer = httpx.post(f"{running.url}{ROUTE}", json={"sequences": [[3] * 60, [4] * 50], "prompt_lengths": [1, 1]})
+        assert answer.status_code == 413
+        assert answer.json()["detail"].startswith("the request holds 110 tokens, over the limit of 100 a request")
+        assert httpx.post(f"{running.url}{ROUTE}", json=GOOD).status_code == 200
+
+
+def test_default_body_limit_refuses_a_2m_token_body_before_parsing_it(backend):
+    limits = ServerLimits()  # 16,384 tokens a request: a body limit of 1 MiB
+    assert limits.max_body_bytes == 2**20
+    body = b'{"sequences": [[' + b"12345," * 2**21 + b'1]], "prompt_lengths": [1]}'
+    with ThreadedUvicorn(create_app(backend, limits), limits) as running:
+        answer = httpx.post(f"{running.url}{ROUTE}", content=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 413
+        assert answer.json() == {"detail": f"request body of {len(body)} bytes is over the limit of {2**20}"}
+        assert httpx.post(f"{running.url}{ROUTE}", json=GOOD).status_code == 200
+
+
+def test_limits_that_cannot_hold_one_sequence_are_refused():
+    with pytest.raises(ValueError, match="max_request_tokens=100 must be >= max_model_len=4096"):
+        ServerLimits(max_request_tokens=100)
+    with pytest.raises(ValueError, match="max_queued_tokens=10 must be >= max_request_tokens=16384"):
+        ServerLimits(max_queued_tokens=10)
+
+
+def test_request_of_a_client_that_hung_up_is_never_scored(backend):
+    gated = GatedBackend(backend)
+    limits = ServerLimits(max_model_len=64)
+    with ThreadedUvicorn(create_app(gated, limits), limits) as running:
+        first = threading.Thread(target=httpx.post, args=(f"{running.url}{ROUTE}",), kwargs={"json": GOOD})
+        first.start()  # occupies the backend (gated)
+        wait_for(running.url, "backend_calls", 1)
+        abandoned = {"sequences": [[5, 6, 7, 8, 9, 10]], "prompt_lengths": [2], "top_logprobs": 2}
+        sock = raw_request(running.url, httpx.Request("POST", "/", json=abandoned).read())
+        wait_for(running.url, "requests", 2)
+        assert httpx.get(f"{running.url}/info/").json()["queued_tokens"] == 6
+        sock.close()  # the client hangs up while its request waits
+        info = wait_for(running.url, "cancelled", 1)
+        assert info["queued_tokens"] == 0
+        gated.gate.set()
+        first.join(timeout=60)
+        assert httpx.post(f"{running.url}{ROUTE}", json=GOOD).status_code == 200
+        assert [5, 6, 7, 8, 9, 10] not in gated.scored
+        assert gated.scored == GOOD["sequences"] * 2
+
+
+def test_full_queue_answers_503_with_retry_after_and_the_client_waits_it(backend, monkeypatch):
+    gated = GatedBackend(backend)
+    limits = ServerLimits(max_model_len=8, max_batch_tokens=8, max_queued_tokens=8, batching=False)
+    with ThreadedUvicorn(create_app(gated, limits), limits) as running:
+        url = f"{running.url}{ROUTE}"
+        one = {"sequences": [[3, 4, 5, 6, 7, 8, 9]], "prompt_lengths": [1], "top_logprobs": 1}  # 7 tokens
+        busy = threading.Thread(target=httpx.post, args=(url,), kwargs={"json": one, "timeout": 60})
+        busy.start()
+        wait_for(running.url, "backend_calls", 1)  # scoring (gated): the queue is empty again
+        queued = threading.Thread(target=httpx.post, args=(url,), kwargs={"json": one, "timeout": 60})
+        queued.start()
+        info = wait_for(running.url, "requests", 2)
+        assert info["queued_tokens"] == 7
+        refused = httpx.post(url, json={"sequences": [[3, 4]], "prompt_lengths": [1]})
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["detail"] == "the server is busy: 7 tokens are queued, the limit is 8"
+
+        import protege.http_client as http_client
+
+        waits = []
+
+        def sleep(seconds):  # the client's waits, recorded; the gate opens during the first
+            waits.append(seconds)
+            gated.gate.set()
+            time.sleep(0.01)
+
+        monkeypatch.setattr(http_client, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
+        client = TeacherClient(running.url, response_format="binary", backoff=0.01, max_retries=3)
+        client.score([[3, 4, 5]], [1], top_k=1)
+        client.close()
+        assert waits[0] == 1.0  # Retry-After, not the 0.01 s backoff
+        busy.join(timeout=60)
+        queued.join(timeout=60)
+
+
+# ----- Connections: idle, slow, too many -----
+
+
+def test_idle_and_slow_connections_are_closed_and_health_answers_meanwhile(backend):
+    limits = ServerLimits(max_model_len=64, header_timeout_s=0.5, body_timeout_s=0.5)
+    with ThreadedUvicorn(create_app(backend, limits), limits) as running:
+        host, port = running.url.rsplit("/", 1)[-1].split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(20)]
+        slow_headers = socket.create_connection((host, int(port)))
+        slow_headers.sendall(b"GET /health/ HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+        slow_body = raw_request(running.url, b"")  # announces 0 bytes: complete; now one that stalls:
+        slow_body.close()
+        stalled = socket.create_connection((host, int(port)))
+        stalled.sendall(f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+        assert httpx.get(f"{running.url}/health/", timeout=5).json() == {"status": "ok"}
+        for sock in [*idle, slow_headers]:
+            sock.settimeout(10)
+            assert sock.recv(1024) == b""  # closed by the server, without an answer
+        stalled.settimeout(10)
+        answer = b"".join(iter(lambda: stalled.recv(4096), b""))  # until the server closes it
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert b"the request body stalled for 0.5 s" in answer
+        for sock in [*idle, slow_headers, stalled]:
+            sock.close()
+
+
+def test_connections_past_the_cap_are_closed_at_once(backend):
+    limits = ServerLimits(max_model_len=64, max_connections=5)
+    with ThreadedUvicorn(create_app(backend, limits), limits) as running:
+        host, port = running.url.rsplit("/", 1)[-1].split(":")
+        held = [socket.create_connection((host, int(port))) for _ in range(5)]
+        wait_for_health = httpx.get  # a sixth connection: refused while the five are open
+        extra = socket.create_connection((host, int(port)))
+        extra.settimeout(10)
+        assert extra.recv(1024) == b""
+        extra.close()
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while True:  # once the server has seen the five close, it answers again
+            try:
+                assert wait_for_health(f"{running.url}/health/", timeout=5).status_code == 200
+                break
+            except (httpx.TransportError, AssertionError):
+                assert time.monotonic() < deadline, "the server did not serve again after the connections closed"
+                time.sleep(0.05)
+
+
+# ----- Malformed and extreme bodies: always a small 4xx, never a 5xx -----
+
+LITERAL_CASES = [
+    (b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": NaN}', 422, "finite"),
+    (b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": Infinity}', 422, "finite"),
+    (b'{"sequences": [[3, 4]], "prompt_lengths": [NaN]}', 422, "prompt_lengths"),
+    (b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": 18446744073709551616}', 400, "outside [0.001"),
+    (b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": 1e309}', 422, "finite"),
+    (b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": 1e-38}', 400, "outside [0.001, 1000]"),
+    (b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": 1e300}', 400, "outside [0.001, 1000]"),
+    (b"\xff\xfe\x00garbage", 422, "Invalid JSON"),
+    (b'{"sequences": [[3, 99999999999999999999999]], "prompt_lengths": [1]}', 400, "outside the vocabulary"),
+    (b"[]", 422, "Input should be an object"),
+    (b"null", 422, "Input should be an object"),
+    (b"", 422, "Invalid JSON"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "detail"), LITERAL_CASES)
+def test_extreme_values_get_a_4xx_and_the_connection_stays_open(backend, body, status, detail):
+    limits = ServerLimits(max_model_len=64)
+    with ThreadedUvicorn(create_app(backend, limits), limits) as running, httpx.Client() as client:
+        answer = client.post(f"{running.url}{ROUTE}", content=body, headers={"Content-Type": "text/plain"})
+        assert answer.status_code == status, answer.text
+        assert detail in answer.text
+        # the same keep-alive connection serves the next request
+        assert client.post(f"{running.url}{ROUTE}", json=GOOD).status_code == 200
+        assert client.get(f"{running.url}/info/").json()["requests"] == 2
+
+
+def test_validation_errors_are_listed_briefly_with_their_count(backend):
+    limits = ServerLimits(max_model_len=64, max_body_bytes=8 * 2**20)
+    body = {"sequences": [["x"] * 300_000], "prompt_lengths": [1]}
+    with ThreadedUvicorn(create_app(backend, limits), limits) as running:
+        answer = httpx.post(f"{running.url}{ROUTE}", json=body, timeout=60)
+    assert answer.status_code == 422
+    detail = answer.json()["detail"]
+    assert detail["error_count"] == 300_000
+    assert detail["errors"][0] == {
+        "loc": ["sequences", 0, 0],
+        "msg": "Input should be a valid integer",
+        "type": "int_type",
+    }
+    assert len(detail["errors"]) == 5 and len(answer.content) < 1024
+
+
+class NonFiniteBackend:
+    """Scores like the real backend, then spoils one log-prob of sequence 1."""
+
+    def __init__(self, inner, value: float, field: str):
+        self.inner, self.vocab_size, self.model_name = inner, inner.vocab_size, inner.model_name
+        self.value, self.field = value, field
+
+    def score(self, *args):
+        rows = self.inner.score(*args)
+        getattr(rows[1], self.field)[0] = self.value
+        return rows
+
+
+@pytest.mark.parametrize("response_format", ["json", "binary", "compact"])
+@pytest.mark.parametrize(
+    ("value", "field", "detail"),
+    [
+        (float("nan"), "actual_logprobs", "sequence 1: the log-prob of an actual token is missing or not finite"),
+        (float("-inf"), "actual_logprobs", "sequence 1: the log-prob of an actual token is missing or not finite"),
+        (float("nan"), "topk_logprobs", "sequence 1: a top-1 log-prob is missing or not finite"),
+    ],
+)
+def test_non_finite_log_probs_are_never_sent(backend, response_format, value, field, detail):
+    limits = ServerLimits(max_model_len=64)
+    spoiled = NonFiniteBackend(backend, value, field)
+    with ThreadedUvicorn(create_app(spoiled, limits), limits) as running:
+        answer = httpx.post(f"{running.url}{ROUTE}", json={**GOOD, "response_format": response_format})
+    assert answer.status_code == 422
+    assert answer.json()["detail"] == detail
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tiny_paths):
+    """`protege serve-teacher` on the tiny teacher, as users run it."""
+    port = free_port()
+    process = start_server(tiny_paths["teacher"], port, "--max-model-len", "64", "--max-body-mb", "0.25")
+    yield f"http://127.0.0.1:{port}", process
+    stop_server(process)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner, max_size=6),
+    max_leaves=40,
+)
+field_names = st.sampled_from(
+    ["sequences", "prompt_lengths", "top_logprobs", "temperature", "response_format", "hidden_dtype", "extra"]
+)
+requests = st.dictionaries(field_names, json_values, max_size=6)
+token_lists = st.lists(st.lists(st.integers(-5, 400), max_size=70), max_size=4)
+near_valid = st.fixed_dictionaries(
+    {"sequences": token_lists, "prompt_lengths": st.lists(st.integers(-2, 70), max_size=4)},
+    optional={
+        "top_logprobs": st.integers(-3, 400),
+        "temperature": st.floats() | st.integers(),
+        "response_format": st.sampled_from(["json", "binary", "compact", "hidden", "xml"]),
+        "hidden_dtype": st.sampled_from(["float16", "bfloat16", "float32", "int8"]),
+    },
+)
+raw_bodies = st.binary(max_size=300)
+LITERAL_EXTRAS = [b"NaN", b"-Infinity", b'{"sequences": [[1, 2]], "prompt_lengths": [1], "temperature": -0.0}']
+
+
+def post_and_check(url: str, client: httpx.Client, content: bytes) -> None:
+    answer = client.post(f"{url}{ROUTE}", content=content, headers={"Content-Type": "application/json"})
+    assert answer.status_code < 500, (content[:200], answer.status_code, answer.text[:300])
+    if answer.status_code >= 400:
+        assert len(answer.content) < 2048, (content[:200], len(answer.content))
+    health = client.get(f"{url}/health/", timeout=5)
+    assert health.status_code == 200
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(body=st.one_of(requests.map(lambda d: json.dumps(d).encode()), raw_bodies))  # NaN, Infinity as Python writes
+def test_fuzz_arbitrary_bodies_never_get_a_5xx(fuzz_server, body):
+    url, _ = fuzz_server
+    with httpx.Client(timeout=30) as client:
+        post_and_check(url, client, body)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(request=near_valid)
+def test_fuzz_near_valid_requests_never_get_a_5xx(fuzz_server, request):
+    url, _ = fuzz_server
+    body = json.dumps(request).encode()
+    with httpx.Client(timeout=30) as client:
+        post_and_check(url, client, body)
+
+
+def test_fuzz_literal_cases_then_the_server_is_alive(fuzz_server):
+    url, process = fuzz_server
+    with httpx.Client(timeout=30) as client:
+        for body, *_ in LITERAL_CASES:
+            post_and_check(url, client, body)
+        for body in LITERAL_EXTRAS:
+            post_and_check(url, client, body)
+        assert client.post(f"{url}{ROUTE}", json=GOOD).status_code == 200
+    assert process.poll() is None
+
+
+# ----- Access: API key, docs, model name, TLS -----
+
+
+def test_api_key_is_required_everywhere_but_health(backend):
+    limits = ServerLimits(max_model_len=64)
+    with ThreadedUvicorn(create_app(backend, limits, api_key="s3cret"), limits) as running:
+        url = running.url
+        assert httpx.get(f"{url}/health/").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            answer = httpx.post(f"{url}{ROUTE}", json=GOOD, headers=headers)
+            assert answer.status_code == 401
+            assert answer.headers["www-authenticate"] == "Bearer"
+            assert httpx.get(f"{url}/info/", headers=headers).status_code == 401
+        answer = httpx.post(f"{url}{ROUTE}", json=GOOD, headers={"Authorization": "Bearer s3cret"})
+        assert answer.status_code == 200
+
+        with pytest.raises(TeacherServerError, match=r"refused the request \(HTTP 401\).*API key"):
+            TeacherClient(url, max_retries=0).score([[3, 4, 5]], [1])
+        client = TeacherClient(url, max_retries=0, api_key="s3cret")
+        assert client.score([[3, 4, 5]], [1]).completion_lengths.tolist() == [2]
+        client.close()
+
+
+def test_without_a_key_the_server_is_open_and_docs_are_off_by_default(backend):
+    limits = ServerLimits(max_model_len=64)
+    with ThreadedUvicorn(create_app(backend, limits), limits) as running:
+        assert httpx.post(f"{running.url}{ROUTE}", json=GOOD).status_code == 200
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(f"{running.url}{path}").status_code == 404
+        info = httpx.get(f"{running.url}/info/").json()
+        assert info["model"] == "model"  # the folder's name, not backend.model_name's absolute path
+        assert backend.model_name.endswith("/model") and backend.model_name.startswith("/")
+    with ThreadedUvicorn(create_app(backend, limits, docs=True), limits) as running:
+        schema = httpx.get(f"{running.url}/openapi.json").json()
+        assert "sequences" in str(schema["paths"][ROUTE]["post"]["requestBody"])
+
+
+def test_serve_teacher_reads_the_api_key_from_the_environment(tiny_paths, monkeypatch):
+    monkeypatch.setenv("PROTEGE_TEACHER_API_KEY", "from-env")
+    port = free_port()
+    process = start_server(tiny_paths["teacher"], port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/info/").status_code == 401
+        assert httpx.get(f"{url}/info/", headers={"Authorization": "Bearer from-env"}).status_code == 200
+    finally:
+        stop_server(process)
+
+
+def test_tls_with_uvicorns_certificate_options(backend, tmp_path, monkeypatch):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    limits = ServerLimits(max_model_len=64)
+    app = create_app(backend, limits)
+    with ThreadedUvicorn(app, limits, ssl_certfile=str(cert), ssl_keyfile=str(key)) as running:
+        assert running.url.startswith("https://")
+        with pytest.raises(httpx.ConnectError):  # an unknown certificate is refused by default
+            httpx.get(f"{running.url}/health/")
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # httpx trusts it from the environment
+        client = TeacherClient(running.url, max_retries=0)
+        assert client.score([[3, 4, 5]], [1]).completion_lengths.tolist() == [2]
+        client.close()
+
+
+def test_binding_a_public_address_without_a_key_warns(tiny_paths):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "protege", "serve-teacher", "--model", tiny_paths["teacher"], "--host", "0.0.0.0"]
+        + ["--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        TeacherClient(f"http://127.0.0.1:{port}").wait_until_ready(timeout=120)
+    finally:
+        stop_server(process)
+    assert "serving on 0.0.0.0 without an API key: anyone who reaches port" in process.stderr.read()
+
+
+# ----- The client: impossible answers, a frozen server -----
+
+
+def openai_answer(sequences, spoil):
+    """A /v1/completions answer with prompt log-probs, whose top-1 log-prob at position 2 is `spoil`."""
+    choices = []
+    for index, sequence in enumerate(sequences):
+        logprobs = [None] + [{f"token_id:{t}": {"logprob": -0.5, "rank": 1}} for t in sequence[1:]]
+        if index == 0:  # the top-1 entry is another token's, spoiled; the actual token ranks second
+            logprobs[2] = {
+                "token_id:1": {"logprob": spoil, "rank": 1},
+                f"token_id:{sequence[2]}": {"logprob": -0.5, "rank": 2},
+            }
+        choices.append({"index": index, "prompt_logprobs": logprobs})
+    return {"choices": choices}
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("NaN", "top-1 log-prob is missing or not finite"), ("Infinity", "not finite"), (0.5, "positive")],
+)
+def test_openai_protocol_refuses_impossible_log_probs(value, problem):
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def completions(request):
+        body = json.loads(await request.body())
+        spoil = float(value) if isinstance(value, str) else value
+        return Response(json.dumps(openai_answer(body["prompt"], spoil)), media_type="application/json")
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    with ThreadedUvicorn(app) as running:
+        client = TeacherClient(running.url, protocol="openai", model="m", max_retries=0)
+        with pytest.raises(TeacherServerError, match=f"answered impossible log-probs: sequence 0: .*{problem}"):
+            client.score([[3, 4, 5, 6]], [1], top_k=2)
+        client.close()
+
+
+def test_frozen_server_ends_at_the_deadline_with_one_log_line_per_retry(caplog):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)  # accepts connections (the kernel does), never answers
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    client = TeacherClient(url, timeout=0.3, max_retries=50, backoff=0.05, deadline=1.0)
+    with caplog.at_level("WARNING", logger="protege"), pytest.raises(TeacherServerError) as error:
+        client.score([[3, 4, 5]], [1])
+    client.close()
+    sock.close()
+    message = str(error.value)
+    attempts = int(message.split("failed after ")[1].split(" attempt")[0])
+    assert 2 <= attempts < 50  # the deadline, not the retry count, ended it
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == attempts - 1
+    assert retries[0] == f"teacher server at {url}{ROUTE}: no answer within the 0.3 s timeout; retry 1/50 in 0.05 s"
+
+
+def test_trainer_client_splits_batches_to_the_servers_request_limit(tiny_paths, tmp_path):
+    from tiny import config
+    from transformers import AutoTokenizer
+
+    from protege.server.backends import TransformersBackend
+    from protege.teacher.remote import connect_teacher
+
+    teacher = TransformersBackend(tiny_paths["teacher"], device="cpu")
+    limits = ServerLimits(max_model_len=64, max_batch_tokens=64)  # 64 tokens a request
+    with ThreadedUvicorn(create_app(teacher, limits), limits) as running:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_paths["student"])
+        args = config(tmp_path, use_teacher_server=True, teacher_model_server_url=running.url, loss_top_k=1)
+        client = connect_teacher(args, tokenizer)
+        assert client.max_tokens_per_request == 64
+        rng = np.random.default_rng(0)
+        sequences = [rng.integers(0, teacher.vocab_size, 40).tolist() for _ in range(5)]
+        batch = client.score(sequences, [1] * 5)
+        client.close()
+        info = httpx.get(f"{running.url}/info/").json()
+    assert batch.completion_lengths.tolist() == [39] * 5
+    assert (info["requests"], info["refused"]) == (5, 0)
