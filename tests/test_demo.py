@@ -61,7 +61,7 @@ def test_scoring_is_exact_match_of_the_final_answer():
     # One early slip (a dropped carry) is copied forward into the answer.
     derailed = EXAMPLE_CHAIN.replace("8+5+1=14", "8+5+0=13").replace("4+3+1=08", "4+3+1=08").replace("841", "831")
     assert task.score(derailed, EXAMPLE) == 0.0
-    assert task.first_wrong_line(derailed, EXAMPLE) == 4
+    assert task.first_wrong_line(derailed, EXAMPLE) == 5  # lines count from 1
     assert task.first_wrong_line(EXAMPLE_CHAIN, EXAMPLE) is None
     # The answer must be the last line, whole, and a number.
     assert task.score(EXAMPLE_CHAIN + "\n0+0+0=00", EXAMPLE) == 0.0
@@ -70,7 +70,7 @@ def test_scoring_is_exact_match_of_the_final_answer():
     assert task.parse_answer("answer: x") is None
     # Only the final answer is scored: a wrong step with the right answer still counts.
     sloppy = EXAMPLE_CHAIN.replace("0+2+0=02", "0+3+0=02")
-    assert task.score(sloppy, EXAMPLE) == 1.0 and task.first_wrong_line(sloppy, EXAMPLE) == 0
+    assert task.score(sloppy, EXAMPLE) == 1.0 and task.first_wrong_line(sloppy, EXAMPLE) == 1
 
 
 def test_held_out_problems_are_fixed_and_never_trained_on():
@@ -126,6 +126,71 @@ def tiny_settings(**overrides):
         kl_problems=4,
     )
     return Settings(**{**values, **overrides})
+
+
+def outcome(results: dict) -> dict:
+    """What a run's seed decides: results.json without the wall-clock times and the cache flags."""
+    kept = json.loads(json.dumps(results))
+    for key in ("timings_s", "distillation_step_seconds"):
+        kept.pop(key)
+    for model in kept["models"].values():
+        model.pop("train_seconds", None), model.pop("cached", None)
+    return kept
+
+
+def test_same_seed_same_numbers_with_or_without_the_cache(tmp_path):
+    """Two runs of a seed, each training its own models, give the same numbers to the last bit, and so does a third
+    that loads them from the cache: the teacher, the warm-up, the distillation's sampling and batches, the scores."""
+    from protege.demo.pipeline import run_demo
+
+    tiny = tiny_settings(distill_steps=4, eval_every=2)
+    first = outcome(run_demo(str(tmp_path / "a"), settings=tiny))
+    assert first == outcome(run_demo(str(tmp_path / "b"), settings=tiny))
+    assert first == outcome(run_demo(str(tmp_path / "a"), settings=tiny))
+    assert first["distillation_loss"] and first["kl_teacher_student_after"] != first["kl_teacher_student_before"]
+    other = outcome(run_demo(str(tmp_path / "c"), seed=1, settings=tiny))
+    assert other["kl_teacher_student_after"] != first["kl_teacher_student_after"]
+
+
+def test_progress_bars_fit_80_columns():
+    """Every bar's count and time stay whole at 80 columns (they were cut to `700/… 0:0…`), with the longest
+    descriptions and infos the demo writes."""
+    import io
+
+    from rich.console import Console
+
+    from protege.demo import report
+
+    for width in (80, 100):
+        console = Console(file=io.StringIO(), width=width)
+        with report.progress_bars(console) as progress:
+            progress.add_task("teacher: supervised", total=700, completed=700, info="loss 12.3456  val acc 100%")
+            progress.add_task("student: warm-up", total=600, completed=140, info="cached (student_warmup/)")
+            progress.add_task("scoring before", total=2, completed=2, info="teacher 100.0%, student 100.0%")
+            progress.add_task("student: distillation", total=200, completed=200, info="loss 0.0384  acc 100.0%")
+        lines = console.file.getvalue().splitlines()
+        assert len(lines) == 4 and all(len(line) <= width and "…" not in line for line in lines), lines
+        assert all(any(f"{n}/{n}" in line for n in (700, 2, 200)) or "140/600" in line for line in lines)
+        assert all("0:00:00" in line for line in lines)
+
+
+def test_the_console_and_results_json_number_lines_alike(tmp_path):
+    """The example the console shows "went wrong at line N" where results.json says N, both counting from 1."""
+    import io
+
+    from rich.console import Console
+
+    from protege.demo import report
+
+    problem = EXAMPLE
+    wrong = EXAMPLE_CHAIN.replace("3+1+0=04", "3+1+0=05").replace("841842", "841852")
+    assert task.first_wrong_line(wrong, problem) == 2
+    results = {
+        "examples": [{"prompt": "482130+359712", "before": wrong, "after": EXAMPLE_CHAIN, "first_wrong_line_before": 2}]
+    }
+    console = Console(file=io.StringIO(), width=100)
+    report.print_examples(console, results)
+    assert "went wrong at line 2 " in console.file.getvalue()
 
 
 def test_cached_models_are_reused(tmp_path):
@@ -199,6 +264,21 @@ def test_quick_demo_writes_its_results(quick_run):
     curve = results["accuracy_curve"]
     assert curve[0] == {"step": 0, "accuracy": results["student_accuracy_before"]}
     assert curve[-1] == {"step": results["settings"]["distill_steps"], "accuracy": results["student_accuracy_after"]}
+
+
+@pytest.mark.slow
+def test_quick_demo_repeats_in_another_process(quick_run, tmp_path):
+    """`protege demo --quick` again, in a fresh process and folder (nothing cached): the same numbers, exactly."""
+    import subprocess
+    import sys
+
+    _, results = quick_run
+    command = [sys.executable, "-m", "protege", "demo", "--quick", "--seed", "0", "--output-dir", str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert not again["models"]["teacher"]["cached"] and not again["models"]["student"]["cached"]
+    assert outcome(again) == outcome(results)
 
 
 @pytest.mark.slow

@@ -21,13 +21,15 @@ token lies. The full-vocabulary loss selects nothing, so there every entry is on
 entries are tied. The "masked_vocab" inputs have -inf at the same vocabulary positions in student and teacher, and for
 0 < beta < 1 also one -inf only in the student and one only in the teacher.
 
-Tolerances: the implementation computes in float32, the reference in float64. Values and gradients
+Tolerances: the implementation computes float32 (and bf16) inputs in float32, the reference in float64. Values and
+gradients
 (vector-Jacobian products with a random cotangent) must satisfy |got - want| <= atol * max(1, max|want|) + rtol *
 |want| element-wise, with rtol = 1e-5 and atol = 2e-6 for losses on logits (the worst error seen is 0.98e-6 of the
 tensor's scale, at temperature 0.5 where log-probs reach -30), and atol = 2e-5 for the chunked path, whose logits come
 from a float32 matmul and whose weight gradients sum tokens x hidden (worst seen 0.68e-5). Identities that hold
 operation for operation in the implementation (beta = 0 vs swapped beta = 1, bf16 vs its exact float32 upcast, fully
-masked batches, top_k >= V) are checked with exact equality.
+masked batches, top_k >= V) are checked with exact equality. float64 inputs are computed in float64 and must match the
+reference to 1e-12 of the tensor's scale.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ TEMPERATURES = [0.5, 1.0, 2.0]
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
 TOPK_VARIANTS = [(0, True), (1, True), (1, False), (5, True), (5, False)]  # (top_k, add_tail)
 SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
+TAIL_FLOOR = -math.expm1(-1e-7)  # smallest tail mass: the support's log-mass is capped at -1e-7 (TRL's floor)
+FLOAT64_TOL = 1e-12  # float64 implementation vs float64 reference: round-off only
 
 
 def seed_of(*params) -> int:
@@ -110,12 +114,12 @@ def ref_divergence_terms(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) 
 
 def ref_sparse_terms(log_s, log_t, ids, valid, beta, add_tail):
     """Divergence over support slots `ids` (rows, S) of full-vocabulary log-distributions (rows, V); invalid slots
-    carry no probability; then a tail bucket 1 - sum p (floored at 1e-7) or renormalisation by sum p."""
+    carry no probability; then a tail bucket 1 - sum p (floored at TAIL_FLOOR) or renormalisation by sum p."""
     keep = valid.to(F64)
     p_s, p_t = torch.exp(log_s.gather(-1, ids)) * keep, torch.exp(log_t.gather(-1, ids)) * keep
     if add_tail:
-        p_s = torch.cat([p_s, (1 - p_s.sum(-1, keepdim=True)).clamp(min=1e-7)], dim=-1)
-        p_t = torch.cat([p_t, (1 - p_t.sum(-1, keepdim=True)).clamp(min=1e-7)], dim=-1)
+        p_s = torch.cat([p_s, (1 - p_s.sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)], dim=-1)
+        p_t = torch.cat([p_t, (1 - p_t.sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)], dim=-1)
     else:
         p_s, p_t = p_s / p_s.sum(-1, keepdim=True), p_t / p_t.sum(-1, keepdim=True)
     return ref_divergence_terms(safe_log(p_s), safe_log(p_t), beta)
@@ -252,11 +256,12 @@ def assert_close_tol(actual, expected, rtol=RTOL, atol=ATOL):
 
 
 def assert_matches_reference(impl, ref, student_logits, *, seed=0, rtol=RTOL, atol=ATOL):
-    """impl(float32 leaf) against ref(float64 leaf): dtype, shape, value, and the gradient of <output, cotangent>."""
+    """impl(leaf in the logits' dtype) against ref(float64 leaf): dtype (float32, or float64 for float64 logits), shape,
+    value, and the gradient of <output, cotangent>."""
     s32 = student_logits.detach().clone().requires_grad_(True)
     s64 = student_logits.detach().to(F64).requires_grad_(True)
     out, expected = impl(s32), ref(s64)
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.promote_types(student_logits.dtype, torch.float32)
     assert out.shape == expected.shape
     assert torch.isfinite(out).all()
     assert_close_tol(out.detach().to(F64), expected.detach(), rtol=rtol, atol=atol)
@@ -896,6 +901,71 @@ def test_bf16_inputs_are_computed_in_float32(beta, top_k):
         assert loss.dtype == torch.float32
         upcast = sparse_top1_loss(s16.float(), labels, ids, top1_logprobs.float(), token_logprobs.float(), beta=beta)
         assert torch.equal(loss, upcast)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_float64_inputs_are_computed_in_float64(beta):
+    """Every loss on logits keeps float64 inputs in float64 (bf16 and fp16 are upcast to float32; float64 is never
+    rounded down), so value and gradient equal the float64 reference to float64 round-off."""
+    student, teacher, labels = make_inputs(63, "masked_vocab", one_sided=0 < beta < 1)
+    s64, t64 = student.to(F64), teacher.to(F64)
+    options = dict(beta=beta, temperature=2.0, reduction="none")
+    cases = {}  # name: (implementation, reference) on float64 student logits
+    for top_k, add_tail in TOPK_VARIANTS:
+        support = topk_support(top_k, beta) if top_k else None
+        cases[f"jsd top_k={top_k} add_tail={add_tail}"] = (
+            lambda s, k=top_k, a=add_tail: generalized_jsd_loss(s, t64, labels, top_k=k, add_tail=a, **options),
+            lambda s, sup=support, a=add_tail: ref_loss(s, t64, labels, support=sup, add_tail=a, **options),
+        )
+    log_t = ref_log_softmax(t64, 2.0)
+    if beta > 0:
+        top1_logprobs, top1_ids = log_t.max(dim=-1)
+        token_logprobs = log_t.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        server = (top1_ids, top1_logprobs, token_logprobs)
+        reference = (lambda s: ref_loss(s, t64, labels, support=top1_support(beta), **options),)
+        cases["sparse_top1"] = (lambda s: sparse_top1_loss(s, labels, *server, **options), *reference)
+        cases["local_sparse_top1"] = (lambda s: local_sparse_top1_loss(s, t64, labels, **options), *reference)
+    else:
+        logprobs, ids = log_t.sort(dim=-1, descending=True, stable=True)
+        ids, logprobs = ids[..., :5], logprobs[..., :5]
+        cases["topk_forward_kl"] = (
+            lambda s: topk_forward_kl_loss(s, labels, ids, logprobs, temperature=2.0, reduction="none"),
+            lambda s: ref_loss(s, t64, labels, support=topk_support(5, 0.0), **options),
+        )
+    for name, (impl, ref) in cases.items():
+        out = assert_matches_reference(impl, ref, s64, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+        assert out.dtype == F64, name
+
+
+@pytest.mark.parametrize(("top_k", "add_tail"), [(0, True), (5, True), (5, False)])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_chunked_float64_is_computed_in_float64(beta, top_k, add_tail):
+    """The chunked path (closed-form gradient at top_k=0, autograd per chunk otherwise) keeps float64 hidden states,
+    LM heads and biases in float64: loss and gradients equal the float64 reference to float64 round-off."""
+    sh, sw, sb, th, tw, tb, labels = make_chunked_inputs(64, one_sided=0 < beta < 1)
+    th, tw, tb = th.to(F64), tw.to(F64), tb.to(F64)
+    support = topk_support(top_k, beta) if top_k else None
+    options = dict(beta=beta, temperature=0.5, add_tail=add_tail)
+    expected, expected_grads = chunked_grads(
+        lambda h, w, b: ref_loss(F.linear(h, w, b), F.linear(th, tw, tb), labels, support=support, **options),
+        sh,
+        sw,
+        sb,
+        F64,
+    )
+    loss, grads = chunked_grads(
+        lambda h, w, b: chunked_jsd_loss(
+            h, w, th, tw, labels, chunk_size=5, top_k=top_k, student_bias=b, teacher_bias=tb, **options
+        ),
+        sh,
+        sw,
+        sb,
+        F64,
+    )
+    assert loss.dtype == F64 and all(g.dtype == F64 for g in grads)
+    assert_close_tol(loss, expected, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert_close_tol(grad, expected_grad, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
 
 
 def test_bf16_chunked_is_float32_and_close_to_float32_inputs():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from .commands import demo, evaluate, serve_student, serve_teacher
@@ -28,8 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_protege_logs() -> None:
+    """protege's own log lines (waiting for a server, retries, warnings) on stderr, once per process."""
+    logger = logging.getLogger("protege")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("protege: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    show_protege_logs()
     if argv[:1] == ["train"]:  # HfArgumentParser owns every flag of `protege train`
         from .commands.train import run
 

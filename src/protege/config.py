@@ -68,6 +68,16 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    # ----- The output folder (a transformers 4 field, which `protege train` reads) -----
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Let `protege train` write into an output_dir that already holds a model or checkpoints; without "
+            "it (or --resume_from_checkpoint) the command refuses, so two runs do not mix there silently. The trainer "
+            "does not read it, like the field of this name that transformers 4 had and transformers 5 removed."
+        },
+    )
+
     # ----- Models -----
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,

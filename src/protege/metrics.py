@@ -23,6 +23,8 @@ class TrainingWindow:
     on_policy_tokens: float = 0.0
     off_policy_loss_sum: float = 0.0
     off_policy_tokens: float = 0.0
+    sampled_log_ratio_sum: float = 0.0  # on-policy slices of logged steps: sum of log p_student - log p_teacher
+    sampled_tokens: float = 0.0
     on_policy_fraction: list[float] = field(default_factory=list)
     generation_seconds: list[float] = field(default_factory=list)
     student_seconds: list[float] = field(default_factory=list)
@@ -43,6 +45,10 @@ class TrainingWindow:
         else:
             self.off_policy_loss_sum += loss_sum
             self.off_policy_tokens += tokens
+
+    def add_sampled_log_ratio(self, ratio_sum: float, tokens: float) -> None:
+        self.sampled_log_ratio_sum += ratio_sum
+        self.sampled_tokens += tokens
 
     def add_completions(self, lengths: torch.Tensor, truncated: torch.Tensor) -> None:
         """Length statistics of one step's on-policy completions (already gathered from every rank)."""
@@ -65,10 +71,20 @@ class TrainingWindow:
         logs = {key: value for key, value in logs.items() if value is not None}
         sums = sum_over_ranks(
             torch.tensor(
-                [self.on_policy_loss_sum, self.on_policy_tokens, self.off_policy_loss_sum, self.off_policy_tokens]
+                [
+                    self.on_policy_loss_sum,
+                    self.on_policy_tokens,
+                    self.off_policy_loss_sum,
+                    self.off_policy_tokens,
+                    self.sampled_log_ratio_sum,
+                    self.sampled_tokens,
+                ],
+                dtype=torch.float64,
             )
         ).tolist()
-        on_sum, on_tokens, off_sum, off_tokens = sums
+        on_sum, on_tokens, off_sum, off_tokens, ratio_sum, sampled_tokens = sums
+        if sampled_tokens > 0:
+            logs["on_policy_reverse_kl_estimate"] = round(ratio_sum / sampled_tokens, 6)
         if on_tokens > 0:
             logs["on_policy_loss"] = round(on_sum / on_tokens, 6)
         if off_tokens > 0:

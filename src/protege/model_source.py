@@ -4,7 +4,7 @@ transformers treats every name that is not an existing folder as a hub id: a mis
 must be in the form ...", and a mistyped name with no network spends about a minute in retries before it blames the
 connection. `check_model_source` decides first, with no retries, using these rules:
 
-* An existing folder is a local model: it must hold `config.json` (or `adapter_config.json`, a PEFT adapter).
+* An existing folder is a local model: it (or its `subfolder`) must hold `config.json` (or `adapter_config.json`).
   An existing file is refused: a model is the folder `save_pretrained` wrote.
 * A name that does not exist is a local path, and so an error that the folder is missing, when it is absolute,
   starts with `~`, `./` or `../` (or is `.` or `..`), holds a backslash, ends with `/`, or has more than one `/`
@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import quote
 
 PROBE_TIMEOUT_S = 3.0  # a hub that answers answers in well under this; a blackholed network fails within it
 MODEL_FILES = ("config.json", "adapter_config.json")
-_FOUND_ON_HUB: set[tuple[Any, ...]] = set()  # (name, revision, endpoint) the hub confirmed: asked once per process
+_FOUND_ON_HUB: set[tuple[Any, ...]] = set()  # (name, revision, file, endpoint) the hub confirmed: asked once
 
 
 class ModelSourceError(ValueError):
@@ -48,21 +49,25 @@ def looks_like_path(name: str) -> bool:
 def check_model_source(name: str, role: str, init_kwargs: dict[str, Any] | None = None) -> None:
     """Raise `ModelSourceError` naming `role` ("student", "teacher") and `name` unless `name` is a model folder, a
     cached hub model, or a hub model the hub confirms. `init_kwargs` are the `from_pretrained` kwargs the model will
-    be loaded with: their `revision`, `cache_dir`, `token`, `local_files_only` and `gguf_file` are honoured."""
+    be loaded with: their `revision`, `subfolder`, `cache_dir`, `token`, `local_files_only` and `gguf_file` are
+    honoured."""
     kwargs = init_kwargs or {}
+    name = os.fspath(name) if isinstance(name, os.PathLike) else name
     if not isinstance(name, str) or not name.strip():
         raise ModelSourceError(f"the {role} model name is empty: give a local folder or a hub id")
+    subfolder = kwargs.get("subfolder") or ""
     if os.path.isdir(name):
-        if kwargs.get("gguf_file") is None and not any(os.path.isfile(os.path.join(name, f)) for f in MODEL_FILES):
+        folder = os.path.join(name, subfolder)
+        if kwargs.get("gguf_file") is None and not any(os.path.isfile(os.path.join(folder, f)) for f in MODEL_FILES):
             raise ModelSourceError(
-                f"the {role} model folder {name} has no config.json: it is not a model saved with save_pretrained"
+                f"the {role} model folder {folder} has no config.json: it is not a model saved with save_pretrained"
             )
         return
     if os.path.exists(name):
         raise ModelSourceError(f"the {role} model {name} is a file; give the folder that holds its config.json")
     if looks_like_path(name):
         raise ModelSourceError(f"the {role} model folder {name} does not exist{_path_hint(name)}")
-    _check_hub_id(name, role, kwargs)
+    _check_hub_id(name, role, kwargs, subfolder)
 
 
 def _path_hint(name: str) -> str:
@@ -73,7 +78,7 @@ def _path_hint(name: str) -> str:
     return ""
 
 
-def _check_hub_id(name: str, role: str, kwargs: dict[str, Any]) -> None:
+def _check_hub_id(name: str, role: str, kwargs: dict[str, Any], subfolder: str) -> None:
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -82,25 +87,25 @@ def _check_hub_id(name: str, role: str, kwargs: dict[str, Any]) -> None:
         validate_repo_id(name)
     except HFValidationError as error:
         raise ModelSourceError(
-            f"the {role} model {name!r} is not a local folder (none exists there) and not a valid hub id: {error}"
+            f"the {role} model {name!r} is neither a local folder nor a valid hub id: {error}"
         ) from None
     revision = kwargs.get("revision")
-    cache_dir = kwargs.get("cache_dir")
-    if any(isinstance(try_to_load_from_cache(name, f, cache_dir, revision), str) for f in MODEL_FILES):
+    files = [f"{subfolder.strip('/')}/{f}" if subfolder else f for f in MODEL_FILES]
+    if any(isinstance(try_to_load_from_cache(name, f, kwargs.get("cache_dir"), revision), str) for f in files):
         return
-    not_local = f"the {role} model {name!r} is not a local folder (none exists there) and not in the hub cache"
+    not_local = f"the {role} model {name!r} is neither a local folder nor in the hub cache"
     if constants.is_offline_mode() or kwargs.get("local_files_only"):
         why = "local_files_only=True" if kwargs.get("local_files_only") else "HF_HUB_OFFLINE is set"
         raise ModelSourceError(f"{not_local}, and {why}, so the hub was not asked")
-    key = (name, revision, constants.ENDPOINT)
+    key = (name, revision, files[0], constants.ENDPOINT)
     if key not in _FOUND_ON_HUB:
-        _ask_hub(name, role, revision, kwargs.get("token"), not_local)
+        _ask_hub(name, role, revision, files[0], kwargs.get("token"), not_local)
         _FOUND_ON_HUB.add(key)
 
 
-def _ask_hub(name: str, role: str, revision: str | None, token: Any, not_local: str) -> None:
+def _ask_hub(name: str, role: str, revision: str | None, filename: str, token: Any, not_local: str) -> None:
     """One HEAD request for the repo's config.json, no retries: the hub's answer decides, or its silence does."""
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import constants, get_hf_file_metadata
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -111,7 +116,8 @@ def _ask_hub(name: str, role: str, revision: str | None, token: Any, not_local: 
 
     timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or PROBE_TIMEOUT_S)
     try:
-        get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision), token=token, timeout=timeout)
+        url = f"{constants.ENDPOINT}/{name}/resolve/{quote(revision or 'main', safe='')}/{filename}"  # hf_hub_url's
+        get_hf_file_metadata(url, token=token, timeout=timeout)
     except GatedRepoError:
         raise ModelSourceError(
             f"the {role} model {name!r} is gated on the hub: accept its conditions at {constants.ENDPOINT}/{name} "

@@ -28,9 +28,10 @@ import torch
 
 from . import models
 from .choices import HIDDEN_FORMAT
-from .chunked import chunked_rows_sum, through_teacher_head
+from .chunked import auto_chunk_size, chunked_rows_sum, through_teacher_head
 from .losses import (
     IGNORE_INDEX,
+    compute_dtype,
     divergence_rows,
     divergence_rows_value_and_grad,
     sparse_top1_rows,
@@ -193,6 +194,26 @@ class Objective:
             self, chunk_size=None, teacher_view="logits" if self.teacher_view == "hidden" else self.teacher_view
         )
 
+    def describe(self) -> str:
+        """What the logged `loss` is, in words: a sparse or top-k loss is not the KL that `protege eval` reports."""
+        divergence = {0.0: "forward KL(teacher || student)", 1.0: "reverse KL(student || teacher)"}.get(
+            float(self.beta), f"generalized JSD (beta={self.beta:g})"
+        )
+        if self.family == "full":
+            support = "over the full vocabulary"
+        elif self.family == "sparse_top1":
+            support = (
+                "on a sparse support: the teacher's top-1 token and the sampled token only (loss_top_k=1), so it is "
+                "far smaller than the full divergence"
+            )
+        else:
+            support = f"over the teacher's top-{self.top_k} tokens" + (" plus the tail's mass" if self.add_tail else "")
+        return (
+            f"'loss' is the {divergence} {support}, at temperature {self.temperature:g}, per completion token; "
+            "'on_policy_reverse_kl_estimate' is the same quantity in every mode (the mean of log p_student - "
+            "log p_teacher over the sampled tokens)"
+        )
+
     @property
     def family(self) -> str:
         if self.fused or self.top_k == 0:
@@ -285,3 +306,52 @@ class Objective:
             labels.reshape(-1),
         )
         return mean * mask.sum().clamp(min=1)
+
+
+# ----- A divergence every mode can log the same way -----
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    scaled = logits.to(compute_dtype(logits)) / temperature
+    return scaled.gather(-1, targets[:, None]).squeeze(-1) - scaled.logsumexp(-1)
+
+
+@torch.no_grad()
+def sampled_log_ratio_sum(
+    student: StudentOutput,
+    teacher: TeacherOutput,
+    labels: torch.Tensor,
+    temperature: float,
+    chunk_tokens: int | None = None,
+) -> float:
+    """The sum over trained tokens x of log p_student(x) - log p_teacher(x), both at `temperature`.
+
+    On the student's own samples its mean is an unbiased estimate of the reverse KL(student || teacher) per token,
+    and needs only the two log-probs of the sampled token, which every teacher view has (a server's log-prob formats
+    send the actual token's), so runs with different objectives, local or remote, log the same quantity. Computed a
+    chunk of tokens at a time, without gradients, so it never holds (tokens x vocabulary) logits.
+    """
+    mask = labels != IGNORE_INDEX
+    targets = labels[mask]
+    student_rows = student.hidden[mask] if isinstance(student, StudentHidden) else student.logits[mask]
+    teacher_rows = teacher.token_logprobs[mask] if isinstance(teacher, TeacherScores) else None
+    if teacher_rows is None:
+        teacher_rows = teacher.hidden[mask] if isinstance(teacher, TeacherHidden) else teacher.logits[mask]
+    vocab_size = student.weight.shape[0] if isinstance(student, StudentHidden) else student.logits.shape[-1]
+    chunk_tokens = chunk_tokens or auto_chunk_size(vocab_size)
+    total = 0.0
+    for start in range(0, targets.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        logits = student_rows[rows]
+        if isinstance(student, StudentHidden):
+            logits = torch.nn.functional.linear(logits, student.weight, student.bias)
+        student_logprobs = _token_logprobs(logits, targets[rows], temperature)
+        if isinstance(teacher, TeacherScores):
+            teacher_logprobs = teacher_rows[rows]
+        else:
+            logits = teacher_rows[rows]
+            if isinstance(teacher, TeacherHidden):
+                logits = torch.nn.functional.linear(logits.to(teacher.weight.dtype), teacher.weight, teacher.bias)
+            teacher_logprobs = _token_logprobs(logits, targets[rows], temperature)
+        total += (student_logprobs.double() - teacher_logprobs.double()).sum().item()
+    return total

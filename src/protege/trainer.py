@@ -31,16 +31,19 @@ from torch.utils.data import Sampler
 from transformers import GenerationConfig, PreTrainedModel, Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import rotate_checkpoints
+from transformers.utils import logging
 
 from . import checkpoints, models
 from .config import DistillationConfig
 from .data import DistillationCollator, Tokenizer, sequence_limit, tokenize_dataset
 from .losses import IGNORE_INDEX, trl_generalized_jsd_loss
 from .metrics import TrainingWindow
-from .objective import Objective, student_output
+from .objective import Objective, sampled_log_ratio_sum, student_output
 from .rollout import draw_on_policy, generate_slices, model_generate, sampling_seed, vllm_generate
 from .teacher.local import LocalTeacher, load_teacher, place_teacher, shared_rows, shared_vocab_size
 from .teacher.remote import RemoteHiddenTeacher, RemoteTeacher, connect_teacher, teacher_head
+
+logger = logging.get_logger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -139,7 +142,9 @@ class DistillationTrainer(Trainer):
             if self.objective.teacher_view == "hidden":
                 try:
                     head, where = teacher_head(args, client)
-                    self.vocab_size = shared_rows(len(processing_class), self.vocab_size, head.vocab_size)
+                    self.vocab_size = shared_rows(
+                        len(processing_class), self.vocab_size, head.vocab_size, client.extra_tokens
+                    )
                     weight, bias = head.for_loss(self.vocab_size, model.device, model.dtype, where)
                 except BaseException:
                     client.close()
@@ -228,6 +233,8 @@ class DistillationTrainer(Trainer):
                 self.model, args, self.eos_token_ids, self.accelerator.process_index, self.accelerator.num_processes
             )
         self._window = TrainingWindow()
+        if self.is_world_process_zero():
+            logger.info(self.objective.describe())
         # TRL's attributes, for callbacks and subclasses that read them: copies of args taken here. The loss and
         # generation read args (through the objective), so setting these later changes nothing, unlike in TRL.
         self.lmbda, self.beta, self.temperature, self.top_p = args.lmbda, args.beta, args.temperature, args.top_p
@@ -416,6 +423,9 @@ class DistillationTrainer(Trainer):
         if "on_policy" in inputs:  # a training slice (evaluation batches carry no flag)
             value = loss_sum.item()
             self._window.add_loss(inputs["on_policy"], value, tokens.item())
+            if inputs["on_policy"] and self._step_will_log():
+                ratio = sampled_log_ratio_sum(student, teacher, labels, self.args.temperature)
+                self._window.add_sampled_log_ratio(ratio, tokens.item())
             if not math.isfinite(value) and self._nonfinite is None:
                 self._nonfinite = (value, bool(inputs["on_policy"]))
             if self.accelerator.sync_gradients:  # the step's last slice
@@ -425,6 +435,16 @@ class DistillationTrainer(Trainer):
         else:  # training: DDP averages gradients over ranks, so undo that mean on top of the global token count
             loss = loss_sum / num_items_in_batch * self.accelerator.num_processes
         return (loss, student) if return_outputs else loss
+
+    def _step_will_log(self) -> bool:
+        """Whether the step being computed ends with a log (transformers' rule for the "steps" strategy), so the
+        sampled-token estimate costs an extra pass over the completion tokens on logged steps only."""
+        args, step = self.args, self.state.global_step + 1
+        if args.logging_strategy == "no":
+            return False
+        if args.logging_strategy != "steps" or (args.logging_first_step and step == 1):
+            return True
+        return step % max(int(self.state.logging_steps or args.logging_steps), 1) == 0
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation is off-policy on the dataset completions: the loss only, no logits gathered."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
@@ -19,12 +21,36 @@ def add_parser(subparsers) -> None:
         "go (default: demo_output). The teacher is cached there and reused.",
     )
     parser.add_argument("--quick", action="store_true", help="A shorter run (under 3 minutes on 2 cores).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the data and the training runs (default: 0).")
+    parser.add_argument(
+        "--seed", type=seed_value, default=0, help="Seed of the data and the training runs (default: 0)."
+    )
     parser.set_defaults(handler=run)
 
 
+def seed_value(text: str) -> int:
+    """An integer seed in [0, 2**32): what numpy's and so transformers' set_seed accept; argparse reports others."""
+    seed = int(text)
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"{seed} is not in [0, 2**32)")
+    return seed
+
+
 def run(args: argparse.Namespace) -> int:
+    from .errors import report
+
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        return report("demo", f"--output-dir {output} is a file, not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return report("demo", f"cannot create --output-dir {output}: {error.strerror or error}")
+    if not os.access(output, os.W_OK):
+        return report("demo", f"cannot write to --output-dir {output}")
     from ..demo.pipeline import run_demo
 
-    run_demo(args.output_dir, quick=args.quick, seed=args.seed)
+    try:
+        run_demo(args.output_dir, quick=args.quick, seed=args.seed)
+    except OSError as error:  # the machine's, not the demo's: a full disk, a folder removed while it ran
+        return report("demo", error)
     return 0

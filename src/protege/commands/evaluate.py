@@ -37,18 +37,23 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..model_source import check_model_source
+    from .errors import report
+
+    try:  # both names before torch, the dataset and the weights load: a wrong one fails at once
+        check_model_source(args.model, "student")
+        check_model_source(args.teacher, "teacher")
+    except ValueError as error:
+        return report("eval", error)
+
     from rich.console import Console
     from rich.table import Table
 
     from ..evaluation import mean_token_kl
-    from ..model_source import check_model_source
     from ..models import load_causal_lm, load_tokenizer
     from .datasets import eval_split, load_any
-    from .errors import report
 
     try:
-        check_model_source(args.model, "student")  # both names before the dataset: a wrong one fails at once
-        check_model_source(args.teacher, "teacher")
         dataset = load_any(args.dataset_name, args.dataset_config)
         split = eval_split(dataset, args.split) or ("train" if "train" in dataset else None)
         if split is None:
@@ -78,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
     if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(results, handle, indent=2)
+        try:
+            with open(args.output, "w") as handle:
+                json.dump(results, handle, indent=2)
+        except OSError as error:
+            return report("eval", f"cannot write --output {args.output}: {error.strerror or error}")
     return 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
+import re
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -64,6 +67,7 @@ class ModelConfig:
     bnb_4bit_quant_storage: str | None = field(default=None, metadata={"help": "Storage dtype of 4-bit weights."})
 
 
+TRAINING_GROUP = "training (transformers TrainingArguments)"
 # --help lists the flags in these groups, in this order: protege's own first, then transformers' TrainingArguments.
 HELP_GROUPS = {
     "distillation": "The objective: which divergence, over which tokens, on whose completions, and the lengths.",
@@ -71,9 +75,8 @@ HELP_GROUPS = {
     "generation": "The student's on-policy completions: sampling, vLLM, and the completions table.",
     "model": "The student, and its LoRA adapter.",
     "dataset": "What to train and evaluate on.",
-    "training (transformers TrainingArguments)": "Optimizer, schedule, batch sizes, precision, logging, saving, hub.",
+    TRAINING_GROUP: "Optimizer, schedule, batch sizes, precision, logging, saving, hub.",
 }
-TRAINING_GROUP = "training (transformers TrainingArguments)"
 TRAINING_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingArguments))
 GENERATION_FIELDS = frozenset(
     {"num_generations", "generation_batch_size", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs"}
@@ -94,7 +97,7 @@ def help_group(dtype: type, name: str) -> str:
         return "dataset"
     if dtype is ModelConfig or name in ("model_init_kwargs", "trust_remote_code"):
         return "model"
-    if name in TRAINING_FIELDS or not issubclass(dtype, DistillationConfig):
+    if name in TRAINING_FIELDS or name == "overwrite_output_dir" or not issubclass(dtype, DistillationConfig):
         return TRAINING_GROUP
     if name.startswith("teacher_") or name == "use_teacher_server":
         return "teacher"
@@ -178,9 +181,18 @@ def did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
+def is_number(text: str) -> bool:
+    """A negative number after an unknown flag is its value, not another flag."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def unknown_arguments(parser: TrainArgumentParser, remaining: list[str]) -> str:
     """One line for what the parser did not take: each unknown flag with the closest real one, or stray values."""
-    flags = [item.split("=", 1)[0] for item in remaining if item.startswith("-")]
+    flags = [item.split("=", 1)[0] for item in remaining if item.startswith("-") and not is_number(item)]
     if not flags:
         return f"unexpected value(s) {' '.join(remaining)}: no flag takes them"
     known = parser.long_flags()
@@ -294,6 +306,42 @@ def check_models(student: str, args: DistillationConfig) -> None:
         check_model_source(args.teacher_model_name_or_path, "teacher", teacher_kwargs)
 
 
+# What an earlier run leaves in its output_dir: checkpoints (published or staged, see `protege.checkpoints`) and the
+# files of a saved model or adapter.
+EARLIER_RUN = re.compile(
+    r"^((tmp-)?checkpoint-\d+|config\.json|adapter_config\.json|trainer_state\.json"
+    r"|(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)|(model|pytorch_model)\.\w+\.index\.json)$"
+)
+
+
+def check_output_dir(args: DistillationConfig) -> None:
+    """Refuse an output_dir holding an earlier run's model or checkpoints, unless the user resumes that run or passes
+    --overwrite_output_dir; then say in one line where outputs go. transformers writes to ./trainer_output when no
+    --output_dir is given and says so only at INFO level, and a second run into the same folder mixes its checkpoints
+    and model with the first's without a word (transformers 5 dropped `overwrite_output_dir`, so nothing stops it)."""
+    folder = os.path.abspath(args.output_dir)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"--output_dir {folder} is a file, not a folder")
+    found = sorted(name for name in os.listdir(folder) if EARLIER_RUN.match(name)) if os.path.isdir(folder) else []
+    resuming = args.resume_from_checkpoint is not None
+    if found and not resuming and not args.overwrite_output_dir:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise UsageError(
+            f"--output_dir {folder} already holds an earlier run ({shown}): pass --resume_from_checkpoint to continue "
+            "it, --overwrite_output_dir to train over it, or another --output_dir"
+        )
+    if args.process_index == 0:
+        if resuming:
+            how = " (resuming the run there)"
+        elif found:
+            how = " (over the earlier run there: --overwrite_output_dir)"
+        elif args.output_dir == "trainer_output":
+            how = " (transformers' default: choose another with --output_dir)"
+        else:
+            how = ""
+        print(f"protege train: checkpoints and the trained model go to {folder}{how}", file=sys.stderr)
+
+
 def run(argv: list[str]) -> int:
     from ..checkpoints import newest_complete
     from ..http_client import ServerError
@@ -306,7 +354,8 @@ def run(argv: list[str]) -> int:
             args.model_init_kwargs = model_kwargs(model_args, model_args.model_revision)
         if args.teacher_model_init_kwargs is None and not args.use_teacher_server:
             args.teacher_model_init_kwargs = model_kwargs(model_args, args.teacher_model_revision)
-        check_models(model_args.model_name_or_path, args)  # before the dataset: a wrong name fails at once
+        check_models(model_args.model_name_or_path, args)  # first: a wrong name fails at once, in one line
+        check_output_dir(args)
         dataset = load_any(script_args.dataset_name, script_args.dataset_config)
         if script_args.dataset_train_split not in dataset:
             raise UsageError(

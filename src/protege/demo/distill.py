@@ -87,7 +87,7 @@ def distill(
     rows = Dataset.from_list([{"messages": messages(p)} for p in train_problems])
     curve = [{"step": 0, "accuracy": start_accuracy}]
     timer = {"eval_seconds": 0.0}
-    bar = progress.add_task("student: on-policy distillation", total=settings.distill_steps, info="")
+    bar = progress.add_task("student: distillation", total=settings.distill_steps, info="")
 
     class Track(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):

@@ -67,17 +67,22 @@ class Trained:
 
 def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Settings | None = None) -> dict:
     """Run the demo (teacher, student warm-up, on-policy distillation, evaluation); return what results.json holds."""
+    import logging
+
     import datasets
-    from rich.console import Console
     from transformers.utils import logging as transformers_logging
 
     settings = settings or Settings.for_run(quick)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    console = Console()
-    # Quiet the libraries' own bars and notices while ours run; put everything back afterwards.
+    console = report.make_console()
+    # Quiet the libraries' bars and notices (protege's trainer's too) while ours run; put everything back afterwards.
+    # One torch thread whatever the machine: the results then depend on the seed, not on the core count.
     threads = torch.get_num_threads()
     verbosity = transformers_logging.get_verbosity()
+    protege_logger = logging.getLogger("protege")
+    protege_level = protege_logger.level
+    protege_logger.setLevel(logging.WARNING)
     bars = transformers_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
     torch.set_num_threads(settings.threads)
     transformers_logging.set_verbosity_error()
@@ -89,6 +94,7 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Sett
         report.draw_plot(console, results, output)
     finally:
         torch.set_num_threads(threads)
+        protege_logger.setLevel(protege_level)
         transformers_logging.set_verbosity(verbosity)
         if bars[0]:
             transformers_logging.enable_progress_bar()
@@ -120,10 +126,8 @@ def prepare(output: Path, settings: Settings, seed: int, progress) -> Prepared:
             role, output / folder, spec, sft, settings, seed, encoder, problems, validation, progress, description
         )
 
-    teacher = trained("teacher", "teacher", settings.teacher, settings.teacher_sft, "teacher: supervised training")
-    student = trained(
-        "student", "student_warmup", settings.student, settings.student_sft, "student: short supervised warm-up"
-    )
+    teacher = trained("teacher", "teacher", settings.teacher, settings.teacher_sft, "teacher: supervised")
+    student = trained("student", "student_warmup", settings.student, settings.student_sft, "student: warm-up")
     return Prepared(
         encoder=encoder,
         eval_problems=eval_problems,
@@ -159,7 +163,7 @@ def trained_model(
     fingerprint = model_fingerprint(role, spec, sft, settings, seed)
     cached = load_cached(folder, fingerprint)
     if cached is not None:
-        progress.add_task(description, total=1, completed=1, info=f"cached in {folder}")
+        progress.add_task(description, total=1, completed=1, info=f"cached ({folder.name}/)")
         info = {key: cached.info.get(key) for key in ("train_seconds", "steps", "validation_accuracy", "final_loss")}
         return Trained(cached.model, {**info, "cached": True}, cached.optimizer_state, time.perf_counter() - started)
     model = spec.build(encoder.tokenizer, seed=seed + (1 if role == "teacher" else 2))
@@ -195,11 +199,11 @@ def _run(output: Path, quick: bool, seed: int, settings: Settings, console) -> d
         f"[bold]protege demo[/bold]: {settings.digits}-digit addition worked column by column "
         f"({'quick' if quick else 'full'} run, seed {seed}, output in {output})"
     )
-    with report.progress_bars() as progress:
+    with report.progress_bars(console) as progress:
         prepared = prepare(output, settings, seed, progress)
         encoder, eval_problems, kl_problems = prepared.encoder, prepared.eval_problems, prepared.kl_problems
         teacher, timings = prepared.teacher, prepared.timings
-        evaluation = progress.add_task("evaluating teacher and student", total=2, info="")
+        evaluation = progress.add_task("scoring before", total=2, info="")
         clock = time.perf_counter()
         teacher_accuracy = generate(teacher, encoder, eval_problems).accuracy
         progress.update(evaluation, advance=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import asdict
 from pathlib import Path
@@ -23,16 +24,34 @@ PLOT_FILE = "accuracy.png"
 HELD_OUT_FILE = "held_out.jsonl"  # the held-out set as a chat dataset, for `protege eval --task demo`
 
 
-def progress_bars():
-    """One bar per stage, with a free-text `info` field for the latest loss or accuracy."""
+def make_console():
+    """The demo's console: a terminal's own width, else 100 columns. Rich takes 80 when the output goes to a file or a
+    pipe, which cut the progress bars' counts and times (`700/… 0:0…`). COLUMNS, when set, still wins."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal and not console.is_jupyter and "COLUMNS" not in os.environ:
+        console = Console(width=100)
+    return console
+
+
+def progress_bars(console):
+    """One bar per stage, with a free-text `info` field for the latest loss or accuracy.
+
+    The bar takes the width the other columns leave (up to 40), so the counts and times stay whole down to about 60
+    columns; on a narrower console the description and the info are cut, never the numbers. Descriptions are kept to
+    21 characters and infos to 30 so that everything fits in 80.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Column
 
     return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+        BarColumn(bar_width=None, table_column=Column(ratio=1, max_width=40)),
+        MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=7)),
+        TimeElapsedColumn(table_column=Column(no_wrap=True, min_width=7)),
+        TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", min_width=4)),
+        console=console,
     )
 
 
@@ -150,6 +169,25 @@ def draw_plot(console, results: dict[str, Any], output: Path) -> None:
     figure.savefig(output / PLOT_FILE)
 
 
+def print_examples(console, results: dict[str, Any]) -> None:
+    """The first problem distillation fixed, before and after; its line number counts as results.json does."""
+    from rich.table import Table
+
+    if not results["examples"]:
+        return
+    example = results["examples"][0]
+    line = example["first_wrong_line_before"]
+    console.print(
+        f"\nheld-out problem {example['prompt']}: before distillation the student went wrong at line {line} "
+        "(lines count from 1, the ones column, as in results.json)"
+    )
+    table = Table(show_header=True, box=None, padding=(0, 4))
+    table.add_column("before", style="red")
+    table.add_column("after", style="green")
+    table.add_row(example["before"], example["after"])
+    console.print(table)
+
+
 def print_table(console, results: dict[str, Any], output: Path) -> None:
     """Accuracy and KLs before and after, the models' sizes, where the time went, one fixed example, and how to score
     the models again."""
@@ -188,17 +226,7 @@ def print_table(console, results: dict[str, Any], output: Path) -> None:
         + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in results["timings_s"].items())
         + (f" ({' and '.join(cached)} from the cache)" if cached else "")
     )
-    if results["examples"]:
-        example = results["examples"][0]
-        line = example["first_wrong_line_before"]
-        console.print(
-            f"\nheld-out problem {example['prompt']}: before distillation the student went wrong at line {line + 1}"
-        )
-        table = Table(show_header=True, box=None, padding=(0, 4))
-        table.add_column("before", style="red")
-        table.add_column("after", style="green")
-        table.add_row(example["before"], example["after"])
-        console.print(table)
+    print_examples(console, results)
     console.print(f"\nwrote {output / RESULTS_FILE} and {output / PLOT_FILE}; score any model again with")
     console.print(
         f"  protege eval --model {output / 'student_distilled'} --teacher {output / 'teacher'} "

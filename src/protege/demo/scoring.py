@@ -27,7 +27,7 @@ class Generations:
         return sum(task.score(t, p) for t, p in zip(self.texts, self.problems)) / len(self.problems)
 
     def first_wrong_lines(self) -> dict[str, int]:
-        """How many wrong answers first left the reference chain at each line (0 is the ones column)."""
+        """How many wrong answers first left the reference chain at each line (numbered from 1, the ones column)."""
         counts: dict[str, int] = {}
         for text, problem in zip(self.texts, self.problems):
             if not task.score(text, problem):

@@ -126,11 +126,12 @@ def score(completion: str, problem: Problem) -> float:
 
 
 def first_wrong_line(completion: str, problem: Problem) -> int | None:
-    """Index of the first line of the completion that differs from the reference chain; None if all match."""
+    """Number of the first line of the completion that differs from the reference chain, counting from 1 (line 1 is
+    the ones column, line 7 the answer); None if all match. One convention for results.json and the console."""
     got, want = completion.strip().splitlines(), worked_solution(problem).splitlines()
     for index in range(max(len(got), len(want))):
         if index >= len(got) or index >= len(want) or got[index].strip() != want[index]:
-            return index
+            return index + 1
     return None
 
 

@@ -358,6 +358,18 @@ def create_app(
             "queued_tokens": queue.tokens,
         }
 
+    vocabulary_body: list[bytes] = []  # /vocabulary/'s JSON, encoded once
+
+    @app.get("/vocabulary/")
+    async def vocabulary() -> Response:
+        """The teacher tokenizer's token-to-id map, so that a client whose tokenizer it extends can check that every
+        student token has the same id here (/info/'s fingerprint only says whether the two maps are equal)."""
+        if getattr(backend, "vocabulary", None) is None:
+            raise HTTPException(status_code=404, detail="this teacher has no tokenizer")
+        if not vocabulary_body:
+            vocabulary_body.append(json.dumps(backend.vocabulary).encode())  # ASCII: any token survives
+        return Response(vocabulary_body[0], media_type="application/json")
+
     @app.get("/lm_head/meta/")
     async def lm_head_meta() -> dict:
         """The head's vocabulary and hidden size, dtype, logit transform, and the SHA-256 of /lm_head/'s bytes."""

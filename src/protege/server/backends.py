@@ -73,6 +73,7 @@ class TransformersBackend:
             tokenizer = None
         tokenizer_size = 0 if tokenizer is None else len(tokenizer)
         self.tokenizer_sha256 = None if tokenizer is None else vocabulary_sha256(tokenizer)
+        self.vocabulary = None if tokenizer is None else tokenizer.get_vocab()  # served on /vocabulary/
         rows = self.model.get_output_embeddings().weight.shape[0]
         # Ids past the tokenizer in a padded output layer are never real tokens; accept only real ones.
         self.vocab_size = tokenizer_size if 1 < tokenizer_size <= rows else rows
@@ -244,6 +245,7 @@ class VLLMBackend:
         self.serves_logprobs, self.serves_hidden = not hidden_states, hidden_states
         self.vocab_size = len(self.llm.get_tokenizer())
         self.tokenizer_sha256 = vocabulary_sha256(self.llm.get_tokenizer())
+        self.vocabulary = self.llm.get_tokenizer().get_vocab()
 
     def hidden_states(self, sequences, prompt_lengths):
         outputs = self.llm.encode(

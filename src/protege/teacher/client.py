@@ -52,6 +52,7 @@ class TeacherClient(RetryingClient):
         self.protocol, self.response_format = protocol, response_format
         self.max_tokens_per_request, self.max_concurrency = max_tokens_per_request, max_concurrency
         self.model = model
+        self.extra_tokens = 0  # tokens the teacher's tokenizer adds to the student's (set by `connect_teacher`)
         self._warned: set[str] = set()
 
     def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5, path: str | None = None) -> None:
@@ -62,6 +63,11 @@ class TeacherClient(RetryingClient):
         """What a protege server reports on /info/ (vocabulary size and fingerprint, formats); {} where the server
         has no such endpoint."""
         return (self._get_json("/info/") or {}) if self.protocol == "protege" else {}
+
+    def vocabulary(self) -> dict[str, int] | None:
+        """The teacher tokenizer's token-to-id map from a protege server's /vocabulary/, or None where it is not
+        served (another protocol, an older server, a teacher without a tokenizer)."""
+        return self._get_json("/vocabulary/") if self.protocol == "protege" else None
 
     def vocab_size(self) -> int | None:
         """The vocabulary size a protege server reports on /info/, or None where the server has no such endpoint."""

@@ -16,15 +16,17 @@ import os
 import numpy as np
 import torch
 
-from ..choices import API_KEY_VARIABLE
+from ..choices import API_KEY_VARIABLE, HIDDEN_FORMAT
 from ..losses import IGNORE_INDEX
 from ..objective import TeacherHidden, TeacherScores
 from .client import TeacherClient
 from .head import LMHead, head_from_checkpoint, vocabulary_sha256
+from .vocabulary import ACCEPTED, TokenizerMismatchError, announce_extra_tokens, teacher_extra_tokens
 
 
 def connect_teacher(args, tokenizer) -> TeacherClient:
-    """A client for `args.teacher_model_server_url`, once the server answers and serves the student's vocabulary."""
+    """A client for `args.teacher_model_server_url`, once the server answers and serves the student's vocabulary or
+    one that extends it (`client.extra_tokens`)."""
     url = args.teacher_model_server_url
     client = TeacherClient(
         url,
@@ -41,18 +43,7 @@ def connect_teacher(args, tokenizer) -> TeacherClient:
         info = client.info()
         if info.get("max_request_tokens"):  # the server refuses larger requests: split batches to fit
             client.max_tokens_per_request = min(client.max_tokens_per_request, int(info["max_request_tokens"]))
-        served = info.get("vocab_size")
-        if served is not None and served != len(tokenizer):
-            raise ValueError(
-                f"the teacher server at {url} serves a vocabulary of {served} "
-                f"tokens but the student's tokenizer has {len(tokenizer)}; they must share a tokenizer"
-            )
-        fingerprint = info.get("tokenizer_sha256")
-        if fingerprint is not None and fingerprint != vocabulary_sha256(tokenizer):
-            raise ValueError(
-                f"the teacher server at {url} has a tokenizer of the same size as the student's but other token ids "
-                "(its vocabulary's SHA-256 differs); they must share a tokenizer"
-            )
+        client.extra_tokens = _served_extra_tokens(client, info, args, tokenizer)
         formats = info.get("formats")
         if formats is not None and args.teacher_server_response_format not in formats:
             raise ValueError(
@@ -64,6 +55,42 @@ def connect_teacher(args, tokenizer) -> TeacherClient:
         client.close()
         raise
     return client
+
+
+def _served_extra_tokens(client: TeacherClient, info: dict, args, tokenizer) -> int:
+    """How many tokens the server's tokenizer adds to the student's (0 for the same one), or a named error.
+
+    /info/'s vocabulary size and fingerprint settle the common case, one shared tokenizer. Otherwise the server's
+    token-to-id map (/vocabulary/) is compared as a local teacher's is. An extending teacher is accepted with the
+    hidden format only: the trainer then applies the teacher's LM head itself and keeps the student's rows, while the
+    log-prob formats are normalised by the server over its whole vocabulary, the extra tokens included.
+    """
+    served, fingerprint = info.get("vocab_size"), info.get("tokenizer_sha256")
+    if (served is None or served == len(tokenizer)) and (
+        fingerprint is None or fingerprint == vocabulary_sha256(tokenizer)
+    ):
+        return 0
+    where = f"the tokenizer of the teacher server at {client.base_url}"
+    teacher_vocab = client.vocabulary()
+    if teacher_vocab is None:  # a server that does not list its vocabulary: only its size and fingerprint are known
+        if served is None or served == len(tokenizer):
+            how = "the same size, but its token-to-id map's SHA-256 differs"
+        else:
+            how = f"{served} vs {len(tokenizer)} tokens"
+        raise TokenizerMismatchError(
+            f"{where} differs from the student's ({how}), and the server does not list its vocabulary (/vocabulary/), "
+            f"so an extension of the student's cannot be recognised; {ACCEPTED}"
+        )
+    extra = teacher_extra_tokens(tokenizer.get_vocab(), teacher_vocab, where)
+    if extra and args.teacher_server_response_format != HIDDEN_FORMAT:
+        raise TokenizerMismatchError(
+            f"{where} extends the student's by {len(extra)} tokens; with teacher_server_response_format="
+            f"{args.teacher_server_response_format!r} the server normalises its log-probs over its whole vocabulary, "
+            "those tokens included, so use teacher_server_response_format='hidden' (the trainer then compares the "
+            "teacher on the student's tokens), or a local teacher"
+        )
+    announce_extra_tokens(extra, len(tokenizer), where)
+    return len(extra)
 
 
 def teacher_head(args, client: TeacherClient) -> tuple[LMHead, str]:
