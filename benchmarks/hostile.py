@@ -296,6 +296,9 @@ def main() -> None:
     parser.add_argument("--header-timeout", type=float, default=10.0)
     args = parser.parse_args()
 
+    from protege.server.guard import raise_open_file_limit
+
+    raise_open_file_limit()  # this process holds the --idle connections itself
     folder = Path(tempfile.mkdtemp(prefix="protege-hostile-"))
     model = build_teacher(folder / "teacher")
     port, log = free_port(), folder / "server.log"

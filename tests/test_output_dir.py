@@ -48,6 +48,8 @@ def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsy
     )
     check_output_dir(args_for("--output_dir", str(out), "--resume_from_checkpoint", "true"))
     assert "(resuming the run there)" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="already holds an earlier run"):
+        check_output_dir(args_for("--output_dir", str(out), "--resume_from_checkpoint", "false"))
 
 
 def test_a_new_or_unrelated_folder_is_fine_and_named(tmp_path, capsys, monkeypatch):

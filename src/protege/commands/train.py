@@ -323,7 +323,8 @@ def check_output_dir(args: DistillationConfig) -> None:
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UsageError(f"--output_dir {folder} is a file, not a folder")
     found = sorted(name for name in os.listdir(folder) if EARLIER_RUN.match(name)) if os.path.isdir(folder) else []
-    resuming = args.resume_from_checkpoint is not None
+    resume = args.resume_from_checkpoint
+    resuming = bool(resume) and str(resume).strip().lower() not in ("false", "no", "0")
     if found and not resuming and not args.overwrite_output_dir:
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         raise UsageError(
