@@ -179,26 +179,35 @@ def test_idle_and_slow_connections_are_closed_and_health_answers_meanwhile(backe
             sock.close()
 
 
-def test_connections_past_the_cap_are_closed_at_once(backend):
-    limits = ServerLimits(max_model_len=64, max_connections=5)
-    with ThreadedUvicorn(create_app(backend, limits), limits) as running:
+def test_past_the_connection_cap_the_longest_idle_goes_or_the_new_one_when_all_are_busy(backend):
+    gated = GatedBackend(backend)
+    limits = ServerLimits(max_model_len=64, max_connections=3, batching=False)
+    with ThreadedUvicorn(create_app(gated, limits), limits) as running:
         host, port = running.url.rsplit("/", 1)[-1].split(":")
-        held = [socket.create_connection((host, int(port))) for _ in range(5)]
-        wait_for_health = httpx.get  # a sixth connection: refused while the five are open
+        idle = [socket.create_connection((host, int(port))) for _ in range(3)]
+        wait_for(running.url, "requests", 0)  # an /info/ connection came and went: the idle three are open
+        # a fourth client gets in: the oldest idle connection is closed to make room
+        assert httpx.get(f"{running.url}/health/", timeout=5).json() == {"status": "ok"}
+        idle[0].settimeout(10)
+        assert idle[0].recv(1024) == b""
+        for sock in idle:
+            sock.close()
+
+        body = httpx.Request("POST", "/", json=GOOD).read()
+        busy = [raw_request(running.url, body) for _ in range(3)]  # three requests held by the gated backend
+        deadline = time.monotonic() + 30
+        while sum(not c._waiting_for_headers() for c in list(running.server.server_state.connections)) < 3:
+            assert time.monotonic() < deadline, "the three requests did not all reach the server"
+            time.sleep(0.01)  # (no /info/ poll here: its connection would be a fourth)
         extra = socket.create_connection((host, int(port)))
         extra.settimeout(10)
-        assert extra.recv(1024) == b""
+        assert extra.recv(1024) == b""  # every open connection is busy: the new one is refused
         extra.close()
-        for sock in held:
+        gated.gate.set()
+        for sock in busy:
+            sock.settimeout(30)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
             sock.close()
-        deadline = time.monotonic() + 10
-        while True:  # once the server has seen the five close, it answers again
-            try:
-                assert wait_for_health(f"{running.url}/health/", timeout=5).status_code == 200
-                break
-            except (httpx.TransportError, AssertionError):
-                assert time.monotonic() < deadline, "the server did not serve again after the connections closed"
-                time.sleep(0.05)
 
 
 # ----- Malformed and extreme bodies: always a small 4xx, never a 5xx -----

@@ -76,8 +76,8 @@ def add_parser(subparsers) -> None:
         "--max-connections",
         type=int,
         default=1024,
-        help="Open connections past which new ones are closed at once "
-        "(default: 1024; the open-file limit is raised to its hard limit).",
+        help="Open connections past which each new one closes the connection idle the longest, or itself when all "
+        "are busy (default: 1024; the open-file limit is raised to its hard limit).",
     )
     parser.add_argument(
         "--api-key",

@@ -4,7 +4,8 @@ connection cap, a request-body limit, an API key, and logging that cannot flood.
 uvicorn arms no timer on a fresh connection, and a client that trickles its request headers resets the keep-alive
 timer with every byte, so an idle or slow connection is held forever; 1,100 of them exhausted the file descriptors of
 an earlier server. `GuardedH11Protocol` closes a connection whose request headers do not arrive within
-`header_timeout_s` of connecting (or of its previous answer) and refuses connections past `max_connections`;
+`header_timeout_s` of connecting (or of its previous answer), and past `max_connections` closes the connection idle
+the longest (or, when every one is busy, the new one);
 `RequestGuard` gives a request body `body_timeout_s` between chunks and `max_body_bytes` in all, and checks the API
 key before the route runs.
 """
@@ -31,11 +32,23 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._connected_at = time.monotonic()
         if len(self.connections) > self.max_connections:
-            _log.warning("refused a connection: %d connections are open", self.max_connections)
-            transport.close()
-            return
+            idle = [c for c in self.connections if c is not self and c._waiting_for_headers()]
+            if idle:  # make room: the connection idle the longest goes, so a new client (a health probe) gets in
+                oldest = min(idle, key=lambda c: c._connected_at)
+                oldest.transport.close()
+                _log.warning("%d connections are open: closed the longest idle one", self.max_connections)
+            else:
+                _log.warning("refused a connection: %d connections are open and busy", self.max_connections)
+                transport.close()
+                return
         self._arm_header_deadline()
+
+    def _waiting_for_headers(self) -> bool:
+        """No request in progress: connected (or answered) and waiting for the next request's headers."""
+        cycle = getattr(self, "cycle", None)
+        return (cycle is None or cycle.response_complete) and not self.transport.is_closing()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
