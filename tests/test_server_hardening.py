@@ -9,6 +9,7 @@ processes. Waiting for a server-side event polls /info/ with a deadline; no asse
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -546,3 +547,23 @@ def test_cli_with_an_unreachable_teacher_says_it_waits_then_fails_in_one_line(ti
         f"(ConnectError: [Errno 111] Connection refused)"
     ]
     assert "Traceback" not in result.stderr
+
+
+def test_repeated_log_lines_pass_once_per_interval_with_a_count():
+    from protege.server.guard import RateLimitFilter
+
+    now = [100.0]
+    limiter = RateLimitFilter(interval_s=10.0, clock=lambda: now[0])
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, None)
+
+    first = record("socket.accept() out of system resource")
+    assert limiter.filter(first) and first.getMessage() == "socket.accept() out of system resource"
+    passed = [limiter.filter(record("socket.accept() out of system resource")) for _ in range(1000)]
+    assert not any(passed)
+    assert limiter.filter(record("another message"))  # distinct messages are limited separately
+    now[0] += 10.5
+    after = record("socket.accept() out of system resource")
+    assert limiter.filter(after)
+    assert after.getMessage() == "socket.accept() out of system resource [1000 more like it in the last 10 s]"

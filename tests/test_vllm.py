@@ -420,3 +420,25 @@ def test_student_server_lost_mid_training_then_resumed(vllm_models, tmp_path):
         assert httpx.get(f"{url}/info/").json()["weights_version"] == 5
     finally:
         stop(process)
+
+
+@pytest.mark.parametrize("server", ["protege_vllm_server", "hidden_vllm_server"])
+def test_vllm_servers_answer_hostile_bodies_with_small_4xx(request, server):
+    from test_server_hardening import LITERAL_CASES, LITERAL_EXTRAS
+
+    url = request.getfixturevalue(server)
+    near_valid = [
+        json.dumps({**body, "response_format": response_format}).encode()
+        for body in (
+            {"sequences": [[3, 4, 5]], "prompt_lengths": [1]},
+            {"sequences": [[3, 10**9]], "prompt_lengths": [1]},
+        )
+        for response_format in ("json", "binary", "compact", "hidden", "xml")
+    ]
+    with httpx.Client(timeout=60) as client:
+        for body in [*(case[0] for case in LITERAL_CASES), *LITERAL_EXTRAS, *near_valid]:
+            answer = client.post(f"{url}/get_sequence_logprobs/", content=body)
+            assert answer.status_code < 500, (body[:120], answer.text[:300])
+            if answer.status_code >= 400:
+                assert len(answer.content) < 2048
+            assert client.get(f"{url}/health/").status_code == 200

@@ -163,14 +163,14 @@ class RateLimitFilter(logging.Filter):
     """Let each distinct message through at most once per `interval_s`; the next one that passes says how many were
     dropped (an exhausted file-descriptor table once logged 280,559 identical lines in seconds)."""
 
-    def __init__(self, interval_s: float = 10.0):
+    def __init__(self, interval_s: float = 10.0, clock=time.monotonic):
         super().__init__()
-        self.interval_s = interval_s
+        self.interval_s, self.clock = interval_s, clock
         self.last: dict[tuple[str, object], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, record.msg)
-        now = time.monotonic()
+        now = self.clock()
         last, dropped = self.last.get(key, (-float("inf"), 0))
         if now - last < self.interval_s:
             self.last[key] = (last, dropped + 1)
