@@ -5,13 +5,18 @@ environment's interpreter (``make vllm-env`` creates ``.vllm-env``), so torch an
 
 * ``transformers``: ``use_vllm=False``; the trainer generates a step's completions with ``model.generate``;
 * ``vllm``: ``use_vllm=True, vllm_mode="colocate"``; a ``vllm.LLM`` in the training process generates them, after the
-  trainer pushed the student's changed weights to it (``collective_rpc("reload_weights")``, every step).
+  trainer pushed the student's changed weights to it (``collective_rpc("reload_weights")``, every step);
+* ``vllm-server``: ``use_vllm=True, vllm_mode="server"``; ``protege serve-student`` (started by the parent on
+  127.0.0.1 before the worker, in the same environment) generates them, after the trainer pushed the student's
+  weights to it over HTTP (safetensors bytes in chunks, every step). On one machine the server and the trainer take
+  turns on the same cores; the push is the HTTP mode's own cost.
 
 Either way the trainer makes ONE generation call per optimizer step for all its slices (``get_batch_samples``).
 
     .vllm-env/bin/python benchmarks/generation.py --quick                  # smoke run: tiny models, 16 tokens
     .vllm-env/bin/python benchmarks/generation.py                          # grad accum 4 and 8, 128 tokens
     .vllm-env/bin/python benchmarks/generation.py --grad-accum 8 --modes vllm --steps 5 --json /tmp/g.json
+    .vllm-env/bin/python benchmarks/generation.py --grad-accum 8 --modes transformers vllm vllm-server
 
 The parent uses the standard library only (any Python 3.10+ can run it); the workers run with ``--python`` (default
 ``.vllm-env/bin/python``) and the environment ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (the engine in-process),
@@ -83,7 +88,7 @@ from workers import RunSettings, setting
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-MODES = ("transformers", "vllm")
+MODES = ("transformers", "vllm", "vllm-server")
 SHAPES = {
     "full": Shapes("full", 32_000, qwen2(512, 8, 8, 2, 1536, tied=True), qwen2(512, 4, 8, 2, 1536, tied=True)),
     "quick": Shapes("quick", 2000, qwen2(64, 2, 2, 2, 256, tied=True), qwen2(64, 2, 2, 2, 256, tied=True)),
@@ -111,6 +116,7 @@ class Case(RunSettings):
     teacher: str = setting(help="teacher model folder")
     tokenizer: str = setting(help="tokenizer folder (PreTrainedTokenizerFast)")
     output_dir: str | None = setting(None, "Trainer output_dir (nothing is saved)")
+    server_url: str | None = setting(None, "vllm-server mode: the student server's URL (the parent starts it)")
 
     def __post_init__(self) -> None:
         self.max_length = self.max_length or self.prompt_words + 3 + self.max_completion_length + 16
@@ -159,7 +165,11 @@ def worker(argv: list[str]) -> int:
     def configure(**shared):
         if "activation_checkpointing" not in {f.name for f in dataclasses.fields(DistillationConfig)}:
             shared["gradient_checkpointing"] = shared.pop("activation_checkpointing")  # transformers < 5.2x
-        return DistillationConfig(**{**shared, "use_vllm": case.mode == "vllm", "vllm_mode": "colocate"})
+        if case.mode == "vllm-server":
+            vllm = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": case.server_url}
+        else:
+            vllm = {"use_vllm": case.mode == "vllm", "vllm_mode": "colocate"}
+        return DistillationConfig(**{**shared, **vllm})
 
     started = time.perf_counter()
     trainer, timer, init_warnings = workers.build_trainer(
@@ -338,6 +348,35 @@ def run(argv: list[str], env: dict, folder: Path, timeout: float) -> tuple[worke
     return workers.Finished(argv, process.returncode, text, err.read_text(), workers.read_result(text)), load
 
 
+def start_student_server(args: argparse.Namespace, env: dict, case: Case, folder: Path) -> subprocess.Popen:
+    """`protege serve-student` on the case's student, on 127.0.0.1 and a free port, once it answers /health/; sets
+    `case.server_url`. Its output goes to `folder`/server.err."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [args.python, "-m", "protege", "serve-student", "--model", case.student, "--dtype", "float32"]
+    command += ["--max-model-len", str(case.max_length), "--port", str(port), "--log-level", "warning"]
+    with open(folder / "server.err", "w") as stderr:
+        server = subprocess.Popen(command, env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=stderr)
+    case.server_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{case.server_url}/health/", timeout=2) as answer:
+                if answer.status == 200:
+                    return server
+        except OSError:
+            if server.poll() is not None:
+                break
+            time.sleep(1)
+    server.kill()
+    raise SystemExit(f"the student server did not start: see {folder}/server.err")
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -404,8 +443,14 @@ def main(argv=None) -> int:
                 output_dir=str(case_dir / "trainer"),
             )
             record = {"mode": mode, "grad_accum": grad_accum, "prompts_per_step": args.batch * grad_accum}
+            server = start_student_server(args, env, case, case_dir) if mode == "vllm-server" else None
             began = time.perf_counter()
-            done, load = run(workers.command(args.python, __file__, "worker", case), env, case_dir, args.timeout)
+            try:
+                done, load = run(workers.command(args.python, __file__, "worker", case), env, case_dir, args.timeout)
+            finally:
+                if server is not None:
+                    server.terminate()
+                    server.wait(timeout=60)
             record.update(done.result or {}, process_seconds=time.perf_counter() - began)
             record.update(load_before=load[0], load_after=load[-1], load_mean=sum(load) / len(load), load_samples=load)
             if done.returncode != 0 or done.result is None:

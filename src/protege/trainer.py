@@ -394,23 +394,9 @@ class DistillationTrainer(Trainer):
 
     # ----- Loss -----
 
-    @staticmethod
-    def generalized_jsd_loss(
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        beta: float = 0.5,
-        temperature: float = 1.0,
-        reduction: str = "batchmean",
-        top_k: int = 0,
-        add_tail: bool = True,
-        num_items_in_batch: int | torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """TRL 1.8.0's static loss, with its signature and reductions (`losses.trl_generalized_jsd_loss`), for tests
-        and subclasses written against TRL. compute_loss does not call it: overriding it changes no training loss."""
-        return trl_generalized_jsd_loss(
-            student_logits, teacher_logits, labels, beta, temperature, reduction, top_k, add_tail, num_items_in_batch
-        )
+    # TRL 1.8.0's static loss, with its signature and reductions, for tests and subclasses written against TRL.
+    # compute_loss does not call it: overriding it changes no training loss.
+    generalized_jsd_loss = staticmethod(trl_generalized_jsd_loss)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"][:, int(inputs["prompt_width"]) :]

@@ -23,14 +23,20 @@ class StudentServerClient(RetryingClient):
 
 
 def weight_chunks(weights, max_bytes: int):
-    """Groups of (name, tensor) of at most `max_bytes` each (a larger tensor alone), in state-dict order."""
-    group, size = {}, 0
+    """Groups of (name, tensor) of at most `max_bytes` each (a larger tensor alone), in state-dict order.
+
+    A tensor whose memory an earlier one shares (a tied `lm_head.weight`) is copied: safetensors refuses shared memory,
+    and vLLM needs every name, the tied head included."""
+    group, size, seen = {}, 0, set()
     for name, tensor in weights:
         nbytes = tensor.numel() * tensor.element_size()
         if group and size + nbytes > max_bytes:
             yield group
             group, size = {}, 0
-        group[name] = tensor.detach().cpu().contiguous()
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        group[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
         size += nbytes
     if group:
         yield group

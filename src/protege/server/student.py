@@ -14,7 +14,7 @@ import asyncio
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, StrictInt
 
-from .app import BodyLimit
+from .guard import RequestGuard
 
 
 class GenerateRequest(BaseModel):
@@ -81,7 +81,7 @@ def create_student_app(engine: StudentEngine, max_body_bytes: int = 2**30, max_p
     expected_chunk = {"next": 0}
 
     app = FastAPI(title="protege student generation server")
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestGuard, max_bytes=max_body_bytes)
 
     @app.get("/health/")
     async def health() -> dict:
