@@ -9,8 +9,10 @@ import pytest
 
 from protege.demo import task
 
-# Measured on quick runs (seeds 0, 1, 2): teacher 100% each time; student 29.5% -> 97%, 41.5% -> 100%, 53.5% -> 100%
-# (gains of 46 to 68 points); KL(teacher || student) down 3.6 to 10 times. The thresholds leave wide margins.
+# Measured on quick runs when the demo was written (seeds 0, 1, 2): teacher 100% each time; student 29.5% -> 97%,
+# 41.5% -> 100%, 53.5% -> 100% (gains of 46 to 68 points); KL(teacher || student) down 3.6 to 10 times. Seed 0 on an
+# AVX2 AMD EPYC (2026-11-30): 39.5% -> 98.5%, KL(teacher || student) down 4.8 times. The thresholds leave wide margins:
+# the numbers repeat exactly on one machine but move between machines (README, "Repeatable for a seed").
 TEACHER_MIN = 0.90
 GAIN_MIN = 0.25
 KL_RATIO_MAX = 0.6
@@ -264,21 +266,6 @@ def test_quick_demo_writes_its_results(quick_run):
     curve = results["accuracy_curve"]
     assert curve[0] == {"step": 0, "accuracy": results["student_accuracy_before"]}
     assert curve[-1] == {"step": results["settings"]["distill_steps"], "accuracy": results["student_accuracy_after"]}
-
-
-@pytest.mark.slow
-def test_quick_demo_repeats_in_another_process(quick_run, tmp_path):
-    """`protege demo --quick` again, in a fresh process and folder (nothing cached): the same numbers, exactly."""
-    import subprocess
-    import sys
-
-    _, results = quick_run
-    command = [sys.executable, "-m", "protege", "demo", "--quick", "--seed", "0", "--output-dir", str(tmp_path)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stderr[-3000:]
-    again = json.loads((tmp_path / "results.json").read_text())
-    assert not again["models"]["teacher"]["cached"] and not again["models"]["student"]["cached"]
-    assert outcome(again) == outcome(results)
 
 
 @pytest.mark.slow

@@ -34,37 +34,36 @@ def args_for(*flags: str):
         "trainer_state.json",
     ],
 )
-def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys, leftover):
+def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path, leftover):
     out = tmp_path / "out"
     (out / leftover).parent.mkdir(parents=True, exist_ok=True)
     (out / leftover).mkdir() if leftover.endswith("/") else (out / leftover).write_text("{}")
     message = f"--output_dir {out} already holds an earlier run ({leftover.rstrip('/')})"
     with pytest.raises(UsageError, match=re.escape(message)):
         check_output_dir(args_for("--output_dir", str(out)))
-    check_output_dir(args_for("--output_dir", str(out), "--overwrite_output_dir"))
-    assert capsys.readouterr().err == (
+    assert check_output_dir(args_for("--output_dir", str(out), "--overwrite_output_dir")) == (
         f"protege train: checkpoints and the trained model go to {out} (over the earlier run there: "
-        "--overwrite_output_dir)\n"
+        "--overwrite_output_dir)"
     )
-    check_output_dir(args_for("--output_dir", str(out), "--resume_from_checkpoint", "true"))
-    assert "(resuming the run there)" in capsys.readouterr().err
+    notice = check_output_dir(args_for("--output_dir", str(out), "--resume_from_checkpoint", "true"))
+    assert notice.endswith("(resuming the run there)")
     with pytest.raises(UsageError, match="already holds an earlier run"):
         check_output_dir(args_for("--output_dir", str(out), "--resume_from_checkpoint", "false"))
 
 
-def test_a_new_or_unrelated_folder_is_fine_and_named(tmp_path, capsys, monkeypatch):
-    check_output_dir(args_for("--output_dir", str(tmp_path / "new")))
-    assert capsys.readouterr().err == f"protege train: checkpoints and the trained model go to {tmp_path / 'new'}\n"
+def test_a_new_or_unrelated_folder_is_fine_and_named(tmp_path, monkeypatch):
+    notice = check_output_dir(args_for("--output_dir", str(tmp_path / "new")))
+    assert notice == f"protege train: checkpoints and the trained model go to {tmp_path / 'new'}"
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "runs").mkdir()  # tensorboard logs are not a model
-    check_output_dir(args_for("--output_dir", str(tmp_path), "--overwrite_output_dir", "false"))
-    assert capsys.readouterr().err.count("\n") == 1
+    assert check_output_dir(args_for("--output_dir", str(tmp_path), "--overwrite_output_dir", "false")).endswith(
+        str(tmp_path)
+    )
     # Without --output_dir, transformers picks ./trainer_output: the line says so, with the absolute path.
     monkeypatch.chdir(tmp_path)
-    check_output_dir(args_for())
-    assert capsys.readouterr().err == (
+    assert check_output_dir(args_for()) == (
         f"protege train: checkpoints and the trained model go to {tmp_path / 'trainer_output'} "
-        "(transformers' default: choose another with --output_dir)\n"
+        "(transformers' default: choose another with --output_dir)"
     )
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="is a file, not a folder"):

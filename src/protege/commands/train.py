@@ -287,9 +287,13 @@ def model_kwargs(model_args: ModelConfig, revision: str | None) -> dict:
 
 
 def resume_value(flag: str | None) -> str | bool | None:
-    """--resume_from_checkpoint: a folder, or true/yes/1 for the newest complete checkpoint in output_dir."""
-    if flag is not None and flag.strip().lower() in ("true", "yes", "1"):
+    """--resume_from_checkpoint: a folder, true/yes/1 for the newest complete checkpoint in output_dir, or false/no/0
+    for none."""
+    word = (flag or "").strip().lower()
+    if word in ("true", "yes", "1"):
         return True
+    if word in ("false", "no", "0", ""):
+        return None
     return flag
 
 
@@ -314,33 +318,32 @@ EARLIER_RUN = re.compile(
 )
 
 
-def check_output_dir(args: DistillationConfig) -> None:
+def check_output_dir(args: DistillationConfig) -> str:
     """Refuse an output_dir holding an earlier run's model or checkpoints, unless the user resumes that run or passes
-    --overwrite_output_dir; then say in one line where outputs go. transformers writes to ./trainer_output when no
+    --overwrite_output_dir; else the line that says where outputs go (printed once the trainer is built, so that an
+    error found on the way stays the only line). transformers writes to ./trainer_output when no
     --output_dir is given and says so only at INFO level, and a second run into the same folder mixes its checkpoints
     and model with the first's without a word (transformers 5 dropped `overwrite_output_dir`, so nothing stops it)."""
     folder = os.path.abspath(args.output_dir)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UsageError(f"--output_dir {folder} is a file, not a folder")
     found = sorted(name for name in os.listdir(folder) if EARLIER_RUN.match(name)) if os.path.isdir(folder) else []
-    resume = args.resume_from_checkpoint
-    resuming = bool(resume) and str(resume).strip().lower() not in ("false", "no", "0")
+    resuming = resume_value(args.resume_from_checkpoint) is not None
     if found and not resuming and not args.overwrite_output_dir:
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         raise UsageError(
             f"--output_dir {folder} already holds an earlier run ({shown}): pass --resume_from_checkpoint to continue "
             "it, --overwrite_output_dir to train over it, or another --output_dir"
         )
-    if args.process_index == 0:
-        if resuming:
-            how = " (resuming the run there)"
-        elif found:
-            how = " (over the earlier run there: --overwrite_output_dir)"
-        elif args.output_dir == "trainer_output":
-            how = " (transformers' default: choose another with --output_dir)"
-        else:
-            how = ""
-        print(f"protege train: checkpoints and the trained model go to {folder}{how}", file=sys.stderr)
+    if resuming:
+        how = " (resuming the run there)"
+    elif found:
+        how = " (over the earlier run there: --overwrite_output_dir)"
+    elif args.output_dir == "trainer_output":
+        how = " (transformers' default: choose another with --output_dir)"
+    else:
+        how = ""
+    return f"protege train: checkpoints and the trained model go to {folder}{how}"
 
 
 def run(argv: list[str]) -> int:
@@ -356,7 +359,7 @@ def run(argv: list[str]) -> int:
         if args.teacher_model_init_kwargs is None and not args.use_teacher_server:
             args.teacher_model_init_kwargs = model_kwargs(model_args, args.teacher_model_revision)
         check_models(model_args.model_name_or_path, args)  # first: a wrong name fails at once, in one line
-        check_output_dir(args)
+        output_notice = check_output_dir(args)
         dataset = load_any(script_args.dataset_name, script_args.dataset_config)
         if script_args.dataset_train_split not in dataset:
             raise UsageError(
@@ -377,6 +380,8 @@ def run(argv: list[str]) -> int:
         )
     except (ValueError, OSError, ServerError) as error:
         return report("train", error)
+    if args.process_index == 0:
+        print(output_notice, file=sys.stderr)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except (ServerError, NonFiniteLossError) as error:  # the last checkpoint is intact and resumable

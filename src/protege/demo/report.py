@@ -72,6 +72,8 @@ def results_record(
     timings: dict[str, float],
 ) -> dict[str, Any]:
     """Everything `results.json` holds, in the order it is written."""
+    import transformers
+
     return {
         "mode": mode,
         "seed": seed,
@@ -113,9 +115,14 @@ def results_record(
         "examples": fixed_examples(before.generations, after.generations),
         "settings": asdict(settings),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        # What the numbers depend on besides the seed: a run repeats exactly with the same of all these, while another
+        # torch, transformers or CPU kernel set (AVX2, AVX-512...) rounds differently and moves them.
         "environment": {
             "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "threads": settings.threads,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine(),
             "python": platform.python_version(),
         },
     }
