@@ -84,7 +84,7 @@ def run_method(args: argparse.Namespace) -> dict:
     folder = Path(args.output_dir) / f"seed{args.seed}"
     quiet = Progress(disable=True)
     prepared = pipeline.prepare(folder, settings, args.seed, quiet)
-    saved = gkd_table.prepared_scores(folder, args) or gkd_table.scores(prepared)
+    saved = gkd_table.prepared_scores(folder, args) or gkd_table.scores(prepared, settings, args.seed)
     problems = prepared.training_problems(
         settings, args.seed, settings.distill_steps * settings.distill_batch_size, "distill"
     )
@@ -107,7 +107,7 @@ def run_method(args: argparse.Namespace) -> dict:
         args.seed,
         problems,
         prepared.eval_problems,
-        saved["start_accuracy"],
+        gkd_table.start_point(saved),
         folder / "hidden_vs_top1" / args.method,
         quiet,
     )
@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--task", choices=["addition"], default="addition", help="the demo task (gkd_table.py's)")
     parser.add_argument("--digits", type=int, default=6, help="digits per number: the chain has one line per digit")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per step")

@@ -329,7 +329,7 @@ def post_and_check(url: str, client: httpx.Client, content: bytes) -> None:
     assert health.status_code == 200
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(body=st.one_of(requests.map(lambda d: json.dumps(d).encode()), raw_bodies))  # NaN, Infinity as Python writes
 def test_fuzz_arbitrary_bodies_never_get_a_5xx(fuzz_server, body):
     url, _ = fuzz_server
@@ -337,7 +337,7 @@ def test_fuzz_arbitrary_bodies_never_get_a_5xx(fuzz_server, body):
         post_and_check(url, client, body)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(request=near_valid)
 def test_fuzz_near_valid_requests_never_get_a_5xx(fuzz_server, request):
     url, _ = fuzz_server

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..demo.tasks import TASK_NAMES
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -28,9 +30,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="Rows per forward pass.")
     parser.add_argument(
         "--task",
-        choices=["none", "demo"],
+        choices=["none", "demo", *TASK_NAMES],
         default="none",
-        help="Also measure exact-match accuracy on this task (demo: the embedded arithmetic task).",
+        help="Also measure greedy accuracy on this embedded demo task (`protege demo --task`; demo: addition).",
     )
     parser.add_argument("--output", default=None, help="Write the results as JSON to this file.")
     parser.set_defaults(handler=run)
@@ -69,11 +71,12 @@ def run(args: argparse.Namespace) -> int:
             "rows": len(rows),
             **mean_token_kl(student, teacher, tokenizer, rows, args.max_length, batch_size=args.batch_size),
         }
-        if args.task == "demo":
+        if args.task != "none":
             from ..demo.scoring import accuracy_on_rows
 
-            results["student_accuracy"] = accuracy_on_rows(student, tokenizer, rows)
-            results["teacher_accuracy"] = accuracy_on_rows(teacher, tokenizer, rows)
+            task = "addition" if args.task == "demo" else args.task
+            results["student_accuracy"] = accuracy_on_rows(student, tokenizer, rows, task)
+            results["teacher_accuracy"] = accuracy_on_rows(teacher, tokenizer, rows, task)
     except (ValueError, OSError) as error:
         return report("eval", error)
     table = Table(title=f"{args.model} vs {args.teacher} on {args.dataset_name} [{split}]")

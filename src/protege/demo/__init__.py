@@ -1,10 +1,12 @@
 """`protege demo`: on-policy distillation shown end to end on a laptop CPU, with no network and no GPU.
 
-`task` is the embedded task (6-digit addition worked column by column) and its shipped tokenizer; `pipeline` runs the
-stages in order: train a teacher and warm up a smaller student (`supervised`, cached by `cache`), distil the student
-with `DistillationTrainer` (`distill`), score both (`scoring`), and write and print the results (`report`). `settings`
-holds what shapes a run, `encoder` turns problems into batches. Entry point: `run_demo(output_dir, quick=False,
-seed=0)`, imported lazily so that `import protege.demo` stays light.
+`tasks` is the interface every embedded task meets: `task` (the default, 6-digit addition worked column by column,
+and the shipped tokenizer) and `letters` (write a set's letters once each in any order, checked by a verifier).
+`pipeline` runs the stages in order: train a teacher and warm up a smaller student (`supervised`, cached by `cache`),
+distil the student with `DistillationTrainer` (`distill`), score both (`scoring`), and write and print the results
+(`report`). `settings` holds what shapes a run, `encoder` turns problems into batches. Entry point:
+`run_demo(output_dir, quick=False, seed=0, task="addition")`, imported lazily so that `import protege.demo` stays
+light.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from .settings import ModelSpec, Settings, SFTSpec
+from .tasks import get_task
 
-TASK_VERSION = 2  # bump when the task or its tokenizer changes, so old caches are not reused
 META_FILE = "demo.json"
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -27,9 +27,12 @@ class Cached:
 
 
 def model_fingerprint(role: str, spec: ModelSpec, sft: SFTSpec, settings: Settings, seed: int) -> dict[str, Any]:
+    """Everything the model's training depends on; the task's `version` is bumped when its data or format changes (or
+    the tokenizer's), so that old caches are not reused."""
     return {
         "role": role,
-        "task_version": TASK_VERSION,
+        "task": settings.task,
+        "task_version": get_task(settings.task, settings.digits).version,
         "digits": settings.digits,
         "model": asdict(spec),
         "sft": asdict(sft),

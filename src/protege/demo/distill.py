@@ -1,5 +1,5 @@
 """The distillation run: the warmed-up student trained by protege's `DistillationTrainer` against the teacher, with
-its held-out accuracy measured every few steps."""
+its held-out accuracy (greedy, and sampled when the settings ask) measured every few steps."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 
-from . import task
 from .encoder import Encoder
-from .scoring import generate
+from .scoring import scores
 from .settings import Settings, lr_multiplier
 from .supervised import adamw
 
@@ -22,7 +21,7 @@ class Distilled:
     """The distilled student and what its run recorded."""
 
     student: Any
-    curve: list[dict[str, float]]  # held-out accuracy by step, from the starting accuracy at step 0
+    curve: list[dict[str, float]]  # held-out accuracy (and `sampled` accuracy) by step, from the start at step 0
     losses: list[dict[str, float]]  # the trainer's logged loss by step
     step_seconds: dict[str, float]  # mean seconds per logged step in generation, the teacher and the student
     eval_seconds: float  # spent measuring the curve, so callers can leave it out of the training time
@@ -36,9 +35,9 @@ def distill(
     encoder: Encoder,
     settings: Settings,
     seed: int,
-    train_problems: list[task.Problem],
-    eval_problems: list[task.Problem],
-    start_accuracy: float,
+    train_problems: list[Any],
+    eval_problems: list[Any],
+    start: dict[str, float],
     output: Path,
     progress,
 ) -> Distilled:
@@ -48,6 +47,7 @@ def distill(
     teacher scores each token, so no reference answer is used here (`settings.distill_overrides` may change lmbda
     and beta, as benchmarks/gkd_table.py does). The student's warm-up optimizer carries on (same AdamW state, same
     constant learning rate), so the one thing that changes at step 0 is what the student learns from.
+    `start` is the curve's step 0: `scoring.scores` of the student before, computed by the caller once.
     """
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
@@ -81,11 +81,11 @@ def distill(
         dataloader_num_workers=0,
     )
     args = DistillationConfig(**{**args, **settings.distill_overrides})
-    # On-policy only (lmbda = 1): prompts alone, so no reference answer can leak in. Otherwise the reference chains
+    # On-policy only (lmbda = 1): prompts alone, so no reference answer can leak in. Otherwise the reference answers
     # are the dataset completions that the off-policy slices train on.
-    messages = task.prompt_messages if args.lmbda == 1.0 else task.conversation
+    messages = encoder.task.prompt_messages if args.lmbda == 1.0 else encoder.task.conversation
     rows = Dataset.from_list([{"messages": messages(p)} for p in train_problems])
-    curve = [{"step": 0, "accuracy": start_accuracy}]
+    curve = [{"step": 0, **start}]
     timer = {"eval_seconds": 0.0}
     bar = progress.add_task("student: distillation", total=settings.distill_steps, info="")
 
@@ -98,9 +98,9 @@ def distill(
             progress.update(bar, completed=state.global_step)
             if state.global_step % settings.eval_every == 0 or state.global_step == state.max_steps:
                 started = time.perf_counter()
-                accuracy = generate(model, encoder, eval_problems).accuracy
+                point = scores(model, encoder, eval_problems, settings.sample_eval, seed)
                 timer["eval_seconds"] += time.perf_counter() - started
-                curve.append({"step": state.global_step, "accuracy": accuracy})
+                curve.append({"step": state.global_step, **point})
 
     optimizer = adamw(student, settings.student_sft)
     if optimizer_state is not None:

@@ -1,5 +1,6 @@
 """`protege demo`: on-policy distillation working on a laptop CPU, end to end, in minutes. This file runs the stages in
-order; each stage's work is in its own module.
+order; each stage's work is in its own module, and the task's in its own (`tasks.py`: `addition`, the default,
+described below, or `letters`, whose differences `Settings.letters` gives).
 
 1. A teacher learns the task (`task.py`: 6-digit addition worked column by column) by supervised training on
    reference chains (`supervised.py`), until it gets nearly every held-out problem right. Cached in
@@ -11,9 +12,10 @@ order; each stage's work is in its own module.
    chains from prompts alone, and the teacher grades every token of them. No reference completion is used from here
    on, so the gain comes from the teacher. The warm-up's optimizer carries on at the same constant learning rate, so
    the training signal is the only thing that changes at step 0 (no fresh-optimizer shock, no learning-rate decay).
-4. Student accuracy (greedy decoding, exact match of the final answer on held-out problems) is measured every few
-   steps; the KL divergences between teacher and student are measured before and after, on held-out reference chains
-   and on the student's own chains (`scoring.py`).
+4. Student accuracy (greedy decoding, exact match of the final answer on held-out problems; with
+   `settings.sample_eval`, also one sample per problem at temperature 1) is measured every few steps; the KL
+   divergences between teacher and student are measured before and after, on held-out reference chains and on the
+   student's own chains (`scoring.py`).
 
 Results go to `output_dir/results.json` and `output_dir/accuracy.png`, and a table is printed (`report.py`).
 """
@@ -28,22 +30,25 @@ from typing import Any
 
 import torch
 
-from . import report, task
+from . import report
 from .cache import load_cached, model_fingerprint, save_cached
 from .distill import distill
 from .encoder import Encoder
-from .scoring import generate, snapshot
+from .scoring import generate, scores, snapshot
 from .settings import ModelSpec, Settings, SFTSpec
 from .supervised import supervised_training
+from .task import load_tokenizer
+from .tasks import Task, get_task
 
 
 @dataclass
 class Prepared:
     """The task's problem sets and the two trained models of one seed: where every method of the demo starts."""
 
+    task: Task
     encoder: Encoder
-    eval_problems: list[task.Problem]
-    kl_problems: list[task.Problem]
+    eval_problems: list[Any]
+    kl_problems: list[Any]
     teacher: Any
     teacher_info: dict[str, Any]
     student: Any
@@ -51,8 +56,8 @@ class Prepared:
     optimizer_state: dict[str, Any] | None  # the student warm-up's AdamW, which training continues
     timings: dict[str, float]
 
-    def training_problems(self, settings: Settings, seed: int, count: int, stream: str) -> list[task.Problem]:
-        return task.training_problems(count, seed, exclude=self.eval_problems, digits=settings.digits, stream=stream)
+    def training_problems(self, settings: Settings, seed: int, count: int, stream: str) -> list[Any]:
+        return self.task.training_problems(count, seed, exclude=self.eval_problems, stream=stream)
 
 
 @dataclass
@@ -65,14 +70,17 @@ class Trained:
     seconds: float
 
 
-def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Settings | None = None) -> dict:
-    """Run the demo (teacher, student warm-up, on-policy distillation, evaluation); return what results.json holds."""
+def run_demo(
+    output_dir: str, quick: bool = False, seed: int = 0, settings: Settings | None = None, task: str = "addition"
+) -> dict:
+    """Run the demo (teacher, student warm-up, on-policy distillation, evaluation) on `task`, or on the task of
+    `settings` when given; return what results.json holds."""
     import logging
 
     import datasets
     from transformers.utils import logging as transformers_logging
 
-    settings = settings or Settings.for_run(quick)
+    settings = settings or Settings.for_run(quick, task)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     console = report.make_console()
@@ -109,14 +117,15 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Sett
 def prepare(output: Path, settings: Settings, seed: int, progress) -> Prepared:
     """Train (or load from `output`) the teacher and the warmed-up student of `seed`; write the held-out set."""
     torch.manual_seed(seed)
-    encoder = Encoder(task.load_tokenizer())
-    eval_problems = task.held_out_problems(settings.eval_problems, seed, settings.digits)
+    task = get_task(settings.task, settings.digits)
+    encoder = Encoder(load_tokenizer(), task)
+    eval_problems = task.held_out_problems(settings.eval_problems, seed)
     output.mkdir(parents=True, exist_ok=True)
     with open(output / report.HELD_OUT_FILE, "w") as handle:
         handle.writelines(json.dumps({"messages": task.conversation(p)}) + "\n" for p in eval_problems)
 
-    def train_set(count: int, stream: str) -> list[task.Problem]:
-        return task.training_problems(count, seed, exclude=eval_problems, digits=settings.digits, stream=stream)
+    def train_set(count: int, stream: str) -> list[Any]:
+        return task.training_problems(count, seed, exclude=eval_problems, stream=stream)
 
     validation = train_set(settings.student_sft.validation_problems, "validation")
 
@@ -129,6 +138,7 @@ def prepare(output: Path, settings: Settings, seed: int, progress) -> Prepared:
     teacher = trained("teacher", "teacher", settings.teacher, settings.teacher_sft, "teacher: supervised")
     student = trained("student", "student_warmup", settings.student, settings.student_sft, "student: warm-up")
     return Prepared(
+        task=task,
         encoder=encoder,
         eval_problems=eval_problems,
         kl_problems=eval_problems[: settings.kl_problems],
@@ -149,8 +159,8 @@ def trained_model(
     settings: Settings,
     seed: int,
     encoder: Encoder,
-    problems: list[task.Problem],
-    validation: list[task.Problem],
+    problems: list[Any],
+    validation: list[Any],
     progress,
     description: str,
 ) -> Trained:
@@ -196,7 +206,7 @@ def trained_model(
 def _run(output: Path, quick: bool, seed: int, settings: Settings, console) -> dict:
     """Prepare, score, distil and score again; the results are returned, not yet written."""
     console.print(
-        f"[bold]protege demo[/bold]: {settings.digits}-digit addition worked column by column "
+        f"[bold]protege demo[/bold]: {get_task(settings.task, settings.digits).description} "
         f"({'quick' if quick else 'full'} run, seed {seed}, output in {output})"
     )
     with report.progress_bars(console) as progress:
@@ -205,9 +215,10 @@ def _run(output: Path, quick: bool, seed: int, settings: Settings, console) -> d
         teacher, timings = prepared.teacher, prepared.timings
         evaluation = progress.add_task("scoring before", total=2, info="")
         clock = time.perf_counter()
-        teacher_accuracy = generate(teacher, encoder, eval_problems).accuracy
+        teacher_scores = scores(teacher, encoder, eval_problems, settings.sample_eval, seed)
+        teacher_accuracy = teacher_scores["accuracy"]
         progress.update(evaluation, advance=1)
-        before = snapshot(teacher, prepared.student, encoder, eval_problems, kl_problems)
+        before = snapshot(teacher, prepared.student, encoder, eval_problems, kl_problems, settings.sample_eval, seed)
         progress.update(evaluation, advance=1, info=f"teacher {teacher_accuracy:.1%}, student {before.accuracy:.1%}")
         timings["evaluation"] = time.perf_counter() - clock
 
@@ -224,7 +235,7 @@ def _run(output: Path, quick: bool, seed: int, settings: Settings, console) -> d
             seed,
             distill_problems,
             eval_problems,
-            before.accuracy,
+            start_point(before),
             output,
             progress,
         )
@@ -232,7 +243,7 @@ def _run(output: Path, quick: bool, seed: int, settings: Settings, console) -> d
         timings["evaluation"] += distilled.eval_seconds
 
         clock = time.perf_counter()
-        after = snapshot(teacher, distilled.student, encoder, eval_problems, kl_problems)
+        after = snapshot(teacher, distilled.student, encoder, eval_problems, kl_problems, settings.sample_eval, seed)
         timings["evaluation"] += time.perf_counter() - clock
     distilled.student.save_pretrained(output / "student_distilled")
     encoder.tokenizer.save_pretrained(output / "student_distilled")
@@ -241,10 +252,18 @@ def _run(output: Path, quick: bool, seed: int, settings: Settings, console) -> d
         seed=seed,
         settings=settings,
         prepared=prepared,
-        teacher_accuracy=teacher_accuracy,
+        teacher_scores=teacher_scores,
         before=before,
         after=after,
         distilled=distilled,
         distill_prompts=len(distill_problems),
         timings=timings,
     )
+
+
+def start_point(before) -> dict[str, float]:
+    """The accuracy curve's step 0 from the student's snapshot before distillation."""
+    point = {"accuracy": before.accuracy}
+    if before.sampled_accuracy is not None:
+        point["sampled"] = before.sampled_accuracy
+    return point

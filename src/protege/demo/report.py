@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import task
 from .distill import Distilled
 from .scoring import Generations, Snapshot
 from .settings import Settings
+from .tasks import get_task
 
 if TYPE_CHECKING:
     from .pipeline import Prepared
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy.png"
-HELD_OUT_FILE = "held_out.jsonl"  # the held-out set as a chat dataset, for `protege eval --task demo`
+HELD_OUT_FILE = "held_out.jsonl"  # the held-out set as a chat dataset, for `protege eval --task NAME`
 
 
 def make_console():
@@ -64,21 +64,32 @@ def results_record(
     seed: int,
     settings: Settings,
     prepared: Prepared,
-    teacher_accuracy: float,
+    teacher_scores: dict[str, float],
     before: Snapshot,
     after: Snapshot,
     distilled: Distilled,
     distill_prompts: int,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    """Everything `results.json` holds, in the order it is written."""
+    """Everything `results.json` holds, in the order it is written. The `*_sampled_accuracy` keys (one sample per
+    problem at temperature 1) are there when the settings ask for sampled scores."""
     import transformers
 
+    task = prepared.task
+    sampled = {}
+    if before.sampled_accuracy is not None:
+        sampled = {
+            "teacher_sampled_accuracy": teacher_scores["sampled"],
+            "student_sampled_accuracy_before": before.sampled_accuracy,
+            "student_sampled_accuracy_after": after.sampled_accuracy,
+        }
     return {
         "mode": mode,
         "seed": seed,
         "task": {
-            "description": f"{settings.digits}-digit addition worked column by column, then the answer",
+            "name": task.name,
+            "description": task.description,
+            "metric": task.metric,
             "example": task.conversation(prepared.eval_problems[0]),
             "held_out_problems": len(prepared.eval_problems),
             "kl_problems": len(prepared.kl_problems),
@@ -96,9 +107,10 @@ def results_record(
                 **prepared.student_info,
             },
         },
-        "teacher_accuracy": teacher_accuracy,
+        "teacher_accuracy": teacher_scores["accuracy"],
         "student_accuracy_before": before.accuracy,
         "student_accuracy_after": after.accuracy,
+        **sampled,
         "kl_teacher_student_before": before.kl_reference["teacher_student"],
         "kl_teacher_student_after": after.kl_reference["teacher_student"],
         "kl_student_teacher_before": before.kl_reference["student_teacher"],
@@ -129,7 +141,8 @@ def results_record(
 
 
 def fixed_examples(before: Generations, after: Generations, count: int = 3) -> list[dict[str, Any]]:
-    """Held-out problems the student got wrong before distillation and right after, earliest slip first."""
+    """Held-out problems the student got wrong before distillation and right after (greedy), earliest slip first."""
+    task = before.task
     fixed = [
         {
             "prompt": task.prompt_messages(problem)[0]["content"],
@@ -147,9 +160,14 @@ def write_results(results: dict[str, Any], output: Path) -> None:
     (output / RESULTS_FILE).write_text(json.dumps(results, indent=2))
 
 
+def metric(results: dict[str, Any]) -> str:
+    """What the run's accuracy measures, in the task's words ("exact-match accuracy", "valid answers")."""
+    return results.get("task", {}).get("metric", "exact-match accuracy")
+
+
 def draw_plot(console, results: dict[str, Any], output: Path) -> None:
-    """The student's accuracy curve against the teacher and the warm-up; matplotlib is optional, so only a notice
-    without it."""
+    """The student's accuracy curve (greedy, and sampled at temperature 1 when measured) against the teacher and the
+    warm-up; matplotlib is optional, so only a notice without it."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -159,19 +177,25 @@ def draw_plot(console, results: dict[str, Any], output: Path) -> None:
     figure = Figure(figsize=(7, 4.2), dpi=120)
     FigureCanvasAgg(figure)  # the Agg backend for this figure only; pyplot's global state is left alone
     axes = figure.subplots()
-    steps = [point["step"] for point in results["accuracy_curve"]]
-    accuracy = [100 * point["accuracy"] for point in results["accuracy_curve"]]
-    axes.plot(steps, accuracy, marker="o", color="tab:blue", label="student (on-policy distillation)")
-    axes.axhline(100 * results["teacher_accuracy"], color="tab:green", linestyle="--", label="teacher")
-    axes.axhline(
-        100 * results["student_accuracy_before"], color="tab:gray", linestyle=":", label="student after warm-up"
-    )
+    curve = results["accuracy_curve"]
+    steps = [point["step"] for point in curve]
+    lines = [("accuracy", "", "teacher_accuracy", "student_accuracy_before", "-")]
+    if "sampled" in curve[0]:
+        lines[0] = ("accuracy", ", greedy", "teacher_accuracy", "student_accuracy_before", "-")
+        lines.append(("sampled", ", sampled T=1", "teacher_sampled_accuracy", "student_sampled_accuracy_before", "--"))
+    for key, label, teacher, start, style in lines:
+        values = [100 * point[key] for point in curve]
+        axes.plot(steps, values, style, marker="o", color="tab:blue", label=f"student (on-policy distillation){label}")
+        axes.axhline(100 * results[teacher], color="tab:green", linestyle=style, alpha=0.7, label=f"teacher{label}")
+        axes.axhline(
+            100 * results[start], color="tab:gray", linestyle=style, alpha=0.7, label=f"student after warm-up{label}"
+        )
     axes.set_xlabel("distillation step")
-    axes.set_ylabel("held-out exact-match accuracy (%)")
+    axes.set_ylabel(f"held-out {metric(results)} (%)")
     axes.set_ylim(0, 102)
     axes.set_title(f"protege demo: {results['task']['description']}", fontsize=9)
     axes.grid(alpha=0.3)
-    axes.legend(loc="lower right", fontsize=8)
+    axes.legend(loc="best" if len(lines) > 1 else "lower right", fontsize=7)
     figure.tight_layout()
     figure.savefig(output / PLOT_FILE)
 
@@ -184,9 +208,10 @@ def print_examples(console, results: dict[str, Any]) -> None:
         return
     example = results["examples"][0]
     line = example["first_wrong_line_before"]
+    line_one = get_task(results.get("task", {}).get("name", "addition")).line_one
     console.print(
         f"\nheld-out problem {example['prompt']}: before distillation the student went wrong at line {line} "
-        "(lines count from 1, the ones column, as in results.json)"
+        f"(lines count from 1, {line_one}, as in results.json)"
     )
     table = Table(show_header=True, box=None, padding=(0, 4))
     table.add_column("before", style="red")
@@ -196,8 +221,8 @@ def print_examples(console, results: dict[str, Any]) -> None:
 
 
 def print_table(console, results: dict[str, Any], output: Path) -> None:
-    """Accuracy and KLs before and after, the models' sizes, where the time went, one fixed example, and how to score
-    the models again."""
+    """Accuracy (greedy, and sampled when measured) and KLs before and after, the models' sizes, where the time went,
+    one fixed example, and how to score the models again."""
     from rich.table import Table
 
     models = results["models"]
@@ -206,12 +231,15 @@ def print_table(console, results: dict[str, Any], output: Path) -> None:
     table.add_column("student before", justify="right")
     table.add_column("student after", justify="right")
     table.add_column("teacher", justify="right")
-    table.add_row(
-        "exact-match accuracy",
-        f"{results['student_accuracy_before']:.1%}",
-        f"[bold]{results['student_accuracy_after']:.1%}[/bold]",
-        f"{results['teacher_accuracy']:.1%}",
-    )
+    sampled = "student_sampled_accuracy_before" in results
+    rows = [("", "accuracy")] + ([(", sampled T=1", "sampled_accuracy")] if sampled else [])
+    for suffix, key in rows:
+        table.add_row(
+            metric(results) + (", greedy" if sampled and not suffix else suffix),
+            f"{results[f'student_{key}_before']:.1%}",
+            f"[bold]{results[f'student_{key}_after']:.1%}[/bold]",
+            f"{results[f'teacher_{key}']:.1%}",
+        )
     for key, label in (("teacher_student", "KL(teacher || student)"), ("student_teacher", "KL(student || teacher)")):
         table.add_row(
             f"{label} per token",
@@ -237,6 +265,6 @@ def print_table(console, results: dict[str, Any], output: Path) -> None:
     console.print(f"\nwrote {output / RESULTS_FILE} and {output / PLOT_FILE}; score any model again with")
     console.print(
         f"  protege eval --model {output / 'student_distilled'} --teacher {output / 'teacher'} "
-        f"--dataset_name {output / HELD_OUT_FILE} --task demo",
+        f"--dataset_name {output / HELD_OUT_FILE} --task {results.get('task', {}).get('name', 'demo')}",
         soft_wrap=True,
     )

@@ -4,12 +4,12 @@ benchmark's SFT and sequence-level KD baselines."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..losses import IGNORE_INDEX
-from . import task
 from .encoder import Encoder, next_token_logits
 from .settings import SFTSpec
 
@@ -22,16 +22,16 @@ def adamw(model, spec: SFTSpec) -> torch.optim.AdamW:
 def supervised_training(
     model,
     encoder: Encoder,
-    problems: Sequence[task.Problem],
+    problems: Sequence[Any],
     spec: SFTSpec,
     on_step: Callable[[float], None],
     stop: Callable[[], bool] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    make_batch: Callable[[Sequence[task.Problem]], dict[str, torch.Tensor]] | None = None,
+    make_batch: Callable[[Sequence[Any]], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[list[float], torch.optim.Optimizer]:
     """Cross-entropy on the completion tokens only. Returns the losses and the optimizer.
 
-    The completions are the reference chains unless `make_batch` builds the batch of a list of problems otherwise
+    The completions are the reference completions unless `make_batch` builds the batch of a list of problems otherwise
     (sequence-level KD: the teacher's samples). `optimizer` continues an earlier run's (a fresh AdamW when None).
     `stop`, called every `spec.check_every` steps when `spec.stop_at_accuracy` is set, ends training when it says so.
     """

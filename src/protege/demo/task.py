@@ -31,6 +31,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .tasks import distinct_problems, problems_excluding
+
 ASSETS = Path(__file__).parent / "assets"
 DIGITS = 6
 # Words the tokenizer keeps whole (the chat roles and the answer marker); digits and symbols stay single characters.
@@ -59,23 +61,16 @@ def random_problem(rng: random.Random, digits: int = DIGITS) -> Problem:
 
 def held_out_problems(count: int, seed: int = 0, digits: int = DIGITS) -> list[Problem]:
     """`count` distinct problems for evaluation, the same for a given seed."""
-    rng, problems = random.Random(f"protege-demo-held-out-{seed}"), {}
-    while len(problems) < count:
-        problem = random_problem(rng, digits)
-        problems.setdefault(problem, None)
-    return list(problems)
+    rng = random.Random(f"protege-demo-held-out-{seed}")
+    return distinct_problems(lambda r: random_problem(r, digits), count, rng)
 
 
 def training_problems(
     count: int, seed: int = 0, exclude: Iterable[Problem] = (), digits: int = DIGITS, stream: str = "train"
 ) -> list[Problem]:
     """`count` problems for training, none of them in `exclude` (pass the held-out problems)."""
-    excluded, rng, problems = set(exclude), random.Random(f"protege-demo-{stream}-{seed}"), []
-    while len(problems) < count:
-        problem = random_problem(rng, digits)
-        if problem not in excluded:
-            problems.append(problem)
-    return problems
+    rng = random.Random(f"protege-demo-{stream}-{seed}")
+    return problems_excluding(lambda r: [random_problem(r, digits)], count, rng, exclude)
 
 
 def steps(problem: Problem) -> list[str]:
@@ -133,6 +128,36 @@ def first_wrong_line(completion: str, problem: Problem) -> int | None:
         if index >= len(got) or index >= len(want) or got[index].strip() != want[index]:
             return index + 1
     return None
+
+
+@dataclass(frozen=True)
+class Addition:
+    """This task behind the demo's `Task` interface (`tasks.py`), for `digits`-digit numbers."""
+
+    digits: int = DIGITS
+    name = "addition"
+    version = 2
+    metric = "exact-match accuracy"
+    line_one = "the ones column"
+    prompt_format = "'A+B'"
+
+    @property
+    def description(self) -> str:
+        return f"{self.digits}-digit addition worked column by column, then the answer"
+
+    def held_out_problems(self, count: int, seed: int) -> list[Problem]:
+        return held_out_problems(count, seed, self.digits)
+
+    def training_problems(
+        self, count: int, seed: int, exclude: Iterable[Problem] = (), stream: str = "train"
+    ) -> list[Problem]:
+        return training_problems(count, seed, exclude, self.digits, stream)
+
+    prompt_messages = staticmethod(prompt_messages)
+    conversation = staticmethod(conversation)
+    score = staticmethod(score)
+    first_wrong_line = staticmethod(first_wrong_line)
+    parse_problem = staticmethod(parse_problem)
 
 
 # ----- Tokenizer: byte-level, one token per digit and symbol, shipped in assets/ -----
