@@ -278,9 +278,11 @@ def _supervised(
 
 
 def run_config(args) -> dict:
+    """What a saved result depends on: a saved run or prepare.json is reused only when all of it is equal, the demo
+    settings (models, SFT steps) included."""
     keys = ("task", "digits", "steps", "batch_size", "eval_every", "eval_problems", "schedule", "warmup_steps")
     keys += ("optimizer", "quick")
-    return {key: getattr(args, key) for key in keys}
+    return {**{key: getattr(args, key) for key in keys}, "settings": repr(settings_for(args))}
 
 
 def spawn(args, seed: int, method: str) -> dict:

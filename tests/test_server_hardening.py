@@ -106,8 +106,7 @@ def test_request_of_a_client_that_hung_up_is_never_scored(backend):
         wait_for(running.url, "backend_calls", 1)
         abandoned = {"sequences": [[5, 6, 7, 8, 9, 10]], "prompt_lengths": [2], "top_logprobs": 2}
         sock = raw_request(running.url, httpx.Request("POST", "/", json=abandoned).read())
-        wait_for(running.url, "requests", 2)
-        assert httpx.get(f"{running.url}/info/").json()["queued_tokens"] == 6
+        assert wait_for(running.url, "queued_tokens", 6)["queued_tokens"] == 6  # parsed and queued
         sock.close()  # the client hangs up while its request waits
         info = wait_for(running.url, "cancelled", 1)
         assert info["queued_tokens"] == 0
@@ -129,8 +128,7 @@ def test_full_queue_answers_503_with_retry_after_and_the_client_waits_it(backend
         wait_for(running.url, "backend_calls", 1)  # scoring (gated): the queue is empty again
         queued = threading.Thread(target=httpx.post, args=(url,), kwargs={"json": one, "timeout": 60})
         queued.start()
-        info = wait_for(running.url, "requests", 2)
-        assert info["queued_tokens"] == 7
+        assert wait_for(running.url, "queued_tokens", 7)["queued_tokens"] == 7  # parsed and queued
         refused = httpx.post(url, json={"sequences": [[3, 4]], "prompt_lengths": [1]})
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
@@ -186,7 +184,10 @@ def test_past_the_connection_cap_the_longest_idle_goes_or_the_new_one_when_all_a
     with ThreadedUvicorn(create_app(gated, limits), limits) as running:
         host, port = running.url.rsplit("/", 1)[-1].split(":")
         idle = [socket.create_connection((host, int(port))) for _ in range(3)]
-        wait_for(running.url, "requests", 0)  # an /info/ connection came and went: the idle three are open
+        deadline = time.monotonic() + 30
+        while len(running.server.server_state.connections) < 3:  # the server has taken all three
+            assert time.monotonic() < deadline, "the idle connections did not reach the server"
+            time.sleep(0.01)
         # a fourth client gets in: the oldest idle connection is closed to make room
         assert httpx.get(f"{running.url}/health/", timeout=5).json() == {"status": "ok"}
         idle[0].settimeout(10)
