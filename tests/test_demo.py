@@ -112,8 +112,11 @@ def test_tokenizer_can_be_rebuilt_identically(tmp_path):
 # ----- The pipeline -----
 
 
-def tiny_settings(**overrides):
-    """Demo settings small enough for seconds: the pipeline's plumbing, not its numbers."""
+def tiny_settings(base=None, **overrides):
+    """Demo settings small enough for seconds: the pipeline's plumbing, not its numbers (`base`: another task's
+    settings to shrink; default: addition's)."""
+    from dataclasses import replace
+
     from protege.demo.settings import ModelSpec, Settings, SFTSpec
 
     values = dict(
@@ -127,7 +130,7 @@ def tiny_settings(**overrides):
         eval_problems=8,
         kl_problems=4,
     )
-    return Settings(**{**values, **overrides})
+    return replace(base or Settings(), **{**values, **overrides})
 
 
 def outcome(results: dict) -> dict:

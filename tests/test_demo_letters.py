@@ -12,7 +12,6 @@ import json
 import math
 import sys
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -224,22 +223,13 @@ def test_sampled_scores_are_seeded_and_leave_the_global_generator_alone():
 def test_a_tiny_letters_run_end_to_end(tmp_path, capsys):
     """The demo's pipeline on the letters task, with models and budgets tiny enough for seconds: results.json holds
     greedy and sampled validity at every point, and `protege eval --task letters` reads its held-out file."""
+    from test_demo import tiny_settings
+
     from protege.cli import main
     from protege.demo.pipeline import run_demo
-    from protege.demo.settings import ModelSpec, Settings, SFTSpec
+    from protege.demo.settings import ModelSpec, Settings
 
-    tiny = replace(
-        Settings.for_run(True, "letters"),
-        teacher=ModelSpec(layers=1, hidden=32),
-        student=ModelSpec(layers=1, hidden=16, heads=2),
-        teacher_sft=SFTSpec(steps=4, batch_size=8, learning_rate=1e-3),
-        student_sft=SFTSpec(steps=2, batch_size=8, learning_rate=1e-3),
-        distill_steps=2,
-        distill_batch_size=4,
-        eval_every=1,
-        eval_problems=8,
-        kl_problems=4,
-    )
+    tiny = tiny_settings(Settings.for_run(True, "letters"), student=ModelSpec(layers=1, hidden=16, heads=2))
     results = run_demo(str(tmp_path), settings=tiny)
     assert results["task"]["name"] == "letters" and results["task"]["metric"] == "valid answers"
     assert [sorted(point) for point in results["accuracy_curve"]] == [["accuracy", "sampled", "step"]] * 3
