@@ -387,13 +387,10 @@ def test_max_length_none_refuses_a_row_over_the_models_positions_at_start(tiny_p
 
 
 class InfoOnlyClient:
-    """Stands in for a connected teacher server: it reports /info/ and is closed, nothing more."""
+    """Stands in for a connected teacher server: /info/ as `connect_teacher` keeps it, and closing, nothing more."""
 
     def __init__(self, info: dict):
-        self._info, self.closed = info, False
-
-    def info(self) -> dict:
-        return self._info
+        self.server_info, self.closed = info, False
 
     def close(self) -> None:
         self.closed = True

@@ -68,17 +68,6 @@ class RepeatSampler(Sampler):
         return self.size * self.repeats
 
 
-def _served_max_model_len(client) -> int | None:
-    """The teacher server's max_model_len from /info/ (None where it has no such endpoint), so that rows it would
-    refuse fail at start, naming the row, not at the step that meets them."""
-    try:
-        value = client.info().get("max_model_len")
-    except BaseException:
-        client.close()
-        raise
-    return value if isinstance(value, int) and value > 0 else None
-
-
 def _disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -137,7 +126,8 @@ class DistillationTrainer(Trainer):
                     "also pass teacher_model"
                 )
             client, teacher = connect_teacher(args, processing_class), None
-            server_max_model_len = _served_max_model_len(client)
+            served = client.server_info.get("max_model_len")  # rows it would refuse fail at start, named
+            server_max_model_len = served if isinstance(served, int) and served > 0 else None
             self.vocab_size = models.output_rows(model)
             if self.objective.teacher_view == "hidden":
                 try:

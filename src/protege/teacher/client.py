@@ -54,6 +54,7 @@ class TeacherClient(RetryingClient):
         self.model = model
         self.extra_tokens = 0  # tokens the teacher's tokenizer adds to the student's (set by `connect_teacher`)
         self._warned: set[str] = set()
+        self.server_info: dict = {}  # /info/ as `connect_teacher` read it
 
     def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5, path: str | None = None) -> None:
         path = path or ("/health/" if self.protocol == "protege" else "/health")

@@ -40,7 +40,7 @@ def connect_teacher(args, tokenizer) -> TeacherClient:
     )
     try:
         client.wait_until_ready(args.teacher_server_startup_timeout)
-        info = client.info()
+        info = client.server_info = client.info()  # kept: the trainer reads the server's limits from it
         if info.get("max_request_tokens"):  # the server refuses larger requests: split batches to fit
             client.max_tokens_per_request = min(client.max_tokens_per_request, int(info["max_request_tokens"]))
         client.extra_tokens = _served_extra_tokens(client, info, args, tokenizer)
