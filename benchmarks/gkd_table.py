@@ -1,10 +1,10 @@
 """The GKD paper's comparison of distillation methods, reproduced on protege's demo tasks on a laptop CPU.
 
 Every method starts from the same warmed-up student of a seed (the demo's: on `--task addition`, a short supervised
-warm-up stopped at 30% validation accuracy; on `--task letters`, SFT to the end of its schedule), trains for the same
-number of steps on the same prompts at the same batch size with the same optimizer and learning-rate schedule, and is
-scored on the same held-out problems by the task's verifier: greedy decoding (exact match of the answer on addition),
-and on letters also one sample per problem at temperature 1:
+warm-up stopped at 30% validation accuracy; on `--task letters` and `--task walks`, SFT to the end of its schedule),
+trains for the same number of steps on the same prompts at the same batch size with the same optimizer and
+learning-rate schedule, and is scored on the same held-out problems by the task's verifier: greedy decoding (exact
+match of the answer on addition), and on letters and walks also one sample per problem at temperature 1:
 
 * supervised fine-tuning on the reference chains (ground truth), continued;
 * sequence-level KD: fine-tuning on completions the teacher samples (temperature 1) for the same prompts;
@@ -27,10 +27,12 @@ in fresh subprocesses of this script, `--jobs` at a time, 1 torch thread each.
     python benchmarks/gkd_table.py --quick            # smoke run: 1 seed, 3 methods, tiny budgets
     python benchmarks/gkd_table.py --task letters --seeds 0 1 2 3 4 --prepare-only  # the protocol's gates
     python benchmarks/gkd_table.py --task letters --seeds 0 1 2 3 4  # the protocol's comparison (docs/benchmarks.md)
+    python benchmarks/gkd_table.py --task walks --seeds 0 1 2 3 4    # design 2's, the same way
 
-On letters the summary also says whether the protocol's success criterion holds (`criterion`): the best on-policy
-method's mean gain over the warmed-up student at least 1.5x the best supervised-KD method's, and the difference more
-than twice the larger of the two methods' standard deviations over seeds; sampled validity is the primary metric.
+On letters and walks the summary also says whether the protocol's success criterion holds (`criterion`): the best
+on-policy method's mean gain over the warmed-up student at least 1.5x the best supervised-KD method's, and the
+difference more than twice the larger of the two methods' standard deviations over seeds; sampled validity is the
+primary metric.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ METHODS = {
 }
 QUICK_METHODS = ["sft", "supervised_fkl", "onpolicy_fkl"]
 # Per task: the steps per method and the evaluation interval when --steps and --eval-every are not given.
-BUDGETS = {"addition": (60, 10), "letters": (200, 20)}
+BUDGETS = {"addition": (60, 10), "letters": (200, 20), "walks": (200, 20)}
 
 
 class Metric(NamedTuple):
@@ -516,9 +518,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None, help="default: all")
     parser.add_argument("--digits", type=int, default=6, help="addition: digits per number, one chain line each")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method (60 addition, 200 letters)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per method (60 addition, else 200)")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per step")
-    parser.add_argument("--eval-every", type=int, default=None, help="steps between scores (10 addition, 20 letters)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between scores (10 addition, else 20)")
     parser.add_argument(
         "--schedule",
         default="linear",
@@ -534,8 +536,8 @@ def main(argv=None) -> None:
         help="fresh: a new AdamW per method (default); continue: the warm-up's AdamW state, as the demo does",
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (1 torch thread each)")
-    parser.add_argument("--output-dir", default=None, help="default: runs/gkd_table, runs/gkd_table_letters")
-    parser.add_argument("--plot", default=None, help="default: docs/gkd_table.png, docs/gkd_table_letters.png")
+    parser.add_argument("--output-dir", default=None, help="default: runs/gkd_table, runs/gkd_table_TASK")
+    parser.add_argument("--plot", default=None, help="default: docs/gkd_table.png, docs/gkd_table_TASK.png")
     parser.add_argument("--fresh", action="store_true", help="rerun methods whose results are already saved")
     parser.add_argument("--replot", action="store_true", help="only redraw the table and chart from summary.json")
     parser.add_argument("--quick", action="store_true", help="smoke run: seed 0, 3 methods, 4 steps")
@@ -543,7 +545,7 @@ def main(argv=None) -> None:
         "--prepare-only",
         action="store_true",
         help="train (or load) each seed's teacher and warmed-up student and print their scores, running no method: "
-        "the letters protocol's gates",
+        "the protocol's gates (letters, walks)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)

@@ -220,33 +220,36 @@ def test_sampled_scores_are_seeded_and_leave_the_global_generator_alone():
     assert set(scores(model, encoder, problems, sampled=False, seed=11)) == {"accuracy"}
 
 
-def test_a_tiny_letters_run_end_to_end(tmp_path, capsys):
-    """The demo's pipeline on the letters task, with models and budgets tiny enough for seconds: results.json holds
-    greedy and sampled validity at every point, and `protege eval --task letters` reads its held-out file."""
+@pytest.mark.parametrize("name", ["letters", "walks"])
+def test_a_tiny_verifier_task_run_end_to_end(tmp_path, capsys, name):
+    """The demo's pipeline on a task scored by a verifier, with models and budgets tiny enough for seconds:
+    results.json holds greedy and sampled validity at every point, and `protege eval --task NAME` reads its held-out
+    file."""
     from test_demo import tiny_settings
 
     from protege.cli import main
     from protege.demo.pipeline import run_demo
     from protege.demo.settings import ModelSpec, Settings
 
-    tiny = tiny_settings(Settings.for_run(True, "letters"), student=ModelSpec(layers=1, hidden=16, heads=2))
+    task = get_task(name)
+    tiny = tiny_settings(Settings.for_run(True, name), student=ModelSpec(layers=1, hidden=16, heads=2))
     results = run_demo(str(tmp_path), settings=tiny)
-    assert results["task"]["name"] == "letters" and results["task"]["metric"] == "valid answers"
+    assert results["task"]["name"] == name and results["task"]["metric"] == task.metric
     assert [sorted(point) for point in results["accuracy_curve"]] == [["accuracy", "sampled", "step"]] * 3
     assert results["accuracy_curve"][0]["sampled"] == results["student_sampled_accuracy_before"]
     assert results["accuracy_curve"][-1]["sampled"] == results["student_sampled_accuracy_after"]
     assert 0.0 <= results["teacher_sampled_accuracy"] <= 1.0
-    assert "valid answers, sampled T=1" in capsys.readouterr().out
+    assert f"{task.metric}, sampled T=1" in capsys.readouterr().out
     assert (tmp_path / "accuracy.png").exists()
     held_out = [json.loads(row) for row in (tmp_path / "held_out.jsonl").read_text().splitlines()]
     assert len(held_out) == 8
     for row in held_out:
         user, assistant = row["messages"]
-        assert TASK.score(assistant["content"], TASK.parse_problem(user["content"])) == 1.0
+        assert task.score(assistant["content"], task.parse_problem(user["content"])) == 1.0
     output = tmp_path / "eval.json"
     code = main(
         ["eval", "--model", str(tmp_path / "student_distilled"), "--teacher", str(tmp_path / "teacher")]
-        + ["--dataset_name", str(tmp_path / "held_out.jsonl"), "--task", "letters", "--output", str(output)]
+        + ["--dataset_name", str(tmp_path / "held_out.jsonl"), "--task", name, "--output", str(output)]
     )
     assert code == 0
     assert json.loads(output.read_text())["student_accuracy"] == results["student_accuracy_after"]

@@ -22,7 +22,9 @@ def add_parser(subparsers) -> None:
         default="addition",
         help="addition (default): 6-digit sums worked column by column, one correct answer each. letters: write "
         "the 12 letters of a set once each in any order, checked by a verifier and scored greedy and sampled at "
-        "temperature 1 (a student too narrow to track them; docs/benchmarks.md says why).",
+        "temperature 1 (a student too narrow to track them; docs/benchmarks.md says why). walks: continue a walk "
+        "on a hidden 36-node graph by 20 steps along its edges, scored the same way (a student whose next-node "
+        "table is low-rank).",
     )
     parser.add_argument(
         "--output-dir",

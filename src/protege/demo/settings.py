@@ -115,6 +115,8 @@ class Settings:
         """The demo's settings for `task`, full or `quick`."""
         if task == "letters":
             return cls.letters(quick)
+        if task == "walks":
+            return cls.walks(quick)
         if task != "addition":
             raise ValueError(f"unknown demo task {task!r}")
         if not quick:
@@ -151,6 +153,37 @@ class Settings:
         return replace(
             settings,
             teacher_sft=replace(settings.teacher_sft, steps=600),
+            student_sft=replace(settings.student_sft, steps=300),
+            distill_steps=60,
+            eval_every=10,
+            eval_problems=200,
+            kl_problems=96,
+        )
+
+    @classmethod
+    def walks(cls, quick: bool = False) -> Settings:
+        """The walks task (`walks.py`). The teacher (1 layer, hidden 64) learns the graph's edges; 6000 steps make it
+        sharp enough that a sampled 20-step walk is valid about 97% of the time. The student's hidden size (8) is far
+        below the 36 nodes, so its next-node table is low-rank. As on letters, the student is trained by SFT to the
+        end of a cosine schedule, distillation starts a fresh AdamW with 10 warm-up steps and a linear decay, and
+        validity is scored greedily and by sampling at temperature 1 (docs/benchmarks.md, design 2, has the pilot
+        that set the teacher's steps and the student's width)."""
+        settings = cls(
+            task="walks",
+            teacher=ModelSpec(layers=1, hidden=64, heads=4),
+            student=ModelSpec(layers=1, hidden=8, heads=2),
+            teacher_sft=SFTSpec(steps=6000, batch_size=32, learning_rate=3e-3),
+            student_sft=SFTSpec(steps=1000, batch_size=32, learning_rate=3e-3),
+            distill_steps=200,
+            distill_schedule="linear",
+            distill_warmup_steps=10,
+            sample_eval=True,
+        )
+        if not quick:
+            return settings
+        return replace(
+            settings,
+            teacher_sft=replace(settings.teacher_sft, steps=1500),
             student_sft=replace(settings.student_sft, steps=300),
             distill_steps=60,
             eval_every=10,

@@ -6,7 +6,10 @@ benchmarks/gkd_table.py run any of them with the same code.
   (docs/benchmarks.md, "The GKD paper's comparison, on the demo task").
 - `letters` (`letters.py`): list the letters of a set, each once, in any order. Many valid completions, a verifier,
   and a student too narrow to keep track of which letters it has written: the task built to show where on-policy
-  distillation should help (docs/benchmarks.md, "A task where the student's own mistakes matter: protocol").
+  distillation should help (docs/benchmarks.md, "A task where the student's own mistakes matter: protocol"). Its
+  teacher could not learn it (design 1, failed at the protocol's first gate).
+- `walks` (`walks.py`): continue a walk on a fixed hidden graph, each step along an edge. Many valid continuations, a
+  local rule a small teacher learns exactly, and a student whose next-node table is low-rank (design 2).
 
 A task's problems come from seeded streams: the held-out problems first, then training streams that skip them, so
 every score is on problems no model trained on. `distinct_problems` and `problems_excluding` are those two streams,
@@ -19,7 +22,7 @@ import random
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
-TASK_NAMES = ("addition", "letters")
+TASK_NAMES = ("addition", "letters", "walks")
 P = TypeVar("P", bound=Hashable)
 
 
@@ -62,6 +65,10 @@ def get_task(name: str, digits: int | None = None) -> Task:
         from .letters import Letters
 
         return Letters()
+    if name == "walks":
+        from .walks import Walks
+
+        return Walks()
     raise ValueError(f"unknown demo task {name!r}: use one of {', '.join(TASK_NAMES)}")
 
 

@@ -1,0 +1,169 @@
+"""`protege demo --task walks`: the third embedded task's graph, data, verifier and settings.
+
+The task is design 2 of issue 15 (docs/benchmarks.md, "A task where the student's own mistakes matter"); these tests
+check the task itself, not the comparison's result. The pipeline run on it is in test_demo_letters.py's end-to-end
+test, parametrised over the tasks.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protege.demo import walks
+from protege.demo.tasks import get_task
+from protege.demo.walks import GRAPH, NODES, Problem, Walks
+
+TASK = Walks()
+
+
+def valid_walk(start: str, choices: list[int]) -> str:
+    """The walk from `start` that takes successor number `choices[i]` at step i."""
+    node, walk = start, []
+    for choice in choices:
+        node = GRAPH[node][choice % walks.SUCCESSORS]
+        walk.append(node)
+    return "".join(walk)
+
+
+EXAMPLE = Problem(("A", *valid_walk("A", [0, 1, 2])))
+ANSWER = valid_walk(EXAMPLE.prefix[-1], [step % 3 for step in range(walks.STEPS)])
+
+
+# ----- The graph -----
+
+
+def test_graph_is_fixed_three_out_and_strongly_connected():
+    assert walks.build_graph() == GRAPH  # the same on every import and machine: a fixed seed
+    assert walks.build_graph("another seed") != GRAPH
+    assert sorted(GRAPH) == sorted(NODES) and len(NODES) == 36
+    for node, successors in GRAPH.items():
+        assert len(set(successors)) == walks.SUCCESSORS and node not in successors
+        assert set(successors) <= set(NODES)
+    for start in NODES:  # every node reaches every other, so walks from any prompt can go anywhere
+        seen, frontier = {start}, [start]
+        while frontier:
+            for following in GRAPH[frontier.pop()]:
+                if following not in seen:
+                    seen.add(following)
+                    frontier.append(following)
+        assert len(seen) == len(NODES)
+
+
+def test_one_token_per_node():
+    """Every node is its own token, so every step is one prediction, however nodes follow one another."""
+    from protege.demo.task import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    rng = random.Random(0)
+    for _ in range(200):
+        text = "".join(rng.choice(NODES) for _ in range(24))
+        assert tokenizer.tokenize(text) == list(text)
+    text = tokenizer.apply_chat_template(TASK.conversation(Problem(EXAMPLE.prefix, tuple(ANSWER))), tokenize=False)
+    assert text.startswith(f"<|im_start|>user\n{''.join(EXAMPLE.prefix)}<|im_end|>\n<|im_start|>assistant\n{ANSWER}")
+
+
+# ----- Data from seeds -----
+
+
+def test_problems_are_fixed_by_the_seed_and_valid():
+    held_out = TASK.held_out_problems(300, seed=3)
+    assert [(p.prefix, p.walk) for p in held_out] == [(p.prefix, p.walk) for p in TASK.held_out_problems(300, seed=3)]
+    assert [p.prefix for p in held_out] != [p.prefix for p in TASK.held_out_problems(300, seed=4)]
+    assert len({p.prefix for p in held_out}) == 300
+    train = TASK.training_problems(500, seed=3, exclude=held_out, stream="teacher")
+    assert [p.walk for p in train] != [p.walk for p in TASK.training_problems(500, seed=3, stream="student")]
+    assert not {p.prefix for p in train} & {p.prefix for p in held_out}  # no held-out prompt is trained on
+    for problem in held_out + train:
+        assert len(problem.prefix) == walks.PREFIX and len(problem.walk) == walks.STEPS
+        assert TASK.parse_problem("".join(problem.prefix)) == problem
+        assert TASK.score(TASK.conversation(problem)[1]["content"], problem) == 1.0
+
+
+def test_training_walks_are_uniform_over_successors():
+    """The teacher learns from diverse valid solutions: each successor of a node is taken about a third of the
+    time (3 modes at every step)."""
+    counts: dict[tuple[str, str], int] = {}
+    for problem in TASK.training_problems(3000, seed=0, stream="teacher"):
+        path = (*problem.prefix[-1:], *problem.walk)
+        for node, following in zip(path, path[1:]):
+            counts[(node, following)] = counts.get((node, following), 0) + 1
+    assert set(counts) == {(node, following) for node in NODES for following in GRAPH[node]}
+    for node in NODES:
+        taken = [counts[(node, following)] for following in GRAPH[node]]
+        assert max(taken) < 1.35 * min(taken)
+
+
+# ----- The verifier -----
+
+
+def test_messages_and_prompt_parsing():
+    assert TASK.prompt_messages(EXAMPLE) == [{"role": "user", "content": "".join(EXAMPLE.prefix)}]
+    parsed = TASK.parse_problem(f"  {''.join(EXAMPLE.prefix)} ")
+    assert parsed.prefix == EXAMPLE.prefix and parsed == EXAMPLE
+    # A parsed prompt's answer (which sizes generation) is the first-successor walk: valid, STEPS nodes.
+    assert "".join(parsed.answer) == valid_walk(EXAMPLE.prefix[-1], [0] * walks.STEPS)
+    assert TASK.score(TASK.conversation(parsed)[1]["content"], parsed) == 1.0
+    non_edge = next(node for node in NODES if node not in GRAPH["A"])
+    for prompt in ("", "a", f"A{non_edge}", "A,B", "482130+359712", "A!"):
+        with pytest.raises(ValueError, match="not a walk"):
+            TASK.parse_problem(prompt)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2), min_size=walks.STEPS, max_size=walks.STEPS))
+def test_verifier_accepts_every_valid_walk(choices):
+    answer = valid_walk(EXAMPLE.prefix[-1], choices)
+    assert TASK.score(answer, EXAMPLE) == 1.0 and TASK.first_wrong_line(answer, EXAMPLE) is None
+    assert TASK.score(answer + "\n", EXAMPLE) == 1.0  # a trailing newline, as the other tasks allow
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2), min_size=walks.STEPS, max_size=walks.STEPS), st.integers(0, walks.STEPS - 1))
+def test_verifier_rejects_a_non_edge_anywhere(choices, at):
+    answer = list(valid_walk(EXAMPLE.prefix[-1], choices))
+    before = EXAMPLE.prefix[-1] if at == 0 else answer[at - 1]
+    answer[at] = next(node for node in NODES if node not in GRAPH[before])
+    assert TASK.score("".join(answer), EXAMPLE) == 0.0
+    assert TASK.first_wrong_line("".join(answer), EXAMPLE) == at + 1
+
+
+def test_verifier_rejects_invalid_answers():
+    cases = {
+        ANSWER[:-1]: walks.STEPS,  # one step short
+        ANSWER + GRAPH[ANSWER[-1]][0]: walks.STEPS + 1,  # one step too many, even along an edge
+        "": 1,
+        "x" * walks.STEPS: 1,  # not a node
+        ANSWER[:5] + " " + ANSWER[5:-1]: 6,  # a space inside the walk
+    }
+    for completion, step in cases.items():
+        assert TASK.score(completion, EXAMPLE) == 0.0, completion
+        assert TASK.first_wrong_line(completion, EXAMPLE) == step, completion
+
+
+def test_many_modes(monkeypatch):
+    """3^20 valid continuations of every prompt: with 2 steps, exactly the 9 two-step paths along edges."""
+    last = EXAMPLE.prefix[-1]
+    monkeypatch.setattr(walks, "STEPS", 2)
+    two_steps = {a + b for a in NODES for b in NODES}
+    paths = {a + b for a in GRAPH[last] for b in GRAPH[a]}
+    assert {text for text in two_steps if TASK.score(text, EXAMPLE)} == paths and len(paths) == 9
+    assert "36-node graph" in TASK.description and get_task("walks").name == "walks"
+
+
+# ----- Settings -----
+
+
+def test_walks_settings():
+    from protege.demo.settings import Settings
+
+    full, quick = Settings.for_run(False, "walks"), Settings.for_run(True, "walks")
+    assert full.task == quick.task == "walks" and full.sample_eval and quick.sample_eval
+    # Under-capacity by construction: the student's next-node logits are a linear map of a hidden state far narrower
+    # than the 36 nodes; the teacher's is wider than them.
+    assert full.student.hidden < len(NODES) // 4 and full.teacher.hidden > len(NODES)
+    assert full.student_sft.stop_at_accuracy is None  # SFT runs its whole schedule
+    assert quick.teacher_sft.steps < full.teacher_sft.steps and quick.distill_steps < full.distill_steps
