@@ -131,59 +131,49 @@ class Settings:
 
     @classmethod
     def letters(cls, quick: bool = False) -> Settings:
-        """The letters task (`letters.py`). The student is narrower than the alphabet (16 < 26) and is trained by
-        SFT to the end of a cosine schedule, as the GKD paper starts from a fine-tuned student, so what distillation
-        adds is measured against a student that SFT has taken about as far as it goes. Distillation then starts a
-        fresh AdamW with 10 warm-up steps and a linear decay (benchmarks/gkd_table.py's optimisation). Validity is
-        scored greedily and by sampling at temperature 1."""
-        settings = cls(
+        """The letters task (`letters.py`). The student is narrower than the alphabet (16 < 26)."""
+        return cls._verifier_task(
+            quick,
+            quick_teacher_steps=600,
             task="letters",
             teacher=ModelSpec(layers=2, hidden=128, heads=4),
             student=ModelSpec(layers=1, hidden=16, heads=2),
             # 4000: gate A's one allowed change (docs/benchmarks.md); at 2000 no teacher passed
             teacher_sft=SFTSpec(steps=4000, batch_size=32, learning_rate=3e-3),
             student_sft=SFTSpec(steps=2000, batch_size=32, learning_rate=3e-3),
-            distill_steps=200,
-            distill_schedule="linear",
-            distill_warmup_steps=10,
-            sample_eval=True,
-        )
-        if not quick:
-            return settings
-        return replace(
-            settings,
-            teacher_sft=replace(settings.teacher_sft, steps=600),
-            student_sft=replace(settings.student_sft, steps=300),
-            distill_steps=60,
-            eval_every=10,
-            eval_problems=200,
-            kl_problems=96,
         )
 
     @classmethod
     def walks(cls, quick: bool = False) -> Settings:
         """The walks task (`walks.py`). The teacher (1 layer, hidden 64) learns the graph's edges; 6000 steps make it
         sharp enough that a sampled 20-step walk is valid about 97% of the time. The student's hidden size (8) is far
-        below the 36 nodes, so its next-node table is low-rank. As on letters, the student is trained by SFT to the
-        end of a cosine schedule, distillation starts a fresh AdamW with 10 warm-up steps and a linear decay, and
-        validity is scored greedily and by sampling at temperature 1 (docs/benchmarks.md, design 2, has the pilot
-        that set the teacher's steps and the student's width)."""
-        settings = cls(
+        below the 36 nodes, so its next-node table is low-rank (docs/benchmarks.md, design 2, has the pilot that set
+        the teacher's steps and the student's width)."""
+        return cls._verifier_task(
+            quick,
+            quick_teacher_steps=1500,
             task="walks",
             teacher=ModelSpec(layers=1, hidden=64, heads=4),
             student=ModelSpec(layers=1, hidden=8, heads=2),
             teacher_sft=SFTSpec(steps=6000, batch_size=32, learning_rate=3e-3),
             student_sft=SFTSpec(steps=1000, batch_size=32, learning_rate=3e-3),
-            distill_steps=200,
-            distill_schedule="linear",
-            distill_warmup_steps=10,
-            sample_eval=True,
+        )
+
+    @classmethod
+    def _verifier_task(cls, quick: bool, quick_teacher_steps: int, **fields: Any) -> Settings:
+        """What the tasks scored by a verifier share. The student is trained by SFT to the end of a cosine schedule,
+        as the GKD paper starts from a fine-tuned student, so what distillation adds is measured against a student
+        that SFT has taken about as far as it goes. Distillation then starts a fresh AdamW with 10 warm-up steps and
+        a linear decay (benchmarks/gkd_table.py's optimisation). Validity is scored greedily and by sampling at
+        temperature 1."""
+        settings = cls(
+            distill_steps=200, distill_schedule="linear", distill_warmup_steps=10, sample_eval=True, **fields
         )
         if not quick:
             return settings
         return replace(
             settings,
-            teacher_sft=replace(settings.teacher_sft, steps=1500),
+            teacher_sft=replace(settings.teacher_sft, steps=quick_teacher_steps),
             student_sft=replace(settings.student_sft, steps=300),
             distill_steps=60,
             eval_every=10,
