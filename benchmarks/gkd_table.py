@@ -163,6 +163,8 @@ def run_method(args) -> dict:
     problems = prepared.training_problems(
         settings, args.seed, settings.distill_steps * settings.distill_batch_size, "distill"
     )
+    if args.references == "canonical":  # the dataset's completions, not its prompts: SFT, supervised KD, mixed
+        problems = [prepared.task.canonical(problem) for problem in problems]
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     if method.kind == "distill":
@@ -283,7 +285,7 @@ def run_config(args) -> dict:
     """What a saved result depends on: a saved run or prepare.json is reused only when all of it is equal, the demo
     settings (models, SFT steps) included."""
     keys = ("task", "digits", "steps", "batch_size", "eval_every", "eval_problems", "schedule", "warmup_steps")
-    keys += ("optimizer", "quick")
+    keys += ("optimizer", "quick", "references")
     return {**{key: getattr(args, key) for key in keys}, "settings": repr(settings_for(args))}
 
 
@@ -307,6 +309,8 @@ def spawn(args, seed: int, method: str) -> dict:
         str(args.warmup_steps),
         "--optimizer",
         args.optimizer,
+        "--references",
+        args.references,
     ]
     command += ["--quick"] if args.quick else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -534,6 +538,13 @@ def main(argv=None) -> None:
         default="fresh",
         choices=["fresh", "continue"],
         help="fresh: a new AdamW per method (default); continue: the warm-up's AdamW state, as the demo does",
+    )
+    parser.add_argument(
+        "--references",
+        default="sampled",
+        choices=["sampled", "canonical"],
+        help="the dataset's completions (SFT, supervised KD, mixed): sampled, the task's own (default; diverse on "
+        "letters and walks); canonical, the task's one house-style answer per prompt (Task.canonical)",
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (1 torch thread each)")
     parser.add_argument("--output-dir", default=None, help="default: runs/gkd_table, runs/gkd_table_TASK")

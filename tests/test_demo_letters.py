@@ -139,6 +139,16 @@ def test_verifier_rejects_invalid_answers(completion, line):
     assert TASK.first_wrong_line(completion, EXAMPLE) == line
 
 
+def test_canonical_references():
+    """The one house-style answer per prompt (gkd_table --references canonical): letters in the prompt's order; on
+    addition, the one correct chain."""
+    shuffled = Problem(SET, tuple(sorted(SET)))
+    assert TASK.canonical(shuffled).answer == SET and TASK.score(lines(*SET), TASK.canonical(shuffled)) == 1.0
+    addition = get_task("addition")
+    problem = addition.held_out_problems(1, seed=0)[0]
+    assert addition.canonical(problem) == problem
+
+
 def test_many_modes():
     """12! valid answers for every prompt: the description says so, and a small set's are exactly its permutations."""
     assert f"{math.factorial(12):,}" in TASK.description

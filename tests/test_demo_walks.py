@@ -97,6 +97,32 @@ def test_training_walks_are_uniform_over_successors():
         assert max(taken) < 1.35 * min(taken)
 
 
+def test_canonical_references_are_valid_and_visit_few_nodes():
+    """`Walks.canonical` is the first-successor walk (the house style of gkd_table's --references canonical): valid,
+    the same for every row with the same prompt, and concentrated on the few nodes where that map cycles."""
+    rows = TASK.training_problems(2000, seed=0, stream="distill")
+    visits: dict[str, int] = {}
+    for row in rows:
+        reference = TASK.canonical(row)
+        assert reference == row and reference.prefix == row.prefix
+        assert "".join(reference.answer) == valid_walk(row.prefix[-1], [0] * walks.STEPS)
+        assert TASK.score("".join(reference.answer), row) == 1.0
+        for node in (row.prefix[-1], *reference.answer[:-1]):
+            visits[node] = visits.get(node, 0) + 1
+    cycling = {node for node in NODES if _on_first_successor_cycle(node)}
+    assert sum(visits.get(node, 0) for node in cycling) > 0.8 * sum(visits.values())
+    assert len(cycling) < len(NODES) // 4
+
+
+def _on_first_successor_cycle(node: str) -> bool:
+    following = GRAPH[node][0]
+    for _ in range(len(NODES)):
+        if following == node:
+            return True
+        following = GRAPH[following][0]
+    return False
+
+
 # ----- The verifier -----
 
 

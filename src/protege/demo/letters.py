@@ -123,6 +123,10 @@ class Letters:
         """Prompt and the problem's valid answer, one letter per line, as chat `messages`."""
         return [*self.prompt_messages(problem), {"role": "assistant", "content": "\n".join(problem.answer)}]
 
+    def canonical(self, problem: Problem) -> Problem:
+        """The answer that lists the letters in the prompt's order."""
+        return Problem(problem.letters)
+
     def parse_problem(self, prompt: str) -> Problem:
         """The problem of a prompt such as 'q,d,m' (distinct lowercase letters)."""
         match = _PROMPT.fullmatch(prompt)

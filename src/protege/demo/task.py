@@ -159,6 +159,11 @@ class Addition:
     first_wrong_line = staticmethod(first_wrong_line)
     parse_problem = staticmethod(parse_problem)
 
+    @staticmethod
+    def canonical(problem: Problem) -> Problem:
+        """Addition has one correct chain: the problem as it is."""
+        return problem
+
 
 # ----- Tokenizer: byte-level, one token per digit and symbol, shipped in assets/ -----
 

@@ -54,6 +54,11 @@ class Task(Protocol):
 
     def parse_problem(self, prompt: str) -> Any: ...
 
+    def canonical(self, problem: Any) -> Any:
+        """`problem` with the task's one canonical answer in place of its own: the single reference that a dataset
+        written in a fixed house style would hold (benchmarks/gkd_table.py --references canonical)."""
+        ...
+
 
 def get_task(name: str, digits: int | None = None) -> Task:
     """The task called `name`; `digits` sizes the addition task (6 when None) and is ignored by the others."""

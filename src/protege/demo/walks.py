@@ -129,6 +129,11 @@ class Walks:
     def conversation(self, problem: Problem) -> list[dict[str, str]]:
         return [*self.prompt_messages(problem), {"role": "assistant", "content": "".join(problem.answer)}]
 
+    def canonical(self, problem: Problem) -> Problem:
+        """The answer that always takes the first successor (`Problem.answer` of a bare prompt). Such walks soon
+        circle on the few nodes where the first-successor map cycles, so a dataset of them visits few states."""
+        return Problem(problem.prefix)
+
     def parse_problem(self, prompt: str) -> Problem:
         """The problem of a prompt such as 'K3BQ': at least one node, each step an edge of the graph."""
         prefix = tuple(prompt.strip())
