@@ -504,6 +504,8 @@ def bar_chart(rows: list[dict], results: list[dict], args, path: Path) -> None:
         else:
             axes.set_ylabel(f"held-out valid answers, {label} (%)")
             what = f"{task} task, {label}"
+        if getattr(args, "references", "sampled") == "canonical":
+            what += ", canonical references"
         axes.set_ylim(0, 102)
         axes.set_title(
             f"{what}, {len(args.seeds)} seeds: light bars after {args.steps // 2} steps, dark after {args.steps} "
