@@ -1,7 +1,8 @@
 """`protege demo`: on-policy distillation shown end to end on a laptop CPU, with no network and no GPU.
 
 `tasks` is the interface every embedded task meets: `task` (the default, 6-digit addition worked column by column,
-and the shipped tokenizer) and `letters` (write a set's letters once each in any order, checked by a verifier).
+and the shipped tokenizer), `letters` (write a set's letters once each in any order, checked by a verifier) and
+`walks` (continue a walk along a hidden graph's edges, checked by a verifier).
 `pipeline` runs the stages in order: train a teacher and warm up a smaller student (`supervised`, cached by `cache`),
 distil the student with `DistillationTrainer` (`distill`), score both (`scoring`), and write and print the results
 (`report`). `settings` holds what shapes a run, `encoder` turns problems into batches. Entry point:

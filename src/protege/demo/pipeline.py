@@ -1,6 +1,6 @@
 """`protege demo`: on-policy distillation working on a laptop CPU, end to end, in minutes. This file runs the stages in
 order; each stage's work is in its own module, and the task's in its own (`tasks.py`: `addition`, the default,
-described below, or `letters`, whose differences `Settings.letters` gives).
+described below, or `letters` and `walks`, whose differences `Settings.letters` and `Settings.walks` give).
 
 1. A teacher learns the task (`task.py`: 6-digit addition worked column by column) by supervised training on
    reference chains (`supervised.py`), until it gets nearly every held-out problem right. Cached in
