@@ -90,6 +90,33 @@ def test_default_body_limit_refuses_a_2m_token_body_before_parsing_it(backend):
         assert httpx.post(f"{running.url}{ROUTE}", json=GOOD).status_code == 200
 
 
+def test_a_refused_body_still_being_sent_gets_its_whole_413(backend):
+    """The 413 goes out once the declared length is read, while the client is still sending. The server then reads
+    and discards the rest instead of closing at once: a close with unread data resets the connection, and the reset
+    can destroy the answer (a CI run saw "peer closed connection ... received 0 bytes, expected 73"). Here the client
+    reads the 413's head first, then sends 8 MiB more body, then reads the rest: without the lingering close the
+    send fails with a reset."""
+    limits = ServerLimits()
+    declared = 64 * 2**20
+    with ThreadedUvicorn(create_app(backend, limits), limits) as running:
+        host, port = running.url.rsplit("/", 1)[-1].split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            head = f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n"
+            sock.sendall(head.encode() + b"[" * 65536)
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 413 ")
+            sock.sendall(b"1" * 8 * 2**20)  # the client has not noticed yet, and keeps sending
+            while not answer.endswith(b"}"):
+                chunk = sock.recv(65536)
+                assert chunk, f"the connection closed before the whole answer: {answer!r}"
+                answer += chunk
+            body = answer.split(b"\r\n\r\n", 1)[1]
+            assert json.loads(body) == {"detail": f"request body of {declared} bytes is over the limit of {2**20}"}
+            assert b"connection: close" in answer.lower()
+            assert sock.recv(65536) == b""  # then the server's FIN: nothing more comes
+        assert httpx.post(f"{running.url}{ROUTE}", json=GOOD).status_code == 200
+
+
 def test_limits_that_cannot_hold_one_sequence_are_refused():
     with pytest.raises(ValueError, match="max_request_tokens=100 must be >= max_model_len=4096"):
         ServerLimits(max_request_tokens=100)

@@ -8,6 +8,11 @@ an earlier server. `GuardedH11Protocol` closes a connection whose request header
 the longest (or, when every one is busy, the new one);
 `RequestGuard` gives a request body `body_timeout_s` between chunks and `max_body_bytes` in all, and checks the API
 key before the route runs.
+
+A 413 or 408 is sent before the client has finished sending its body. Closing the socket with that body unread makes
+the kernel reset the connection, and a reset can destroy the answer in flight, so the client sees "connection closed"
+instead of the 413. `GuardedH11Protocol` closes such a connection gracefully: it sends the answer and a FIN, reads and
+discards what the client still sends for up to `LINGER_S`, and then closes.
 """
 
 from __future__ import annotations
@@ -18,10 +23,36 @@ import logging
 import resource
 import time
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 _log = logging.getLogger("protege.server")
 OPEN_PATHS = ("/health/", "/health")  # answered without the API key: liveness probes carry none
+LINGER_S = 5.0  # the longest a refused body is read and discarded after its answer, before the socket closes
+
+
+class _LingeringTransport:
+    """The connection's transport, whose `close` lingers while the client is still sending a request body."""
+
+    def __init__(self, transport, protocol: GuardedH11Protocol):
+        self._transport, self._protocol, self._lingering = transport, protocol, False
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        transport = self._transport
+        unread_body = self._protocol.conn.their_state is h11.SEND_BODY
+        if self._lingering or transport.is_closing() or not unread_body or not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        transport.write_eof()  # the FIN follows the queued answer, so the client reads all of it
+        transport.resume_reading()
+        self._protocol.loop.call_later(LINGER_S, transport.close)
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -32,6 +63,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self.transport = _LingeringTransport(transport, self)
         self._connected_at = time.monotonic()
         if len(self.connections) > self.max_connections:
             idle = [c for c in self.connections if c is not self and c._waiting_for_headers()]
@@ -44,6 +76,11 @@ class GuardedH11Protocol(H11Protocol):
                 transport.close()
                 return
         self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():  # the rest of a refused body, read while lingering: discarded
+            return
+        super().data_received(data)
 
     def _waiting_for_headers(self) -> bool:
         """No request in progress: connected (or answered) and waiting for the next request's headers."""
