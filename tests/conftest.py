@@ -78,7 +78,7 @@ class ThreadedUvicorn:
 
     def __init__(self, app, limits=None, **ssl):
         """`limits` (a ServerLimits): serve with protege's own uvicorn settings (guards, timeouts, TLS from `ssl`)."""
-        from protege.server.app import uvicorn_config
+        from protege.server.guard import uvicorn_config
 
         self.sock = listening_socket()
         scheme = "https" if ssl else "http"
@@ -86,7 +86,8 @@ class ThreadedUvicorn:
         if limits is None:
             config = uvicorn.Config(app, log_level="error", lifespan="auto")
         else:
-            config = uvicorn_config(app, "127.0.0.1", 0, limits, "error", **ssl)
+            guards = {"header_timeout_s": limits.header_timeout_s, "max_connections": limits.max_connections}
+            config = uvicorn_config(app, "127.0.0.1", 0, **guards, log_level="error", **ssl)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

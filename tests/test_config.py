@@ -307,3 +307,13 @@ def test_every_own_field_has_help():
     assert "lmbda" in own and "output_dir" not in own
     missing = [name for name in own if not str(fields[name].metadata.get("help", "")).strip()]
     assert not missing, f"fields without help: {missing}"
+
+
+def test_server_api_keys_are_redacted_in_what_is_logged(make):
+    config = make(teacher_server_api_key="teacher-s3cret", vllm_server_api_key="student-s3cret")
+    logged = config.to_dict()
+    assert logged["teacher_server_api_key"] == "<TEACHER_SERVER_API_KEY>"
+    assert logged["vllm_server_api_key"] == "<VLLM_SERVER_API_KEY>"
+    assert "s3cret" not in config.to_json_string()
+    assert config.vllm_server_api_key == "student-s3cret"  # the client still gets it
+    assert make().to_dict()["vllm_server_api_key"] is None

@@ -311,9 +311,10 @@ def test_colocated_vllm_resumes_from_checkpoint_weights(vllm_models, tmp_path):
 # ----- Student generation from a separate server (use_vllm=True, vllm_mode="server"), the trainer in .venv -----
 
 
-def start_student_server(vllm_models, port: int) -> subprocess.Popen:
+def start_student_server(vllm_models, port: int, *options: str) -> subprocess.Popen:
     command = [str(VLLM_PYTHON), "-m", "protege", "serve-student", "--model", vllm_models["vllm_student"]]
     command += ["--dtype", "float32", "--port", str(port), "--max-model-len", "256", "--log-level", "warning"]
+    command += options
     return start(command, "/health/", port)
 
 
@@ -335,18 +336,24 @@ def test_student_server_trains_from_pushed_weights(vllm_models, tmp_path):
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start_student_server(vllm_models, port)
+    process = start_student_server(vllm_models, port, "--api-key", "s3cret")
+    key = {"Authorization": "Bearer s3cret"}
     try:
+        # Without the key nobody can read, sample or replace the weights; the health check stays open.
+        assert httpx.get(f"{url}/health/").status_code == 200
+        assert httpx.get(f"{url}/info/").status_code == 401
+        assert httpx.post(f"{url}/weights/?chunk=0&chunks=1&version=9", content=b"x").status_code == 401
+        settings = server_settings(url, max_steps=3, gradient_accumulation_steps=4, vllm_server_api_key="s3cret")
         trainer = DistillationTrainer(
             model=vllm_models["vllm_student"],
             teacher_model=vllm_models["teacher"],
-            args=config(tmp_path, **server_settings(url, max_steps=3, gradient_accumulation_steps=4)),
+            args=config(tmp_path, **settings),
             train_dataset=dataset(32),
         )
         trainer.train()
         engine = trainer.vllm
         assert engine.generate_calls == 3 and engine.synced_step == 2  # one call per step, weights before each
-        assert httpx.get(f"{url}/info/").json()["weights_version"] == 2
+        assert httpx.get(f"{url}/info/", headers=key).json()["weights_version"] == 2
         # Push the trained weights; the server's samples then carry the trained student's log-probs.
         engine.synced_step = None
         prompts = [[5, 6, 7, 8], [9, 10, 11]]
@@ -359,6 +366,7 @@ def test_student_server_trains_from_pushed_weights(vllm_models, tmp_path):
                 "sampling": {"max_tokens": 8, "detokenize": False},
                 "logprobs": True,
             },
+            headers=key,
             timeout=120,
         ).json()
         model = trainer.model.eval()
@@ -372,7 +380,7 @@ def test_student_server_trains_from_pushed_weights(vllm_models, tmp_path):
             for a, b in zip(g, w)
         ]
         assert max(gaps) > 1e-2  # and they are not the starting weights'
-        refused = httpx.post(f"{url}/weights/?chunk=1&chunks=2&version=9", content=b"x", timeout=30)
+        refused = httpx.post(f"{url}/weights/?chunk=1&chunks=2&version=9", content=b"x", headers=key, timeout=30)
         assert refused.status_code == 409 and "chunk 0 was expected" in refused.text
     finally:
         stop(process)

@@ -11,3 +11,4 @@ VLLM_MODES = ("colocate", "server")  # DistillationConfig.vllm_mode
 PROMPT_TRUNCATIONS = ("middle", "left", "error")  # DistillationConfig.prompt_truncation
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # weights dtypes by name (init kwargs, serve-teacher)
 API_KEY_VARIABLE = "PROTEGE_TEACHER_API_KEY"  # the teacher server's key: serve-teacher --api-key, the trainer's client
+STUDENT_API_KEY_VARIABLE = "PROTEGE_STUDENT_API_KEY"  # the same for serve-student and vllm_server_api_key

@@ -333,6 +333,14 @@ class DistillationConfig(TrainingArguments):
         default=4,
         metadata={"help": "Retries, with exponential backoff, after connection errors, timeouts and 5xx answers."},
     )
+    vllm_server_api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "API key sent as 'Authorization: Bearer KEY' to a `protege serve-student` server started with "
+            "--api-key (default: $PROTEGE_STUDENT_API_KEY, which keeps it out of training_args.bin too). Redacted in "
+            "logged arguments."
+        },
+    )
     vllm_server_chunk_mb: float = field(
         default=256.0,
         metadata={"help": "Largest chunk of the student's weights in one POST /weights/ to `protege serve-student`."},
@@ -371,10 +379,11 @@ class DistillationConfig(TrainingArguments):
     )
 
     def to_dict(self) -> dict:
-        """TrainingArguments' dict (what logs and trackers get), without the teacher server's API key."""
+        """TrainingArguments' dict (what logs and trackers get), without the servers' API keys."""
         values = super().to_dict()
-        if values.get("teacher_server_api_key"):
-            values["teacher_server_api_key"] = "<TEACHER_SERVER_API_KEY>"
+        for name in ("teacher_server_api_key", "vllm_server_api_key"):
+            if values.get(name):
+                values[name] = f"<{name.upper()}>"
         return values
 
     def __post_init__(self) -> None:

@@ -8,8 +8,11 @@ back. Timeouts, retries and errors naming the URL come from `http_client.Retryin
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from .choices import STUDENT_API_KEY_VARIABLE
 from .http_client import RetryingClient, ServerError
 from .vllm_colocate import prompt_seeds, sampling_options, student_weights
 
@@ -48,7 +51,8 @@ class VLLMServer:
     def __init__(self, args, eos_token_ids: list[int], process_index: int):
         url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
         retries = args.vllm_server_max_retries
-        self.client = StudentServerClient(url, timeout=args.vllm_server_timeout, max_retries=retries)
+        api_key = args.vllm_server_api_key or os.environ.get(STUDENT_API_KEY_VARIABLE)
+        self.client = StudentServerClient(url, timeout=args.vllm_server_timeout, max_retries=retries, api_key=api_key)
         self.client.wait_until_ready(args.vllm_server_timeout)
         self.args, self.eos_token_ids, self.process_index = args, eos_token_ids, process_index
         self.synced_step: int | None = None

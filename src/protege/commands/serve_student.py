@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from ..choices import DTYPE_NAMES
+from ..choices import DTYPE_NAMES, STUDENT_API_KEY_VARIABLE
 
 
 def add_parser(subparsers) -> None:
@@ -25,6 +26,19 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallel size.")
     parser.add_argument("--max-body-mb", type=float, default=1024.0, help="Largest request body in MiB (a chunk).")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="Open connections past which each new one closes the connection idle the longest, or itself when all "
+        "are busy (default: 64; the trainer's processes hold one each).",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help=f"Require 'Authorization: Bearer KEY' on every route but /health/ (default: ${STUDENT_API_KEY_VARIABLE}, "
+        "else no key; the trainer sends vllm_server_api_key or the same variable).",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default: info).")
     parser.set_defaults(handler=run)
 
@@ -50,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
         return report("serve-student", f"{error} (serve-student needs vLLM and the server extras)")
     except (ValueError, OSError) as error:
         return report("serve-student", error)
-    app = create_student_app(engine, max_body_bytes=int(args.max_body_mb * 2**20))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    from ..server.guard import uvicorn_config, warn_if_open
+
+    api_key = args.api_key or os.environ.get(STUDENT_API_KEY_VARIABLE) or None
+    warn_if_open(args.host, args.port, api_key, "student's weights and generations", STUDENT_API_KEY_VARIABLE)
+    app = create_student_app(engine, max_body_bytes=int(args.max_body_mb * 2**20), api_key=api_key)
+    config = uvicorn_config(app, args.host, args.port, max_connections=args.max_connections, log_level=args.log_level)
+    uvicorn.Server(config).run()
     return 0

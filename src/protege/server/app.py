@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -26,11 +25,11 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError
 
-from ..choices import HIDDEN_DTYPES, HIDDEN_FORMAT, LOGPROB_FORMATS, RESPONSE_FORMATS
+from ..choices import API_KEY_VARIABLE, HIDDEN_DTYPES, HIDDEN_FORMAT, LOGPROB_FORMATS, RESPONSE_FORMATS
 from ..teacher.codec import BatchScores, check_scores, encode, encode_hidden, encode_hidden_binary
 from ..teacher.head import save_head
 from .backends import Backend
-from .guard import RequestGuard, guarded_protocol, limit_logging, raise_open_file_limit
+from .guard import RequestGuard, uvicorn_config, warn_if_open
 
 
 class SequenceLogprobsRequest(BaseModel):
@@ -448,24 +447,6 @@ def public_name(model: str) -> str:
     return path.name if path.is_absolute() or path.exists() else model
 
 
-def uvicorn_config(app: FastAPI, host: str, port: int, limits: ServerLimits, log_level: str = "info", **ssl):
-    """uvicorn's settings for protege's servers: the guarded h11 protocol, its timeouts and connection cap, TLS
-    (`ssl_certfile`, `ssl_keyfile`, ... as uvicorn names them), and rate-limited logs."""
-    import uvicorn
-
-    limit_logging()
-    raise_open_file_limit()
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        http=guarded_protocol(limits.header_timeout_s, limits.max_connections),
-        timeout_keep_alive=5,
-        **{key: value for key, value in ssl.items() if value is not None},
-    )
-
-
 def serve(
     backend: Backend,
     host: str,
@@ -478,17 +459,15 @@ def serve(
 ) -> None:
     import uvicorn
 
-    if api_key is None and host not in LOOPBACK:
-        _log.warning(
-            "serving on %s without an API key: anyone who reaches port %d can use this teacher; set --api-key or "
-            "PROTEGE_TEACHER_API_KEY",
+    warn_if_open(host, port, api_key, "teacher", API_KEY_VARIABLE)
+    uvicorn.Server(
+        uvicorn_config(
+            create_app(backend, limits, api_key, docs),
             host,
             port,
+            header_timeout_s=limits.header_timeout_s,
+            max_connections=limits.max_connections,
+            log_level=log_level,
+            **ssl,
         )
-    uvicorn.Server(
-        uvicorn_config(create_app(backend, limits, api_key, docs), host, port, limits, log_level, **ssl)
     ).run()
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-_log = logging.getLogger("protege.server")

@@ -28,6 +28,21 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 _log = logging.getLogger("protege.server")
 OPEN_PATHS = ("/health/", "/health")  # answered without the API key: liveness probes carry none
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def warn_if_open(host: str, port: int, api_key: str | None, role: str, variable: str) -> None:
+    """Say so when a server listens beyond this machine with no key: anyone who reaches the port may use it."""
+    if api_key is None and host not in LOOPBACK:
+        _log.warning(
+            "serving on %s without an API key: anyone who reaches port %d can use this %s; set --api-key or %s",
+            host,
+            port,
+            role,
+            variable,
+        )
+
+
 LINGER_S = 5.0  # the longest a refused body is read and discarded after its answer, before the socket closes
 
 
@@ -234,3 +249,30 @@ def raise_open_file_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def uvicorn_config(
+    app,
+    host: str,
+    port: int,
+    *,
+    header_timeout_s: float = 10.0,
+    max_connections: int = 1024,
+    log_level: str = "info",
+    **ssl,
+):
+    """uvicorn's settings for protege's servers: the guarded h11 protocol with its header timeout and connection cap,
+    TLS (`ssl_certfile`, `ssl_keyfile`, ... as uvicorn names them), and rate-limited logs."""
+    import uvicorn
+
+    limit_logging()
+    raise_open_file_limit()
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=guarded_protocol(header_timeout_s, max_connections),
+        timeout_keep_alive=5,
+        **{key: value for key, value in ssl.items() if value is not None},
+    )

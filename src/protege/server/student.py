@@ -76,12 +76,16 @@ class StudentEngine:
         return answer
 
 
-def create_student_app(engine: StudentEngine, max_body_bytes: int = 2**30, max_prompts: int = 4096) -> FastAPI:
+def create_student_app(
+    engine: StudentEngine, max_body_bytes: int = 2**30, max_prompts: int = 4096, api_key: str | None = None
+) -> FastAPI:
+    """The student server's app. `api_key`: every route but /health/ needs `Authorization: Bearer <key>`, so that
+    nobody else can replace the weights the trainer samples from."""
     lock = asyncio.Lock()  # one engine call at a time
     expected_chunk = {"next": 0}
 
     app = FastAPI(title="protege student generation server")
-    app.add_middleware(RequestGuard, max_bytes=max_body_bytes)
+    app.add_middleware(RequestGuard, max_bytes=max_body_bytes, api_key=api_key)
 
     @app.get("/health/")
     async def health() -> dict:
