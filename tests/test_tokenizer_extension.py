@@ -246,3 +246,24 @@ def test_server_without_a_vocabulary_list_keeps_a_named_error(models, tmp_path, 
     monkeypatch.setattr(backend, "vocabulary", None)  # an older server, or one that does not list its tokens
     with pytest.raises(TokenizerMismatchError, match=r"\(303 vs 300 tokens\), and the server does not list its vocab"):
         server_trainer(models, tmp_path, url, "hidden")
+
+
+# ----- protege eval -----
+
+
+def test_eval_checks_the_teachers_tokenizer_as_training_does(tiny_paths, models, tmp_path):
+    from test_cli import one_error_line, protege
+
+    data = tmp_path / "rows.jsonl"
+    dataset(8).to_json(str(data))
+    common = ["--dataset_name", str(data), "--max_samples", "4"]
+    # Same number of rows as the student, so only the tokenizers tell that ids 19 and 20 mean other tokens.
+    moved = protege("eval", "--model", tiny_paths["student"], "--teacher", models["moved"], *common)
+    assert "2 shared tokens have other ids in the teacher ('1': 19 vs 20" in one_error_line(moved, "eval")
+    output = tmp_path / "scores.json"
+    extending = protege(
+        "eval", "--model", tiny_paths["student"], "--teacher", models["teacher"], *common, "--output", str(output)
+    )
+    assert extending.returncode == 0, extending.stderr[-3000:]
+    assert "extends the student's by 3 tokens" in extending.stderr
+    assert json.loads(output.read_text())["kl_teacher_student"] > 0

@@ -20,9 +20,12 @@ def mean_token_kl(
     max_length: int = 1024,
     max_prompt_length: int | None = None,
     batch_size: int = 8,
+    teacher_tokenizer=None,
 ) -> dict[str, float]:
-    """KL(teacher || student) and KL(student || teacher) per completion token, at temperature 1."""
-    vocab = shared_vocab_size(student, teacher, tokenizer)
+    """KL(teacher || student) and KL(student || teacher) per completion token, at temperature 1. `teacher_tokenizer`:
+    checked against the student's as the trainer checks it (the same, or extending it), so that a teacher with other
+    token ids is refused instead of scored on the wrong rows."""
+    vocab = shared_vocab_size(student, teacher, tokenizer, teacher_tokenizer)
     rows = tokenize_dataset(dataset, Tokenizer(tokenizer, max_prompt_length, max_length), needs_completion=True)
     collate = DistillationCollator(tokenizer.pad_token_id)
     totals = {"kl_teacher_student": 0.0, "kl_student_teacher": 0.0, "completion_tokens": 0}

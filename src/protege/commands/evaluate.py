@@ -53,9 +53,15 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluation import mean_token_kl
     from ..models import load_causal_lm, load_tokenizer
+    from ..teacher.local import published_tokenizer
+    from ..teacher.vocabulary import teacher_extra_tokens
     from .datasets import eval_split, load_any
 
     try:
+        tokenizer = load_tokenizer(args.model, trust_remote_code=False)
+        teacher_tokenizer = published_tokenizer(args.teacher)
+        if teacher_tokenizer is not None:  # before the data and the weights: a teacher with other ids fails at once
+            teacher_extra_tokens(tokenizer.get_vocab(), teacher_tokenizer.get_vocab())
         dataset = load_any(args.dataset_name, args.dataset_config)
         split = eval_split(dataset, args.split) or ("train" if "train" in dataset else None)
         if split is None:
@@ -63,14 +69,18 @@ def run(args: argparse.Namespace) -> int:
         rows = dataset[split]
         if args.max_samples is not None:
             rows = rows.select(range(min(args.max_samples, len(rows))))
-        tokenizer = load_tokenizer(args.model, trust_remote_code=False)
         student = load_causal_lm(args.model, {}, trust_remote_code=False, role="student").eval()
         teacher = load_causal_lm(args.teacher, {}, trust_remote_code=False, role="teacher").eval()
-        results = {
-            "split": split,
-            "rows": len(rows),
-            **mean_token_kl(student, teacher, tokenizer, rows, args.max_length, batch_size=args.batch_size),
-        }
+        scores = mean_token_kl(
+            student,
+            teacher,
+            tokenizer,
+            rows,
+            args.max_length,
+            batch_size=args.batch_size,
+            teacher_tokenizer=teacher_tokenizer,
+        )
+        results = {"split": split, "rows": len(rows), **scores}
         if args.task != "none":
             from ..demo.scoring import accuracy_on_rows
 

@@ -65,15 +65,21 @@ def load_teacher(teacher_model, args) -> tuple[nn.Module, object | None]:
                 "teacher as a path to load it with them, or drop teacher_model_init_kwargs"
             )
         name = teacher_model.config._name_or_path
-    teacher_tokenizer = None
-    if name and (not os.path.isdir(name) or _has_local_tokenizer(name)):
-        try:
-            teacher_tokenizer = load_tokenizer(name, args.trust_remote_code, args.teacher_model_revision)
-        except (OSError, ValueError):
-            teacher_tokenizer = None  # no tokenizer published with the teacher: only the sizes are checked
+    teacher_tokenizer = published_tokenizer(name, args.trust_remote_code, args.teacher_model_revision)
     teacher_model.eval()
     teacher_model.requires_grad_(False)
     return teacher_model, teacher_tokenizer
+
+
+def published_tokenizer(name: str | None, trust_remote_code: bool = False, revision: str | None = None):
+    """The tokenizer published with the teacher `name`, or None where there is none (then only the sizes of the two
+    vocabularies can be checked against each other)."""
+    if not name or (os.path.isdir(name) and not _has_local_tokenizer(name)):
+        return None
+    try:
+        return load_tokenizer(name, trust_remote_code, revision)
+    except (OSError, ValueError):
+        return None
 
 
 def place_teacher(teacher: nn.Module, accelerator, deepspeed_enabled: bool, fsdp_enabled: bool) -> nn.Module:
