@@ -267,3 +267,42 @@ def test_eval_checks_the_teachers_tokenizer_as_training_does(tiny_paths, models,
     assert extending.returncode == 0, extending.stderr[-3000:]
     assert "extends the student's by 3 tokens" in extending.stderr
     assert json.loads(output.read_text())["kl_teacher_student"] > 0
+
+
+# ----- On-policy samples stay within the student's tokenizer -----
+
+
+def test_a_padded_student_never_samples_its_padding_rows(models, tmp_path):
+    """Past the student's tokenizer the student has padding rows and the teacher its extra tokens, at the same ids: a
+    sampled padding id would reach the teacher as `<think>`, and the loss has no column for it."""
+    student = AutoModelForCausalLM.from_pretrained(models["padded_student"])
+    tokens, rows = models["tokens"], student.lm_head.weight.shape[0]
+    with torch.no_grad():  # padding rows that would win most draws
+        student.lm_head.weight[tokens:] = 10.0 * student.lm_head.weight[:tokens].abs().max(0).values
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=models["teacher"],
+        args=config(tmp_path, lmbda=1.0, max_steps=2, max_completion_length=12),
+        train_dataset=dataset(16),
+    )
+    assert trainer.vocab_size == tokens < rows
+    prompt = torch.tensor([trainer.train_dataset[0]["prompt_ids"]])
+    torch.manual_seed(0)
+    unmasked = student.generate(prompt, do_sample=True, max_new_tokens=12, pad_token_id=0)
+    assert (unmasked[0, prompt.shape[1] :] >= tokens).float().mean() > 0.5  # the trap is real for this student
+    generated = student.generate(prompt, generation_config=trainer.generation_config)
+    assert trainer.suppressed_ids == list(range(tokens, rows))
+    assert generated[0, prompt.shape[1] :].max() < tokens
+    trainer.train()
+    losses = logged(trainer, "loss")
+    assert len(losses) == 2 and all(0 < loss < float("inf") for loss in losses)
+
+
+def test_vllm_sampling_suppresses_the_same_ids_over_generation_kwargs(tmp_path):
+    from protege.vllm_colocate import sampling_options
+
+    args = config(tmp_path, generation_kwargs={"logit_bias": {"5": 2.0, "301": 50.0}})
+    options = sampling_options(args, [2], suppressed_ids=[300, 301])
+    assert options["logit_bias"] == {5: 2.0, 300: -100.0, 301: -100.0}  # vLLM's lowest bias
+    assert "logit_bias" not in sampling_options(config(tmp_path), [2])
+    assert sampling_options(args, [2])["logit_bias"] == {"5": 2.0, "301": 50.0}  # the user's, untouched

@@ -380,6 +380,11 @@ def test_student_server_trains_from_pushed_weights(vllm_models, tmp_path):
             for a, b in zip(g, w)
         ]
         assert max(gaps) > 1e-2  # and they are not the starting weights'
+        # The trainer suppresses a padded student's rows past its tokenizer with logit biases (JSON keys: strings).
+        sampling = {"max_tokens": 8, "detokenize": False, "logit_bias": {str(i): -100.0 for i in range(150)}}
+        body = {"prompts": prompts, "seeds": [1, 2], "sampling": sampling}
+        biased = httpx.post(f"{url}/generate/", json=body, headers=key, timeout=120).json()
+        assert min(min(c) for c in biased["completions"]) >= 150 and min(map(len, biased["completions"])) == 8
         refused = httpx.post(f"{url}/weights/?chunk=1&chunks=2&version=9", content=b"x", headers=key, timeout=30)
         assert refused.status_code == 409 and "chunk 0 was expected" in refused.text
     finally:

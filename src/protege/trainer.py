@@ -210,17 +210,25 @@ class DistillationTrainer(Trainer):
                 teacher, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled
             )
             self.teacher = LocalTeacher(self.teacher_model, self.vocab_size, self.objective.teacher_view)
+        # Output rows past the compared width (a padded student's, where an extending teacher has its extra tokens)
+        # are no tokens of the student: a sample of one would reach the teacher as another token, with no loss column.
+        self.suppressed_ids = list(range(self.vocab_size, models.output_rows(model)))
         self.generation_config, self.eos_token_ids = self._generation_config(model, processing_class)
         self.vllm = None
         if args.use_vllm and args.vllm_mode == "server":
             from .vllm_server import VLLMServer
 
-            self.vllm = VLLMServer(args, self.eos_token_ids, self.accelerator.process_index)
+            self.vllm = VLLMServer(args, self.eos_token_ids, self.accelerator.process_index, self.suppressed_ids)
         elif args.use_vllm:
             from .vllm_colocate import VLLMColocate
 
             self.vllm = VLLMColocate(
-                self.model, args, self.eos_token_ids, self.accelerator.process_index, self.accelerator.num_processes
+                self.model,
+                args,
+                self.eos_token_ids,
+                self.accelerator.process_index,
+                self.accelerator.num_processes,
+                self.suppressed_ids,
             )
         self._window = TrainingWindow()
         if self.is_world_process_zero():
@@ -242,6 +250,9 @@ class DistillationTrainer(Trainer):
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
             eos_ids.append(tokenizer.eos_token_id)
+        options = dict(self.args.generation_kwargs or {})
+        if self.suppressed_ids:
+            options["suppress_tokens"] = sorted({*(options.get("suppress_tokens") or []), *self.suppressed_ids})
         config = GenerationConfig(
             max_new_tokens=self.args.max_completion_length,
             do_sample=True,
@@ -253,7 +264,7 @@ class DistillationTrainer(Trainer):
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos_ids,
             use_cache=True,
-            **(self.args.generation_kwargs or {}),
+            **options,
         )
         return config, eos_ids
 

@@ -11,7 +11,7 @@ prompt drawn from (seed, rank, step, row), so runs repeat and repeated prompts s
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -54,8 +54,15 @@ def student_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
         yield name.replace(".base_layer", "").replace(".modules_to_save.default", ""), tensor
 
 
-def sampling_options(args, eos_token_ids: list[int]) -> dict:
-    """vLLM SamplingParams fields from the config (`generation_kwargs` last, so it overrides), token ids out."""
+# vLLM caps a logit bias at -100: a suppressed id keeps at most e^-100 of the weight of a token as likely as itself.
+SUPPRESSING_BIAS = -100.0
+
+
+def sampling_options(args, eos_token_ids: list[int], suppressed_ids: Sequence[int] = ()) -> dict:
+    """vLLM SamplingParams fields from the config (`generation_kwargs` last, so it overrides), token ids out.
+
+    `suppressed_ids` (the student's padding rows past the tokenizer, see `DistillationTrainer`) are never sampled,
+    whatever `generation_kwargs` says of them: their biases are vLLM's lowest."""
     options = {
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -68,7 +75,11 @@ def sampling_options(args, eos_token_ids: list[int]) -> dict:
     }
     if args.vllm_structured_outputs_regex:
         options["structured_outputs_regex"] = args.vllm_structured_outputs_regex
-    return options | (args.generation_kwargs or {})
+    options |= args.generation_kwargs or {}
+    if suppressed_ids:
+        biases = {int(token): float(bias) for token, bias in (options.get("logit_bias") or {}).items()}
+        options["logit_bias"] = biases | dict.fromkeys(suppressed_ids, SUPPRESSING_BIAS)
+    return options
 
 
 def prompt_seeds(seed: int, process_index: int, step: int, count: int) -> list[int]:
@@ -80,9 +91,18 @@ def prompt_seeds(seed: int, process_index: int, step: int, count: int) -> list[i
 class VLLMColocate:
     """One `vllm.LLM` in this training process, generating the student's on-policy completions."""
 
-    def __init__(self, model: torch.nn.Module, args, eos_token_ids: list[int], process_index: int, num_processes: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args,
+        eos_token_ids: list[int],
+        process_index: int,
+        num_processes: int,
+        suppressed_ids: Sequence[int] = (),
+    ):
         vllm = require_vllm()
         self.args, self.eos_token_ids, self.process_index = args, eos_token_ids, process_index
+        self.suppressed_ids = list(suppressed_ids)
         self.folder = tempfile.TemporaryDirectory(prefix="protege-vllm-")
         base = extract_model_from_parallel(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
@@ -123,7 +143,7 @@ class VLLMColocate:
 
     def _sampling(self, count: int, step: int) -> list:
         """One SamplingParams per prompt: the config's sampling and the prompt's seed."""
-        options = sampling_options(self.args, self.eos_token_ids)
+        options = sampling_options(self.args, self.eos_token_ids, self.suppressed_ids)
         regex = options.pop("structured_outputs_regex", None)
         if regex:
             from vllm.sampling_params import StructuredOutputsParams

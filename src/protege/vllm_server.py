@@ -9,6 +9,7 @@ back. Timeouts, retries and errors naming the URL come from `http_client.Retryin
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -48,13 +49,14 @@ def weight_chunks(weights, max_bytes: int):
 class VLLMServer:
     """The student's generations from a `protege serve-student` server (see the module docstring)."""
 
-    def __init__(self, args, eos_token_ids: list[int], process_index: int):
+    def __init__(self, args, eos_token_ids: list[int], process_index: int, suppressed_ids: Sequence[int] = ()):
         url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
         retries = args.vllm_server_max_retries
         api_key = args.vllm_server_api_key or os.environ.get(STUDENT_API_KEY_VARIABLE)
         self.client = StudentServerClient(url, timeout=args.vllm_server_timeout, max_retries=retries, api_key=api_key)
         self.client.wait_until_ready(args.vllm_server_timeout)
         self.args, self.eos_token_ids, self.process_index = args, eos_token_ids, process_index
+        self.suppressed_ids = list(suppressed_ids)
         self.synced_step: int | None = None
         self.generate_calls = 0
         self.pushed_bytes = 0
@@ -78,7 +80,7 @@ class VLLMServer:
         body = {
             "prompts": prompts,
             "seeds": prompt_seeds(self.args.seed, self.process_index, step, len(prompts)),
-            "sampling": sampling_options(self.args, self.eos_token_ids),
+            "sampling": sampling_options(self.args, self.eos_token_ids, self.suppressed_ids),
         }
         answer = self.client._post("/generate/", body)
         completions = answer.get("completions")

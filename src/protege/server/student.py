@@ -60,6 +60,8 @@ class StudentEngine:
     def generate(self, request: GenerateRequest) -> dict:
         """{"completions": token ids per prompt} and, when asked, "logprobs" of each sampled token."""
         options = dict(request.sampling) | ({"logprobs": 0} if request.logprobs else {})
+        if options.get("logit_bias"):  # JSON object keys are strings; vLLM indexes logits with them
+            options["logit_bias"] = {int(token): float(bias) for token, bias in options["logit_bias"].items()}
         regex = options.pop("structured_outputs_regex", None)
         if regex:
             from vllm.sampling_params import StructuredOutputsParams
