@@ -89,6 +89,27 @@ def test_publish_replaces_a_checkpoint_of_the_same_name(tmp_path):
     assert folders(tmp_path) == ["checkpoint-2"] and os.listdir(tmp_path / "checkpoint-2") == ["new"]
 
 
+def test_publish_flushes_the_checkpoint_to_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """A power loss after the rename must not leave a `checkpoint-N` of empty or partial files (the files' data and the
+    rename reach the disk in any order unless forced)."""
+    staged = tmp_path / "tmp-checkpoint-3" / "checkpoint-3"
+    (staged / "global_step3").mkdir(parents=True)
+    for name in ("model.safetensors", "trainer_state.json", "global_step3/optim_states.pt"):
+        (staged / name).write_text(name)
+    events = []
+    real_rename = os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))))
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", str(b))) or real_rename(a, b))
+    publish(str(staged), str(tmp_path / "checkpoint-3"))
+    rename = events.index(("rename", str(tmp_path / "checkpoint-3")))
+    synced_before = {path for kind, path in events[:rename] if kind == "fsync"}
+    files = ["model.safetensors", "trainer_state.json", "global_step3/optim_states.pt"]
+    assert synced_before == {str(staged / name) for name in [*files, "global_step3"]} | {str(staged)}
+    assert events[rename + 1 :] == [("fsync", str(tmp_path))]
+    published = tmp_path / "checkpoint-3"
+    assert [(published / name).read_text() for name in files] == files
+
+
 class Score(TrainerCallback):
     """An evaluation score by step, so that the best checkpoint is known: step 1, then step 3."""
 

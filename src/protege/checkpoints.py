@@ -9,11 +9,14 @@ kill at any point leaves either the whole checkpoint or none. `newest_complete` 
 staging folders, and a `checkpoint-N` without `trainer_state.json` (transformers writes it last; such a folder comes
 from a save that was not staged). The next save deletes leftover staging folders (`clear_staging`).
 
-This guards against a killed process, not against a power loss (files are not fsynced before the rename).
+A kill cannot undo a rename, but a power loss can: the kernel may write the rename to disk before the files' data.
+`publish` therefore flushes every file and folder of the checkpoint to disk first, and the parent folder (the rename)
+after, as PyTorch's distributed checkpoint writer does by default.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -53,10 +56,38 @@ def publish(written: str, final: str) -> None:
     staging = os.path.dirname(written)
     if not os.path.isdir(written):
         return  # another process that saves on a shared filesystem published it already
+    sync_tree(written)
     if os.path.lexists(final):
         os.rename(final, os.path.join(staging, "replaced"))
     os.rename(written, final)
+    sync_folder(os.path.dirname(final))
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def sync_tree(folder: str) -> None:
+    """Flush the data of every file under `folder`, then every folder's entries, to disk."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            descriptor = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        sync_folder(root)
+
+
+def sync_folder(folder: str) -> None:
+    """Flush a folder's entries (names created, renamed, deleted) to disk, where the platform can (not Windows)."""
+    if os.name == "nt":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    except OSError as error:  # some filesystems cannot fsync a folder (EINVAL): their renames are as durable as allowed
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(descriptor)
 
 
 def is_complete(folder: str) -> bool:
