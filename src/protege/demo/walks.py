@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .tasks import distinct_problems, problems_excluding
@@ -53,13 +53,18 @@ def build_graph(seed: str = "protege-demo-walks-graph-1") -> dict[str, tuple[str
 GRAPH = build_graph()
 
 
-def random_walk(rng: random.Random, start: str, steps: int) -> tuple[str, ...]:
-    """`steps` nodes after `start`, each a uniformly random successor of the one before."""
+def walk_from(start: str, steps: int, choose: Callable[[tuple[str, ...]], str]) -> tuple[str, ...]:
+    """`steps` nodes after `start`, each chosen by `choose` among the successors of the one before."""
     walk, node = [], start
     for _ in range(steps):
-        node = rng.choice(GRAPH[node])
+        node = choose(GRAPH[node])
         walk.append(node)
     return tuple(walk)
+
+
+def random_walk(rng: random.Random, start: str, steps: int) -> tuple[str, ...]:
+    """`steps` nodes after `start`, each a uniformly random successor of the one before."""
+    return walk_from(start, steps, rng.choice)
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,13 +85,7 @@ class Problem:
     def answer(self) -> tuple[str, ...]:
         """`walk`, or when empty (a parsed prompt) the walk that always takes the first successor: a valid answer of
         the right length, which sizes generation."""
-        if self.walk:
-            return self.walk
-        node, answer = self.prefix[-1], []
-        for _ in range(STEPS):
-            node = GRAPH[node][0]
-            answer.append(node)
-        return tuple(answer)
+        return self.walk or walk_from(self.prefix[-1], STEPS, lambda successors: successors[0])
 
 
 def random_problem(rng: random.Random) -> Problem:
