@@ -320,6 +320,14 @@ def reduce_elements(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def check_same_shape(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ; slice both to the shared vocabulary first"
+        )
+
+
 def _masked_loss(rows_fn, student_logits, labels, teacher_tensors, reduction, num_items_in_batch) -> torch.Tensor:
     """`rows_fn(student_rows, *teacher_rows)` at the positions whose label counts, reduced."""
     check_reduction(reduction)
@@ -341,11 +349,7 @@ def generalized_jsd_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generalized JSD between student and teacher logits of shape (..., V); gradients flow to the student only."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ; slice both to the shared vocabulary first"
-        )
+    check_same_shape(student_logits, teacher_logits)
     rows_fn = functools.partial(divergence_rows, beta=beta, temperature=temperature, top_k=top_k, add_tail=add_tail)
     return _masked_loss(rows_fn, student_logits, labels, [teacher_logits], reduction, num_items_in_batch)
 
@@ -372,11 +376,7 @@ def trl_generalized_jsd_loss(
     * "sum"; "mean": over every element kept (0 when none is, where TRL gives NaN); "none": the kept elements.
     """
     check_reduction(reduction)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ; slice both to the shared vocabulary first"
-        )
+    check_same_shape(student_logits, teacher_logits)
     if labels is not None:
         mask = token_mask(student_logits, labels)
         student_logits, teacher_logits = student_logits[mask], teacher_logits[mask]
