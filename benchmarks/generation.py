@@ -54,9 +54,8 @@ are not counted, then ``--steps`` (3) timed steps. Per timed step the worker rep
 logged ``time/generation_s`` (the one generation call, the vLLM weight push included), the seconds of the weight push
 alone (the engine's ``_sync_weights``, timed by the worker) and the trainer's logged ``completion_tokens`` (completion
 tokens trained on; checked against ``workers.counting_trainer``'s count of ``labels != -100``). The JSON also has the
-logged ``time/teacher_s`` (per step) and ``time/student_s`` x grad accum (the trainer logs the mean over the step's
-``training_step`` calls, one a slice). Building the trainer (and the vLLM engine) is outside the timing and reported
-as ``setup_seconds``.
+logged ``time/teacher_s`` and ``time/student_s`` (both per step, all slices). Building the trainer (and the vLLM
+engine) is outside the timing and reported as ``setup_seconds``.
 
 Trained completion tokens/s = completion tokens of the timed steps / their wall seconds; speedup = vLLM's over
 transformers' at the same grad accum. Peak RSS is the worker's ``ru_maxrss``.
@@ -202,7 +201,6 @@ def worker(argv: list[str]) -> int:
     steps = []
     for k in range(1, total + 1):
         log = logs.get(k, {})
-        per_slice = log.get("time/student_s")  # the mean over the step's training_step calls (one a slice)
         steps.append(
             {
                 "step": k,
@@ -211,7 +209,7 @@ def worker(argv: list[str]) -> int:
                 "generation_seconds": log.get("time/generation_s"),
                 "sync_seconds": sync_seconds.get(k),
                 "teacher_seconds": log.get("time/teacher_s"),
-                "student_seconds": None if per_slice is None else per_slice * case.grad_accum,
+                "student_seconds": log.get("time/student_s"),
                 "completion_tokens": log.get("completion_tokens"),
                 "counted_tokens": trainer.step_tokens.get(k),
                 "mean_length": log.get("completions/mean_length"),

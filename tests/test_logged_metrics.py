@@ -108,3 +108,20 @@ def test_estimate_is_logged_alike_by_every_objective_and_teacher(tiny_paths, tmp
     assert sparse["on_policy_reverse_kl_estimate"] == pytest.approx(estimate, rel=1e-4)
     assert server["on_policy_reverse_kl_estimate"] == pytest.approx(estimate, rel=1e-4)
     assert abs(sparse["loss"] - dense["loss"]) > 0.1  # the losses are different quantities; the estimate is not
+
+
+def test_time_logs_are_per_optimizer_step_for_generation_teacher_and_student():
+    """Two steps of 4 gradient-accumulation slices each: the student's and the teacher's seconds add over slices and
+    are divided by steps, as generation's (one call a step) are averaged over steps."""
+    from protege.metrics import TrainingWindow
+
+    window = TrainingWindow()
+    for _ in range(2):
+        window.generation_seconds.append(1.5)
+        window.teacher_seconds += 0.5
+        for _ in range(4):
+            window.student_seconds += 0.25
+    logs = window.logs(lambda sums: sums)
+    assert logs["time/generation_s"] == 1.5
+    assert logs["time/teacher_s"] == 0.5
+    assert logs["time/student_s"] == 1.0  # 4 slices x 0.25 s, per step (was the per-slice mean, 0.25)

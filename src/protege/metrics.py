@@ -19,6 +19,7 @@ class TrainingWindow:
     started: float | None = None
     completion_tokens: int = 0  # trained on, all ranks
     teacher_seconds: float = 0.0
+    student_seconds: float = 0.0  # forward and backward of every slice, the teacher's time taken out
     on_policy_loss_sum: float = 0.0
     on_policy_tokens: float = 0.0
     off_policy_loss_sum: float = 0.0
@@ -27,7 +28,6 @@ class TrainingWindow:
     sampled_tokens: float = 0.0
     on_policy_fraction: list[float] = field(default_factory=list)
     generation_seconds: list[float] = field(default_factory=list)
-    student_seconds: list[float] = field(default_factory=list)
     mean_length: list[float] = field(default_factory=list)
     min_length: list[float] = field(default_factory=list)
     max_length: list[float] = field(default_factory=list)
@@ -62,7 +62,6 @@ class TrainingWindow:
         logs = {
             "on_policy_fraction": _mean(self.on_policy_fraction),
             "time/generation_s": _mean(self.generation_seconds),
-            "time/student_s": _mean(self.student_seconds),
             "completions/mean_length": _mean(self.mean_length),
             "completions/min_length": _mean(self.min_length),
             "completions/max_length": _mean(self.max_length),
@@ -89,7 +88,9 @@ class TrainingWindow:
             logs["on_policy_loss"] = round(on_sum / on_tokens, 6)
         if off_tokens > 0:
             logs["off_policy_loss"] = round(off_sum / off_tokens, 6)
-        logs["time/teacher_s"] = self.teacher_seconds / max(len(self.generation_seconds), 1)  # per step
+        steps = max(len(self.generation_seconds), 1)
+        logs["time/teacher_s"] = self.teacher_seconds / steps  # per step, as generation's
+        logs["time/student_s"] = self.student_seconds / steps
         logs["completion_tokens"] = self.completion_tokens
         if self.started is not None:
             elapsed = time.perf_counter() - self.started

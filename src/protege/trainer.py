@@ -362,7 +362,7 @@ class DistillationTrainer(Trainer):
         started, teacher_before = time.perf_counter(), self._window.teacher_seconds
         loss = super().training_step(model, inputs, num_items_in_batch)
         teacher_seconds = self._window.teacher_seconds - teacher_before
-        self._window.student_seconds.append(time.perf_counter() - started - teacher_seconds)
+        self._window.student_seconds += time.perf_counter() - started - teacher_seconds
         return loss
 
     def _stop_on_nonfinite_loss(self, model) -> None:
