@@ -4,6 +4,7 @@ training before it reaches the weights or a checkpoint."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -108,6 +109,26 @@ def test_publish_flushes_the_checkpoint_to_disk_before_the_rename_and_the_rename
     assert events[rename + 1 :] == [("fsync", str(tmp_path))]
     published = tmp_path / "checkpoint-3"
     assert [(published / name).read_text() for name in files] == files
+
+
+@pytest.mark.parametrize(("errno_code", "published"), [(errno.EINVAL, True), (errno.ENOTSUP, True), (errno.EIO, False)])
+def test_publish_on_a_filesystem_that_cannot_fsync(tmp_path, monkeypatch, errno_code, published):
+    """Filesystems that refuse fsync (some FUSE and network ones) still get their checkpoint; a failing disk (EIO)
+    stops the save before the rename, so the previous checkpoint stays the newest."""
+    staged = tmp_path / "tmp-checkpoint-3" / "checkpoint-3"
+    staged.mkdir(parents=True)
+    (staged / "trainer_state.json").write_text("{}")
+
+    def refuse(descriptor):
+        raise OSError(errno_code, os.strerror(errno_code))
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    if published:
+        publish(str(staged), str(tmp_path / "checkpoint-3"))
+    else:
+        with pytest.raises(OSError, match="Input/output error"):
+            publish(str(staged), str(tmp_path / "checkpoint-3"))
+    assert (tmp_path / "checkpoint-3").is_dir() == published
 
 
 class Score(TrainerCallback):

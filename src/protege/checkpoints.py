@@ -60,7 +60,7 @@ def publish(written: str, final: str) -> None:
     if os.path.lexists(final):
         os.rename(final, os.path.join(staging, "replaced"))
     os.rename(written, final)
-    sync_folder(os.path.dirname(final))
+    sync_path(os.path.dirname(final))
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -68,22 +68,21 @@ def sync_tree(folder: str) -> None:
     """Flush the data of every file under `folder`, then every folder's entries, to disk."""
     for root, _, files in os.walk(folder, topdown=False):
         for name in files:
-            descriptor = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-        sync_folder(root)
+            sync_path(os.path.join(root, name))
+        sync_path(root)
 
 
-def sync_folder(folder: str) -> None:
-    """Flush a folder's entries (names created, renamed, deleted) to disk, where the platform can (not Windows)."""
+def sync_path(path: str) -> None:
+    """fsync a file (its data) or a folder (its entries: names created, renamed, deleted), where the platform and the
+    filesystem can: not on Windows, whose fsync needs a writable handle and cannot open folders, and not where the
+    filesystem refuses (EINVAL, ENOTSUP: some network and FUSE filesystems), whose writes are then as durable as it
+    allows."""
     if os.name == "nt":
         return
-    descriptor = os.open(folder, os.O_RDONLY)
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
-    except OSError as error:  # some filesystems cannot fsync a folder (EINVAL): their renames are as durable as allowed
+    except OSError as error:
         if error.errno not in (errno.EINVAL, errno.ENOTSUP):
             raise
     finally:
