@@ -215,21 +215,18 @@ class DistillationTrainer(Trainer):
         self.suppressed_ids = list(range(self.vocab_size, models.output_rows(model)))
         self.generation_config, self.eos_token_ids = self._generation_config(model, processing_class)
         self.vllm = None
-        if args.use_vllm and args.vllm_mode == "server":
-            from .vllm_server import VLLMServer
+        if args.use_vllm:
+            from .vllm_colocate import VLLMColocate, sampling_options
 
-            self.vllm = VLLMServer(args, self.eos_token_ids, self.accelerator.process_index, self.suppressed_ids)
-        elif args.use_vllm:
-            from .vllm_colocate import VLLMColocate
+            sampling = sampling_options(args, self.eos_token_ids, self.suppressed_ids)
+            if args.vllm_mode == "server":
+                from .vllm_server import VLLMServer
 
-            self.vllm = VLLMColocate(
-                self.model,
-                args,
-                self.eos_token_ids,
-                self.accelerator.process_index,
-                self.accelerator.num_processes,
-                self.suppressed_ids,
-            )
+                self.vllm = VLLMServer(args, sampling, self.accelerator.process_index)
+            else:
+                self.vllm = VLLMColocate(
+                    self.model, args, sampling, self.accelerator.process_index, self.accelerator.num_processes
+                )
         self._window = TrainingWindow()
         if self.is_world_process_zero():
             logger.info(self.objective.describe())

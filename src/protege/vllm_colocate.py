@@ -95,14 +95,13 @@ class VLLMColocate:
         self,
         model: torch.nn.Module,
         args,
-        eos_token_ids: list[int],
+        sampling: dict,
         process_index: int,
         num_processes: int,
-        suppressed_ids: Sequence[int] = (),
     ):
+        """`sampling`: SamplingParams fields for every prompt but its seed (`sampling_options`)."""
         vllm = require_vllm()
-        self.args, self.eos_token_ids, self.process_index = args, eos_token_ids, process_index
-        self.suppressed_ids = list(suppressed_ids)
+        self.args, self.sampling, self.process_index = args, sampling, process_index
         self.folder = tempfile.TemporaryDirectory(prefix="protege-vllm-")
         base = extract_model_from_parallel(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
@@ -143,7 +142,7 @@ class VLLMColocate:
 
     def _sampling(self, count: int, step: int) -> list:
         """One SamplingParams per prompt: the config's sampling and the prompt's seed."""
-        options = sampling_options(self.args, self.eos_token_ids, self.suppressed_ids)
+        options = dict(self.sampling)
         regex = options.pop("structured_outputs_regex", None)
         if regex:
             from vllm.sampling_params import StructuredOutputsParams

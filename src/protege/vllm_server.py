@@ -9,13 +9,12 @@ back. Timeouts, retries and errors naming the URL come from `http_client.Retryin
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 
 from .choices import STUDENT_API_KEY_VARIABLE
 from .http_client import RetryingClient, ServerError
-from .vllm_colocate import prompt_seeds, sampling_options, student_weights
+from .vllm_colocate import prompt_seeds, student_weights
 
 
 class StudentServerError(ServerError):
@@ -49,14 +48,14 @@ def weight_chunks(weights, max_bytes: int):
 class VLLMServer:
     """The student's generations from a `protege serve-student` server (see the module docstring)."""
 
-    def __init__(self, args, eos_token_ids: list[int], process_index: int, suppressed_ids: Sequence[int] = ()):
+    def __init__(self, args, sampling: dict, process_index: int):
+        """`sampling`: SamplingParams fields for every prompt but its seed (`vllm_colocate.sampling_options`)."""
         url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
         retries = args.vllm_server_max_retries
         api_key = args.vllm_server_api_key or os.environ.get(STUDENT_API_KEY_VARIABLE)
         self.client = StudentServerClient(url, timeout=args.vllm_server_timeout, max_retries=retries, api_key=api_key)
         self.client.wait_until_ready(args.vllm_server_timeout)
-        self.args, self.eos_token_ids, self.process_index = args, eos_token_ids, process_index
-        self.suppressed_ids = list(suppressed_ids)
+        self.args, self.sampling, self.process_index = args, sampling, process_index
         self.synced_step: int | None = None
         self.generate_calls = 0
         self.pushed_bytes = 0
@@ -80,7 +79,7 @@ class VLLMServer:
         body = {
             "prompts": prompts,
             "seeds": prompt_seeds(self.args.seed, self.process_index, step, len(prompts)),
-            "sampling": sampling_options(self.args, self.eos_token_ids, self.suppressed_ids),
+            "sampling": self.sampling,
         }
         answer = self.client._post("/generate/", body)
         completions = answer.get("completions")
