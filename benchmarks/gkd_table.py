@@ -549,8 +549,10 @@ def main(argv=None) -> None:
         "letters and walks); canonical, the task's one house-style answer per prompt (Task.canonical)",
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (1 torch thread each)")
-    parser.add_argument("--output-dir", default=None, help="default: runs/gkd_table, runs/gkd_table_TASK")
-    parser.add_argument("--plot", default=None, help="default: docs/gkd_table.png, docs/gkd_table_TASK.png")
+    parser.add_argument(
+        "--output-dir", default=None, help="default: runs/gkd_table, runs/gkd_table_TASK, runs/gkd_table_TASK_canonical"
+    )
+    parser.add_argument("--plot", default=None, help="default: docs/gkd_table.png, docs/gkd_table_TASK[_canonical].png")
     parser.add_argument("--fresh", action="store_true", help="rerun methods whose results are already saved")
     parser.add_argument("--replot", action="store_true", help="only redraw the table and chart from summary.json")
     parser.add_argument("--quick", action="store_true", help="smoke run: seed 0, 3 methods, 4 steps")
@@ -566,6 +568,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     suffix = "" if args.task == "addition" else f"_{args.task}"
+    suffix += "_canonical" if args.references == "canonical" else ""  # never over the sampled references' results
     args.output_dir = args.output_dir or str(REPO / "runs" / f"gkd_table{suffix}")
     args.plot = args.plot or str(REPO / "docs" / f"gkd_table{suffix}.png")
     args.steps = args.steps or BUDGETS[args.task][0]
