@@ -12,3 +12,8 @@ PROMPT_TRUNCATIONS = ("middle", "left", "error")  # DistillationConfig.prompt_tr
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")  # weights dtypes by name (init kwargs, serve-teacher)
 API_KEY_VARIABLE = "PROTEGE_TEACHER_API_KEY"  # the teacher server's key: serve-teacher --api-key, the trainer's client
 STUDENT_API_KEY_VARIABLE = "PROTEGE_STUDENT_API_KEY"  # the same for serve-student and vllm_server_api_key
+
+
+def setting_error(field_name: str, value, allowed: str) -> ValueError:
+    """The one error for a setting whose value is not allowed: it names the field, the value and what is allowed."""
+    return ValueError(f"{field_name}={value!r} is not allowed: {allowed}.")
