@@ -15,6 +15,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
+from ..choices import DTYPE_NAMES
 from ..config import DistillationConfig
 from ..model_source import check_model_source
 from .errors import UsageError, report
@@ -46,7 +47,7 @@ class ModelConfig:
         default="float32",
         metadata={
             "help": "Weights dtype for student and teacher.",
-            "choices": ["auto", "bfloat16", "float16", "float32"],
+            "choices": list(DTYPE_NAMES),
         },
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "Attention implementation, e.g. sdpa."})
