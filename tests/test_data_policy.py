@@ -12,7 +12,6 @@ from tiny import config
 from transformers import AutoTokenizer
 
 from protege import DistillationConfig, DistillationTrainer
-from protege import trainer as trainer_module
 from protege.data import ORDER_RULE, SequenceLimit, Tokenizer, cut_prompt, sequence_limit, split_row, tokenize_dataset
 
 
@@ -386,20 +385,21 @@ def test_max_length_none_refuses_a_row_over_the_models_positions_at_start(tiny_p
         )
 
 
-class InfoOnlyClient:
-    """Stands in for a connected teacher server: /info/ as `connect_teacher` keeps it, and closing, nothing more."""
+def test_max_length_none_refuses_a_row_over_the_servers_max_model_len_at_start(tiny_paths, tmp_path):
+    """A real teacher server on 127.0.0.1 whose /info/ says max_model_len 40: its limit is known at start."""
+    from conftest import ThreadedUvicorn
 
-    def __init__(self, info: dict):
-        self.server_info, self.closed = info, False
+    from protege.server.app import ServerLimits, create_app
+    from protege.server.backends import TransformersBackend
 
-    def close(self) -> None:
-        self.closed = True
+    limits = ServerLimits(max_model_len=40)
+    with ThreadedUvicorn(
+        create_app(TransformersBackend(tiny_paths["teacher"], device="cpu"), limits), limits
+    ) as server:
+        _refuses_rows_over_the_servers_limit(tiny_paths, tmp_path, server.url)
 
 
-def test_max_length_none_refuses_a_row_over_the_servers_max_model_len_at_start(tiny_paths, tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        trainer_module, "connect_teacher", lambda args, tokenizer: InfoOnlyClient({"max_model_len": 40})
-    )
+def _refuses_rows_over_the_servers_limit(tiny_paths, tmp_path, url: str) -> None:
     good = {"messages": [user("What is 1+1?"), assistant("1+1=2")]}
     long = {"messages": [user("What is 1+1?"), assistant("1+1=2 " * 8)]}
     args = config(
@@ -409,7 +409,7 @@ def test_max_length_none_refuses_a_row_over_the_servers_max_model_len_at_start(t
         beta=0.0,
         loss_top_k=1,
         use_teacher_server=True,
-        teacher_model_server_url="http://127.0.0.1:9",
+        teacher_model_server_url=url,
     )
     with pytest.raises(
         ValueError,

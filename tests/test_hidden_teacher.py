@@ -57,7 +57,7 @@ def test_loss_and_gradients_equal_the_local_teacher(tiny_paths, tmp_path, teache
         train_dataset=dataset(8),
     )
     remote = hidden_trainer(tiny_paths, tmp_path / "remote", teacher_url, beta=beta, loss_top_k=top_k)
-    assert isinstance(remote.teacher, RemoteHiddenTeacher) and remote.objective.teacher_view == "hidden"
+    assert isinstance(remote.teacher, RemoteHiddenTeacher) and remote.teacher.returns == "hidden"
     local_loss, local_grads = loss_and_grads(local)
     remote_loss, remote_grads = loss_and_grads(remote)
     assert local_loss > 0

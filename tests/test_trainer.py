@@ -187,7 +187,7 @@ def test_auto_chunking_falls_back_to_full_logits_for_soft_capped_models(tiny_pat
             model=student, teacher_model=tiny_paths["teacher"], args=args, train_dataset=dataset(8)
         )
     assert trainer.objective.chunk_size is None and trainer.objective.student_view == "logits"
-    assert trainer.teacher.view == "logits"
+    assert trainer.teacher.returns == "logits"
     with pytest.raises(ValueError, match="loss_chunk_size: the student transforms its logits"):
         DistillationTrainer(
             model=student,

@@ -8,6 +8,7 @@ functions of tensors, like `losses`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from .losses import (
     IGNORE_INDEX,
     check_reduction,
     compute_dtype,
+    covers_vocabulary,
     divergence_rows,
     divergence_rows_value_and_grad,
     normaliser,
@@ -32,6 +34,27 @@ TENSORS_PER_CHUNK_ROW = 10
 def auto_chunk_size(vocab_size: int) -> int:
     """Tokens per chunk for a vocabulary: bounded memory at a large vocabulary, few chunks at a small one."""
     return max(16, AUTO_CHUNK_BYTES // (TENSORS_PER_CHUNK_ROW * 4 * max(vocab_size, 1)))
+
+
+def apply_head(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """Logits of `rows`: hidden states through the LM head `weight` (V, H) and `bias`, or logits already when `weight`
+    is None."""
+    return rows if weight is None else F.linear(rows.to(weight.dtype), weight, bias)
+
+
+def head_chunks(
+    rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, chunk_size: int, *aligned: torch.Tensor
+) -> Iterator[tuple[slice, torch.Tensor, list[torch.Tensor]]]:
+    """The one chunk loop of the memory-bounded path: (which rows, their logits, the `aligned` tensors' same rows), a
+    chunk of `chunk_size` rows at a time. `rows` are hidden states (N, H) put through the LM head `weight` (V, H) and
+    `bias` without gradients, or logits already when `weight` is None. The loss, the sampled-token metric and the
+    teacher server's scoring all run on it, so no caller ever holds (tokens x vocabulary) logits."""
+    for start in range(0, rows.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        with torch.no_grad():
+            logits = apply_head(rows[part], weight, bias)
+        yield part, logits, [t[part] for t in aligned]
+        del logits  # before the next chunk's logits exist, once the caller has dropped its own reference
 
 
 class _ChunkedRows(torch.autograd.Function):
@@ -58,12 +81,8 @@ class _ChunkedRows(torch.autograd.Function):
         ]
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
         support_size = 0
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
+        for rows, logits, chunk_rows in head_chunks(hidden, weight, bias, chunk_size, *teacher_rows):
             chunk_hidden = hidden[rows]
-            chunk_rows = [t[rows] for t in teacher_rows]
-            with torch.no_grad():
-                logits = F.linear(chunk_hidden, weight, bias)
             if value_and_grad_fn is not None:
                 chunk_loss, grad_logits = value_and_grad_fn(logits, *chunk_rows)
                 grad_logits = grad_logits.to(logits.dtype)  # as autograd gives it, in the logits' dtype
@@ -138,7 +157,7 @@ def through_teacher_head(fn, weight: torch.Tensor, bias: torch.Tensor | None):
 
     def on_hidden(student_logits, teacher_hidden, *rest):
         with torch.no_grad():
-            teacher_logits = F.linear(teacher_hidden, weight, bias)
+            teacher_logits = apply_head(teacher_hidden, weight, bias)
         return fn(student_logits, teacher_logits, *rest)
 
     return on_hidden
@@ -217,7 +236,7 @@ def chunked_jsd_loss(
         return divergence_rows_value_and_grad(student_logits, teacher_logits, beta=beta, temperature=temperature)
 
     heads = (student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels)
-    full = top_k <= 0 or top_k >= student_lm_head.shape[0]
+    full = covers_vocabulary(top_k, student_lm_head.shape[0])
     return chunked_logits_loss(rows_fn, heads, value_and_grad_fn=value_and_grad_fn if full else None, **chunk_options)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import models
@@ -54,12 +56,11 @@ def summed_token_kl(
     device = next(student.parameters()).device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     vocab = vocab if vocab is not None else min(models.output_rows(student), models.output_rows(teacher))
-    view = "hidden" if models.has_plain_head(student) and models.has_plain_head(teacher) else "logits"
+    objective = Objective(beta=0.0, chunk_size="auto").for_student(student)
     labels = batch["labels"][:, int(batch["prompt_width"]) :]
-    student_side = student_output(student, batch, view, vocab)
-    teacher_side = LocalTeacher(teacher, vocab, view)(batch)
-    chunk_size = "auto" if view == "hidden" else None
+    student_side = student_output(student, batch, objective.student_view, vocab)
+    teacher_side = LocalTeacher(teacher, vocab, models.head_view(teacher, "teacher", objective.chunk_size))(batch)
     return {
-        f"kl_{name}": Objective(beta=beta, chunk_size=chunk_size).loss_sum(student_side, teacher_side, labels)
+        f"kl_{name}": dataclasses.replace(objective, beta=beta).loss_sum(student_side, teacher_side, labels)
         for name, beta in (("teacher_student", 0.0), ("student_teacher", 1.0))
     } | {"completion_tokens": labels.ne(IGNORE_INDEX).sum()}

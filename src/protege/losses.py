@@ -139,6 +139,12 @@ def top_k_support(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def covers_vocabulary(top_k: int, vocab_size: int | None = None) -> bool:
+    """Whether a top-k support is the whole vocabulary (`loss_top_k=0`, or k at least the vocabulary): the one rule
+    for when the full-vocabulary divergence, and its closed-form gradient, apply."""
+    return top_k <= 0 or (vocab_size is not None and top_k >= vocab_size)
+
+
 def divergence_rows(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -154,7 +160,7 @@ def divergence_rows(
     student_logp = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     with torch.no_grad():
         teacher_logp = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-    if top_k <= 0 or top_k >= student_logp.shape[-1]:
+    if covers_vocabulary(top_k, student_logp.shape[-1]):
         return divergence_elements(student_logp, teacher_logp, beta)
     ids, valid = top_k_support(student_logp.detach(), teacher_logp, beta, top_k)
     return support_elements(student_logp.gather(-1, ids), teacher_logp.gather(-1, ids), valid, beta, add_tail)

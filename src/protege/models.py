@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import torch
@@ -111,10 +112,24 @@ def has_plain_head(model: torch.nn.Module) -> bool:
     return logit_transform(model.config) == (1.0, None)
 
 
-def require_plain_head(model: torch.nn.Module, who: str) -> None:
-    """Refuse a model whose logits are transformed after the LM head: hidden @ head.T would not reproduce them."""
-    if not has_plain_head(model):
-        raise ValueError(
-            f"loss_chunk_size: the {who} transforms its logits after the LM head "
-            "(softcapping or scaling), which the chunked loss does not reproduce"
+def head_view(model: torch.nn.Module, role: str, chunk_size: int | str | None, fused: bool = False) -> str:
+    """What `model` hands to the loss: "hidden" (its last hidden state and LM head, for the chunked and fused paths)
+    or "logits". The one rule for it: the head is applied outside the model only where the logits are exactly
+    hidden @ head.T (+ bias); under chunk size "auto" a model that transforms them gives full logits instead (said
+    once), while an explicit chunk size or Liger's fused loss refuses it, naming `role`."""
+    if chunk_size is None and not fused:
+        return "logits"
+    if has_plain_head(model):
+        return "hidden"
+    if chunk_size == "auto" and not fused:
+        warnings.warn(
+            f"loss_chunk_size='auto': the {role} transforms its logits after the LM head (soft-capping or scaling), so "
+            "it gives full logits (more memory); the chunked path cannot reproduce the transform",
+            UserWarning,
+            stacklevel=3,
         )
+        return "logits"
+    raise ValueError(
+        f"loss_chunk_size: the {role} transforms its logits after the LM head (softcapping or scaling), which the "
+        "chunked loss does not reproduce"
+    )

@@ -1,20 +1,20 @@
 """Which loss runs, decided in one place: an `Objective`, made once from the config.
 
 The config's validation asks `Objective.from_config` whether a combination of settings is allowed, and the trainer
-asks the same objective which view of the teacher and of the student it needs and for the loss of each slice. No
-other module branches on `beta` or `loss_top_k`.
+asks the same objective for the student's view and for the loss of each slice. Which divergence and support
+(`beta`, `loss_top_k`, `reverse_kl_top_1_mode`) is decided here; which view a teacher gives is decided by
+`teacher.spec`, and the loss follows from the type of what the teacher returns (`outputs`).
 
 Families (what the divergence is computed over):
 
-* "full": the whole vocabulary (`loss_top_k=0`, or Liger's fused kernel);
+* "full": the whole vocabulary (`loss_top_k=0` or at least the vocabulary, or Liger's fused kernel);
 * "top_k": a top-k support with a tail bucket or renormalised (`loss_top_k=k`; with a teacher server and beta 0, the
   teacher's top-k as the server sends it);
 * "sparse_top1": beta > 0 and `loss_top_k=1`: the teacher's top-1 token and the reverse token (sampled or argmax).
 
 Views: the student gives logits (dense) or its last hidden state and LM head (chunked, `loss_chunk_size`); the teacher
-gives logits, its last hidden state and LM head (local, or a server's "hidden" format), or server scores. Every
-combination reduces to one row function `elements(student_logits, *teacher_rows)` over the completion tokens, run at
-once or chunk by chunk.
+gives logits, its last hidden state and LM head, or server scores. Every combination reduces to one row function
+`elements(student_logits, *teacher_rows)` over the completion tokens, run at once or chunk by chunk (`chunked`).
 """
 
 from __future__ import annotations
@@ -27,60 +27,39 @@ from dataclasses import dataclass
 import torch
 
 from . import models
-from .choices import HIDDEN_FORMAT
-from .chunked import auto_chunk_size, chunked_rows_sum, through_teacher_head
+from .choices import setting_error
+from .chunked import apply_head, auto_chunk_size, chunked_rows_sum, head_chunks, through_teacher_head
 from .losses import (
     IGNORE_INDEX,
     compute_dtype,
+    covers_vocabulary,
     divergence_rows,
     divergence_rows_value_and_grad,
     sparse_top1_rows,
     sparse_top1_support,
     support_rows,
 )
+from .outputs import (
+    StudentHidden,
+    StudentLogits,
+    StudentOutput,
+    TeacherHidden,
+    TeacherLogits,
+    TeacherOutput,
+    TeacherScores,
+)
+from .teacher.spec import teacher_returns
 
-FAMILIES = ("full", "top_k", "sparse_top1")
-TEACHER_VIEWS = ("logits", "hidden", "scores")
-
-
-# ----- What the student and the teacher hand to the loss, aligned with a batch's completion columns -----
-
-
-@dataclass
-class StudentLogits:
-    logits: torch.Tensor  # (B, C, V)
-
-
-@dataclass
-class StudentHidden:
-    hidden: torch.Tensor  # (B, C, H), the decoder's final (post-norm) output
-    weight: torch.Tensor  # (V, H), the LM head sliced to the shared vocabulary
-    bias: torch.Tensor | None
-
-
-@dataclass
-class TeacherLogits:
-    logits: torch.Tensor  # (B, C, V)
-
-
-@dataclass
-class TeacherHidden:
-    hidden: torch.Tensor  # (B, C, H)
-    weight: torch.Tensor  # (V, H)
-    bias: torch.Tensor | None
-
-
-@dataclass
-class TeacherScores:
-    """A server's answer: top-k ids and log-probs (B, C, K) padded with -inf, and the actual token's log-prob."""
-
-    topk_ids: torch.Tensor
-    topk_logprobs: torch.Tensor
-    token_logprobs: torch.Tensor  # (B, C)
-
-
-StudentOutput = StudentLogits | StudentHidden
-TeacherOutput = TeacherLogits | TeacherHidden | TeacherScores
+__all__ = [
+    "Objective",
+    "StudentHidden",
+    "StudentLogits",
+    "TeacherHidden",
+    "TeacherLogits",
+    "TeacherScores",
+    "sampled_log_ratio_sum",
+    "student_output",
+]
 
 
 def student_output(model, batch: dict[str, torch.Tensor], view: str, vocab_size: int) -> StudentOutput:
@@ -101,62 +80,56 @@ def _liger_jsd(beta: float, temperature: float):
 
 @dataclass(frozen=True)
 class Objective:
-    """The divergence and its support, and the views of student and teacher it is computed from."""
+    """The divergence and its support, and the student's path: dense logits, chunked, or Liger's fused kernel."""
 
     beta: float
     temperature: float = 1.0
     top_k: int = 0  # 0 = full vocabulary
     add_tail: bool = True
     top1_mode: str = "sampled"
-    teacher_view: str = "logits"
     chunk_size: int | str | None = None  # tokens per chunk of the memory-bounded path, or "auto"; None = dense
     fused: bool = False  # Liger's fused linear JSD (full vocabulary, hidden states)
 
     @classmethod
     def from_config(cls, args) -> Objective:
         """The objective of a `DistillationConfig`, or a ValueError naming the field whose value is not allowed."""
-
-        def fail(field_name: str, value, allowed: str) -> None:
-            raise ValueError(f"{field_name}={value!r} is not allowed: {allowed}.")
-
         server = bool(args.use_teacher_server)
-        # A server's hidden states and the teacher's LM head give the full distribution, as a local teacher does.
-        log_probs_only = server and getattr(args, "teacher_server_response_format", None) != HIDDEN_FORMAT
+        log_probs_only = teacher_returns(args) == "scores"
         exact = "; teacher_server_response_format='hidden' gives the exact loss for any setting"
         if args.use_liger_kernel and server:
-            fail("use_liger_kernel", True, "the Liger fused loss needs a local teacher, not use_teacher_server")
+            raise setting_error(
+                "use_liger_kernel", True, "the Liger fused loss needs a local teacher, not use_teacher_server"
+            )
         if log_probs_only:
             if args.reverse_kl_top_1_mode == "argmax":
-                fail(
+                raise setting_error(
                     "reverse_kl_top_1_mode",
                     "argmax",
                     "a teacher server's log-probs cover only the sampled tokens, so use_teacher_server needs "
                     f"'sampled'{exact}",
                 )
             if args.beta == 0 and args.loss_top_k < 1:
-                fail(
+                raise setting_error(
                     "loss_top_k",
                     args.loss_top_k,
                     "with use_teacher_server and beta=0 the loss uses the teacher's top-k log-probs, so loss_top_k "
                     f"must be >= 1{exact}",
                 )
             if args.beta > 0 and args.loss_top_k != 1:
-                fail(
+                raise setting_error(
                     "loss_top_k",
                     args.loss_top_k,
                     f"with use_teacher_server and beta={args.beta} only the sparse top-1 loss exists on log-probs, "
                     f"so loss_top_k must be 1{exact}",
                 )
         fused = bool(args.use_liger_kernel)
-        chunked = args.loss_chunk_size is not None and not fused
         return cls(
             beta=args.beta,
             temperature=args.temperature,
             top_k=0 if fused else args.loss_top_k,
             add_tail=args.loss_add_tail,
             top1_mode=args.reverse_kl_top_1_mode,
-            teacher_view="scores" if log_probs_only else ("hidden" if chunked or fused or server else "logits"),
-            chunk_size=args.loss_chunk_size if chunked else None,
+            chunk_size=None if fused else args.loss_chunk_size,
             fused=fused,
         )
 
@@ -188,11 +161,13 @@ class Objective:
 
     def dense(self) -> Objective:
         """The same objective on full logits (for models whose logits are transformed after the LM head)."""
-        if self.fused or self.chunk_size is None:
-            return self
-        return dataclasses.replace(
-            self, chunk_size=None, teacher_view="logits" if self.teacher_view == "hidden" else self.teacher_view
-        )
+        return self if self.fused or self.chunk_size is None else dataclasses.replace(self, chunk_size=None)
+
+    def for_student(self, student) -> Objective:
+        """This objective as `student` can run it: dense where its logits are transformed after its LM head and the
+        chunk size is "auto" (see `models.head_view`)."""
+        view = models.head_view(student, "student", self.chunk_size, self.fused)
+        return self if view == self.student_view else self.dense()
 
     def describe(self) -> str:
         """What the logged `loss` is, in words: a sparse or top-k loss is not the KL that `protege eval` reports."""
@@ -216,7 +191,11 @@ class Objective:
 
     @property
     def family(self) -> str:
-        if self.fused or self.top_k == 0:
+        return self.family_for()
+
+    def family_for(self, vocab_size: int | None = None) -> str:
+        """ "full", "sparse_top1" or "top_k" (see the module docstring); a top-k of at least `vocab_size` is "full"."""
+        if self.fused or covers_vocabulary(self.top_k, vocab_size):
             return "full"
         if self.beta > 0 and self.top_k == 1:
             return "sparse_top1"
@@ -229,7 +208,7 @@ class Objective:
 
     @property
     def server_top_k(self) -> int:
-        """How many log-probs per position to ask of a teacher server."""
+        """How many log-probs per position to ask of a teacher server that returns scores."""
         return max(self.top_k, 1)
 
     # ----- The loss -----
@@ -239,7 +218,8 @@ class Objective:
         mask = labels != IGNORE_INDEX
         if self.fused:
             return self._fused_sum(student, teacher, labels, mask)
-        elements, value_and_grad, teacher_rows = self._row_function(teacher, mask, labels[mask])
+        family = self.family_for(_vocab_width(student))
+        elements, value_and_grad, teacher_rows = self._row_function(family, teacher, mask, labels[mask])
         if isinstance(student, StudentHidden):
             total, _ = chunked_rows_sum(
                 student.hidden[mask],
@@ -253,12 +233,12 @@ class Objective:
             return total
         return elements(student.logits[mask], *teacher_rows).sum()
 
-    def _row_function(self, teacher: TeacherOutput, mask: torch.Tensor, targets: torch.Tensor):
+    def _row_function(self, family: str, teacher: TeacherOutput, mask: torch.Tensor, targets: torch.Tensor):
         """This objective's row function `elements(student_logits, *rows)`, its closed-form value and gradient where
         there is one (the full-vocabulary divergence), and the teacher's rows for them."""
         options = {"beta": self.beta, "temperature": self.temperature, "add_tail": self.add_tail}
         if isinstance(teacher, TeacherScores):
-            if self.family == "sparse_top1":
+            if family == "sparse_top1":
                 ids, logprobs, valid = sparse_top1_support(
                     targets,
                     teacher.token_logprobs[mask].float(),
@@ -272,7 +252,7 @@ class Objective:
             return functools.partial(support_rows, **options), None, (ids, logprobs, valid)
 
         value_and_grad = None
-        if self.family == "sparse_top1":
+        if family == "sparse_top1":
 
             def on_logits(student_logits, teacher_logits, rows_targets):
                 return sparse_top1_rows(
@@ -283,7 +263,7 @@ class Objective:
             def on_logits(student_logits, teacher_logits, _rows_targets):
                 return divergence_rows(student_logits, teacher_logits, top_k=self.top_k, **options)
 
-            if self.family == "full":
+            if family == "full":
 
                 def value_and_grad(student_logits, teacher_logits, _rows_targets):
                     return divergence_rows_value_and_grad(
@@ -306,6 +286,11 @@ class Objective:
             labels.reshape(-1),
         )
         return mean * mask.sum().clamp(min=1)
+
+
+def _vocab_width(student: StudentOutput) -> int:
+    """The vocabulary the student is compared on: its LM head's rows, or its logits' width."""
+    return student.weight.shape[0] if student.weight is not None else student.logits.shape[-1]
 
 
 # ----- A divergence every mode can log the same way -----
@@ -332,26 +317,19 @@ def sampled_log_ratio_sum(
     chunk of tokens at a time, without gradients, so it never holds (tokens x vocabulary) logits.
     """
     mask = labels != IGNORE_INDEX
-    targets = labels[mask]
-    student_rows = student.hidden[mask] if isinstance(student, StudentHidden) else student.logits[mask]
-    teacher_rows = teacher.token_logprobs[mask] if isinstance(teacher, TeacherScores) else None
-    if teacher_rows is None:
-        teacher_rows = teacher.hidden[mask] if isinstance(teacher, TeacherHidden) else teacher.logits[mask]
-    vocab_size = student.weight.shape[0] if isinstance(student, StudentHidden) else student.logits.shape[-1]
-    chunk_tokens = chunk_tokens or auto_chunk_size(vocab_size)
+    chunk_tokens = chunk_tokens or auto_chunk_size(_vocab_width(student))
+    if isinstance(teacher, TeacherScores):
+        teacher_rows, teacher_weight, teacher_bias = teacher.token_logprobs[mask], None, None
+    else:
+        teacher_rows, teacher_weight, teacher_bias = teacher.rows[mask], teacher.weight, teacher.bias
     total = 0.0
-    for start in range(0, targets.shape[0], chunk_tokens):
-        rows = slice(start, start + chunk_tokens)
-        logits = student_rows[rows]
-        if isinstance(student, StudentHidden):
-            logits = torch.nn.functional.linear(logits, student.weight, student.bias)
-        student_logprobs = _token_logprobs(logits, targets[rows], temperature)
+    chunks = head_chunks(student.rows[mask], student.weight, student.bias, chunk_tokens, labels[mask], teacher_rows)
+    for _, student_logits, (targets, teacher_part) in chunks:
+        student_logprobs = _token_logprobs(student_logits, targets, temperature)
         if isinstance(teacher, TeacherScores):
-            teacher_logprobs = teacher_rows[rows]
+            teacher_logprobs = teacher_part
         else:
-            logits = teacher_rows[rows]
-            if isinstance(teacher, TeacherHidden):
-                logits = torch.nn.functional.linear(logits.to(teacher.weight.dtype), teacher.weight, teacher.bias)
-            teacher_logprobs = _token_logprobs(logits, targets[rows], temperature)
+            logits = apply_head(teacher_part, teacher_weight, teacher_bias)
+            teacher_logprobs = _token_logprobs(logits, targets, temperature)
         total += (student_logprobs.double() - teacher_logprobs.double()).sum().item()
     return total

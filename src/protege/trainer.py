@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -40,8 +39,9 @@ from .losses import IGNORE_INDEX, trl_generalized_jsd_loss
 from .metrics import TrainingWindow
 from .objective import Objective, sampled_log_ratio_sum, student_output
 from .rollout import draw_on_policy, generate_slices, model_generate, sampling_seed, vllm_generate
-from .teacher.local import LocalTeacher, load_teacher, place_teacher, shared_rows, shared_vocab_size
-from .teacher.remote import RemoteHiddenTeacher, RemoteTeacher, connect_teacher, teacher_head
+from .teacher import Placement, Teacher
+from .teacher.factory import make_teacher
+from .teacher.spec import TeacherSpec
 
 logger = logging.get_logger(__name__)
 
@@ -102,90 +102,10 @@ class DistillationTrainer(Trainer):
         args = args if args is not None else DistillationConfig(output_dir="tmp_distillation")
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}")
-        if model is None:
-            raise ValueError("model is required: a student model or its hub id / local path")
-
-        student_kwargs = models.parse_init_kwargs(args.model_init_kwargs, "model_init_kwargs")
-        if isinstance(model, str):
-            model = models.load_causal_lm(model, student_kwargs, args.trust_remote_code)
-        elif student_kwargs:
-            raise ValueError(
-                "model_init_kwargs were given but the student is already built; pass the student as a "
-                "path to load it with them, or drop model_init_kwargs"
-            )
-        if processing_class is None:
-            processing_class = models.load_tokenizer(model.config._name_or_path, args.trust_remote_code)
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
-
-        self.objective = Objective.from_config(args)
-        if args.use_teacher_server:
-            if teacher_model is not None:
-                raise ValueError(
-                    "use_teacher_server=True scores with the server at teacher_model_server_url; do not "
-                    "also pass teacher_model"
-                )
-            client, teacher = connect_teacher(args, processing_class), None
-            served = client.server_info.get("max_model_len")  # rows it would refuse fail at start, named
-            server_max_model_len = served if isinstance(served, int) and served > 0 else None
-            self.vocab_size = models.output_rows(model)
-            if self.objective.teacher_view == "hidden":
-                try:
-                    head, where = teacher_head(args, client)
-                    self.vocab_size = shared_rows(
-                        len(processing_class), self.vocab_size, head.vocab_size, client.extra_tokens
-                    )
-                    weight, bias = head.for_loss(self.vocab_size, model.device, model.dtype, where)
-                except BaseException:
-                    client.close()
-                    raise
-                del head
-        else:
-            teacher, teacher_tokenizer = load_teacher(teacher_model, args)
-            server_max_model_len = None
-            self.vocab_size = shared_vocab_size(model, teacher, processing_class, teacher_tokenizer)
-        if self.objective.chunk_size == "auto" and not all(models.has_plain_head(m) for m in (model, teacher or model)):
-            warnings.warn(
-                "loss_chunk_size='auto': a model transforms its logits after the LM head (soft-capping), so the loss "
-                "uses full logits (more memory); the chunked path cannot reproduce the transform",
-                UserWarning,
-                stacklevel=2,
-            )
-            self.objective = self.objective.dense()
-        if self.objective.student_view == "hidden":
-            models.require_plain_head(model, "student")
-
-        if peft_config is not None:
-            try:
-                from peft import PeftConfig, get_peft_model
-            except ImportError:
-                raise ImportError("peft_config needs the peft package: pip install 'protege[peft]'") from None
-            if not isinstance(peft_config, PeftConfig):
-                raise TypeError(f"peft_config must be a peft.PeftConfig, got {type(peft_config).__name__}")
-            model = get_peft_model(model, peft_config)
-        if args.disable_dropout:
-            _disable_dropout(model)
-
-        self._train_lmbda = args.lmbda  # which sequences training rows become; self.args is not set yet
-        self._staging_dir: str | None = None  # set while a checkpoint is written (see _save_checkpoint)
-        self._push_pending = False
-        self._nonfinite: tuple[float, bool] | None = None  # this step's first non-finite slice loss, and its flag
-        self._row_tokenizer = Tokenizer(
-            processing_class,
-            args.max_prompt_length,
-            args.max_length,
-            args.prompt_truncation,
-            args.max_completion_length,
-            sequence_limit(args.max_length, server_max_model_len, {"student": model, "teacher": teacher}),
-        )
-        if train_dataset is not None:
-            train_dataset = self._tokenize(train_dataset, train=True)
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {k: self._tokenize(v) for k, v in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = self._tokenize(eval_dataset)
-        args.remove_unused_columns = False
-
+        model, processing_class = self._setup_student(model, args, processing_class)
+        self._setup_teachers([TeacherSpec.from_config(args, teacher_model)], args, model, processing_class)
+        model = self._adapt_student(model, args, peft_config)
+        train_dataset, eval_dataset = self._setup_data(args, model, processing_class, train_dataset, eval_dataset)
         super().__init__(
             model=model,
             args=args,
@@ -198,22 +118,104 @@ class DistillationTrainer(Trainer):
             optimizers=optimizers,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        if teacher is None:
-            self.teacher_model = None
-            if self.objective.teacher_view == "hidden":
-                weight, bias = weight.to(self.args.device), None if bias is None else bias.to(self.args.device)
-                self.teacher = RemoteHiddenTeacher(client, weight, bias, args.teacher_server_hidden_dtype)
-            else:
-                self.teacher = RemoteTeacher(client, self.objective.server_top_k, args.temperature)
-        else:
-            self.teacher_model = place_teacher(
-                teacher, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled
+        placement = Placement(self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled)
+        for teacher in self.teachers:
+            teacher.place(placement)
+        self.teacher_model = self.teacher.model  # TRL's attribute: the local teacher, None for a server
+        self._setup_generation(model, processing_class)
+        self._window = TrainingWindow()
+        if self.is_world_process_zero():
+            logger.info(self.objective.describe())
+        self._copy_trl_attributes(args)
+
+    # ----- Construction, in parts -----
+
+    def _setup_student(self, model, args: DistillationConfig, processing_class):
+        """The student (loaded when named), its tokenizer with a pad token, and the objective as it can run it."""
+        if model is None:
+            raise ValueError("model is required: a student model or its hub id / local path")
+        student_kwargs = models.parse_init_kwargs(args.model_init_kwargs, "model_init_kwargs")
+        if isinstance(model, str):
+            model = models.load_causal_lm(model, student_kwargs, args.trust_remote_code)
+        elif student_kwargs:
+            raise ValueError(
+                "model_init_kwargs were given but the student is already built; pass the student as a "
+                "path to load it with them, or drop model_init_kwargs"
             )
-            self.teacher = LocalTeacher(self.teacher_model, self.vocab_size, self.objective.teacher_view)
+        if processing_class is None:
+            processing_class = models.load_tokenizer(model.config._name_or_path, args.trust_remote_code)
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        self.objective = Objective.from_config(args).for_student(model)
+        return model, processing_class
+
+    def _setup_teachers(self, specs: list[TeacherSpec], args: DistillationConfig, model, tokenizer) -> None:
+        """Every teacher made by the one factory, and the vocabulary width the student is compared on with them."""
+        self.teachers: list[Teacher] = []
+        try:
+            for spec in specs:
+                self.teachers.append(make_teacher(spec, args, model, tokenizer, self.objective))
+        except BaseException:
+            for teacher in self.teachers:
+                teacher.close()
+            raise
+        self.vocab_size = min(teacher.vocab_size for teacher in self.teachers)
+
+    @property
+    def teacher(self) -> Teacher:
+        """The run's teacher."""
+        return self.teachers[0]
+
+    @staticmethod
+    def _adapt_student(model, args: DistillationConfig, peft_config):
+        """The student as it trains: wrapped in its PEFT adapters when given, without dropout unless asked."""
+        if peft_config is not None:
+            try:
+                from peft import PeftConfig, get_peft_model
+            except ImportError:
+                raise ImportError("peft_config needs the peft package: pip install 'protege[peft]'") from None
+            if not isinstance(peft_config, PeftConfig):
+                raise TypeError(f"peft_config must be a peft.PeftConfig, got {type(peft_config).__name__}")
+            model = get_peft_model(model, peft_config)
+        if args.disable_dropout:
+            _disable_dropout(model)
+        return model
+
+    def _setup_data(self, args: DistillationConfig, model, tokenizer, train_dataset, eval_dataset):
+        """The datasets, validated and tokenized, with rows that cannot fit a limit known now refused, named."""
+        self._train_lmbda = args.lmbda  # which sequences training rows become; self.args is not set yet
+        self._staging_dir: str | None = None  # set while a checkpoint is written (see _save_checkpoint)
+        self._push_pending = False
+        self._nonfinite: tuple[float, bool] | None = None  # this step's first non-finite slice loss, and its flag
+        hard_limits = [t.max_model_len for t in self.teachers if t.max_model_len is not None]
+        self._row_tokenizer = Tokenizer(
+            tokenizer,
+            args.max_prompt_length,
+            args.max_length,
+            args.prompt_truncation,
+            args.max_completion_length,
+            sequence_limit(
+                args.max_length,
+                min(hard_limits, default=None),
+                {"student": model} | {t.name: t.model for t in self.teachers},
+            ),
+        )
+        if train_dataset is not None:
+            train_dataset = self._tokenize(train_dataset, train=True)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._tokenize(v) for k, v in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = self._tokenize(eval_dataset)
+        args.remove_unused_columns = False
+        return train_dataset, eval_dataset
+
+    def _setup_generation(self, model, tokenizer) -> None:
+        """Sampling for on-policy slices: transformers' generate, or a vLLM engine (colocated or a server)."""
+        args = self.args
         # Output rows past the compared width (a padded student's, where an extending teacher has its extra tokens)
         # are no tokens of the student: a sample of one would reach the teacher as another token, with no loss column.
         self.suppressed_ids = list(range(self.vocab_size, models.output_rows(model)))
-        self.generation_config, self.eos_token_ids = self._generation_config(model, processing_class)
+        self.generation_config, self.eos_token_ids = self._generation_config(model, tokenizer)
         self.vllm = None
         if args.use_vllm:
             from .vllm_colocate import VLLMColocate, sampling_options
@@ -227,11 +229,10 @@ class DistillationTrainer(Trainer):
                 self.vllm = VLLMColocate(
                     self.model, args, sampling, self.accelerator.process_index, self.accelerator.num_processes
                 )
-        self._window = TrainingWindow()
-        if self.is_world_process_zero():
-            logger.info(self.objective.describe())
-        # TRL's attributes, for callbacks and subclasses that read them: copies of args taken here. The loss and
-        # generation read args (through the objective), so setting these later changes nothing, unlike in TRL.
+
+    def _copy_trl_attributes(self, args: DistillationConfig) -> None:
+        """TRL's attributes, for callbacks and subclasses that read them: copies of args taken here. The loss and
+        generation read args (through the objective), so setting these later changes nothing, unlike in TRL."""
         self.lmbda, self.beta, self.temperature, self.top_p = args.lmbda, args.beta, args.temperature, args.top_p
         self.num_generations, self.reverse_kl_top_1_mode = args.num_generations, args.reverse_kl_top_1_mode
         self.loss_top_k, self.loss_add_tail = args.loss_top_k, args.loss_add_tail
@@ -239,8 +240,6 @@ class DistillationTrainer(Trainer):
         self.use_liger_loss, self.use_vllm = args.use_liger_kernel, args.use_vllm
         self.log_completions, self.log_completions_steps = args.log_completions, args.log_completions_steps
         self.num_completions_to_print = args.num_completions_to_print
-
-    # ----- Construction helpers -----
 
     def _generation_config(self, model, tokenizer) -> tuple[GenerationConfig, list[int]]:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -401,10 +400,12 @@ class DistillationTrainer(Trainer):
         tokens = labels.ne(IGNORE_INDEX).sum()
         started = time.perf_counter()
         teacher = self.teacher(inputs)
-        self._window.teacher_seconds += time.perf_counter() - started
+        training = "on_policy" in inputs  # a training slice (evaluation batches carry no flag)
+        if training:  # the training window's time; evaluation's is not training time
+            self._window.teacher_seconds += time.perf_counter() - started
         student = student_output(model, inputs, self.objective.student_view, self.vocab_size)
         loss_sum = self.objective.loss_sum(student, teacher, labels)
-        if "on_policy" in inputs:  # a training slice (evaluation batches carry no flag)
+        if training:
             value = loss_sum.item()
             self._window.add_loss(inputs["on_policy"], value, tokens.item())
             if inputs["on_policy"] and self._step_will_log():
@@ -447,7 +448,8 @@ class DistillationTrainer(Trainer):
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
-            self.teacher.close()  # a server client's connections; it reopens them if used again
+            for teacher in self.teachers:
+                teacher.close()  # a server client's connections; it reopens them if used again
             if self.vllm is not None:
                 self.vllm.close()
 

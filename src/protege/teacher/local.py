@@ -1,7 +1,7 @@
 """A local teacher: loaded, frozen, checked against the student's vocabulary, placed like the student, and run.
 
-`LocalTeacher` is the teacher view for a model beside the student: full logits at completion positions for the dense
-loss, or its last hidden state and LM head for the chunked and fused losses (never every layer's hidden states).
+`LocalTeacher` is a model beside the student: it returns full logits at completion positions for the dense loss, or
+its last hidden state and LM head for the chunked and fused losses (never every layer's hidden states).
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from torch import nn
 from ..models import (
     completion_hidden,
     completion_logits,
+    head_view,
     lm_head,
     load_causal_lm,
     load_tokenizer,
     output_rows,
     parse_init_kwargs,
-    require_plain_head,
 )
-from ..objective import TeacherHidden, TeacherLogits
+from ..outputs import TeacherHidden, TeacherLogits
+from . import Placement
+from .spec import TeacherSpec
 from .vocabulary import announce_extra_tokens, shared_rows, teacher_extra_tokens
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -47,11 +49,9 @@ def _has_local_tokenizer(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES)
 
 
-def load_teacher(teacher_model, args) -> tuple[nn.Module, object | None]:
-    """The frozen teacher (`teacher_model`, else `args.teacher_model_name_or_path`) and its tokenizer, if any."""
-    teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-    if teacher_model is None:
-        raise ValueError("no teacher: pass teacher_model or set teacher_model_name_or_path")
+def load_teacher(teacher_model: nn.Module | str, args) -> tuple[nn.Module, object | None]:
+    """The frozen teacher (a built model, or a name to load with the config's teacher options) and its tokenizer, if
+    any."""
     teacher_kwargs = parse_init_kwargs(args.teacher_model_init_kwargs, "teacher_model_init_kwargs")
     if isinstance(teacher_model, str):
         if args.teacher_model_revision is not None:
@@ -72,19 +72,46 @@ def load_teacher(teacher_model, args) -> tuple[nn.Module, object | None]:
 
 
 def published_tokenizer(name: str | None, trust_remote_code: bool = False, revision: str | None = None):
-    """The tokenizer published with the teacher `name`, or None where there is none (then only the sizes of the two
-    vocabularies can be checked against each other)."""
+    """The tokenizer published with the teacher `name`, or None where it has none: a built model without a name, a
+    folder without tokenizer files, a hub repository without them (then only the sizes of the two vocabularies can be
+    checked against each other). A tokenizer that is there but does not load is an error naming the teacher."""
     if not name or (os.path.isdir(name) and not _has_local_tokenizer(name)):
+        return None
+    if not os.path.isdir(name) and not _hub_has_tokenizer(name, revision):
         return None
     try:
         return load_tokenizer(name, trust_remote_code, revision)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"the teacher's tokenizer at {name!r} could not be loaded ({type(error).__name__}: {error}); it is needed "
+            "to check that the teacher's token ids are the student's"
+        ) from error
 
 
-def place_teacher(teacher: nn.Module, accelerator, deepspeed_enabled: bool, fsdp_enabled: bool) -> nn.Module:
+def _hub_has_tokenizer(name: str, revision: str | None) -> bool:
+    """Whether a hub id (or the local hub cache) has any tokenizer file; False where the hub cannot be asked."""
+    from transformers.utils import cached_file
+
+    for filename in TOKENIZER_FILES:
+        try:
+            found = cached_file(
+                name,
+                filename,
+                revision=revision,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+        except OSError:
+            return False
+        if found is not None:
+            return True
+    return False
+
+
+def place_teacher(teacher: nn.Module, placement: Placement) -> nn.Module:
     """Place the teacher like the student: sharded under DeepSpeed ZeRO-3 and FSDP, replicated otherwise."""
-    if deepspeed_enabled:
+    accelerator = placement.accelerator
+    if placement.deepspeed:
         import deepspeed
 
         config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
@@ -93,7 +120,7 @@ def place_teacher(teacher: nn.Module, accelerator, deepspeed_enabled: bool, fsdp
         config.pop("optimizer", None)
         config.pop("scheduler", None)
         teacher, *_ = deepspeed.initialize(model=teacher, config=config)
-    elif fsdp_enabled:
+    elif placement.fsdp:
         teacher = accelerator.prepare_model(teacher)
     else:
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
@@ -101,22 +128,36 @@ def place_teacher(teacher: nn.Module, accelerator, deepspeed_enabled: bool, fsdp
     return teacher
 
 
-class LocalTeacher:
-    """The teacher view of a model beside the student: "logits" or "hidden" (see the module docstring)."""
+def load_local_teacher(spec: TeacherSpec, args, student: nn.Module, tokenizer, objective) -> LocalTeacher:
+    """The teacher of `spec`, loaded and frozen, its tokenizer checked against the student's, and returning its last
+    hidden state where the objective applies LM heads itself and its head allows it (`models.head_view`)."""
+    model, teacher_tokenizer = load_teacher(spec.model, args)
+    vocab_size = shared_vocab_size(student, model, tokenizer, teacher_tokenizer)
+    returns = "logits"
+    if spec.returns == "hidden":
+        returns = head_view(model, spec.name, objective.chunk_size, objective.fused)
+    return LocalTeacher(model, vocab_size, returns, spec.name)
 
-    def __init__(self, model: nn.Module, vocab_size: int, view: str):
-        if view not in ("logits", "hidden"):
-            raise ValueError(f"a local teacher gives 'logits' or 'hidden', not {view!r}")
-        if view == "hidden":
-            require_plain_head(model, "teacher")
-        self.model, self.vocab_size, self.view = model, vocab_size, view
+
+class LocalTeacher:
+    """A model beside the student, returning "logits" or "hidden" (see the module docstring)."""
+
+    max_model_len = None  # a model has no hard limit: its max_position_embeddings counts only with max_length=None
+
+    def __init__(self, model: nn.Module, vocab_size: int, returns: str, name: str = "teacher"):
+        if returns not in ("logits", "hidden"):
+            raise ValueError(f"a local teacher returns 'logits' or 'hidden', not {returns!r}")
+        self.model, self.vocab_size, self.returns, self.name = model, vocab_size, returns, name
+
+    def place(self, placement: Placement) -> None:
+        self.model = place_teacher(self.model, placement)
 
     def prepare(self, batches: list[dict[str, torch.Tensor]]) -> None:
         """Nothing to fetch ahead: a local teacher runs slice by slice."""
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor]) -> TeacherLogits | TeacherHidden:
-        if self.view == "logits":
+        if self.returns == "logits":
             return TeacherLogits(completion_logits(self.model, batch, self.vocab_size))
         return TeacherHidden(completion_hidden(self.model, batch), *lm_head(self.model, self.vocab_size))
 

@@ -1,33 +1,53 @@
 """A teacher behind a server: connect, then score every slice of an optimizer step in one client call.
 
-Two views, one per kind of answer, both filling each slice's batch (`teacher_output`) in `prepare`, so the network
+Two teachers, one per kind of answer, both filling each slice's batch (`teacher_output`) in `prepare`, so the network
 round trip is paid once per step, and the loss reads the answer from the batch. Evaluation batches, which skip
 `prepare`, are scored when first asked.
 
-* `RemoteTeacher`: top-k log-probs (the json, binary and compact formats);
+* `RemoteTeacher`: top-k log-probs (the json, binary and compact formats), returning "scores";
 * `RemoteHiddenTeacher`: final hidden states (the hidden format) and the teacher's LM head, fetched once, so the loss
-  is exact for any beta, top-k and temperature.
+  is exact for any beta, top-k and temperature; returning "hidden".
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..choices import API_KEY_VARIABLE, HIDDEN_FORMAT
 from ..losses import IGNORE_INDEX
-from ..objective import TeacherHidden, TeacherScores
+from ..models import output_rows
+from ..outputs import TeacherHidden, TeacherScores
+from . import Placement
 from .client import TeacherClient
 from .head import LMHead, head_from_checkpoint, vocabulary_sha256
-from .vocabulary import ACCEPTED, TokenizerMismatchError, announce_extra_tokens, teacher_extra_tokens
+from .spec import TeacherSpec
+from .vocabulary import ACCEPTED, TokenizerMismatchError, announce_extra_tokens, shared_rows, teacher_extra_tokens
 
 
-def connect_teacher(args, tokenizer) -> TeacherClient:
-    """A client for `args.teacher_model_server_url`, once the server answers and serves the student's vocabulary or
-    one that extends it (`client.extra_tokens`)."""
-    url = args.teacher_model_server_url
+@dataclass
+class ServerConnection:
+    """A teacher server that answered: its client, its /info/ answer, and how many tokens its tokenizer adds to the
+    student's (0 for the same tokenizer)."""
+
+    client: TeacherClient
+    info: dict
+    extra_tokens: int
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The longest sequence the server scores, where it says (rows it would refuse fail at start, named)."""
+        served = self.info.get("max_model_len")
+        return served if isinstance(served, int) and served > 0 else None
+
+
+def connect_teacher(args, tokenizer, url: str | None = None) -> ServerConnection:
+    """A connection to the server at `url` (default `args.teacher_model_server_url`), once it answers and serves the
+    student's vocabulary or one that extends it."""
+    url = url or args.teacher_model_server_url
     client = TeacherClient(
         url,
         protocol=args.teacher_server_protocol,
@@ -40,10 +60,8 @@ def connect_teacher(args, tokenizer) -> TeacherClient:
     )
     try:
         client.wait_until_ready(args.teacher_server_startup_timeout)
-        info = client.server_info = client.info()  # kept: the trainer reads the server's limits from it
-        if info.get("max_request_tokens"):  # the server refuses larger requests: split batches to fit
-            client.max_tokens_per_request = min(client.max_tokens_per_request, int(info["max_request_tokens"]))
-        client.extra_tokens = _served_extra_tokens(client, info, args, tokenizer)
+        info = client.info()
+        extra_tokens = _served_extra_tokens(client, info, args, tokenizer)
         formats = info.get("formats")
         if formats is not None and args.teacher_server_response_format not in formats:
             raise ValueError(
@@ -54,7 +72,24 @@ def connect_teacher(args, tokenizer) -> TeacherClient:
     except BaseException:
         client.close()
         raise
-    return client
+    return ServerConnection(client, info, extra_tokens)
+
+
+def connect_remote_teacher(spec: TeacherSpec, args, student: torch.nn.Module, tokenizer, objective):
+    """The teacher at `spec.server_url`, connected and checked; with the hidden format, its LM head fetched once and
+    sliced to the shared vocabulary."""
+    connection = connect_teacher(args, tokenizer, spec.server_url)
+    try:
+        if spec.returns != "hidden":
+            return RemoteTeacher(connection, objective.server_top_k, args.temperature, output_rows(student), spec.name)
+        head, where = teacher_head(args, connection.client)
+        vocab_size = shared_rows(len(tokenizer), output_rows(student), head.vocab_size, connection.extra_tokens)
+        weight, bias = head.for_loss(vocab_size, student.device, student.dtype, where)
+        del head
+        return RemoteHiddenTeacher(connection, weight, bias, args.teacher_server_hidden_dtype, spec.name)
+    except BaseException:
+        connection.client.close()
+        raise
 
 
 def _served_extra_tokens(client: TeacherClient, info: dict, args, tokenizer) -> int:
@@ -132,10 +167,17 @@ def _shape(batch: dict[str, torch.Tensor]) -> tuple[int, int, torch.device]:
 
 
 class RemoteTeacher:
-    """The teacher view of a server's top-k log-probs at completion positions (see the module docstring)."""
+    """A server's top-k log-probs at completion positions (see the module docstring)."""
 
-    def __init__(self, client: TeacherClient, top_k: int, temperature: float):
-        self.client, self.top_k, self.temperature = client, top_k, temperature
+    returns = "scores"
+    model = None
+
+    def __init__(self, connection: ServerConnection, top_k: int, temperature: float, vocab_size: int, name: str):
+        self.client, self.max_model_len = connection.client, connection.max_model_len
+        self.top_k, self.temperature, self.vocab_size, self.name = top_k, temperature, vocab_size, name
+
+    def place(self, placement: Placement) -> None:
+        """Nothing to place: answers are made on the slice's device as they arrive."""
 
     def close(self) -> None:
         self.client.close()
@@ -165,11 +207,20 @@ class RemoteTeacher:
 
 
 class RemoteHiddenTeacher(RemoteTeacher):
-    """The teacher view of a server's final hidden states, with the teacher's LM head held here (`weight`, `bias`:
-    sliced to the shared vocabulary, on the student's device, in its compute dtype)."""
+    """A server's final hidden states, with the teacher's LM head held here (`weight`, `bias`: sliced to the shared
+    vocabulary, in the student's compute dtype, and on its device once placed)."""
 
-    def __init__(self, client: TeacherClient, weight: torch.Tensor, bias: torch.Tensor | None, wire_dtype: str):
-        self.client, self.weight, self.bias, self.wire_dtype = client, weight, bias, wire_dtype
+    returns = "hidden"
+
+    def __init__(
+        self, connection: ServerConnection, weight: torch.Tensor, bias: torch.Tensor | None, wire_dtype: str, name: str
+    ):
+        self.client, self.max_model_len, self.name = connection.client, connection.max_model_len, name
+        self.weight, self.bias, self.wire_dtype, self.vocab_size = weight, bias, wire_dtype, weight.shape[0]
+
+    def place(self, placement: Placement) -> None:
+        self.weight = self.weight.to(placement.device)
+        self.bias = None if self.bias is None else self.bias.to(placement.device)
 
     def prepare(self, batches: list[dict[str, torch.Tensor]]) -> None:
         sequences, prompt_lengths, places = completion_sequences(batches)

@@ -1,0 +1,20 @@
+"""One function makes every teacher: a spec in, a finished `Teacher` out (loaded or connected, checked against the
+student's tokenizer, with its LM head where the loss needs it). The trainer calls it once per teacher and never asks
+what kind it made; placing it for the engine in use comes after, through `Teacher.place`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import Teacher
+from .local import load_local_teacher
+from .remote import connect_remote_teacher
+from .spec import TeacherSpec
+
+
+def make_teacher(spec: TeacherSpec, args, student: nn.Module, tokenizer, objective) -> Teacher:
+    """The teacher `spec` describes, ready to score the student's batches under `objective` (a `DistillationConfig`
+    gives the loading and connection options, `student` and `tokenizer` the vocabulary it is checked against)."""
+    if spec.server_url is not None:
+        return connect_remote_teacher(spec, args, student, tokenizer, objective)
+    return load_local_teacher(spec, args, student, tokenizer, objective)
