@@ -9,7 +9,7 @@ import importlib
 _EXPORTS = {
     "DistillationConfig": "config",
     "DistillationTrainer": "trainer",
-    "NonFiniteLossError": "trainer",
+    "NonFiniteLossError": "metrics",
     "chunked_jsd_loss": "chunked",
     "chunked_sparse_top1_loss": "chunked",
     "generalized_jsd_loss": "losses",

@@ -23,7 +23,7 @@ import shutil
 import warnings
 
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 STAGING_PREFIX = "tmp-"
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -119,3 +119,55 @@ def newest_complete(output_dir: str) -> str | None:
             stacklevel=3,
         )
     return newest
+
+
+class StagedCheckpoints:
+    """transformers' `Trainer` checkpointing, staged and published as this module describes: mixed into a `Trainer`
+    subclass before `Trainer`, it overrides the three methods through which transformers writes a checkpoint."""
+
+    _staging_dir: str | None = None  # set while a checkpoint is written (see _save_checkpoint)
+    _push_pending = False
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' save, with its `run_dir` pointed at a staging folder, then published under its real name.
+
+        Only the processes that save (`should_save`: the main one, or each node's with `save_on_each_node`) delete,
+        rename and rotate; the barriers keep every rank's files (RNG states, shards) inside the staging folder before
+        the rename, and every rank behind it afterwards.
+        """
+        run_dir = self._get_output_dir(trial)
+        staging = staging_folder(run_dir, self.state.global_step)
+        name = checkpoint_name(self.state.global_step)
+        written, final = os.path.join(staging, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            clear_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir, self._push_pending = staging, False
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        if self.state.best_model_checkpoint == written:  # this step is the best: transformers saw it while staged
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(written, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish(written, final)
+            # transformers' rotation ran inside the staging folder, where there is nothing to rotate; now for real
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+        if self._push_pending:
+            self._push_pending = False
+            super()._push_from_checkpoint(final)
+
+    def _get_output_dir(self, trial) -> str:
+        """The staging folder while transformers writes a checkpoint (its `checkpoint-N` goes inside), else its own."""
+        return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Uploads run in the background: one from the staging folder would lose its files to the rename."""
+        if self._staging_dir is not None:
+            self._push_pending = True
+            return
+        super()._push_from_checkpoint(checkpoint_folder)

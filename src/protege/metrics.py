@@ -96,3 +96,51 @@ class TrainingWindow:
             elapsed = time.perf_counter() - self.started
             logs["completion_tokens_per_second"] = self.completion_tokens / max(elapsed, 1e-9)
         return logs
+
+
+def decoded_samples(batches: list[dict[str, torch.Tensor]], tokenizer) -> list[tuple[str, str]]:
+    """The (prompt, completion) texts of a step's on-policy slices, for the completions table."""
+    from .losses import IGNORE_INDEX
+
+    samples = []
+    for batch in batches:
+        width = batch["prompt_ids"].shape[1]
+        trained = batch["labels"][:, width:] != IGNORE_INDEX
+        completions = batch["input_ids"][:, width:].masked_fill(~trained, tokenizer.pad_token_id)
+        prompts = tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+        samples.extend(zip(prompts, tokenizer.batch_decode(completions, skip_special_tokens=True)))
+    return samples
+
+
+def print_completions(samples: list[tuple[str, str]], step: int, limit: int | None = None) -> None:
+    """A table of the step's prompts and completions (the first `limit`, or all), as TRL's `log_completions` shows."""
+    if not samples:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Completions at step {step}", show_lines=True)
+    table.add_column("prompt", overflow="fold")
+    table.add_column("completion", overflow="fold")
+    for prompt, completion in samples[: limit or len(samples)]:
+        table.add_row(prompt, completion)
+    Console().print(table)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped on a NaN or infinite loss, before the optimizer step could write it into the weights."""
+
+    @classmethod
+    def at(cls, step: int, ranks: list[int], local: tuple[float, bool] | None) -> NonFiniteLossError:
+        """The error for optimizer `step`, whose loss was non-finite on `ranks` (this rank's value and whether its
+        slice was on-policy, where it is one of them)."""
+        where = f"on rank {ranks[0]}" if len(ranks) == 1 else f"on ranks {ranks}"
+        value = f"{local[0]} in an {'on' if local[1] else 'off'}-policy slice" if local else "non-finite"
+        return cls(
+            f"the loss was {value} at optimizer step {step} ({where}); training stopped before that step's update, so "
+            f"the weights in memory are those of step {step - 1} and no checkpoint holds a non-finite update. Likely "
+            "causes: a teacher that returns NaN or infinite log-probs (a teacher server's answers, an fp16 teacher "
+            "overflowing), NaN or inf already in the student's or teacher's weights, inputs or a loss temperature that "
+            "overflow, or a learning rate high enough to diverge (lower learning_rate, keep max_grad_norm > 0, prefer "
+            "bf16 to fp16)."
+        )

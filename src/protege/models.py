@@ -123,8 +123,8 @@ def head_view(model: torch.nn.Module, role: str, chunk_size: int | str | None, f
         return "hidden"
     if chunk_size == "auto" and not fused:
         warnings.warn(
-            f"loss_chunk_size='auto': the {role} transforms its logits after the LM head (soft-capping or scaling), so "
-            "it gives full logits (more memory); the chunked path cannot reproduce the transform",
+            f"the {role} transforms its logits after the LM head (soft-capping or scaling), so it gives full logits "
+            "(more memory): the chunked path (loss_chunk_size='auto') cannot reproduce the transform",
             UserWarning,
             stacklevel=3,
         )
@@ -133,3 +133,15 @@ def head_view(model: torch.nn.Module, role: str, chunk_size: int | str | None, f
         f"loss_chunk_size: the {role} transforms its logits after the LM head (softcapping or scaling), which the "
         "chunked loss does not reproduce"
     )
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in every layer and in the config (what a reloaded model reads), so the student's targets and its
+    own forward are not noisy."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Sampler
+from transformers import GenerationConfig
 
 from .data import sequence_batch
 
@@ -135,3 +137,47 @@ def generate_slices(
         truncated = (slice_lengths >= max_new_tokens) & ~ends_in_eos
         rollouts.append(Rollout(batch, slice_lengths, truncated))
     return rollouts
+
+
+class RepeatSampler(Sampler):
+    """Shuffled indices, each repeated `repeats` times in a row (num_generations completions per prompt)."""
+
+    def __init__(self, size: int, repeats: int, seed: int):
+        self.size, self.repeats, self.seed, self.epoch = size, repeats, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for index in order.tolist():
+            yield from [index] * self.repeats
+
+    def __len__(self) -> int:
+        return self.size * self.repeats
+
+
+def generation_config(args, model, tokenizer, suppressed_ids: list[int]) -> tuple[GenerationConfig, list[int]]:
+    """transformers' sampling for on-policy slices, from the config (`generation_kwargs` override its fields), and the
+    stop ids: the model's generation config's and the tokenizer's EOS. `suppressed_ids` are never sampled."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    options = dict(args.generation_kwargs or {})
+    if suppressed_ids:
+        options["suppress_tokens"] = sorted({*(options.get("suppress_tokens") or []), *suppressed_ids})
+    config = GenerationConfig(
+        max_new_tokens=args.max_completion_length,
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids,
+        use_cache=True,
+        **options,
+    )
+    return config, eos_ids

@@ -1,44 +1,49 @@
-"""`DistillationTrainer`: orchestration only. The objective decides the loss, `teacher/` gives the teacher's view,
-`rollout` generates, `data` makes rows, `losses` holds the math.
+"""`DistillationTrainer`: orchestration. The objective decides the loss, `teacher/` makes the teachers (one factory,
+`make_teacher`), `rollout` generates, `data` makes rows, `losses` and `chunked` hold the math, `checkpoints` stages
+saves.
+
+Construction runs in parts: `_setup_student`, `_setup_teachers`, `_adapt_student` (PEFT, dropout), `_setup_data`,
+transformers' own setup, then placing each teacher for the engine in use and `_setup_generation`.
 
 One optimizer step, as the transformers training loop runs it:
 
 1. `get_batch_samples` takes the step's gradient-accumulation micro-batches (slices), draws which are on-policy
    (each slice's batch carries its flag), generates completions for all on-policy slices in ONE call (transformers'
-   `generate`, or a colocated vLLM engine that first gets the student's current weights),
-   lets the teacher view prepare the step (a server scores every slice in one call), and counts the completion
+   `generate`, or vLLM: a colocated engine or a `protege serve-student` server, which first get the student's current
+   weights), lets the teacher prepare the step (a server scores every slice in one call), and counts the completion
    tokens of the whole step across all ranks. That count normalises the loss, so the gradient does not depend on
    gradient accumulation or world size.
 2. `compute_loss` runs each slice: one teacher call, the student, and the objective's divergence over completion
    positions only (the LM heads never see prompt positions). A non-finite loss on any rank stops training at the
    step's last slice, before the optimizer step (`NonFiniteLossError`).
-
-Checkpoints are written under a staging name and renamed when complete, and `resume_from_checkpoint=True` takes the
-newest complete one (`checkpoints`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import torch
 from accelerate.utils import broadcast_object_list
 from torch import nn
-from torch.utils.data import Sampler
-from transformers import GenerationConfig, PreTrainedModel, Trainer
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import rotate_checkpoints
+from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
 from . import checkpoints, models
 from .config import DistillationConfig
 from .data import DistillationCollator, Tokenizer, sequence_limit, tokenize_dataset
 from .losses import IGNORE_INDEX, trl_generalized_jsd_loss
-from .metrics import TrainingWindow
+from .metrics import NonFiniteLossError, TrainingWindow, decoded_samples, print_completions
 from .objective import Objective, sampled_log_ratio_sum, student_output
-from .rollout import draw_on_policy, generate_slices, model_generate, sampling_seed, vllm_generate
+from .rollout import (
+    RepeatSampler,
+    draw_on_policy,
+    generate_slices,
+    generation_config,
+    model_generate,
+    sampling_seed,
+    vllm_generate,
+)
 from .teacher import Placement, Teacher
 from .teacher.factory import make_teacher
 from .teacher.spec import TeacherSpec
@@ -46,39 +51,7 @@ from .teacher.spec import TeacherSpec
 logger = logging.get_logger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training stopped on a NaN or infinite loss, before the optimizer step could write it into the weights."""
-
-
-class RepeatSampler(Sampler):
-    """Shuffled indices, each repeated `repeats` times in a row (num_generations completions per prompt)."""
-
-    def __init__(self, size: int, repeats: int, seed: int):
-        self.size, self.repeats, self.seed, self.epoch = size, repeats, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        for index in order.tolist():
-            yield from [index] * self.repeats
-
-    def __len__(self) -> int:
-        return self.size * self.repeats
-
-
-def _disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    config = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout"):
-        if config is not None and isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
-
-
-class DistillationTrainer(Trainer):
+class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
     """Distil a student from a teacher on its own generations, on dataset completions, or a mix (TRL's API)."""
 
     # compute_loss divides by the step's completion-token count itself; transformers must not divide again.
@@ -121,7 +94,7 @@ class DistillationTrainer(Trainer):
         placement = Placement(self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled)
         for teacher in self.teachers:
             teacher.place(placement)
-        self.teacher_model = self.teacher.model  # TRL's attribute: the local teacher, None for a server
+        self.teacher_model = self.teacher.model  # TRL's attribute: the teacher's own model where it has one, else None
         self._setup_generation(model, processing_class)
         self._window = TrainingWindow()
         if self.is_world_process_zero():
@@ -178,14 +151,12 @@ class DistillationTrainer(Trainer):
                 raise TypeError(f"peft_config must be a peft.PeftConfig, got {type(peft_config).__name__}")
             model = get_peft_model(model, peft_config)
         if args.disable_dropout:
-            _disable_dropout(model)
+            models.disable_dropout(model)
         return model
 
     def _setup_data(self, args: DistillationConfig, model, tokenizer, train_dataset, eval_dataset):
         """The datasets, validated and tokenized, with rows that cannot fit a limit known now refused, named."""
         self._train_lmbda = args.lmbda  # which sequences training rows become; self.args is not set yet
-        self._staging_dir: str | None = None  # set while a checkpoint is written (see _save_checkpoint)
-        self._push_pending = False
         self._nonfinite: tuple[float, bool] | None = None  # this step's first non-finite slice loss, and its flag
         hard_limits = [t.max_model_len for t in self.teachers if t.max_model_len is not None]
         self._row_tokenizer = Tokenizer(
@@ -215,7 +186,7 @@ class DistillationTrainer(Trainer):
         # Output rows past the compared width (a padded student's, where an extending teacher has its extra tokens)
         # are no tokens of the student: a sample of one would reach the teacher as another token, with no loss column.
         self.suppressed_ids = list(range(self.vocab_size, models.output_rows(model)))
-        self.generation_config, self.eos_token_ids = self._generation_config(model, tokenizer)
+        self.generation_config, self.eos_token_ids = generation_config(args, model, tokenizer, self.suppressed_ids)
         self.vllm = None
         if args.use_vllm:
             from .vllm_colocate import VLLMColocate, sampling_options
@@ -240,29 +211,6 @@ class DistillationTrainer(Trainer):
         self.use_liger_loss, self.use_vllm = args.use_liger_kernel, args.use_vllm
         self.log_completions, self.log_completions_steps = args.log_completions, args.log_completions_steps
         self.num_completions_to_print = args.num_completions_to_print
-
-    def _generation_config(self, model, tokenizer) -> tuple[GenerationConfig, list[int]]:
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-            eos_ids.append(tokenizer.eos_token_id)
-        options = dict(self.args.generation_kwargs or {})
-        if self.suppressed_ids:
-            options["suppress_tokens"] = sorted({*(options.get("suppress_tokens") or []), *self.suppressed_ids})
-        config = GenerationConfig(
-            max_new_tokens=self.args.max_completion_length,
-            do_sample=True,
-            temperature=self.args.temperature,
-            top_p=self.args.top_p,
-            top_k=self.args.top_k,
-            min_p=self.args.min_p,
-            repetition_penalty=self.args.repetition_penalty,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos_ids,
-            use_cache=True,
-            **options,
-        )
-        return config, eos_ids
 
     def _tokenize(self, dataset, train: bool = False):
         """Validate and tokenize raw rows. Training rows need a completion when lmbda < 1; evaluation is off-policy and
@@ -325,7 +273,8 @@ class DistillationTrainer(Trainer):
             lengths = self.accelerator.gather(torch.cat([r.lengths for r in rollouts]).float())
             truncated = self.accelerator.gather(torch.cat([r.truncated for r in rollouts]).float())
             self._window.add_completions(lengths, truncated)
-            self._keep_samples([batches[i] for i in on_policy])
+            if self.args.log_completions:
+                self._window.samples = decoded_samples([batches[i] for i in on_policy], self.processing_class)
         self._window.generation_seconds.append(time.perf_counter() - started)
         for batch, flag in zip(batches, flags):
             batch["on_policy"] = flag
@@ -337,22 +286,6 @@ class DistillationTrainer(Trainer):
         global_tokens = self.accelerator.reduce(torch.as_tensor(local_tokens, device=device).reshape(1), "sum")
         self._window.completion_tokens += int(global_tokens)
         return batches, global_tokens.clamp(min=1).squeeze(0)
-
-    def _keep_samples(self, batches) -> None:
-        """Decoded prompts and completions of the step, for the completions table."""
-        if not self.args.log_completions:
-            return
-        decode, pad = self.processing_class.batch_decode, self.processing_class.pad_token_id
-        self._window.samples = []
-        for batch in batches:
-            width = batch["prompt_ids"].shape[1]
-            completions = batch["input_ids"][:, width:].masked_fill(batch["labels"][:, width:] == IGNORE_INDEX, pad)
-            self._window.samples.extend(
-                zip(
-                    decode(batch["prompt_ids"], skip_special_tokens=True),
-                    decode(completions, skip_special_tokens=True),
-                )
-            )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         started, teacher_before = time.perf_counter(), self._window.teacher_seconds
@@ -377,17 +310,7 @@ class DistillationTrainer(Trainer):
         if not ranks:
             return
         model.zero_grad(set_to_none=True)
-        step = self.state.global_step + 1
-        where = f"on rank {ranks[0]}" if len(ranks) == 1 else f"on ranks {ranks}"
-        value = f"{local[0]} in an {'on' if local[1] else 'off'}-policy slice" if local else "non-finite"
-        raise NonFiniteLossError(
-            f"the loss was {value} at optimizer step {step} ({where}); training stopped before that step's update, so "
-            f"the weights in memory are those of step {step - 1} and no checkpoint holds a non-finite update. Likely "
-            "causes: a teacher that returns NaN or infinite log-probs (a teacher server's answers, an fp16 teacher "
-            "overflowing), NaN or inf already in the student's or teacher's weights, inputs or a loss temperature that "
-            "overflow, or a learning rate high enough to diverge (lower learning_rate, keep max_grad_norm > 0, prefer "
-            "bf16 to fp16)."
-        )
+        raise NonFiniteLossError.at(self.state.global_step + 1, ranks, local)
 
     # ----- Loss -----
 
@@ -432,7 +355,7 @@ class DistillationTrainer(Trainer):
         return step % max(int(self.state.logging_steps or args.logging_steps), 1) == 0
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation is off-policy on the dataset completions: the loss only, no logits gathered."""
+        """Evaluation is off-policy on the dataset completions: the loss only, no predictions gathered."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
@@ -453,75 +376,14 @@ class DistillationTrainer(Trainer):
             if self.vllm is not None:
                 self.vllm.close()
 
-    # ----- Checkpoints: staged, then renamed when complete (see `checkpoints`) -----
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """transformers' save, with its `run_dir` pointed at a staging folder, then published under its real name.
-
-        Only the processes that save (`should_save`: the main one, or each node's with `save_on_each_node`) delete,
-        rename and rotate; the barriers keep every rank's files (RNG states, shards) inside the staging folder before
-        the rename, and every rank behind it afterwards.
-        """
-        run_dir = self._get_output_dir(trial)
-        staging = checkpoints.staging_folder(run_dir, self.state.global_step)
-        name = checkpoints.checkpoint_name(self.state.global_step)
-        written, final = os.path.join(staging, name), os.path.join(run_dir, name)
-        if self.args.should_save:
-            checkpoints.clear_staging(run_dir)
-        self.accelerator.wait_for_everyone()
-        self._staging_dir, self._push_pending = staging, False
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        if self.state.best_model_checkpoint == written:  # this step is the best: transformers saw it while staged
-            self.state.best_model_checkpoint = final
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(written, TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            checkpoints.publish(written, final)
-            # transformers' rotation ran inside the staging folder, where there is nothing to rotate; now for real
-            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
-        if self._push_pending:
-            self._push_pending = False
-            super()._push_from_checkpoint(final)
-
-    def _get_output_dir(self, trial) -> str:
-        """The staging folder while transformers writes a checkpoint (its `checkpoint-N` goes inside), else its own."""
-        return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Uploads run in the background: one from the staging folder would lose its files to the rename."""
-        if self._staging_dir is not None:
-            self._push_pending = True
-            return
-        super()._push_from_checkpoint(checkpoint_folder)
-
     # ----- Logging -----
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
             sum_over_ranks = lambda t: self.accelerator.reduce(t.to(self.args.device), "sum").cpu()  # noqa: E731
             logs.update(self._window.logs(sum_over_ranks))
-            self._maybe_print_completions()
+            step, args = self.state.global_step, self.args
+            if args.log_completions and step % args.log_completions_steps == 0 and self.accelerator.is_main_process:
+                print_completions(self._window.samples, step, args.num_completions_to_print)
             self._window = TrainingWindow(started=time.perf_counter())
         super().log(logs, start_time)
-
-    def _maybe_print_completions(self) -> None:
-        args = self.args
-        step = self.state.global_step
-        if not (args.log_completions and self._window.samples and step % args.log_completions_steps == 0):
-            return
-        if self.accelerator.is_main_process:
-            from rich.console import Console
-            from rich.table import Table
-
-            table = Table(title=f"Completions at step {step}", show_lines=True)
-            table.add_column("prompt", overflow="fold")
-            table.add_column("completion", overflow="fold")
-            samples = self._window.samples[: args.num_completions_to_print or len(self._window.samples)]
-            for prompt, completion in samples:
-                table.add_row(prompt, completion)
-            Console().print(table)
