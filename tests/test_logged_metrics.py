@@ -125,3 +125,20 @@ def test_time_logs_are_per_optimizer_step_for_generation_teacher_and_student():
     assert logs["time/generation_s"] == 1.5
     assert logs["time/teacher_s"] == 0.5
     assert logs["time/student_s"] == 1.0  # 4 slices x 0.25 s, per step (was the per-slice mean, 0.25)
+
+
+def test_evaluation_adds_no_teacher_time_to_the_training_window(tiny_paths, tmp_path):
+    """An evaluation between logs calls the teacher too; its seconds are not training time, so `time/teacher_s` of
+    the next log does not count them."""
+    trainer = DistillationTrainer(
+        model=tiny_paths["student"],
+        teacher_model=tiny_paths["teacher"],
+        args=config(tmp_path, lmbda=0.0, max_steps=1),
+        train_dataset=dataset(8),
+        eval_dataset=dataset(8),
+    )
+    teacher_calls = []
+    trainer.teacher_model.register_forward_hook(lambda *_: teacher_calls.append(1))
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0 and len(teacher_calls) >= 1
+    assert trainer._window.teacher_seconds == 0.0

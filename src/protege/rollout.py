@@ -95,8 +95,9 @@ def model_generate(model: torch.nn.Module, generation_config, seed: int):
 
 
 def vllm_generate(engine, model: torch.nn.Module, step: int, pad_token_id: int):
-    """`generate(prompt_ids, prompt_mask)` with a colocated vLLM engine (`vllm_colocate.VLLMColocate`), which first
-    gets the student's current weights: the new tokens (B, W), right-padded."""
+    """`generate(prompt_ids, prompt_mask)` with a vLLM engine, colocated (`vllm_colocate.VLLMColocate`) or a
+    `protege serve-student` server (`vllm_server.VLLMServer`), which first gets the student's current weights: the new
+    tokens (B, W), right-padded."""
 
     def generate(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
