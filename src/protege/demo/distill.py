@@ -45,15 +45,51 @@ def distill(
 
     With the demo's lmbda = 1 the dataset holds prompts only: the student writes every completion itself and the
     teacher scores each token, so no reference answer is used here (`settings.distill_overrides` may change lmbda
-    and beta, as benchmarks/gkd_table.py does). The student's warm-up optimizer carries on (same AdamW state, same
+    and beta, as the gkd_table benchmark does). The student's warm-up optimizer carries on (same AdamW state, same
     constant learning rate), so the one thing that changes at step 0 is what the student learns from.
     `start` is the curve's step 0: `scoring.scores` of the student before, computed by the caller once.
     """
     from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
 
-    from ..config import DistillationConfig
     from ..trainer import DistillationTrainer
+
+    args = _config(encoder, settings, seed, train_problems, output)
+    # On-policy only (lmbda = 1): prompts alone, so no reference answer can leak in. Otherwise the reference answers
+    # are the dataset completions that the off-policy slices train on.
+    messages = encoder.task.prompt_messages if args.lmbda == 1.0 else encoder.task.conversation
+    rows = Dataset.from_list([{"messages": messages(p)} for p in train_problems])
+    tracker = _Tracker(progress, encoder, settings, seed, eval_problems, start)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=rows,
+        processing_class=encoder.tokenizer,
+        callbacks=[tracker.callback()],
+        optimizers=_optimizers(student, optimizer_state, settings),
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    trainer.model.eval()
+    return Distilled(
+        student=trainer.model,
+        curve=tracker.curve,
+        losses=[{"step": e["step"], "loss": e["loss"]} for e in logs],
+        step_seconds={
+            key.split("/")[1]: round(sum(e[key] for e in logs) / len(logs), 4)
+            for key in ("time/generation_s", "time/teacher_s", "time/student_s")
+            if logs and all(key in e for e in logs)
+        },
+        eval_seconds=tracker.eval_seconds,
+        completion_tokens=round(sum(e.get("completion_tokens", 0) for e in logs)),
+    )
+
+
+def _config(encoder: Encoder, settings: Settings, seed: int, train_problems: list[Any], output: Path):
+    """The demo's `DistillationConfig`: on-policy GKD over the full vocabulary, on the CPU, `distill_overrides` last."""
+    from ..config import DistillationConfig
 
     max_completion = encoder.completion_length(train_problems[0])
     args = dict(
@@ -80,28 +116,11 @@ def distill(
         bf16=False,
         dataloader_num_workers=0,
     )
-    args = DistillationConfig(**{**args, **settings.distill_overrides})
-    # On-policy only (lmbda = 1): prompts alone, so no reference answer can leak in. Otherwise the reference answers
-    # are the dataset completions that the off-policy slices train on.
-    messages = encoder.task.prompt_messages if args.lmbda == 1.0 else encoder.task.conversation
-    rows = Dataset.from_list([{"messages": messages(p)} for p in train_problems])
-    curve = [{"step": 0, **start}]
-    timer = {"eval_seconds": 0.0}
-    bar = progress.add_task("student: distillation", total=settings.distill_steps, info="")
+    return DistillationConfig(**{**args, **settings.distill_overrides})
 
-    class Track(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                progress.update(bar, info=f"loss {logs['loss']:.4f}  acc {curve[-1]['accuracy']:.1%}")
 
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            progress.update(bar, completed=state.global_step)
-            if state.global_step % settings.eval_every == 0 or state.global_step == state.max_steps:
-                started = time.perf_counter()
-                point = scores(model, encoder, eval_problems, settings.sample_eval, seed)
-                timer["eval_seconds"] += time.perf_counter() - started
-                curve.append({"step": state.global_step, **point})
-
+def _optimizers(student, optimizer_state: dict[str, Any] | None, settings: Settings):
+    """The warm-up's AdamW carried on (its state loaded when given), with the distillation schedule."""
     optimizer = adamw(student, settings.student_sft)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -111,28 +130,39 @@ def distill(
             settings.distill_schedule, step, settings.distill_steps, settings.distill_warmup_steps
         ),
     )
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=rows,
-        processing_class=encoder.tokenizer,
-        callbacks=[Track()],
-        optimizers=(optimizer, scheduler),
-    )
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
-    logs = [e for e in trainer.state.log_history if "loss" in e]
-    trainer.model.eval()
-    return Distilled(
-        student=trainer.model,
-        curve=curve,
-        losses=[{"step": e["step"], "loss": e["loss"]} for e in logs],
-        step_seconds={
-            key.split("/")[1]: round(sum(e[key] for e in logs) / len(logs), 4)
-            for key in ("time/generation_s", "time/teacher_s", "time/student_s")
-            if logs and all(key in e for e in logs)
-        },
-        eval_seconds=timer["eval_seconds"],
-        completion_tokens=round(sum(e.get("completion_tokens", 0) for e in logs)),
-    )
+    return optimizer, scheduler
+
+
+class _Tracker:
+    """The held-out accuracy curve, measured every `settings.eval_every` steps and at the end, and the progress bar."""
+
+    def __init__(self, progress, encoder: Encoder, settings: Settings, seed: int, eval_problems, start):
+        self.progress, self.encoder, self.settings, self.seed = progress, encoder, settings, seed
+        self.eval_problems = eval_problems
+        self.curve = [{"step": 0, **start}]
+        self.eval_seconds = 0.0
+        self.bar = progress.add_task("student: distillation", total=settings.distill_steps, info="")
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        tracker = self
+
+        class Track(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    info = f"loss {logs['loss']:.4f}  acc {tracker.curve[-1]['accuracy']:.1%}"
+                    tracker.progress.update(tracker.bar, info=info)
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                tracker.progress.update(tracker.bar, completed=state.global_step)
+                if state.global_step % tracker.settings.eval_every == 0 or state.global_step == state.max_steps:
+                    tracker.measure(model, state.global_step)
+
+        return Track()
+
+    def measure(self, model, step: int) -> None:
+        started = time.perf_counter()
+        point = scores(model, self.encoder, self.eval_problems, self.settings.sample_eval, self.seed)
+        self.eval_seconds += time.perf_counter() - started
+        self.curve.append({"step": step, **point})
