@@ -349,12 +349,13 @@ def generalized_jsd_loss(
     *,
     beta: float = 0.5,
     temperature: float = 1.0,
-    reduction: str = "batchmean",
     top_k: int = 0,
     add_tail: bool = True,
+    reduction: str = "batchmean",
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Generalized JSD between student and teacher logits of shape (..., V); gradients flow to the student only."""
+    """Generalized JSD between student and teacher logits of shape (..., V); gradients flow to the student only.
+    Keyword-only options, divergence first, then reduction, as the other public losses take them."""
     check_same_shape(student_logits, teacher_logits)
     rows_fn = functools.partial(divergence_rows, beta=beta, temperature=temperature, top_k=top_k, add_tail=add_tail)
     return _masked_loss(rows_fn, student_logits, labels, [teacher_logits], reduction, num_items_in_batch)

@@ -13,10 +13,12 @@ import torch
 
 
 @dataclass
-class StudentLogits:
+class Logits:
+    """Logits at completion positions: rows the loss reads as they are."""
+
     logits: torch.Tensor  # (B, C, V)
 
-    weight = bias = None  # rows are logits already: no head to apply
+    weight = bias = None  # no head to apply
 
     @property
     def rows(self) -> torch.Tensor:
@@ -24,8 +26,10 @@ class StudentLogits:
 
 
 @dataclass
-class StudentHidden:
-    hidden: torch.Tensor  # (B, C, H), the decoder's final (post-norm) output
+class Hidden:
+    """The decoder's final (post-norm) output at completion positions, and the LM head that turns it into logits."""
+
+    hidden: torch.Tensor  # (B, C, H)
     weight: torch.Tensor  # (V, H), the LM head sliced to the shared vocabulary
     bias: torch.Tensor | None
 
@@ -34,26 +38,20 @@ class StudentHidden:
         return self.hidden
 
 
-@dataclass
-class TeacherLogits:
-    logits: torch.Tensor  # (B, C, V)
-
-    weight = bias = None
-
-    @property
-    def rows(self) -> torch.Tensor:
-        return self.logits
+class StudentLogits(Logits):
+    """The student's logits (the dense path)."""
 
 
-@dataclass
-class TeacherHidden:
-    hidden: torch.Tensor  # (B, C, H)
-    weight: torch.Tensor  # (V, H)
-    bias: torch.Tensor | None
+class StudentHidden(Hidden):
+    """The student's last hidden state and LM head (the chunked and fused paths); gradients flow through both."""
 
-    @property
-    def rows(self) -> torch.Tensor:
-        return self.hidden
+
+class TeacherLogits(Logits):
+    """A teacher's logits."""
+
+
+class TeacherHidden(Hidden):
+    """A teacher's last hidden state and LM head, local or sent by a server in the hidden format."""
 
 
 @dataclass
