@@ -2,7 +2,7 @@
 attributes.
 
 TRL's static `generalized_jsd_loss` (trl/experimental/distillation/distillation_trainer.py, with its
-`_reduce_divergence_loss`), restated as the semantics the reference below is written from:
+`_reduce_divergence_loss`), restated as the semantics the reference (reference.py) is written from:
 
 * both logits are divided by `temperature` and normalised with a softmax over the vocabulary;
 * beta = 0 gives the elements of KL(T || S), beta = 1 those of KL(S || T), and 0 < beta < 1
@@ -15,87 +15,32 @@ TRL's static `generalized_jsd_loss` (trl/experimental/distillation/distillation_
 * "batchmean" divides the sum by N with labels and by the first dimension (sequences) without; "sum"; "mean" over
   every element kept; "none" returns the kept elements.
 
-The reference is float64 throughout, with explicit sums and supports chosen row by row in Python; it never calls
-protege. protege must match it to a relative 1e-12 for float64 inputs (it computes in float64 there), and compute bf16
-and fp16 inputs in float32. A few values computed once with TRL 1.8.0 itself are pinned as a check on the reference.
+The reference is reference.py's (shared with test_losses.py): float64 throughout, with explicit sums and supports
+chosen row by row in Python; it never calls protege. TRL's masking and reductions are applied to its elements here.
+protege must match it to a relative 1e-12 for float64 inputs (it computes in float64 there), and compute bf16 and fp16
+inputs in float32. A few values computed once with TRL 1.8.0 itself are pinned as a check on the reference.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
+import itertools
 
 import pytest
 import torch
+from reference import F64, IGNORE, ref_rows, topk_support
 from tiny import config, dataset
 
 from protege import DistillationTrainer
 from protege.losses import generalized_jsd_loss
 
-F64 = torch.float64
-IGNORE = -100
-TAIL_FLOOR = -math.expm1(-1e-7)  # 1 - exp(-1e-7): TRL's smallest tail mass
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
 REL = 1e-12  # float64 in, float64 computed: only float64 round-off between protege and the reference
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Reference (float64, from the semantics above)
+# Reference: reference.py's float64 elements, with TRL's masking and reductions
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def ref_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    x = logits.to(F64) / temperature
-    shift = x.max(dim=-1, keepdim=True).values.detach()
-    return x - shift - torch.log(torch.exp(x - shift).sum(dim=-1, keepdim=True))
-
-
-def kl_terms(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """p * log(p / q) element-wise, 0 where p is 0 (with no NaN in the gradient from an empty slot's 0 / 0)."""
-    present = p > 0
-    ratio = torch.where(present, p, 1.0) / torch.where(present, q, 1.0)
-    return torch.where(present, p * torch.log(ratio), 0.0)
-
-
-def divergence_terms(p_s: torch.Tensor, p_t: torch.Tensor, beta: float) -> torch.Tensor:
-    if beta == 0:
-        return kl_terms(p_t, p_s)
-    if beta == 1:
-        return kl_terms(p_s, p_t)
-    mixture = (1 - beta) * p_s + beta * p_t
-    return beta * kl_terms(p_t, mixture) + (1 - beta) * kl_terms(p_s, mixture)
-
-
-def support(log_s: torch.Tensor, log_t: torch.Tensor, beta: float, k: int) -> tuple[list[int], list[bool]]:
-    def top(log_p):
-        return torch.argsort(log_p, descending=True, stable=True)[:k].tolist()
-
-    teacher, student = top(log_t), top(log_s)
-    if beta == 0:
-        return teacher, [True] * k
-    if beta == 1:
-        return student, [True] * k
-    return teacher + student, [True] * k + [i not in teacher for i in student]
-
-
-def ref_elements(student_logits, teacher_logits, *, beta, temperature, top_k, add_tail) -> torch.Tensor:
-    """Divergence elements (..., S) of (..., V) logits; the teacher gets no gradient."""
-    log_s = ref_log_softmax(student_logits, temperature)
-    log_t = ref_log_softmax(teacher_logits, temperature).detach()
-    vocab = log_s.shape[-1]
-    if top_k <= 0 or top_k >= vocab:
-        return divergence_terms(log_s.exp(), log_t.exp(), beta)
-    rows_s, rows_t = log_s.reshape(-1, vocab), log_t.reshape(-1, vocab)
-    chosen = [support(s, t, beta, top_k) for s, t in zip(rows_s.detach(), rows_t)]
-    ids = torch.tensor([c[0] for c in chosen])
-    keep = torch.tensor([c[1] for c in chosen], dtype=F64)
-    p_s, p_t = rows_s.exp().gather(-1, ids) * keep, rows_t.exp().gather(-1, ids) * keep
-    if add_tail:
-        p_s = torch.cat([p_s, (1 - p_s.sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)], dim=-1)
-        p_t = torch.cat([p_t, (1 - p_t.sum(-1, keepdim=True)).clamp(min=TAIL_FLOOR)], dim=-1)
-    else:
-        p_s, p_t = p_s / p_s.sum(-1, keepdim=True), p_t / p_t.sum(-1, keepdim=True)
-    return divergence_terms(p_s, p_t, beta).reshape(*log_s.shape[:-1], -1)
 
 
 def ref_trl_loss(
@@ -110,8 +55,11 @@ def ref_trl_loss(
     add_tail=True,
     num_items_in_batch=None,
 ) -> torch.Tensor:
-    elements = ref_elements(
-        student_logits, teacher_logits, beta=beta, temperature=temperature, top_k=top_k, add_tail=add_tail
+    """TRL's reductions of the reference's elements (..., S); a top_k of at least the vocabulary is the full one."""
+    sparse = 0 < top_k < student_logits.shape[-1]
+    support = topk_support(top_k, beta) if sparse else None
+    elements = ref_rows(
+        student_logits, teacher_logits, beta=beta, temperature=temperature, support=support, add_tail=add_tail
     )
     if labels is not None:
         elements = elements[labels != IGNORE]
@@ -187,26 +135,32 @@ def test_static_method_has_trls_signature():
     assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters.values())
 
 
-@pytest.mark.parametrize("num_items_in_batch", [None, 7, torch.tensor(5)], ids=["none", "int", "tensor"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("with_labels", [False, True], ids=["no_labels", "labels"])
-@pytest.mark.parametrize(("top_k", "add_tail"), [(0, True), (2, True), (2, False)], ids=["full", "top2_tail", "top2"])
+# num_items_in_batch wins over reduction, so it is checked under one reduction per form (int, tensor), "none" among them
+REDUCTION_CASES = [(reduction, None) for reduction in REDUCTIONS] + [("batchmean", 7), ("none", torch.tensor(5))]
+
+
+@pytest.mark.parametrize("top_k", [0, 2], ids=["full", "top2"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_float64_matches_reference_exactly(
-    beta, temperature, top_k, add_tail, with_labels, reduction, num_items_in_batch
-):
+def test_float64_matches_reference_exactly(beta, temperature, top_k):
+    """Each input once (the inputs depend on beta, temperature and top_k alone), under every option that changes the
+    computation on it: the tail bucket or renormalisation (top-k), with and without labels, each reduction, and
+    num_items_in_batch as an int and as a tensor."""
     student, teacher, labels = make_inputs(int(beta * 10 + temperature * 100 + top_k))
-    kwargs = dict(
-        beta=beta,
-        temperature=temperature,
-        reduction=reduction,
-        top_k=top_k,
-        add_tail=add_tail,
-        num_items_in_batch=num_items_in_batch,
-    )
-    out = check_value_and_gradient(kwargs, student, teacher, labels if with_labels else None, REL)
-    assert out.dtype == F64
+    tails = (True, False) if top_k else (True,)
+    for add_tail, with_labels, (reduction, num_items_in_batch) in itertools.product(
+        tails, (False, True), REDUCTION_CASES
+    ):
+        kwargs = dict(
+            beta=beta,
+            temperature=temperature,
+            reduction=reduction,
+            top_k=top_k,
+            add_tail=add_tail,
+            num_items_in_batch=num_items_in_batch,
+        )
+        out = check_value_and_gradient(kwargs, student, teacher, labels if with_labels else None, REL)
+        assert out.dtype == F64, kwargs
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.9])
