@@ -11,6 +11,7 @@ from transformers import HfArgumentParser
 
 from protege import DistillationConfig
 from protege.objective import Objective
+from protege.teacher.spec import teacher_returns
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without CUDA")
 
@@ -75,100 +76,94 @@ def test_generation_batch_size_is_only_checked(make):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Validation: one rule per test, each message names the field
+# Validation: one row per rule (and per kind of bad value); each message names the field
 # ---------------------------------------------------------------------------------------------------------------------
 
-
-@pytest.mark.parametrize("value", [-0.1, 1.5])
-def test_lmbda_outside_unit_interval(make, value):
-    with pytest.raises(ValueError, match=r"lmbda="):
-        make(lmbda=value)
-
-
-@pytest.mark.parametrize("value", [-0.1, 1.5])
-def test_beta_outside_unit_interval(make, value):
-    with pytest.raises(ValueError, match=r"beta="):
-        make(beta=value)
+GENERATION_BATCH = r"generation_batch_size=.*per_device_train_batch_size"
+CHUNK_SIZE = r"loss_chunk_size=.*'auto', an integer >= 1, or None"
+MAX_LENGTH = r"max_completion_length=.*max_length \(1024\)"
+NO_URL = r"teacher_model_server_url="
 
 
-def test_unknown_reverse_kl_top_1_mode(make):
-    with pytest.raises(ValueError, match=r"reverse_kl_top_1_mode='greedy'"):
-        make(reverse_kl_top_1_mode="greedy")
+def case(name: str, kwargs: dict, match: str, marks=()):
+    """One row of INVALID: the settings, a fragment of the message (a regular expression), and the row's id."""
+    return pytest.param(kwargs, match, id=name, marks=marks)
 
 
-@pytest.mark.parametrize("max_completion_length", [1024, 2000])
-def test_max_completion_length_not_below_max_length(make, max_completion_length):
-    with pytest.raises(ValueError, match=r"max_completion_length=.*max_length \(1024\)"):
-        make(max_completion_length=max_completion_length)
-
-
-@pytest.mark.parametrize("value", [0, -1])
-def test_num_generations_below_one(make, value):
-    with pytest.raises(ValueError, match=r"num_generations="):
-        make(num_generations=value)
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(num_generations=3),  # 8 rows are not a multiple of 3 completions per prompt
-        dict(generation_batch_size=3, num_generations=2),  # 3 x 2 != 8
+INVALID = [
+    case("lmbda-negative", dict(lmbda=-0.1), r"lmbda="),
+    case("lmbda-above-1", dict(lmbda=1.5), r"lmbda="),
+    case("beta-negative", dict(beta=-0.1), r"beta="),
+    case("beta-above-1", dict(beta=1.5), r"beta="),
+    case("temperature-zero", dict(temperature=0.0), r"temperature="),
+    case("temperature-negative", dict(temperature=-1.0), r"temperature="),
+    case("loss_top_k-negative", dict(loss_top_k=-1), r"loss_top_k=-1"),
+    case("reverse_kl_top_1_mode-unknown", dict(reverse_kl_top_1_mode="greedy"), r"reverse_kl_top_1_mode='greedy'"),
+    case("max_completion_length-equal", dict(max_completion_length=1024), MAX_LENGTH),
+    case("max_completion_length-above", dict(max_completion_length=2000), MAX_LENGTH),
+    case("max_completion_length-zero", dict(max_completion_length=0), r"max_completion_length=0"),
+    case("max_prompt_length-zero", dict(max_prompt_length=0), r"max_prompt_length=0"),
+    case("num_generations-zero", dict(num_generations=0), r"num_generations="),
+    case("num_generations-negative", dict(num_generations=-1), r"num_generations="),
+    # generation_batch_size x num_generations must fill the step's 8 rows (per-device batch 2 x accumulation 2)
+    case("num_generations-3-of-8-rows", dict(num_generations=3), GENERATION_BATCH),
+    case("generation_batch_size-3x2", dict(generation_batch_size=3, num_generations=2), GENERATION_BATCH),
+    case(
+        "generation_batch_size-4x2-of-4-rows",
         dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, generation_batch_size=4, num_generations=2),
-    ],
-)
-def test_generation_batch_size_times_num_generations_must_fill_the_step(make, kwargs):
-    with pytest.raises(ValueError, match=r"generation_batch_size=.*per_device_train_batch_size"):
+        GENERATION_BATCH,
+    ),
+    case("top_p-zero", dict(top_p=0.0), r"top_p="),
+    case("top_p-above-1", dict(top_p=1.5), r"top_p="),
+    case("top_k-negative", dict(top_k=-1), r"top_k=-1"),
+    case("min_p-above-1", dict(min_p=1.5), r"min_p=1.5 is not allowed"),
+    case(
+        "generation_kwargs-bad-json",
+        dict(generation_kwargs="{oops"),
+        r"generation_kwargs='\{oops' is not allowed: it is not valid JSON",
+    ),
+    case("vllm_sync_frequency-zero", dict(vllm_sync_frequency=0), r"vllm_sync_frequency=0 is not allowed"),
+    case("vllm_mode-unknown", dict(vllm_mode="remote"), r"vllm_mode='remote'"),
+    # this environment has no vLLM (it lives in .vllm-env): a one-line error that says where to get it
+    case(
+        "use_vllm-not-installed",
+        dict(use_vllm=True),
+        r"use_vllm=True is not allowed: vLLM is not installed .*make vllm-env",
+    ),
+    case("loss_chunk_size-zero", dict(loss_chunk_size=0), CHUNK_SIZE),
+    case("loss_chunk_size-negative", dict(loss_chunk_size=-4), CHUNK_SIZE),
+    case("loss_chunk_size-word", dict(loss_chunk_size="abc"), CHUNK_SIZE),
+    case("loss_chunk_size-negative-string", dict(loss_chunk_size="-3"), CHUNK_SIZE),
+    case("loss_chunk_size-bool", dict(loss_chunk_size=True), CHUNK_SIZE),
+    case("bf16-without-cuda", dict(bf16=True), r"bf16=True", marks=no_cuda),
+    case("liger-without-cuda", dict(use_liger_kernel=True), r"use_liger_kernel=True", marks=no_cuda),
+    case("server-url-none", dict(use_teacher_server=True, teacher_model_server_url=None), NO_URL),
+    case("server-url-empty", dict(use_teacher_server=True, teacher_model_server_url=""), NO_URL),
+    case("server-url-blank", dict(use_teacher_server=True, teacher_model_server_url="   "), NO_URL),
+    case("server-with-liger", dict(use_liger_kernel=True, **SERVER), r"use_liger_kernel=True.*use_teacher_server"),
+    case("server-forward-kl-needs-top-k", dict(beta=0.0, loss_top_k=0, **SERVER), r"loss_top_k=0.*beta=0"),
+    case("server-jsd-full-vocab", dict(beta=0.5, loss_top_k=0, **SERVER), r"loss_top_k=0.*beta=0.5"),
+    case("server-jsd-top-5", dict(beta=0.5, loss_top_k=5, **SERVER), r"loss_top_k=5.*beta=0.5"),
+    case("server-reverse-kl-top-2", dict(beta=1.0, loss_top_k=2, **SERVER), r"loss_top_k=2.*beta=1.0"),
+    case(
+        "server-argmax-mode",
+        dict(reverse_kl_top_1_mode="argmax", **SERVER),
+        r"reverse_kl_top_1_mode='argmax'.*use_teacher_server",
+    ),
+    case("server-protocol-unknown", dict(teacher_server_protocol="grpc", **SERVER), r"teacher_server_protocol='grpc'"),
+    case(
+        "server-response-format-unknown",
+        dict(teacher_server_response_format="xml", **SERVER),
+        r"teacher_server_response_format='xml'",
+    ),
+    case("server-openai-needs-model", dict(teacher_server_protocol="openai", **SERVER), r"teacher_server_model=None"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), INVALID)
+def test_invalid_setting_is_refused(make, kwargs, match):
+    with pytest.raises(ValueError, match=match):
         make(**kwargs)
-
-
-@pytest.mark.parametrize("value", [0.0, -1.0])
-def test_temperature_not_positive(make, value):
-    with pytest.raises(ValueError, match=r"temperature="):
-        make(temperature=value)
-
-
-def test_loss_top_k_negative(make):
-    with pytest.raises(ValueError, match=r"loss_top_k=-1"):
-        make(loss_top_k=-1)
-
-
-@pytest.mark.parametrize("url", [None, "", "   "])
-def test_teacher_server_without_url(make, url):
-    with pytest.raises(ValueError, match=r"teacher_model_server_url="):
-        make(use_teacher_server=True, teacher_model_server_url=url)
-
-
-def test_teacher_server_with_liger(make):
-    with pytest.raises(ValueError, match=r"use_liger_kernel=True.*use_teacher_server"):
-        make(use_liger_kernel=True, **SERVER)
-
-
-def test_teacher_server_forward_kl_needs_top_k(make):
-    with pytest.raises(ValueError, match=r"loss_top_k=0.*beta=0"):
-        make(beta=0.0, loss_top_k=0, **SERVER)
-
-
-@pytest.mark.parametrize(("beta", "loss_top_k"), [(0.5, 0), (0.5, 5), (1.0, 2)])
-def test_teacher_server_beta_positive_needs_top_1(make, beta, loss_top_k):
-    with pytest.raises(ValueError, match=rf"loss_top_k={loss_top_k}.*beta={beta}"):
-        make(beta=beta, loss_top_k=loss_top_k, **SERVER)
-
-
-def test_teacher_server_with_argmax_mode(make):
-    with pytest.raises(ValueError, match=r"reverse_kl_top_1_mode='argmax'.*use_teacher_server"):
-        make(reverse_kl_top_1_mode="argmax", **SERVER)
-
-
-@no_cuda
-def test_bf16_true_without_cuda(make):
-    with pytest.raises(ValueError, match=r"bf16=True"):
-        make(bf16=True)
-
-
-@pytest.mark.parametrize("value", [0, -4, "abc", "-3", True])
-def test_loss_chunk_size_below_one(make, value):
-    with pytest.raises(ValueError, match=r"loss_chunk_size=.*'auto', an integer >= 1, or None"):
-        make(loss_chunk_size=value)
 
 
 @pytest.mark.parametrize(("value", "parsed"), [("auto", "auto"), ("128", 128), (64, 64), ("none", None), (None, None)])
@@ -176,74 +171,16 @@ def test_loss_chunk_size_values(make, value, parsed):
     assert make(loss_chunk_size=value).loss_chunk_size == parsed
 
 
+def test_generation_kwargs_json_is_parsed(make):
+    assert make(generation_kwargs='{"no_repeat_ngram_size": 3}').generation_kwargs == {"no_repeat_ngram_size": 3}
+
+
 def test_server_objectives_are_chunked_too(make):
-    objective = Objective.from_config(make(**SERVER))
-    assert (objective.chunk_size, objective.student_view, objective.teacher_view) == ("auto", "hidden", "scores")
+    args = make(**SERVER)
+    objective = Objective.from_config(args)
+    assert (objective.chunk_size, objective.student_view, teacher_returns(args)) == ("auto", "hidden", "scores")
     dense = Objective.from_config(make(loss_chunk_size=None, **SERVER))
     assert (dense.chunk_size, dense.student_view) == (None, "logits")
-
-
-def test_use_vllm_needs_vllm_installed(make):
-    """This environment has no vLLM (it lives in .vllm-env): a one-line error that says where to get it."""
-    with pytest.raises(ValueError, match=r"use_vllm=True is not allowed: vLLM is not installed .*make vllm-env"):
-        make(use_vllm=True)
-
-
-def test_generation_settings(make):
-    assert make(generation_kwargs='{"no_repeat_ngram_size": 3}').generation_kwargs == {"no_repeat_ngram_size": 3}
-    with pytest.raises(ValueError, match=r"generation_kwargs='\{oops' is not allowed: it is not valid JSON"):
-        make(generation_kwargs="{oops")
-    with pytest.raises(ValueError, match=r"min_p=1.5 is not allowed"):
-        make(min_p=1.5)
-    with pytest.raises(ValueError, match=r"vllm_sync_frequency=0 is not allowed"):
-        make(vllm_sync_frequency=0)
-
-
-@no_cuda
-def test_use_liger_kernel_without_cuda_or_package(make):
-    with pytest.raises(ValueError, match=r"use_liger_kernel=True"):
-        make(use_liger_kernel=True)
-
-
-def test_max_completion_length_below_one(make):
-    with pytest.raises(ValueError, match=r"max_completion_length=0"):
-        make(max_completion_length=0)
-
-
-def test_max_prompt_length_below_one(make):
-    with pytest.raises(ValueError, match=r"max_prompt_length=0"):
-        make(max_prompt_length=0)
-
-
-@pytest.mark.parametrize("value", [0.0, 1.5])
-def test_top_p_outside_half_open_unit_interval(make, value):
-    with pytest.raises(ValueError, match=r"top_p="):
-        make(top_p=value)
-
-
-def test_top_k_sampling_negative(make):
-    with pytest.raises(ValueError, match=r"top_k=-1"):
-        make(top_k=-1)
-
-
-def test_unknown_vllm_mode(make):
-    with pytest.raises(ValueError, match=r"vllm_mode='remote'"):
-        make(vllm_mode="remote")
-
-
-def test_teacher_server_unknown_protocol(make):
-    with pytest.raises(ValueError, match=r"teacher_server_protocol='grpc'"):
-        make(teacher_server_protocol="grpc", **SERVER)
-
-
-def test_teacher_server_unknown_response_format(make):
-    with pytest.raises(ValueError, match=r"teacher_server_response_format='xml'"):
-        make(teacher_server_response_format="xml", **SERVER)
-
-
-def test_openai_teacher_server_needs_model_name(make):
-    with pytest.raises(ValueError, match=r"teacher_server_model=None"):
-        make(teacher_server_protocol="openai", **SERVER)
 
 
 def test_valid_teacher_server_settings_pass(make):
