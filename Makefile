@@ -1,11 +1,12 @@
-# Two commands: `make demo` runs the main job, `make test` runs ruff and the test suite.
-# Both create .venv on first use and install protege with the pinned constraints.
+# `make demo` runs the main job, `make test` runs ruff and the full test suite (what CI runs), and `make test-fast` the
+# fast tier to run between edits: every test not marked slow, under 2 minutes on 2 cores.
+# Each creates .venv on first use and installs protege with the pinned constraints.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS := dev,server,peft,plot
 
-.PHONY: test lint demo clean
+.PHONY: test test-fast lint demo clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,11 @@ lint: $(BIN)/.installed
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# Every module (losses, objective, config, data, teacher views, codec, servers, trainer on tiny models) without the
+# tests marked slow (subprocesses, training runs, real vLLM, torchrun, the largest grids): `-m slow` runs those alone.
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The main job: distil a small student on the embedded task and print the results (under 10 minutes on 2 cores).
 demo: $(BIN)/.installed

@@ -70,6 +70,7 @@ def common(tiny_paths, data_file, out):
     ]
 
 
+@pytest.mark.slow
 def test_train_runs_trl_flags_and_saves(tiny_paths, data_file, tmp_path):
     result = protege(
         "train",
@@ -87,6 +88,7 @@ def test_train_runs_trl_flags_and_saves(tiny_paths, data_file, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_yaml_config_with_flags_overriding_it(tiny_paths, data_file, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("lmbda: 0.0\nmax_steps: 2\nbeta: 0.0\nloss_top_k: 0\n")
@@ -97,6 +99,7 @@ def test_yaml_config_with_flags_overriding_it(tiny_paths, data_file, tmp_path):
     assert "on_policy_loss" in result.stdout and "off_policy_loss" not in result.stdout
 
 
+@pytest.mark.slow
 def test_lora_flags(tiny_paths, data_file, tmp_path):
     result = protege(
         "train",
@@ -116,6 +119,7 @@ def test_lora_flags(tiny_paths, data_file, tmp_path):
     assert (tmp_path / "out" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -134,6 +138,7 @@ def test_bad_input_is_one_line_exit_2(tiny_paths, data_file, tmp_path, extra, me
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_unknown_yaml_key_and_missing_column(tiny_paths, data_file, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("lmbda: 0.5\nlambda_typo: 1\n")
@@ -146,6 +151,7 @@ def test_unknown_yaml_key_and_missing_column(tiny_paths, data_file, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_help_lists_trl_flags_in_groups_distillation_first():
     result = protege("train", "--help")
     assert result.returncode == 0
@@ -238,6 +244,7 @@ def wrong_model_cases(tiny: dict[str, str], data: str) -> dict[str, tuple[list[s
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     ["train-student-absolute", "train-teacher-relative", "serve-teacher", "eval-teacher", "eval-student-hub-offline"],
@@ -275,6 +282,7 @@ def test_other_commands_report_load_errors_in_one_line(tiny_paths, tmp_path, arg
     assert message in one_error_line(protege(*argv), argv[0])
 
 
+@pytest.mark.slow
 def test_eval_reports_kl_both_ways(tiny_paths, data_file, tmp_path):
     output = tmp_path / "eval.json"
     result = protege(

@@ -143,6 +143,7 @@ def outcome(results: dict) -> dict:
     return kept
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_with_or_without_the_cache(tmp_path):
     """Two runs of a seed, each training its own models, give the same numbers to the last bit, and so does a third
     that loads them from the cache: the teacher, the warm-up, the distillation's sampling and batches, the scores."""
@@ -198,6 +199,7 @@ def test_the_console_and_results_json_number_lines_alike(tmp_path):
     assert "went wrong at line 2 " in console.file.getvalue()
 
 
+@pytest.mark.slow
 def test_cached_models_are_reused(tmp_path):
     from protege.demo.pipeline import run_demo
     from protege.demo.settings import ModelSpec

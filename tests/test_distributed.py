@@ -14,6 +14,7 @@ from conftest import free_port
 from safetensors.torch import load_file
 
 TESTS = Path(__file__).parent
+pytestmark = pytest.mark.slow  # torchrun processes: not in the fast tier
 
 
 def torchrun(processes: int, tiny_paths: dict[str, str], out: Path, **settings: object) -> list[dict]:

@@ -86,6 +86,7 @@ def test_sixteen_bit_wire_and_temperature(tiny_paths, tmp_path, teacher_url):
         assert loss.item() != exact.item()  # 16 bits do round a float32 teacher's states
 
 
+@pytest.mark.slow
 def test_on_policy_training_through_hidden_states_learns(tiny_paths, tmp_path, teacher_url):
     tokenizer = AutoTokenizer.from_pretrained(tiny_paths["student"])
     teacher = AutoModelForCausalLM.from_pretrained(tiny_paths["teacher"])

@@ -85,6 +85,7 @@ def first_step_logs(tiny_paths, tmp_path, **overrides) -> dict:
     return {key: logged(trainer, key)[0] for key in ("loss", "on_policy_reverse_kl_estimate")}
 
 
+@pytest.mark.slow
 def test_estimate_is_logged_alike_by_every_objective_and_teacher(tiny_paths, tmp_path, teacher_url, caplog):
     """The first step samples the same completions in every run (seeded per step), so the estimate is equal whatever
     the loss, while the losses differ."""

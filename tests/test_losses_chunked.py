@@ -36,6 +36,7 @@ from protege.chunked import chunked_jsd_loss, chunked_sparse_top1_loss
 from protege.losses import generalized_jsd_loss, local_sparse_top1_loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias", ["none", "finite", "masked_vocab"])
 @pytest.mark.parametrize(("top_k", "add_tail"), TOPK_VARIANTS)
 @pytest.mark.parametrize("temperature", [0.5, 2.0])

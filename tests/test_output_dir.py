@@ -70,6 +70,7 @@ def test_a_new_or_unrelated_folder_is_fine_and_named(tmp_path, monkeypatch):
         check_output_dir(args_for("--output_dir", str(tmp_path / "file")))
 
 
+@pytest.mark.slow
 def test_the_command_refuses_in_one_line_before_loading_the_data(tiny_paths, tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-5").mkdir(parents=True)

@@ -47,6 +47,7 @@ class RecordFractions(TrainerCallback):
             self.fractions[state.global_step] = logs["on_policy_fraction"]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_on_and_off_policy(tiny_paths, tmp_path):
     """8 steps straight, against 4 steps, a resume and 4 more: the same on/off-policy draws and the same weights, bit
     for bit, whether the student generates (lmbda 1), never does (lmbda 0) or each slice is drawn (lmbda 0.5)."""
@@ -208,6 +209,7 @@ def test_resume_true_skips_incomplete_checkpoints_with_a_warning(tiny_paths, tmp
         empty.train(resume_from_checkpoint=True)
 
 
+@pytest.mark.slow
 def test_killed_saves_resume_to_the_uninterrupted_weights(tiny_paths, tmp_path):
     """A real training process (tests/crash_train.py) killed with SIGKILL inside the save at step 6, with the model
     file cut short, after the RNG states, and after the rename: `resume_from_checkpoint=True` then finishes the 8 steps

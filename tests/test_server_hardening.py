@@ -257,6 +257,7 @@ LITERAL_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("body", "status", "detail"), LITERAL_CASES)
 def test_extreme_values_get_a_4xx_and_the_connection_stays_open(backend, body, status, detail):
     limits = ServerLimits(max_model_len=64)
@@ -357,6 +358,7 @@ def post_and_check(url: str, client: httpx.Client, content: bytes) -> None:
     assert health.status_code == 200
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(body=st.one_of(requests.map(lambda d: json.dumps(d).encode()), raw_bodies))  # NaN, Infinity as Python writes
 def test_fuzz_arbitrary_bodies_never_get_a_5xx(fuzz_server, body):
@@ -365,6 +367,7 @@ def test_fuzz_arbitrary_bodies_never_get_a_5xx(fuzz_server, body):
         post_and_check(url, client, body)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(request=near_valid)
 def test_fuzz_near_valid_requests_never_get_a_5xx(fuzz_server, request):
@@ -374,6 +377,7 @@ def test_fuzz_near_valid_requests_never_get_a_5xx(fuzz_server, request):
         post_and_check(url, client, body)
 
 
+@pytest.mark.slow
 def test_fuzz_literal_cases_then_the_server_is_alive(fuzz_server):
     url, process = fuzz_server
     with httpx.Client(timeout=30) as client:
@@ -422,6 +426,7 @@ def test_without_a_key_the_server_is_open_and_docs_are_off_by_default(backend):
         assert "sequences" in str(schema["paths"][ROUTE]["post"]["requestBody"])
 
 
+@pytest.mark.slow
 def test_serve_teacher_reads_the_api_key_from_the_environment(tiny_paths, monkeypatch):
     monkeypatch.setenv("PROTEGE_TEACHER_API_KEY", "from-env")
     port = free_port()
@@ -454,6 +459,7 @@ def test_tls_with_uvicorns_certificate_options(backend, tmp_path, monkeypatch):
         client.close()
 
 
+@pytest.mark.slow
 def test_binding_a_public_address_without_a_key_warns(tiny_paths):
     port = free_port()
     process = subprocess.Popen(
@@ -550,6 +556,7 @@ def test_trainer_client_splits_batches_to_the_servers_request_limit(tiny_paths, 
     assert (info["requests"], info["refused"]) == (5, 0)
 
 
+@pytest.mark.slow
 def test_cli_with_an_unreachable_teacher_says_it_waits_then_fails_in_one_line(tiny_paths, tmp_path):
     import json as json_module
 

@@ -31,6 +31,7 @@ def first_loss(tiny_paths, tmp_path, **overrides) -> float:
     return logged(trainer, "loss")[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("beta", "top_k"), [(0.5, 1), (1.0, 1), (0.0, 5)])
 def test_server_loss_equals_local_teacher_loss(tiny_paths, tmp_path, teacher_url, beta, top_k):
     local = first_loss(tiny_paths, tmp_path / "local", beta=beta, loss_top_k=top_k)
@@ -76,6 +77,7 @@ class StopServerAt(TrainerCallback):
             stop_server(self.process)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("response_format", ["compact", "hidden"])
 def test_server_lost_mid_training_then_resumed(tiny_paths, tmp_path, response_format):
     port = free_port()

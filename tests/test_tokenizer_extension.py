@@ -251,6 +251,7 @@ def test_server_without_a_vocabulary_list_keeps_a_named_error(models, tmp_path, 
 # ----- protege eval -----
 
 
+@pytest.mark.slow
 def test_eval_checks_the_teachers_tokenizer_as_training_does(tiny_paths, models, tmp_path):
     from test_cli import one_error_line, protege
 

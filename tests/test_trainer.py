@@ -123,6 +123,7 @@ def test_saves_the_student_and_tokenizer_only(tiny_paths, tmp_path):
     assert trainer.evaluate(dataset(8, seed=5))["eval_loss"] > 0
 
 
+@pytest.mark.slow
 def test_chunked_training_matches_dense(tiny_paths, tmp_path):
     """loss_chunk_size changes memory, not the result: same losses and weights as the dense loss, every objective."""
     for beta, loss_top_k in ((0.5, 0), (1.0, 1), (0.0, 5)):

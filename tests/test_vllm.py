@@ -27,6 +27,7 @@ from protege.toy import tiny_model, train_tokenizer
 
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".vllm-env" / "bin" / "python"
 pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no .vllm-env: run `make vllm-env` (CI does)")
+pytestmark = [pytestmark, pytest.mark.slow]  # real vLLM: not in the fast tier
 ENV = {
     **os.environ,
     "VLLM_CPU_KVCACHE_SPACE": "1",
