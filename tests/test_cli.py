@@ -267,6 +267,7 @@ def test_hub_name_with_no_hub_fails_at_once(tiny_paths, data_file, tmp_path):
     assert "could not be reached" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

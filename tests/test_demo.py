@@ -217,6 +217,7 @@ def test_cached_models_are_reused(tmp_path):
     assert not third["models"]["teacher"]["cached"] and third["models"]["student"]["cached"]
 
 
+@pytest.mark.slow
 def test_eval_scores_the_demo_models_like_the_demo(tmp_path, capsys):
     """`protege eval --task demo` on the demo's output folder reproduces the demo's own numbers."""
     from protege.cli import main

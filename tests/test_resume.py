@@ -185,6 +185,7 @@ class FirstStep(TrainerCallback):
         self.step = state.global_step
 
 
+@pytest.mark.slow
 def test_resume_true_skips_incomplete_checkpoints_with_a_warning(tiny_paths, tmp_path):
     common = dict(lmbda=0.0, save_strategy="steps", save_steps=2)
     trainer_for(tiny_paths, tmp_path, max_steps=4, **common).train()

@@ -270,6 +270,7 @@ def test_extreme_values_get_a_4xx_and_the_connection_stays_open(backend, body, s
         assert client.get(f"{running.url}/info/").json()["requests"] == 2
 
 
+@pytest.mark.slow
 def test_validation_errors_are_listed_briefly_with_their_count(backend):
     limits = ServerLimits(max_model_len=64, max_body_bytes=8 * 2**20)
     body = {"sequences": [["x"] * 300_000], "prompt_lengths": [1]}

@@ -190,6 +190,7 @@ def test_backend_scores_in_chunks_like_full_logits(tiny_paths):
     np.testing.assert_allclose(np.concatenate([r.actual_logprobs for r in rows]), full[2], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_server_process_returns_large_freed_blocks_to_the_os():
     """glibc accepts the fixed mmap threshold that keeps the chunked scoring's freed blocks from piling up."""
     code = "from protege.server.backends import return_large_blocks_to_the_os as f; print(f())"
