@@ -1,103 +1,83 @@
-"""Throughput of on-policy distillation steps: student generation with transformers' ``generate`` vs vLLM colocate.
+"""Throughput of on-policy distillation steps: student generation with transformers' `generate` vs vLLM colocate.
 
-Both modes run protege's ``DistillationTrainer`` with lmbda 1 (every slice on-policy), in a fresh process of the vLLM
-environment's interpreter (``make vllm-env`` creates ``.vllm-env``), so torch and transformers are the same:
+Every mode runs protege's `DistillationTrainer` with lmbda 1 (every slice on-policy), in a fresh worker process of the
+vLLM environment's interpreter (`make vllm-env` creates `.vllm-env`), so torch and transformers are the same:
 
-* ``transformers``: ``use_vllm=False``; the trainer generates a step's completions with ``model.generate``;
-* ``vllm``: ``use_vllm=True, vllm_mode="colocate"``; a ``vllm.LLM`` in the training process generates them, after the
-  trainer pushed the student's changed weights to it (``collective_rpc("reload_weights")``, every step);
-* ``vllm-server``: ``use_vllm=True, vllm_mode="server"``; ``protege serve-student`` (started by the parent on
-  127.0.0.1 before the worker, in the same environment) generates them, after the trainer pushed the student's
-  weights to it over HTTP (safetensors bytes in chunks, every step). On one machine the server and the trainer take
-  turns on the same cores; the push is the HTTP mode's own cost.
+* `transformers`: `use_vllm=False`; the trainer generates a step's completions with `model.generate`;
+* `vllm`: `use_vllm=True, vllm_mode="colocate"`; a `vllm.LLM` in the training process generates them, after the trainer
+  pushed the student's changed weights to it (`collective_rpc("reload_weights")`, every step);
+* `vllm-server`: `use_vllm=True, vllm_mode="server"`; `protege serve-student` (started by the parent on 127.0.0.1 in
+  the same environment) generates them, after the trainer pushed the student's weights over HTTP (safetensors bytes in
+  chunks, every step). On one machine the server and the trainer take turns on the same cores.
 
-Either way the trainer makes ONE generation call per optimizer step for all its slices (``get_batch_samples``).
+Either way the trainer makes ONE generation call per optimizer step for all its slices (`get_batch_samples`).
 
-    .vllm-env/bin/python benchmarks/generation.py --quick                  # smoke run: tiny models, 16 tokens
-    .vllm-env/bin/python benchmarks/generation.py                          # grad accum 4 and 8, 128 tokens
-    .vllm-env/bin/python benchmarks/generation.py --grad-accum 8 --modes vllm --steps 5 --json /tmp/g.json
-    .vllm-env/bin/python benchmarks/generation.py --grad-accum 8 --modes transformers vllm vllm-server
+    .vllm-env/bin/python -m benchmarks generation --quick                # smoke run: tiny models, 16 tokens
+    .vllm-env/bin/python -m benchmarks generation                        # grad accum 4 and 8, 128 tokens
+    .vllm-env/bin/python -m benchmarks generation --grad-accum 8 --modes transformers vllm vllm-server
 
-The parent uses the standard library only (any Python 3.10+ can run it); the workers run with ``--python`` (default
-``.vllm-env/bin/python``) and the environment ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (the engine in-process),
-``VLLM_CPU_KVCACHE_SPACE`` (``--kv-cache-gib``, default 2), ``HF_HUB_OFFLINE=1``, ``TOKENIZERS_PARALLELISM=false``
-and ``OMP_NUM_THREADS`` = ``--threads`` (default 2; vLLM's CPU worker binds the process's threads itself once built,
-so each worker reports the torch thread count it trained with).
+The parent uses the standard library only (any Python 3.10+ runs it); the workers run with `--python` (default
+`.vllm-env/bin/python`) and `VLLM_ENABLE_V1_MULTIPROCESSING=0` (the engine in-process), `VLLM_CPU_KVCACHE_SPACE`
+(`--kv-cache-gib`), `HF_HUB_OFFLINE=1`, `TOKENIZERS_PARALLELISM=false` and `OMP_NUM_THREADS` = `--threads` (vLLM's CPU
+worker binds the process's threads itself once built, so each worker reports the thread count it trained with).
 
-Models, built once into ``--cache-dir`` with ``real_scale.build_models`` (random init, float32, in a process of
-``--python``; the manifest ``built.json`` caches them):
+Models (`workers.random_models`, built once into `--cache-dir` in a process of `--python`): a word-level tokenizer of
+exactly 32,000 entries; a Qwen2 student of hidden 512, 8 layers, 8 heads (2 key-value), intermediate 1536, tied
+(40.5M parameters); a teacher of 4 such layers (28.5M), so the teacher's cost is small and the same in every mode.
+`--quick`: vocabulary 2000, hidden 64, 2 layers, 2 heads (head_dim 32, the least vLLM's CPU kernels take), 1 warm-up
+and 2 timed steps of 16-token completions at grad accum 1. Data: prompt-only rows of `--prompt-words` random words.
 
-* tokenizer: word level, exactly 32,000 entries (``<pad>``, ``<unk>``, ``<|im_start|>``, ``<|im_end|>``, ``t0``,
-  ``t1``, ...), pad ``<pad>``, eos ``<|im_end|>``, a chat template wrapping each turn in ``<|im_start|>`` ..
-  ``<|im_end|>``, in its own folder (loaded with ``PreTrainedTokenizerFast`` and passed as ``processing_class``);
-* student: Qwen2, hidden 512, 8 layers, 8 heads (2 key-value, head_dim 64), intermediate 1536, tied: 40.5M
-  parameters;
-* teacher: Qwen2, hidden 512, 4 layers, same heads, intermediate 1536, tied: 28.5M parameters, so the teacher's cost
-  is small and the same in both modes.
-
-``--quick`` builds a vocabulary of 2000, a student and a teacher of hidden 64, 2 layers, 2 heads (head_dim 32, the
-least vLLM's CPU kernels take), and runs 1 warm-up and 2 timed steps of 16-token completions at grad accum 1.
-
-Data: prompt-only rows, ``{"prompt": [{"role": "user", "content": "t812 t17 ..."}]}``, ``--prompt-words`` (16)
-random words each (19 tokens with the chat markers and the generation prompt), as many rows as the run takes.
-
-Settings, the same in both modes: per_device_train_batch_size 8, gradient_accumulation_steps ``--grad-accum`` (4 and
-8: 32 and 64 prompts a step), max_completion_length ``--max-new-tokens`` (128), temperature 1.0, top_p 1.0, top_k
-off, lmbda 1, beta 0.5, loss_top_k 0 (full vocabulary), float32 (bf16 False), AdamW (``adamw_torch``), learning rate
-1e-5, no activation checkpointing, seed 0. No minimum length is forced: random models rarely sample the EOS, and the
-table shows the mean completion length the trainer logged (``completions/mean_length``).
-
-Timing (``workers.step_timer``): step k takes from the ``on_step_end`` of step k-1 (``on_train_begin`` for step 1) to
-its own ``on_step_end``, so generation (which the trainer does in ``get_batch_samples``, before ``on_step_begin``),
-the weight push, teacher and student passes and the AdamW step are all inside. ``--warmup`` (1) steps run first and
-are not counted, then ``--steps`` (3) timed steps. Per timed step the worker reports its wall seconds, the trainer's
-logged ``time/generation_s`` (the one generation call, the vLLM weight push included), the seconds of the weight push
-alone (the engine's ``_sync_weights``, timed by the worker) and the trainer's logged ``completion_tokens`` (completion
-tokens trained on; checked against ``workers.counting_trainer``'s count of ``labels != -100``). The JSON also has the
-logged ``time/teacher_s`` and ``time/student_s`` (both per step, all slices). Building the trainer (and the vLLM
-engine) is outside the timing and reported as ``setup_seconds``.
-
-Trained completion tokens/s = completion tokens of the timed steps / their wall seconds; speedup = vLLM's over
-transformers' at the same grad accum. Peak RSS is the worker's ``ru_maxrss``.
-
-Output: a markdown table on stdout, and ``--json`` (default /tmp/generation.json) with every step, the date, the
-machine (``vs_trl.machine``), the git revision, and the 1-minute load average sampled every 10 s while each worker
-ran (the table shows its mean). The machine's other load moves these numbers a lot: on 2 cores, a process with 2
-OpenMP threads waits at every barrier for a core another process holds.
+Settings, the same in every mode: per-device batch 8, grad accum `--grad-accum`, `--max-new-tokens` new tokens,
+temperature 1, top_p 1, lmbda 1, beta 0.5, full vocabulary, float32, AdamW at 1e-5, no activation checkpointing, seed
+0. Step k takes from the `on_step_end` of step k-1 to its own (`workers.step_timer`): generation, the weight push,
+teacher and student passes and the AdamW step are inside; `--warmup` steps are not counted. Per timed step the worker
+reports its seconds, the trainer's logged `time/generation_s`, `time/teacher_s`, `time/student_s`, the weight push
+alone (the engine's `_sync_weights`, timed by the worker) and the logged `completion_tokens` (checked against
+`workers.counting_trainer`). Tokens/s = completion tokens of the timed steps / their seconds; speedup = over
+transformers' at the same grad accum. The machine's other load moves these numbers a lot: the JSON lines keep the
+1-minute load average sampled every 10 s while each worker ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
-import random
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import workers
-from real_scale import Shapes, build_models, qwen2, source_state
-from vs_trl import machine
-from workers import RunSettings, setting
+from benchmarks import (
+    GIB,
+    REPO,
+    Column,
+    Finished,
+    Report,
+    describe,
+    emit_result,
+    free_port,
+    machine,
+    module_command,
+    parse,
+    parser,
+    read_result,
+    setting,
+    worker_env,
+)
+from benchmarks.workers import FolderRun, Shapes, build_trainer, qwen2, random_models, train, word_rows
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 MODES = ("transformers", "vllm", "vllm-server")
 SHAPES = {
     "full": Shapes("full", 32_000, qwen2(512, 8, 8, 2, 1536, tied=True), qwen2(512, 4, 8, 2, 1536, tied=True)),
     "quick": Shapes("quick", 2000, qwen2(64, 2, 2, 2, 256, tied=True), qwen2(64, 2, 2, 2, 256, tied=True)),
 }
-GIB = 2**30
 LOAD_SECONDS = 10.0
 
 
 @dataclasses.dataclass(kw_only=True)
-class Case(RunSettings):
+class Case(FolderRun):
     """One worker: one mode at one grad accum; the `RunSettings` part is what `workers.trainer_config` reads."""
 
     mode: str = setting(help=f"one of {', '.join(MODES)}")
@@ -111,10 +91,6 @@ class Case(RunSettings):
     learning_rate: float = setting(1e-5)
     threads: int = setting(2, "torch threads (and OMP_NUM_THREADS)")
     prompt_words: int = setting(16, "random words in each prompt")
-    student: str = setting(help="student model folder")
-    teacher: str = setting(help="teacher model folder")
-    tokenizer: str = setting(help="tokenizer folder (PreTrainedTokenizerFast)")
-    output_dir: str | None = setting(None, "Trainer output_dir (nothing is saved)")
     server_url: str | None = setting(None, "vllm-server mode: the student server's URL (the parent starts it)")
 
     def __post_init__(self) -> None:
@@ -128,17 +104,13 @@ class Case(RunSettings):
 
 def prompts(case: Case, tokenizer) -> list[dict]:
     """Prompt-only chat rows of random words, enough for every step of the run."""
-    words = sorted(w for w in tokenizer.get_vocab() if w[1:].isdigit())
-    rng = random.Random(case.seed)
     count = (case.warmup + case.steps) * case.batch * case.grad_accum
-    return [
-        {"prompt": [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(case.prompt_words))}]}
-        for _ in range(count)
-    ]
+    texts = word_rows(tokenizer, count, (case.prompt_words,), case.seed)
+    return [{"prompt": [{"role": "user", "content": text}]} for (text,) in texts]
 
 
 def worker(argv: list[str]) -> int:
-    case = workers.parse(Case, argv, "one mode of benchmarks/generation.py")
+    case = parse(Case, argv, "one mode of benchmarks/generation.py")
     if case.mode not in MODES:
         raise SystemExit(f"--mode must be one of {MODES}")
 
@@ -171,7 +143,7 @@ def worker(argv: list[str]) -> int:
         return DistillationConfig(**{**shared, **vllm})
 
     started = time.perf_counter()
-    trainer, timer, init_warnings = workers.build_trainer(
+    trainer, timer, init_warnings = build_trainer(
         case,
         case.mode,
         configure,
@@ -184,57 +156,15 @@ def worker(argv: list[str]) -> int:
     )
     setup_seconds = time.perf_counter() - started
     threads_ready = torch.get_num_threads()
-
-    sync_seconds: dict[int, float] = {}  # by the optimizer step (1-based) whose generation pushed the weights
-    if trainer.vllm is not None:
-        push = trainer.vllm._sync_weights
-
-        def timed_push(model, step):
-            began = time.perf_counter()
-            push(model, step)
-            sync_seconds[step + 1] = sync_seconds.get(step + 1, 0.0) + time.perf_counter() - began
-
-        trainer.vllm._sync_weights = timed_push
-
-    train_seconds, logs = workers.train(trainer)
-    total = case.warmup + case.steps
-    steps = []
-    for k in range(1, total + 1):
-        log = logs.get(k, {})
-        steps.append(
-            {
-                "step": k,
-                "timed": k > case.warmup,
-                "seconds": timer.end[k] - timer.end[k - 1],
-                "generation_seconds": log.get("time/generation_s"),
-                "sync_seconds": sync_seconds.get(k),
-                "teacher_seconds": log.get("time/teacher_s"),
-                "student_seconds": log.get("time/student_s"),
-                "completion_tokens": log.get("completion_tokens"),
-                "counted_tokens": trainer.step_tokens.get(k),
-                "mean_length": log.get("completions/mean_length"),
-                "truncated_fraction": log.get("completions/truncated_fraction"),
-                "on_policy_fraction": log.get("on_policy_fraction"),
-                "loss": log.get("loss"),
-            }
-        )
-    timed = [s for s in steps if s["timed"]]
-    seconds = sum(s["seconds"] for s in timed)
-    tokens = sum(s["completion_tokens"] or 0 for s in timed)
-    workers.emit_result(
+    sync_seconds = time_weight_pushes(trainer)
+    train_seconds, logs = train(trainer)
+    steps = step_records(case, trainer, timer, logs, sync_seconds)
+    emit_result(
         {
             "mode": case.mode,
             "grad_accum": case.grad_accum,
             "prompts_per_step": case.batch * case.grad_accum,
-            "steps": steps,
-            "timed_seconds": seconds,
-            "timed_completion_tokens": tokens,
-            "tokens_per_second": tokens / seconds if seconds > 0 else None,
-            "seconds_per_step": seconds / len(timed),
-            "generation_seconds_per_step": mean(s["generation_seconds"] for s in timed),
-            "sync_seconds_per_step": mean(s["sync_seconds"] for s in timed),
-            "mean_completion_length": mean(s["mean_length"] for s in timed),
-            "token_counts_match": all(s["completion_tokens"] == s["counted_tokens"] for s in steps),
+            **timed_summary(steps),
             "generate_calls": None if trainer.vllm is None else trainer.vllm.generate_calls,
             "setup_seconds": setup_seconds,
             "train_seconds": train_seconds,
@@ -254,6 +184,65 @@ def worker(argv: list[str]) -> int:
     return 0
 
 
+def time_weight_pushes(trainer) -> dict[int, float]:
+    """Seconds of the engine's weight pushes (its `_sync_weights`), by the optimizer step (1-based) whose generation
+    made them; filled while the trainer trains."""
+    sync_seconds: dict[int, float] = {}
+    if trainer.vllm is not None:
+        push = trainer.vllm._sync_weights
+
+        def timed_push(model, step):
+            began = time.perf_counter()
+            push(model, step)
+            sync_seconds[step + 1] = sync_seconds.get(step + 1, 0.0) + time.perf_counter() - began
+
+        trainer.vllm._sync_weights = timed_push
+    return sync_seconds
+
+
+def step_records(case: Case, trainer, timer, logs: dict, sync_seconds: dict[int, float]) -> list[dict]:
+    """Every optimizer step: its wall seconds (`on_step_end` to `on_step_end`), the trainer's logs, the push."""
+    steps = []
+    for k in range(1, case.warmup + case.steps + 1):
+        log = logs.get(k, {})
+        steps.append(
+            {
+                "step": k,
+                "timed": k > case.warmup,
+                "seconds": timer.end[k] - timer.end[k - 1],
+                "generation_seconds": log.get("time/generation_s"),
+                "sync_seconds": sync_seconds.get(k),
+                "teacher_seconds": log.get("time/teacher_s"),
+                "student_seconds": log.get("time/student_s"),
+                "completion_tokens": log.get("completion_tokens"),
+                "counted_tokens": trainer.step_tokens.get(k),
+                "mean_length": log.get("completions/mean_length"),
+                "truncated_fraction": log.get("completions/truncated_fraction"),
+                "on_policy_fraction": log.get("on_policy_fraction"),
+                "loss": log.get("loss"),
+            }
+        )
+    return steps
+
+
+def timed_summary(steps: list[dict]) -> dict:
+    """The timed steps' seconds and tokens, and their means per step; whether the token counts agree."""
+    timed = [s for s in steps if s["timed"]]
+    seconds = sum(s["seconds"] for s in timed)
+    tokens = sum(s["completion_tokens"] or 0 for s in timed)
+    parts = ("generation_seconds", "sync_seconds", "teacher_seconds", "student_seconds")
+    return {
+        "steps": steps,
+        "timed_seconds": seconds,
+        "timed_completion_tokens": tokens,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        "seconds_per_step": seconds / len(timed),
+        **{f"{part}_per_step": mean(s[part] for s in timed) for part in parts},
+        "mean_completion_length": mean(s["mean_length"] for s in timed),
+        "token_counts_match": all(s["completion_tokens"] == s["counted_tokens"] for s in steps),
+    }
+
+
 def vllm_version() -> str | None:
     try:
         import vllm
@@ -269,7 +258,7 @@ def mean(values) -> float | None:
 
 def build(argv: list[str]) -> int:
     folder, name = argv
-    workers.emit_result(build_models(Path(folder), SHAPES[name]))
+    emit_result(random_models(Path(folder), SHAPES[name]))
     return 0
 
 
@@ -278,8 +267,8 @@ def build(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = parser("generation", __doc__, quick="tiny models, grad accum 1, 16 tokens, 2 steps")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: both, in this order")
     p.add_argument("--grad-accum", type=int, nargs="+", help="gradient_accumulation_steps (default: 4 8; --quick: 1)")
     p.add_argument("--max-new-tokens", type=int, help="max_completion_length (default: 128; --quick: 16)")
@@ -289,13 +278,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-words", type=int, default=16, help="random words in each prompt")
     p.add_argument("--threads", type=int, default=2, help="torch threads and OMP_NUM_THREADS of the workers")
     p.add_argument("--kv-cache-gib", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE of the workers")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny models, grad accum 1, 16 tokens, 2 steps")
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/protege_generation"), help="models and runs")
     p.add_argument(
         "--python", default=str(REPO / ".vllm-env" / "bin" / "python"), help="the vLLM environment's interpreter"
     )
     p.add_argument("--timeout", type=float, default=3600, help="seconds a worker may take")
-    p.add_argument("--json", type=Path, default=Path("/tmp/generation.json"), help="write everything here")
     args = p.parse_args(argv)
     args.shapes = "quick" if args.quick else "full"
     args.grad_accum = args.grad_accum or ([1] if args.quick else [4, 8])
@@ -304,24 +291,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def worker_env(args: argparse.Namespace) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # the worker sees only its own environment (and benchmarks/, its script's folder)
+def vllm_env(args: argparse.Namespace) -> dict[str, str]:
+    """The workers' environment: their own interpreter's packages only, the engine in-process, offline."""
     threads = str(args.threads)
-    kv_cache = f"{args.kv_cache_gib:g}"
-    env.update(
+    return worker_env(
+        True,
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
-        VLLM_CPU_KVCACHE_SPACE=kv_cache,
+        VLLM_CPU_KVCACHE_SPACE=f"{args.kv_cache_gib:g}",
         HF_HUB_OFFLINE="1",
         HF_HUB_DISABLE_TELEMETRY="1",
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS=threads,
         MKL_NUM_THREADS=threads,
     )
-    return env
 
 
-def run(argv: list[str], env: dict, folder: Path, timeout: float) -> tuple[workers.Finished, list[float]]:
+def run(argv: list[str], env: dict, folder: Path, timeout: float) -> tuple[Finished, list[float]]:
     """A worker to its end (or `timeout`), its output going to `folder`/worker.out and worker.err as it runs; also
     the 1-minute load average, sampled every `LOAD_SECONDS` while it ran."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -343,18 +328,15 @@ def run(argv: list[str], env: dict, folder: Path, timeout: float) -> tuple[worke
                     break
     load.append(os.getloadavg()[0])
     text = out.read_text()
-    return workers.Finished(argv, process.returncode, text, err.read_text(), workers.read_result(text)), load
+    return Finished(argv, process.returncode, text, err.read_text(), read_result(text)), load
 
 
 def start_student_server(args: argparse.Namespace, env: dict, case: Case, folder: Path) -> subprocess.Popen:
     """`protege serve-student` on the case's student, on 127.0.0.1 and a free port, once it answers /health/; sets
     `case.server_url`. Its output goes to `folder`/server.err."""
-    import socket
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     command = [args.python, "-m", "protege", "serve-student", "--model", case.student, "--dtype", "float32"]
     command += ["--max-model-len", str(case.max_length), "--port", str(port), "--log-level", "warning"]
@@ -379,25 +361,27 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(records: list[dict]) -> str:
-    lines = [
-        "| mode | grad accum | prompts/step | mean completion length | s/step | generation s/step "
-        "| weight sync s/step | trained completion tokens/s | speedup | peak RSS GiB | 1-min load (mean) | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+TABLES = {
+    "steps": [
+        Column("mode", "mode", text=True),
+        Column("grad accum", "grad_accum"),
+        Column("prompts/step", "prompts_per_step"),
+        Column("mean completion length", "mean_completion_length", "{:.1f}"),
+        Column("s/step", "seconds_per_step", "{:.2f}"),
+        Column("generation s/step", "generation_seconds_per_step", "{:.2f}"),
+        Column("weight sync s/step", "sync_seconds_per_step", "{:.3f}"),
+        Column("teacher s/step", "teacher_seconds_per_step", "{:.1f}"),
+        Column("student s/step", "student_seconds_per_step", "{:.1f}"),
+        Column("trained completion tokens/s", "tokens_per_second", "{:.1f}"),
+        Column("speedup", "speedup", "{:.2f}"),
+        Column("peak RSS GiB", lambda r: None if r.get("peak_rss") is None else r["peak_rss"] / GIB, "{:.2f}"),
+        Column("1-min load (mean)", "load_mean", "{:.2f}"),
+        Column("status", "status", text=True),
     ]
-    for r in records:
-        rss = None if r.get("peak_rss") is None else r["peak_rss"] / GIB
-        lines.append(
-            f"| {r['mode']} | {r['grad_accum']} | {r['prompts_per_step']} "
-            f"| {fmt(r.get('mean_completion_length'), '.1f')} "
-            f"| {fmt(r.get('seconds_per_step'), '.2f')} | {fmt(r.get('generation_seconds_per_step'), '.2f')} "
-            f"| {fmt(r.get('sync_seconds_per_step'), '.3f')} | {fmt(r.get('tokens_per_second'), '.1f')} "
-            f"| {fmt(r.get('speedup'), '.2f')} | {fmt(rss, '.2f')} | {fmt(r.get('load_mean'), '.2f')} | {r['status']} |"
-        )
-    return "\n".join(lines)
+}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
         return worker(argv[1:])
@@ -406,17 +390,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not Path(args.python).exists():
         raise SystemExit(f"no vLLM interpreter at {args.python}: run `make vllm-env` or pass --python")
-    env = worker_env(args)
-    started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    env = vllm_env(args)
+    report = Report("generation", args)
     started = time.perf_counter()
     folder = args.cache_dir / args.shapes
-    done, _ = run(workers.command(args.python, __file__, "build", folder, args.shapes), env, folder, args.timeout)
+    command = module_command(args.python, "benchmarks.generation", "build", folder, args.shapes)
+    done, _ = run(command, env, folder, args.timeout)
     if done.returncode != 0 or done.result is None:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"building the models failed (exit {done.returncode})")
     built = done.result
-    source = source_state()
-    print(f"{started_at}; protege {source}; machine: {machine()}; 1-min load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"{report.head['date']}; git {report.head['commit']}; machine: {describe(machine())}", flush=True)
     print(
         f"{args.shapes} shapes: vocabulary {SHAPES[args.shapes].vocab}, student {built['student_params']:,} "
         f"parameters, teacher {built['teacher_params']:,}; {args.threads} threads; KV cache {args.kv_cache_gib:g} GiB",
@@ -444,7 +428,8 @@ def main(argv=None) -> int:
             server = start_student_server(args, env, case, case_dir) if mode == "vllm-server" else None
             began = time.perf_counter()
             try:
-                done, load = run(workers.command(args.python, __file__, "worker", case), env, case_dir, args.timeout)
+                command = module_command(args.python, "benchmarks.generation", "worker", case)
+                done, load = run(command, env, case_dir, args.timeout)
             finally:
                 if server is not None:
                     server.terminate()
@@ -470,23 +455,9 @@ def main(argv=None) -> int:
         baseline = [r for r in records if r["mode"] == "transformers" and r["grad_accum"] == record["grad_accum"]]
         if record["status"] == "ok" and baseline and baseline[0]["status"] == "ok":
             record["speedup"] = record["tokens_per_second"] / baseline[0]["tokens_per_second"]
+    print("\n" + report.table("steps", records, TABLES))
     wall = time.perf_counter() - started
-    print()
-    print(table(records))
     print(f"\nwall time {wall:.0f} s; 1-min load average {os.getloadavg()[0]:.2f} at the end")
-    report = {
-        "started": started_at,
-        "wall_seconds": wall,
-        "source": source,
-        "machine": machine(),
-        "load_average_end": os.getloadavg(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "shapes": dataclasses.asdict(SHAPES[args.shapes]),
-        "built": built,
-        "records": records,
-    }
-    args.json.write_text(json.dumps(report, indent=1, default=str))
-    print(f"results written to {args.json}")
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
 

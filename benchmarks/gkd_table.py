@@ -1,321 +1,140 @@
 """The GKD paper's comparison of distillation methods, reproduced on protege's demo tasks on a laptop CPU.
 
-Every method starts from the same warmed-up student of a seed (the demo's: on `--task addition`, a short supervised
-warm-up stopped at 30% validation accuracy; on `--task letters` and `--task walks`, SFT to the end of its schedule),
-trains for the same number of steps on the same prompts at the same batch size with the same optimizer and
-learning-rate schedule, and is scored on the same held-out problems by the task's verifier: greedy decoding (exact
-match of the answer on addition), and on letters and walks also one sample per problem at temperature 1:
+    python -m benchmarks gkd_table --seeds 0 1 2 3 4             # addition: 5 seeds x 9 methods, ~20 min, 2 cores
+    python -m benchmarks gkd_table --quick                       # smoke run: 1 seed, 3 methods, tiny budgets
+    python -m benchmarks gkd_table --task letters --seeds 0 1 2 3 4 --prepare-only  # the protocol's gates
+    python -m benchmarks gkd_table --task letters --seeds 0 1 2 3 4  # the protocol's comparison (docs/benchmarks.md)
+    python -m benchmarks gkd_table --task walks --seeds 0 1 2 3 4    # design 2's, the same way
+    python -m benchmarks gkd_table hidden --seeds 0 1 2          # a teacher server's hidden format vs top-1: 25 min
+    python -m benchmarks gkd_table gradients --seed 0            # each divergence's gradient vs cross-entropy's
 
-* supervised fine-tuning on the reference chains (ground truth), continued;
-* sequence-level KD: fine-tuning on completions the teacher samples (temperature 1) for the same prompts;
-* supervised KD: `DistillationTrainer` with lmbda 0 (dataset completions only), forward KL, JSD(0.5), reverse KL;
-* on-policy GKD: lmbda 1 (the student's own samples only), forward KL, JSD(0.5), reverse KL;
-* mixed: lmbda 0.5 with JSD(0.5).
-
-Optimizer: a fresh AdamW per method at the warm-up's learning rate, warmed up over 10 steps, then decayed linearly to
-zero (`--optimizer`, `--warmup-steps`, `--schedule`), so each final model has settled and its end-point accuracy is
-not one noisy sample of a still-bouncing run. A fresh AdamW matters when divergences are compared: its per-parameter
-normalisation makes the update independent of the loss's scale, while the warm-up's AdamW state (`--optimizer
-continue`, what the demo does) remembers the size of cross-entropy gradients, so a divergence with smaller gradients
-(JSD) takes smaller steps and one with larger gradients (reverse KL) larger ones, for hundreds of steps.
-
-Each seed has its own teacher, warmed-up student, held-out set and prompt stream (`protege.demo.pipeline.prepare`,
-cached under `--output-dir`), and its teacher and warmed-up student are scored once, when they are prepared. Runs go
-in fresh subprocesses of this script, `--jobs` at a time, 1 torch thread each.
-
-    python benchmarks/gkd_table.py --seeds 0 1 2 3 4  # 5 seeds x 9 methods, ~20 minutes on 2 cores
-    python benchmarks/gkd_table.py --quick            # smoke run: 1 seed, 3 methods, tiny budgets
-    python benchmarks/gkd_table.py --task letters --seeds 0 1 2 3 4 --prepare-only  # the protocol's gates
-    python benchmarks/gkd_table.py --task letters --seeds 0 1 2 3 4  # the protocol's comparison (docs/benchmarks.md)
-    python benchmarks/gkd_table.py --task walks --seeds 0 1 2 3 4    # design 2's, the same way
-
-On letters and walks the summary also says whether the protocol's success criterion holds (`criterion`): the best
+`table` (the default): every method (`gkd_runs.METHODS`: SFT on the reference chains, SeqKD on the teacher's samples,
+`DistillationTrainer` at lmbda 0, 1 and 0.5 with forward KL, JSD(0.5) and reverse KL) starts from the same warmed-up
+student of a seed, trains for the same steps on the same prompts, batch size, optimizer and schedule, and is scored on
+the same held-out problems by the task's verifier: greedy decoding, and on letters and walks also one sample per
+problem at temperature 1. Optimizer: a fresh AdamW per method at the warm-up's learning rate, warmed up over 10 steps,
+then decayed linearly to zero; the warm-up's AdamW state (`--optimizer continue`, what the demo does) remembers the
+size of cross-entropy gradients, so a divergence with smaller gradients would take smaller steps for hundreds of
+steps. On letters and walks the summary says whether the protocol's criterion holds (`criterion`): the best
 on-policy method's mean gain over the warmed-up student at least 1.5x the best supervised-KD method's, and the
-difference more than twice the larger of the two methods' standard deviations over seeds; sampled validity is the
-primary metric.
+difference more than twice the larger of their standard deviations over seeds; sampled validity is the primary metric.
+
+`hidden`: three on-policy runs (lmbda 1, JSD(0.5)) per seed on addition: the full-vocabulary loss through one real
+`protege serve-teacher` per seed in the "hidden" format (the trainer applies the teacher's LM head to the states it
+receives), the sparse top-1 loss through the same server's default "compact" format, and the full-vocabulary loss with
+the local teacher, the reference "hidden" should match (the hidden states travel as `--hidden-dtype`, float32 here:
+the same loss up to summation order). Everything else is `table`'s.
+
+`gradients`: on seed `--seed`'s warmed-up student and 64 reference chains, the teacher's probability of the reference
+tokens and, for the off-policy loss at beta 0, 0.5 and 1, the cosine and norm ratio of its gradient to the
+cross-entropy gradient (trains the seed's models under `--output-dir` when they are not there).
+
+Each seed has its own teacher, warmed-up student, held-out set and prompt stream, cached under `--output-dir` and
+scored once. Runs go in fresh worker processes (`python -m benchmarks.gkd_table --worker ...`), `--jobs` at a time, 1
+torch thread each; a finished run of the same configuration is reused unless `--fresh`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
 
-from protege.demo.tasks import TASK_NAMES  # light: no torch
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class Method:
-    label: str
-    short: str  # for the chart
-    kind: str  # "sft", "seqkd" or "distill" (DistillationTrainer)
-    lmbda: float | None = None
-    beta: float | None = None
-
-
-METHODS = {
-    "sft": Method("Supervised FT (ground truth)", "SFT", "sft"),
-    "seqkd": Method("SeqKD (teacher samples)", "SeqKD", "seqkd"),
-    "supervised_fkl": Method("Supervised KD, forward KL", "sup. KD\nFKL", "distill", 0.0, 0.0),
-    "supervised_jsd": Method("Supervised KD, JSD(0.5)", "sup. KD\nJSD", "distill", 0.0, 0.5),
-    "supervised_rkl": Method("Supervised KD, reverse KL", "sup. KD\nRKL", "distill", 0.0, 1.0),
-    "onpolicy_fkl": Method("On-policy GKD, forward KL", "on-policy\nFKL", "distill", 1.0, 0.0),
-    "onpolicy_jsd": Method("On-policy GKD, JSD(0.5)", "on-policy\nJSD", "distill", 1.0, 0.5),
-    "onpolicy_rkl": Method("On-policy GKD, reverse KL", "on-policy\nRKL", "distill", 1.0, 1.0),
-    "mixed_jsd": Method("Mixed GKD (lmbda 0.5), JSD(0.5)", "mixed 0.5\nJSD", "distill", 0.5, 0.5),
-}
-QUICK_METHODS = ["sft", "supervised_fkl", "onpolicy_fkl"]
-# Per task: the steps per method and the evaluation interval when --steps and --eval-every are not given.
-BUDGETS = {"addition": (60, 10), "letters": (200, 20), "walks": (200, 20)}
+from benchmarks import REPO, Column, Report, Server, markdown, module_command, parser, spawn, worker_env
+from benchmarks.gkd_runs import (
+    ALL_METHODS,
+    BUDGETS,
+    HIDDEN_METHODS,
+    METHODS,
+    METRICS,
+    QUICK_METHODS,
+    RUN_KEYS,
+    Metric,
+    gradients,
+    run_config,
+    run_method,
+)
 
 
-class Metric(NamedTuple):
-    """Where one score lives in a run's result and in the summary's rows (keyed by its name in the curve points)."""
-
-    final: str  # the method's score at the end of the budget
-    start: str  # the warmed-up student's
-    teacher: str  # the teacher's
-    prefix: str  # of the summary row's keys
-    label: str
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-# "sampled" is there when the task's settings ask for sampled scores (letters).
-METRICS = {
-    "accuracy": Metric("accuracy", "start_accuracy", "teacher_accuracy", "", "greedy"),
-    "sampled": Metric(
-        "sampled_accuracy", "start_sampled_accuracy", "teacher_sampled_accuracy", "sampled_", "sampled, T=1"
-    ),
-}
+def score_columns(settings: dict, prefix: str) -> list[Column]:
+    """`table`'s columns for the score whose row keys start with `prefix` (greedy "", sampled "sampled_")."""
+    word, steps = "accuracy" if settings["task"] == "addition" else "validity", settings["steps"]
 
+    def spread(row: dict, key: str) -> tuple[float, float]:
+        return 100 * row[f"{prefix}{key}_mean"], 100 * row[f"{prefix}{key}_std"]
 
-def settings_for(args):
-    from protege.demo.settings import Settings
-
-    task = getattr(args, "task", "addition")
-    base = Settings.for_run(False, task)
-    if args.quick:  # a smoke run of the plumbing, not of the numbers
-        teacher, student = (300, base.student_sft.steps) if task == "addition" else (100, 50)
-        base = replace(
-            base,
-            teacher_sft=replace(base.teacher_sft, steps=teacher),
-            student_sft=replace(base.student_sft, steps=student),
-        )
-    settings = replace(
-        base,
-        digits=args.digits,
-        distill_steps=args.steps,
-        distill_batch_size=args.batch_size,
-        eval_every=args.eval_every,
-        eval_problems=args.eval_problems,
-        kl_problems=8,
-        distill_schedule=args.schedule,
-        distill_warmup_steps=args.warmup_steps,
-    )
-    if task != "addition":
-        return settings
-    # Room for longer chains: ~12 tokens per digit (a 9-token line, the prompt and the answer) and the chat markup.
-    positions = max(settings.teacher.positions, 12 * args.digits + 40)
-    return replace(
-        settings,
-        teacher=replace(settings.teacher, positions=positions),
-        student=replace(settings.student, positions=positions),
-    )
-
-
-# ----- Worker: one (seed, method) run in a fresh process -----
-
-
-def run_method(args) -> dict:
-    import torch
-    from rich.progress import Progress
-    from transformers.utils import logging as transformers_logging
-
-    from protege.demo import pipeline
-    from protege.demo.distill import distill
-
-    torch.set_num_threads(1)
-    transformers_logging.set_verbosity_error()
-    settings = settings_for(args)
-    method = METHODS.get(args.method)
-    folder = Path(args.output_dir) / f"seed{args.seed}"
-    quiet = Progress(disable=True)
-    prepared = pipeline.prepare(folder, settings, args.seed, quiet)
-    if args.method == "prepare":
-        return {
-            "seed": args.seed,
-            "teacher": prepared.teacher_info,
-            "student": prepared.student_info,
-            **scores(prepared, settings, args.seed),
-        }
-    encoder, teacher, student = prepared.encoder, prepared.teacher, prepared.student
-    saved = prepared_scores(folder, args) or scores(prepared, settings, args.seed)
-    start = start_point(saved)
-    problems = prepared.training_problems(
-        settings, args.seed, settings.distill_steps * settings.distill_batch_size, "distill"
-    )
-    if args.references == "canonical":  # the dataset's completions, not its prompts: SFT, supervised KD, mixed
-        problems = [prepared.task.canonical(problem) for problem in problems]
-    started = time.perf_counter()
-    torch.manual_seed(args.seed)
-    if method.kind == "distill":
-        run_settings = replace(
-            settings,
-            beta=method.beta,
-            distill_overrides={"lmbda": method.lmbda, "beta": method.beta, "logging_steps": 1},
-        )
-        distilled = distill(
-            teacher,
-            student,
-            prepared.optimizer_state if args.optimizer == "continue" else None,
-            encoder,
-            run_settings,
-            args.seed,
-            problems,
-            prepared.eval_problems,
-            start,
-            folder / args.method,
-            quiet,
-        )
-        curve, tokens, eval_seconds = distilled.curve, distilled.completion_tokens, distilled.eval_seconds
-    else:
-        curve, tokens, eval_seconds = _supervised(
-            method, settings, prepared, problems, start, args.optimizer == "continue", args.seed
-        )
-    finals = {metric.final: curve[-1][key] for key, metric in METRICS.items() if key in curve[-1]}
-    return {
-        "seed": args.seed,
-        "method": args.method,
-        **{key: value for key, value in saved.items() if key.startswith(("teacher_", "start_"))},
-        **finals,
-        "curve": curve,
-        "completion_tokens": tokens,
-        "train_seconds": round(time.perf_counter() - started - eval_seconds, 2),
-    }
-
-
-def scores(prepared, settings, seed: int) -> dict[str, float]:
-    """The seed's teacher and warmed-up student (every method's start) on the held-out problems: greedy accuracy, and
-    sampled accuracy when the task's settings ask for it."""
-    from protege.demo.scoring import scores as model_scores
-
-    teacher, student = (
-        model_scores(model, prepared.encoder, prepared.eval_problems, settings.sample_eval, seed)
-        for model in (prepared.teacher, prepared.student)
-    )
-    return {METRICS[key].teacher: value for key, value in teacher.items()} | {
-        METRICS[key].start: value for key, value in student.items()
-    }
-
-
-def start_point(saved: dict[str, float]) -> dict[str, float]:
-    """Every method's curve at step 0, from the seed's saved scores of the warmed-up student."""
-    return {key: saved[metric.start] for key, metric in METRICS.items() if metric.start in saved}
-
-
-def prepared_scores(folder: Path, args) -> dict[str, float] | None:
-    """The scores the seed's prepare run saved for this configuration, if it saved them (older runs did not)."""
-    path = folder / "prepare.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    if saved.get("config") != run_config(args) or "start_accuracy" not in saved:
-        return None
-    return saved
-
-
-def _supervised(
-    method: Method, settings, prepared, problems, start: dict[str, float], continue_optimizer: bool, seed: int
-):
-    """Cross-entropy on reference chains (sft) or on the teacher's samples (seqkd), with the same optimizer, learning
-    rate schedule, budget, prompts and evaluation points as the trainer runs. Returns the accuracy curve, the
-    completion tokens trained on and the seconds spent on evaluation."""
-    from protege.demo.scoring import generate, scores
-    from protege.demo.settings import SFTSpec
-    from protege.demo.supervised import adamw, supervised_training
-
-    warmup = settings.student_sft
-    spec = SFTSpec(
-        steps=settings.distill_steps,
-        batch_size=settings.distill_batch_size,
-        learning_rate=warmup.learning_rate,
-        adam_beta2=warmup.adam_beta2,
-        schedule=settings.distill_schedule,
-        warmup_steps=settings.distill_warmup_steps,
-    )
-    encoder, student = prepared.encoder, prepared.student
-    optimizer = adamw(student, spec)
-    if continue_optimizer:
-        optimizer.load_state_dict(prepared.optimizer_state)
-    curve, tokens, timer, losses = [{"step": 0, **start}], [0], {"eval": 0.0}, []
-
-    def make_batch(batch_problems):
-        if method.kind == "seqkd":
-            samples = generate(prepared.teacher, encoder, batch_problems, sample=True)
-            batch = encoder.completions_batch(batch_problems, samples.completion_ids)
-        else:
-            batch = encoder.batch(batch_problems)
-        tokens[0] += int(batch["labels"].ne(-100).sum())
-        return batch
-
-    def on_step(loss: float) -> None:
-        step = len(losses) + 1
-        losses.append(loss)
-        if step % settings.eval_every == 0 or step == settings.distill_steps:
-            clock = time.perf_counter()
-            point = scores(student, encoder, prepared.eval_problems, settings.sample_eval, seed)
-            curve.append({"step": step, **point})
-            timer["eval"] += time.perf_counter() - clock
-
-    supervised_training(student, encoder, problems, spec, on_step, optimizer=optimizer, make_batch=make_batch)
-    return curve, tokens[0], timer["eval"]
-
-
-# ----- Parent: schedule the runs, aggregate, write the table and the chart -----
-
-
-def run_config(args) -> dict:
-    """What a saved result depends on: a saved run or prepare.json is reused only when all of it is equal, the demo
-    settings (models, SFT steps) included."""
-    keys = ("task", "digits", "steps", "batch_size", "eval_every", "eval_problems", "schedule", "warmup_steps")
-    keys += ("optimizer", "quick", "references")
-    return {**{key: getattr(args, key) for key in keys}, "settings": repr(settings_for(args))}
-
-
-def spawn(args, seed: int, method: str) -> dict:
-    out = Path(args.output_dir) / f"seed{seed}" / f"{method}.json"
-    if out.exists() and not args.fresh:  # a finished run of the same configuration is reused (resuming)
-        saved = json.loads(out.read_text())
-        if saved.get("config") == run_config(args):
-            return saved
-    command = [sys.executable, __file__, "--worker", "--seed", str(seed), "--method", method, "--out", str(out)]
-    command += ["--output-dir", args.output_dir, "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-    command += ["--eval-every", str(args.eval_every), "--eval-problems", str(args.eval_problems)]
-    command += [
-        "--task",
-        args.task,
-        "--digits",
-        str(args.digits),
-        "--schedule",
-        args.schedule,
-        "--warmup-steps",
-        str(args.warmup_steps),
-        "--optimizer",
-        args.optimizer,
-        "--references",
-        args.references,
+    return [
+        Column("method", "label", text=True),
+        Column("lmbda", "lmbda", "{:g}", missing=""),
+        Column("beta", "beta", "{:g}", missing=""),
+        Column(f"{word} after {steps} steps", lambda r: spread(r, "accuracy"), "{0[0]:.1f} +- {0[1]:.1f}"),
+        Column("gain over warm-up", lambda r: spread(r, "gain"), "{0[0]:+.1f} +- {0[1]:.1f}"),
+        Column(f"{word} at step {steps // 2}", lambda r: 100 * r[f"half_budget_{prefix}accuracy_mean"], "{:.1f}"),
+        Column("per seed", lambda r: " / ".join(f"{100 * a:.1f}" for a in r[f"{prefix}per_seed"]), text=True),
+        Column("completion tokens", "completion_tokens_mean", "{:,.0f}"),
+        Column("train s", "train_seconds_mean", "{:.0f}"),
     ]
-    command += ["--quick"] if args.quick else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def hidden_columns(settings: dict) -> list[Column]:
+    """The hidden mode's columns: held-out accuracy (%) at half / the whole budget per seed, the mean, the timing."""
+
+    def pair(index: int) -> Callable[[dict], tuple[float, float]]:
+        return lambda r: (100 * r["half_budget_accuracy"][index], 100 * r["accuracy"][index])
+
+    cells = [Column(f"seed {seed}", pair(i), "{0[0]:.1f} / {0[1]:.1f}") for i, seed in enumerate(settings["seeds"])]
+    return [
+        Column("method", "label", text=True),
+        *cells,
+        Column("mean", lambda r: f"{100 * r['half_budget_accuracy_mean']:.1f} / **{100 * r['accuracy_mean']:.1f}**"),
+        Column("std (final)", lambda r: 100 * r["accuracy_std"], "{:.1f}"),
+        Column("teacher s/step", lambda r: r["step_seconds_mean"].get("teacher_s"), "{:.3f}", missing=""),
+        Column("train s", "train_seconds_mean", "{:.0f}"),
+    ]
+
+
+TABLES = {
+    **{key: lambda settings, prefix=metric.prefix: score_columns(settings, prefix) for key, metric in METRICS.items()},
+    "hidden": hidden_columns,
+    "gradients": [
+        Column("beta", "beta"),
+        Column("cosine to the cross-entropy gradient", "cosine", "{:.4f}"),
+        Column("norm ratio", "norm_ratio", "{:.3f}"),
+    ],
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running: one (seed, method) run in a fresh worker process, or its saved result
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def spawn_run(args: argparse.Namespace, seed: int, method: str, url: str = "") -> dict:
+    """One run in a fresh process, or its saved result when the same configuration already finished (resuming)."""
+    folder = Path(args.output_dir) / f"seed{seed}"
+    out = (folder / "hidden_vs_top1" if method in HIDDEN_METHODS else folder) / f"{method}.json"
+    if out.exists() and not args.fresh:
+        saved = json.loads(out.read_text())
+        if saved.get("config") == run_config(args, method):
+            return saved
+    flags = ["--worker", "--seed", seed, "--method", method, "--out", out, "--output-dir", args.output_dir]
+    for key in RUN_KEYS:
+        flags += [f"--{key.replace('_', '-')}", getattr(args, key)]
+    flags += ["--hidden-dtype", args.hidden_dtype, *(["--url", url] if url else []), *(["--quick"] * args.quick)]
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env["PROTEGE_CACHE_DIR"] = str(Path(args.output_dir) / "protege_cache")  # a server's LM heads stay with the runs
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = spawn(module_command(sys.executable, "benchmarks.gkd_table", args.mode, *flags), env=worker_env(**env))
     if done.returncode != 0:
         raise SystemExit(f"seed {seed} {method} failed:\n{done.stderr[-4000:]}")
     result = json.loads(out.read_text())
@@ -331,8 +150,15 @@ def spawn(args, seed: int, method: str) -> dict:
     return result
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def run_worker(args: argparse.Namespace) -> None:
+    result = {**run_method(args), "config": run_config(args, args.method)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# table: aggregate over seeds, the criterion, the tables and the chart
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def aggregate(results: list[dict], methods: list[str]) -> list[dict]:
@@ -410,48 +236,30 @@ def present_metrics(rows: list[dict]) -> list[tuple[str, Metric]]:
     return [(key, metric) for key, metric in METRICS.items() if f"{metric.prefix}accuracy_mean" in rows[0]]
 
 
-def markdown(rows: list[dict], results: list[dict], args) -> str:
-    """The table of each recorded score, then the criterion's verdict on each."""
-    half = args.steps // 2
-    task = getattr(args, "task", "addition")
-    word = "accuracy" if task == "addition" else "validity"
+def summary_text(rows: list[dict], results: list[dict], args: argparse.Namespace, table) -> str:
+    """Each recorded score's table (`table(name, rows)` writes it), then the criterion's verdict on each."""
+    word = "accuracy" if args.task == "addition" else "validity"
     first = [r for r in results if r["method"] == rows[0]["method"]]
     metrics = present_metrics(rows)
     lines = []
-    for _, (_, start_key, teacher_key, prefix, label) in metrics:
-        start = mean_std([r[start_key] for r in first])
-        teacher = mean_std([r[teacher_key] for r in first])
+    for key, (_, start_key, teacher_key, _, label) in metrics:
+        start, teacher = (mean_std([r[k] for r in first]) for k in (start_key, teacher_key))
         if len(metrics) > 1:
             lines += [f"**{word.capitalize()}, {label}** (%, on each seed's {args.eval_problems} held-out prompts)", ""]
-        lines += [
+        lines.append(
             f"Warmed-up student (every method's start): {100 * start[0]:.1f} +- {100 * start[1]:.1f}%; "
-            f"teacher: {100 * teacher[0]:.1f} +- {100 * teacher[1]:.1f}%.",
-            "",
-            f"| method | lmbda | beta | {word} after {args.steps} steps | gain over warm-up | {word} at step {half} "
-            "| per seed | completion tokens | train s |",
-            "|---|---:|---:|---:|---:|---:|---|---:|---:|",
-        ]
-        for row in rows:
-            lmbda = "" if row["lmbda"] is None else f"{row['lmbda']:g}"
-            beta = "" if row["beta"] is None else f"{row['beta']:g}"
-            seeds = " / ".join(f"{100 * a:.1f}" for a in row[f"{prefix}per_seed"])
-            lines.append(
-                f"| {row['label']} | {lmbda} | {beta} | {100 * row[f'{prefix}accuracy_mean']:.1f} +- "
-                f"{100 * row[f'{prefix}accuracy_std']:.1f} | {100 * row[f'{prefix}gain_mean']:+.1f} +- "
-                f"{100 * row[f'{prefix}gain_std']:.1f} | {100 * row[f'half_budget_{prefix}accuracy_mean']:.1f} "
-                f"| {seeds} | {row['completion_tokens_mean']:,.0f} | {row['train_seconds_mean']:.0f} |"
-            )
-        lines.append("")
-    for _, (_, _, _, prefix, label) in metrics:
-        verdict = criterion(rows, prefix)
+            f"teacher: {100 * teacher[0]:.1f} +- {100 * teacher[1]:.1f}%."
+        )
+        lines += ["", table(key, rows), ""]
+    for _, metric in metrics:
+        verdict = criterion(rows, metric.prefix)
         if verdict is not None:
-            lines.append(criterion_line(verdict, label))
+            lines.append(criterion_line(verdict, metric.label))
     sft = next((row["completion_tokens_mean"] for row in rows if row["method"] == "sft"), None)
-    if sft:  # the budget is equal in steps and prompts; say where it was not in tokens
-        unequal = [r for r in rows if abs(r["completion_tokens_mean"] / sft - 1) > 0.05]
-        if unequal:
-            listed = ", ".join(f"{r['label']} {r['completion_tokens_mean'] / sft - 1:+.1%}" for r in unequal)
-            lines.append(f"Completion tokens more than 5% away from SFT's: {listed}.")
+    unequal = [r for r in rows if sft and abs(r["completion_tokens_mean"] / sft - 1) > 0.05]
+    if unequal:  # the budget is equal in steps and prompts; say where it was not in tokens
+        listed = ", ".join(f"{r['label']} {r['completion_tokens_mean'] / sft - 1:+.1%}" for r in unequal)
+        lines.append(f"Completion tokens more than 5% away from SFT's: {listed}.")
     return "\n".join(lines).rstrip()
 
 
@@ -473,7 +281,7 @@ def criterion_line(verdict: dict, label: str) -> str:
     )
 
 
-def bar_chart(rows: list[dict], results: list[dict], args, path: Path) -> None:
+def bar_chart(rows: list[dict], results: list[dict], args: argparse.Namespace, path: Path) -> None:
     """Mean score per method at half and at the whole budget, with the spread over seeds and each seed's dot; one
     panel per recorded score (greedy, and sampled at temperature 1)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -484,13 +292,11 @@ def bar_chart(rows: list[dict], results: list[dict], args, path: Path) -> None:
     FigureCanvasAgg(figure)  # the Agg backend for this figure only
     panels = figure.subplots(len(metrics), 1, squeeze=False)[:, 0]
     colours = {"sft": "tab:gray", "seqkd": "tab:brown"}
-    task = getattr(args, "task", "addition")
     for axes, (_, (_, start_key, _, prefix, label)) in zip(panels, metrics):
         for index, row in enumerate(rows):
-            method = METHODS[row["method"]]
-            colour = colours.get(row["method"]) or {0.0: "tab:orange", 1.0: "tab:blue", 0.5: "tab:purple"}[method.lmbda]
-            half = 100 * row[f"half_budget_{prefix}accuracy_mean"]
-            axes.bar(index - 0.2, half, width=0.4, color=colour, alpha=0.4)
+            lmbda = METHODS[row["method"]].lmbda
+            colour = colours.get(row["method"]) or {0.0: "tab:orange", 1.0: "tab:blue", 0.5: "tab:purple"}[lmbda]
+            axes.bar(index - 0.2, 100 * row[f"half_budget_{prefix}accuracy_mean"], width=0.4, color=colour, alpha=0.4)
             mean, std = 100 * row[f"{prefix}accuracy_mean"], 100 * row[f"{prefix}accuracy_std"]
             axes.bar(index + 0.2, mean, yerr=std, width=0.4, color=colour)
             seeds = [100 * a for a in row[f"{prefix}per_seed"]]
@@ -498,14 +304,13 @@ def bar_chart(rows: list[dict], results: list[dict], args, path: Path) -> None:
         start = statistics.fmean(r[start_key] for r in results if r["method"] == rows[0]["method"])
         axes.axhline(100 * start, color="tab:red", linestyle=":", label="warmed-up student (every method's start)")
         axes.set_xticks(range(len(rows)), [METHODS[row["method"]].short for row in rows], fontsize=8)
-        if task == "addition":
+        if args.task == "addition":
             axes.set_ylabel("held-out exact-match accuracy (%)")
             what = f"{args.digits}-digit addition chains"
         else:
             axes.set_ylabel(f"held-out valid answers, {label} (%)")
-            what = f"{task} task, {label}"
-        if getattr(args, "references", "sampled") == "canonical":
-            what += ", canonical references"
+            what = f"{args.task} task, {label}"
+        what += ", canonical references" if getattr(args, "references", "sampled") == "canonical" else ""
         axes.set_ylim(0, 102)
         axes.set_title(
             f"{what}, {len(args.seeds)} seeds: light bars after {args.steps // 2} steps, dark after {args.steps} "
@@ -518,102 +323,176 @@ def bar_chart(rows: list[dict], results: list[dict], args, path: Path) -> None:
     figure.savefig(path)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=TASK_NAMES, default="addition", help="the demo task (protege demo --task)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None, help="default: all")
-    parser.add_argument("--digits", type=int, default=6, help="addition: digits per number, one chain line each")
-    parser.add_argument("--steps", type=int, default=None, help="steps per method (60 addition, else 200)")
-    parser.add_argument("--batch-size", type=int, default=64, help="prompts per step")
-    parser.add_argument("--eval-every", type=int, default=None, help="steps between scores (10 addition, else 20)")
-    parser.add_argument(
-        "--schedule",
-        default="linear",
-        choices=["constant", "linear", "cosine"],
-        help="learning rate from the warm-up's value over the budget, the same for every method",
-    )
-    parser.add_argument("--eval-problems", type=int, default=500, help="held-out problems per seed")
-    parser.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up, every method")
-    parser.add_argument(
-        "--optimizer",
-        default="fresh",
-        choices=["fresh", "continue"],
-        help="fresh: a new AdamW per method (default); continue: the warm-up's AdamW state, as the demo does",
-    )
-    parser.add_argument(
-        "--references",
-        default="sampled",
-        choices=["sampled", "canonical"],
-        help="the dataset's completions (SFT, supervised KD, mixed): sampled, the task's own (default; diverse on "
-        "letters and walks); canonical, the task's one house-style answer per prompt (Task.canonical)",
-    )
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once (1 torch thread each)")
-    parser.add_argument(
-        "--output-dir", default=None, help="default: runs/gkd_table, runs/gkd_table_TASK, runs/gkd_table_TASK_canonical"
-    )
-    parser.add_argument("--plot", default=None, help="default: docs/gkd_table.png, docs/gkd_table_TASK[_canonical].png")
-    parser.add_argument("--fresh", action="store_true", help="rerun methods whose results are already saved")
-    parser.add_argument("--replot", action="store_true", help="only redraw the table and chart from summary.json")
-    parser.add_argument("--quick", action="store_true", help="smoke run: seed 0, 3 methods, 4 steps")
-    parser.add_argument(
-        "--prepare-only",
-        action="store_true",
-        help="train (or load) each seed's teacher and warmed-up student and print their scores, running no method: "
-        "the protocol's gates (letters, walks)",
-    )
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    suffix = "" if args.task == "addition" else f"_{args.task}"
-    suffix += "_canonical" if args.references == "canonical" else ""  # never over the sampled references' results
-    args.output_dir = args.output_dir or str(REPO / "runs" / f"gkd_table{suffix}")
-    args.plot = args.plot or str(REPO / "docs" / f"gkd_table{suffix}.png")
-    args.steps = args.steps or BUDGETS[args.task][0]
-    args.eval_every = args.eval_every or BUDGETS[args.task][1]
-    if args.quick:
-        args.seeds, args.steps, args.eval_every, args.eval_problems = args.seeds[:1], 4, 2, 32
-        args.methods = args.methods or QUICK_METHODS
-    if args.worker:
-        result = {**run_method(args), "config": run_config(args)}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        return
-    if args.replot:
-        summary = json.loads((Path(args.output_dir) / "summary.json").read_text())
-        saved = argparse.Namespace(**{**summary["args"], "plot": args.plot})
-        print(markdown(summary["rows"], summary["runs"], saved))
-        bar_chart(summary["rows"], summary["runs"], saved, Path(args.plot))
-        return
-    methods = args.methods or list(METHODS)
-    started = time.perf_counter()
+# ---------------------------------------------------------------------------------------------------------------------
+# The modes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def prepare_seeds(args: argparse.Namespace, pool: ThreadPoolExecutor) -> list[dict]:
     print(f"preparing teachers and warmed-up students for seeds {args.seeds}", flush=True)
+    return list(pool.map(lambda seed: spawn_run(args, seed, "prepare"), args.seeds))
+
+
+def table_mode(args: argparse.Namespace, methods: list[str]) -> None:
+    started = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
-        prepared = list(pool.map(lambda seed: spawn(args, seed, "prepare"), args.seeds))
+        prepared = prepare_seeds(args, pool)
         if args.prepare_only:
             print(json.dumps([{k: v for k, v in p.items() if k != "config"} for p in prepared], indent=2))
             return
         runs = [(seed, method) for seed in args.seeds for method in methods]
         print(f"{len(runs)} runs, {args.jobs} at a time", flush=True)
-        results = list(pool.map(lambda run: spawn(args, *run), runs))
+        results = list(pool.map(lambda run: spawn_run(args, *run), runs))
     rows = aggregate(results, methods)
-    table = markdown(rows, results, args)
-    print(table)
+    report = Report("gkd_table", args)
+    text = summary_text(rows, results, args, lambda name, rows: report.table(name, rows, TABLES))
+    print(text)
     verdicts = {key: criterion(rows, metric.prefix) for key, metric in present_metrics(rows)}
-    summary = {
-        "args": vars(args),
-        "rows": rows,
-        "criterion": verdicts,
-        "runs": results,
-        "seconds": round(time.perf_counter() - started),
-    }
-    (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    (Path(args.output_dir) / "table.md").write_text(table + "\n")
+    seconds = round(time.perf_counter() - started)
+    summary = {"args": vars(args), "rows": rows, "criterion": verdicts, "runs": results, "seconds": seconds}
+    (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (Path(args.output_dir) / "table.md").write_text(text + "\n")
     bar_chart(rows, results, args, Path(args.plot))
-    print(f"wrote {args.output_dir}/summary.json, table.md and {args.plot} in {summary['seconds']}s")
+    print(f"wrote {args.output_dir}/summary.json, table.md and {args.plot} in {seconds}s")
+
+
+def replot(args: argparse.Namespace) -> None:
+    """Only redraw the table and the chart from summary.json (nothing is written to --output)."""
+    summary = json.loads((Path(args.output_dir) / "summary.json").read_text())
+    saved = argparse.Namespace(**{**summary["args"], "plot": args.plot})
+    columns = {key: TABLES[key](vars(saved)) for key in METRICS}
+    print(summary_text(summary["rows"], summary["runs"], saved, lambda name, rows: markdown(rows, columns[name])))
+    bar_chart(summary["rows"], summary["runs"], saved, Path(args.plot))
+
+
+def hidden_rows(results: list[dict], methods: list[str]) -> list[dict]:
+    """Per method: accuracy at half and the whole budget per seed and their means, the first step's loss, timing."""
+    rows = []
+    for name in methods:
+        runs = sorted((r for r in results if r["method"] == name), key=lambda r: r["seed"])
+        half = [next(p for p in r["curve"] if p["step"] >= r["curve"][-1]["step"] // 2) for r in runs]
+        final = [r["accuracy"] for r in runs]
+        seconds = {key: statistics.fmean(r["step_seconds"][key] for r in runs) for key in runs[0]["step_seconds"]}
+        row = {"method": name, "label": HIDDEN_METHODS[name].label, "seeds": [r["seed"] for r in runs]}
+        row |= {"half_step": half[0]["step"], "half_budget_accuracy": [p["accuracy"] for p in half], "accuracy": final}
+        row |= {
+            "half_budget_accuracy_mean": statistics.fmean(p["accuracy"] for p in half),
+            "accuracy_mean": statistics.fmean(final),
+            "accuracy_std": mean_std(final)[1],
+            "first_step_loss": [r["losses"][0]["loss"] if r["losses"] else None for r in runs],
+            "step_seconds_mean": seconds,
+            "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in runs),
+        }
+        rows.append(row)
+    return rows
+
+
+def hidden_mode(args: argparse.Namespace, methods: list[str]) -> None:
+    """The teacher server's hidden format against top-1 and the local teacher, one server per seed."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # the servers inherit it: one torch thread each
+    with ThreadPoolExecutor(args.jobs) as pool:
+        prepare_seeds(args, pool)
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for seed in args.seeds if any(HIDDEN_METHODS[m].response_format for m in methods) else []:
+            folder = Path(args.output_dir) / f"seed{seed}"
+            urls[seed] = stack.enter_context(Server(str(folder / "teacher"), True, folder)).url
+            print(f"  seed {seed}: teacher server at {urls[seed]}", flush=True)
+        runs = [(seed, method) for seed in args.seeds for method in methods]
+        print(f"{len(runs)} runs, {args.jobs} at a time", flush=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(lambda run: spawn_run(args, *run, urls.get(run[0], "")), runs))
+    rows = hidden_rows(results, methods)
+    first = [r for r in results if r["method"] == methods[0]]
+    start, teacher = (statistics.fmean(r[key] for r in first) for key in ("start_accuracy", "teacher_accuracy"))
+    print(
+        f"{args.steps} steps x {args.batch_size} prompts, on-policy (lmbda 1), JSD beta 0.5, hidden states sent as "
+        f"{args.hidden_dtype}. Start (warmed-up student): {100 * start:.1f}%; teacher: {100 * teacher:.1f}% (means).\n"
+        f"Cells: held-out accuracy (%) at step {rows[0]['half_step']} / step {args.steps}.\n"
+    )
+    print(Report("gkd_table", args).table("hidden", rows, TABLES))
+    losses = {row["method"]: row["first_step_loss"] for row in rows}
+    if {"hidden", "local"} <= set(losses):
+        pairs = [f"{h:.6f} vs {c:.6f}" for h, c in zip(losses["hidden"], losses["local"]) if h and c]
+        print("\nStep-1 loss (same student, same samples), hidden vs local, per seed: " + "; ".join(pairs))
+
+
+def gradients_mode(args: argparse.Namespace) -> None:
+    reference, rows = gradients(Path(args.output_dir) / f"seed{args.seed}", args.seed)
+    report = Report("gkd_table", args)
+    print(
+        f"teacher probability of the reference tokens: mean {reference['mean']:.5f}, lowest {reference['lowest']:.4f}"
+    )
+    print(report.table("gradients", [{**row, "reference": reference} for row in rows], TABLES))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from protege.demo.tasks import TASK_NAMES  # light: no torch
+
+    options = parser("gkd_table", __doc__, quick="seed 0, 3 methods (hidden: all 3), 4 steps, 32 held-out problems")
+    options.add_argument("mode", nargs="?", choices=["table", "hidden", "gradients"], default="table")
+    options.add_argument("--task", choices=TASK_NAMES, default="addition", help="the demo task (protege demo --task)")
+    options.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    options.add_argument("--methods", nargs="+", choices=sorted(ALL_METHODS), default=None, help="default: the mode's")
+    options.add_argument("--digits", type=int, default=6, help="addition: digits per number, one chain line each")
+    options.add_argument("--steps", type=int, default=None, help="steps per method (60 addition, else 200)")
+    options.add_argument("--batch-size", type=int, default=64, help="prompts per step")
+    options.add_argument("--eval-every", type=int, default=None, help="steps between scores (10 addition, else 20)")
+    options.add_argument("--schedule", default="linear", choices=["constant", "linear", "cosine"], help="learning rate")
+    options.add_argument("--eval-problems", type=int, default=500, help="held-out problems per seed")
+    options.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up, every method")
+    options.add_argument(
+        "--optimizer", default="fresh", choices=["fresh", "continue"], help="continue: the warm-up's AdamW state"
+    )
+    options.add_argument(
+        "--references",
+        default="sampled",
+        choices=["sampled", "canonical"],
+        help="the dataset's completions (SFT, supervised KD, mixed): the task's own samples (default; diverse on "
+        "letters and walks), or canonical, the task's one house-style answer per prompt (Task.canonical)",
+    )
+    options.add_argument("--hidden-dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="hidden")
+    options.add_argument("--jobs", type=int, default=2, help="runs at once (1 torch thread each)")
+    options.add_argument("--output-dir", default=None, help="default: runs/gkd_table[_TASK][_canonical], runs/MODE")
+    options.add_argument("--plot", default=None, help="default: docs/gkd_table[_TASK][_canonical].png")
+    options.add_argument("--fresh", action="store_true", help="rerun methods whose results are already saved")
+    options.add_argument("--replot", action="store_true", help="only redraw the table and chart from summary.json")
+    options.add_argument("--prepare-only", action="store_true", help="only each seed's teacher and warmed-up student")
+    options.add_argument("--seed", type=int, default=0, help="gradients: the seed (also a worker's)")
+    options.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    options.add_argument("--method", default=None, help=argparse.SUPPRESS)
+    options.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    options.add_argument("--url", default=None, help=argparse.SUPPRESS)
+    return options.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    suffix = ("" if args.task == "addition" else f"_{args.task}") + ("_canonical" * (args.references == "canonical"))
+    folders = {"table": f"gkd_table{suffix}", "hidden": "hidden_vs_top1", "gradients": "gkd_table_fresh"}
+    args.output_dir = args.output_dir or str(REPO / "runs" / folders[args.mode])
+    args.plot = args.plot or str(REPO / "docs" / f"gkd_table{suffix}.png")
+    args.steps = args.steps or BUDGETS[args.task][0]
+    args.eval_every = args.eval_every or BUDGETS[args.task][1]
+    if args.quick:  # its prepare worker applies them too, so the prepared seeds agree
+        args.seeds, args.steps, args.eval_every, args.eval_problems = args.seeds[:1], 4, 2, 32
+    methods = args.methods or (list(HIDDEN_METHODS) if args.mode == "hidden" else QUICK_METHODS if args.quick else [])
+    methods = methods or list(METHODS)
+    if args.worker:
+        run_worker(args)
+        return 0
+    if wrong := [m for m in methods if (m in HIDDEN_METHODS) != (args.mode == "hidden")]:
+        raise SystemExit(f"methods {wrong} are not the {args.mode} mode's")
+    if args.mode == "gradients":
+        gradients_mode(args)
+    elif args.replot:
+        replot(args)
+    elif args.mode == "hidden":
+        hidden_mode(args, methods)
+    else:
+        table_mode(args, methods)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,8 +6,9 @@ Two ways to get the generalized JSD between a student and a teacher from their l
   ``W_s``), ``teacher_logits = hidden_t @ W_t.T`` under ``no_grad``, ``generalized_jsd_loss(...)``, ``backward()``;
 * chunked: ``chunked_jsd_loss(hidden_s, W_s, hidden_t, W_t, labels, beta=beta, chunk_size=...)``, ``backward()``.
 
-CPU, float32, ``torch.set_num_threads(--threads)``. Each (path, shape, chunk size) runs in a fresh subprocess of this
-script (``--worker``), so one case's allocations never inflate another's peak. In the worker:
+CPU, float32, ``torch.set_num_threads(--threads)``. Each (path, shape, chunk size) runs in a fresh worker process
+(``python -m benchmarks.loss_memory --worker ...``), so one case's allocations never inflate another's peak. In the
+worker:
 
 * warm-up: one forward + backward of the same path at a tiny shape (lazy kernel/thread-pool initialisation);
 * inputs are built (hidden states N(0, 1), LM heads N(0, 1/hidden), ~10% of labels -100), then ``gc.collect()``;
@@ -20,9 +21,9 @@ The parent checks the losses agree (max |dense - chunked| over the cases run) an
 of ``hidden_s`` and ``W_s`` agree. Dense cases whose estimated peak exceeds ``--mem-budget-gib`` are skipped with the
 reason printed (``--no-skip`` runs them anyway, under an address-space limit of the budget, so they fail cleanly).
 
-    python benchmarks/loss_memory.py                 # full table: vocab 32000/151936 x tokens 2048/8192, beta 0.5
-    python benchmarks/loss_memory.py --quick         # smoke run, a few seconds
-    python benchmarks/loss_memory.py --chunk-size 256 512 1024 2048 --vocab 151936 --tokens 2048   # chunk sweep
+    python -m benchmarks loss_memory           # full table: vocab 32000/151936 x tokens 2048/8192, beta 0.5
+    python -m benchmarks loss_memory --quick   # smoke run, a few seconds
+    python -m benchmarks loss_memory --chunk-size 256 512 1024 2048 --vocab 151936 --tokens 2048   # chunk sweep
 """
 
 from __future__ import annotations
@@ -30,14 +31,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
-import workers
+from benchmarks import (
+    Column,
+    Report,
+    emit_result,
+    failure,
+    markdown,
+    module_command,
+    parse,
+    parser,
+    spawn,
+    status_bytes,
+)
 
 DEFAULT_CHUNK_SIZE = 128
 # Dense peak ~= DENSE_FACTOR (tokens x vocab) float32 tensors + 2 (vocab x hidden) ones: measured with this script at
@@ -51,19 +63,8 @@ MIB = 1024 * 1024
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _maxrss_bytes() -> int:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _vm_size_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+def maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports ru_maxrss in KiB
 
 
 def make_inputs(tokens: int, vocab: int, hidden: int, seed: int, masked: float = 0.1):
@@ -135,18 +136,18 @@ def run_worker(case: Case) -> dict:
     gc.collect()
     if case.as_limit_bytes:
         # Backstop for over-budget runs: allocations past the budget raise instead of waking the OOM killer.
-        limit = _vm_size_bytes() + case.as_limit_bytes
+        limit = status_bytes("VmSize") + case.as_limit_bytes
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    rss_before = _current_rss_bytes()
-    maxrss_before = _maxrss_bytes()
+    rss_before = status_bytes("VmRSS")
+    maxrss_before = maxrss_bytes()
     start = time.perf_counter()
     try:
         loss = step(*inputs, case.beta, case.chunk_size)
     except RuntimeError as exc:  # DefaultCPUAllocator: can't allocate memory
         return {"error": f"OOM: {str(exc).splitlines()[0][:200]}"}
     first_s = time.perf_counter() - start
-    maxrss_after = _maxrss_bytes()
+    maxrss_after = maxrss_bytes()
 
     times, usage = [], []
     for _ in range(case.repeats):
@@ -185,7 +186,8 @@ def dense_estimate_bytes(tokens: int, vocab: int, hidden: int) -> float:
     return DENSE_FACTOR * tokens * vocab * 4 + 2 * vocab * hidden * 4
 
 
-def spawn(args, path: str, vocab: int, tokens: int, beta: float, chunk_size: int, as_limit_bytes: int = 0) -> dict:
+def measure(args, path: str, vocab: int, tokens: int, beta: float, chunk_size: int, as_limit_bytes: int = 0) -> dict:
+    """One case in a fresh worker process: its measurement, or {"error": why}."""
     case = Case(
         path=path,
         vocab=vocab,
@@ -198,12 +200,8 @@ def spawn(args, path: str, vocab: int, tokens: int, beta: float, chunk_size: int
         seed=args.seed,
         as_limit_bytes=as_limit_bytes,
     )
-    done = workers.spawn(workers.command(sys.executable, os.path.abspath(__file__), "--worker", case))
-    if done.result is not None:
-        return done.result
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-    reason = "killed (SIGKILL: OOM killer?)" if done.returncode == -9 else f"exit {done.returncode}: {tail}"
-    return {"error": reason}
+    done = spawn(module_command(sys.executable, "benchmarks.loss_memory", "--worker", case))
+    return done.result if done.result is not None else {"error": failure(done)}
 
 
 def check_gradients(hidden: int, chunk_size: int, threads: int) -> tuple[float, float, float]:
@@ -219,14 +217,54 @@ def check_gradients(hidden: int, chunk_size: int, threads: int) -> tuple[float, 
     return tuple(float((a - b).abs().max()) for a, b in zip(grads["dense"], grads["chunked"], strict=True))
 
 
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+PATHS = ("dense", "chunked")
+
+
+def ratio(row: dict, key: str) -> float | None:
+    """chunked / dense of a measured quantity, where both were measured."""
+    dense, chunked = row["dense"].get(key), row["chunked"].get(key)
+    return None if dense is None or chunked is None else chunked / dense
+
+
+def mib(part: str) -> Callable[[dict], float | None]:
+    """A row's peak of one path in MiB."""
+    return lambda row: None if "peak_bytes" not in row[part] else row[part]["peak_bytes"] / MIB
+
+
+TABLES = {
+    "loss": [
+        Column("beta", "beta"),
+        Column("vocab", "vocab"),
+        Column("tokens", "tokens"),
+        Column("hidden", "hidden"),
+        Column("chunk", "chunk_size"),
+        Column("dense MiB", mib("dense"), "{:.0f}", missing="skip/OOM"),
+        Column("chunked MiB", mib("chunked"), "{:.0f}"),
+        Column("mem ratio", lambda r: ratio(r, "peak_bytes"), "{:.3f}"),
+        Column("dense s", lambda r: r["dense"].get("median_s"), "{:.2f}"),
+        Column("chunked s", lambda r: r["chunked"].get("median_s"), "{:.2f}"),
+        Column("time ratio", lambda r: ratio(r, "median_s"), "{:.2f}"),
+    ]
+}
+
+
+def dense_case(args, vocab: int, tokens: int, beta: float) -> dict:
+    """The dense path's measurement at one shape, or why it was not run."""
+    budget = args.mem_budget_gib * 1024**3
+    estimate = dense_estimate_bytes(tokens, vocab, args.hidden)
+    if estimate > budget and not args.no_skip:
+        return {
+            "error": f"skipped: estimated dense peak {estimate / 1024**3:.1f} GiB > budget "
+            f"{args.mem_budget_gib} GiB (--mem-budget-gib / --no-skip)"
+        }
+    if args.skip_dense:
+        return {"error": "skipped: --skip-dense"}
+    return measure(args, "dense", vocab, tokens, beta, 0, int(budget) if args.no_skip else 0)
 
 
 def run_parent(args) -> None:
     import torch
 
-    budget = args.mem_budget_gib * 1024**3
     print(
         f"torch {torch.__version__}, {args.threads} threads, hidden {args.hidden}, repeats {args.repeats} "
         f"(median shown), dense budget {args.mem_budget_gib} GiB, load {os.getloadavg()[0]:.2f}",
@@ -238,72 +276,30 @@ def run_parent(args) -> None:
         f"d hidden_s {grad_h_diff:.2e}, d W_s {grad_w_diff:.2e}",
         flush=True,
     )
-
-    header = (
-        f"| {'beta':>4} | {'vocab':>6} | {'tokens':>6} | {'hidden':>6} | {'chunk':>5} | {'dense MiB':>9} | "
-        f"{'chunked MiB':>11} | {'mem ratio':>9} | {'dense s':>7} | {'chunked s':>9} | {'time ratio':>10} |"
-    )
-    rows, records, notes, max_loss_diff = [], [], [], 0.0
-    print(header, flush=True)
-    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|", flush=True)
+    rows, notes = [], []
     for beta in args.beta:
         for vocab in args.vocab:
             for tokens in args.tokens:
-                estimate = dense_estimate_bytes(tokens, vocab, args.hidden)
-                if estimate > budget and not args.no_skip:
-                    dense = {
-                        "error": f"skipped: estimated dense peak {estimate / 1024**3:.1f} GiB > budget "
-                        f"{args.mem_budget_gib} GiB (--mem-budget-gib / --no-skip)"
-                    }
-                elif args.skip_dense:
-                    dense = {"error": "skipped: --skip-dense"}
-                else:
-                    dense = spawn(args, "dense", vocab, tokens, beta, 0, int(budget) if args.no_skip else 0)
-                if "error" in dense:
-                    notes.append(f"dense beta={beta} vocab={vocab} tokens={tokens}: {dense['error']}")
+                dense = dense_case(args, vocab, tokens, beta)
                 for chunk_size in args.chunk_size:
-                    chunked = spawn(args, "chunked", vocab, tokens, beta, chunk_size)
-                    if "error" in chunked:
-                        notes.append(f"chunked beta={beta} vocab={vocab} tokens={tokens}: {chunked['error']}")
-                    ok_d, ok_c = "error" not in dense, "error" not in chunked
-                    d_mib = dense["peak_bytes"] / MIB if ok_d else None
-                    c_mib = chunked["peak_bytes"] / MIB if ok_c else None
-                    d_s = dense["median_s"] if ok_d else None
-                    c_s = chunked["median_s"] if ok_c else None
-                    both = ok_d and ok_c
-                    if both:
-                        diff = abs(dense["loss"] - chunked["loss"])
-                        max_loss_diff = max(max_loss_diff, diff)
-                    row = (
-                        f"| {beta:>4} | {vocab:>6} | {tokens:>6} | {args.hidden:>6} | {chunk_size:>5} | "
-                        f"{fmt(d_mib, '9.0f') if ok_d else 'skip/OOM':>9} | {fmt(c_mib, '11.0f'):>11} | "
-                        f"{fmt(c_mib / d_mib if both else None, '9.3f'):>9} | {fmt(d_s, '7.2f'):>7} | "
-                        f"{fmt(c_s, '9.2f'):>9} | {fmt(c_s / d_s if both else None, '10.2f'):>10} |"
-                    )
-                    print(row, flush=True)
-                    rows.append(row)
-                    records.append(
-                        {
-                            "beta": beta,
-                            "vocab": vocab,
-                            "tokens": tokens,
-                            "hidden": args.hidden,
-                            "chunk_size": chunk_size,
-                            "dense": dense,
-                            "chunked": chunked,
-                        }
-                    )
-    print(f"max |dense loss - chunked loss| over the cases run: {max_loss_diff:.2e}")
-    for note in notes:
+                    chunked = measure(args, "chunked", vocab, tokens, beta, chunk_size)
+                    shape = {"beta": beta, "vocab": vocab, "tokens": tokens, "hidden": args.hidden}
+                    rows.append({**shape, "chunk_size": chunk_size, "dense": dense, "chunked": chunked})
+                    print(f"  {markdown(rows[-1:], TABLES['loss']).splitlines()[-1]}", flush=True)
+                    notes += [
+                        f"{path} {shape}: {rows[-1][path]['error']}" for path in PATHS if "error" in rows[-1][path]
+                    ]
+    both = [r for r in rows if "loss" in r["dense"] and "loss" in r["chunked"]]
+    largest = max((abs(r["dense"]["loss"] - r["chunked"]["loss"]) for r in both), default=0.0)
+    print("\n" + Report("loss_memory", args).table("loss", rows, TABLES))
+    print(f"max |dense loss - chunked loss| over the cases run: {largest:.2e}")
+    for note in dict.fromkeys(notes):
         print(f"note: {note}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "records": records}, f, indent=1)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = parser("loss_memory", __doc__, quick="vocab 4096, 512 tokens, hidden 256, 1 repeat")
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--hidden", type=int, default=1024)
@@ -315,8 +311,6 @@ def parse_args(argv=None):
     p.add_argument("--mem-budget-gib", type=float, default=18.0, help="skip dense cases estimated above this")
     p.add_argument("--no-skip", action="store_true", help="run over-budget dense cases (under an RLIMIT_AS guard)")
     p.add_argument("--skip-dense", action="store_true", help="chunked only (e.g. a chunk-size sweep)")
-    p.add_argument("--quick", action="store_true", help="smoke run: vocab 4096, 512 tokens, hidden 256, 1 repeat")
-    p.add_argument("--json", help="also write every measurement to this file")
     args = p.parse_args(argv)
     if args.quick:
         args.vocab, args.tokens, args.hidden, args.repeats = [4096], [512], 256, 1
@@ -324,13 +318,14 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--worker"]:  # one case, as spawn() wrote it
-        workers.emit_result(run_worker(workers.parse(Case, argv[1:])))
+    if argv[:1] == ["--worker"]:  # one case, as measure() wrote it
+        emit_result(run_worker(parse(Case, argv[1:])))
     else:
         run_parent(parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,57 +1,33 @@
 """Peak memory and time of ONE distillation optimizer step at real shapes: protege's loss modes and TRL 1.8.0's.
 
-Run it with protege's interpreter; ``trl-dense`` runs in the TRL environment (``make trl-env`` creates ``.trl-env``):
+Run it with protege's interpreter; `trl-dense` runs in the TRL environment (`make trl-env` creates `.trl-env`):
 
-    python benchmarks/real_scale.py --quick                       # smoke run: tiny models, 64 tokens, every mode
-    python benchmarks/real_scale.py                               # real shapes, 1000 completion tokens, every mode
-    python benchmarks/real_scale.py --lengths 1000 4000 --modes local-default server-top1
-    python benchmarks/real_scale.py --lengths 16000 --modes local-chunked server-top1 --mem-budget-gib 21
+    python -m benchmarks real_scale --quick                  # smoke run: tiny models, 64 tokens, every mode
+    python -m benchmarks real_scale                          # real shapes, 1000 completion tokens, every mode
+    python -m benchmarks real_scale --lengths 1000 4000 --modes local-default server-top1
+    python -m benchmarks real_scale --lengths 16000 --modes local-chunked server-top1 --mem-budget-gib 21
 
-Models, built once into ``--cache-dir`` (random init, float32, saved with ``save_pretrained``):
+Models, built once into `--cache-dir` (`workers.random_models`: random init, float32): a Qwen2 student of hidden 896,
+4 layers, 14 heads (2 key-value), intermediate 4864, tied embeddings; a teacher of hidden 1536, 4 layers, 12 heads (2
+key-value), intermediate 8960, untied; a word-level tokenizer of exactly their 151,936 entries. `--quick`: vocabulary
+8000, hidden 64 / 128, 2 layers, 64-token completions.
 
-* student: Qwen2, hidden 896, 4 layers, 14 heads (2 key-value), intermediate 4864, tied embeddings;
-* teacher: Qwen2, hidden 1536, 4 layers, 12 heads (2 key-value), intermediate 8960, untied;
-* tokenizer: word level, exactly the models' 151,936 entries (``<pad>``, ``<unk>``, ``<|im_start|>``,
-  ``<|im_end|>``, then ``t0``, ``t1``, ...), with a chat template that wraps each turn in ``<|im_start|>`` and
-  ``<|im_end|>``. It lives in its own folder: transformers 5's ``AutoTokenizer`` on a folder whose config.json is
-  Qwen2 rebuilds Qwen2's BPE, so the workers load it with ``PreTrainedTokenizerFast`` and pass it to the trainer.
+Every case (mode x completion length) is one off-policy step (lmbda 0) on 2 rows of 16 prompt and exactly N
+completion tokens (batch 2, grad accum 1), float32, AdamW, learning rate 1e-6, no activation checkpointing (unless
+`--activation-checkpointing`), in a fresh worker process (`python -m benchmarks.real_scale worker ...`). The modes
+(`MODES`), beta 0.5 unless said: `local-default` (protege's default `loss_top_k` and `loss_chunk_size`),
+`local-dense` (full vocabulary, full logits), `local-chunked` (full vocabulary, 256 tokens at a time), `server-top1`
+(a teacher server, `loss_top_k=1`), `server-top20` (a teacher server, beta 0, `loss_top_k=20`), `trl-dense` (TRL
+1.8.0's trainer, full vocabulary, its only local loss). The server modes start `python -m protege serve-teacher` (a
+fresh one per case, with limits large enough for the whole batch in one call); the teacher lives there.
 
-``--quick`` builds a vocabulary of 8000, a student of hidden 64 and 2 layers and a teacher of hidden 128 and 2 layers,
-and runs 64-token completions.
-
-Every case (mode x completion length) is one off-policy step (lmbda 0) on 2 rows of ~16 prompt and exactly N
-completion tokens (batch 2, gradient accumulation 1), float32, AdamW (``adamw_torch``), learning rate 1e-6, no
-activation checkpointing (unless ``--activation-checkpointing``), no saving, in a fresh process of
-``real_scale_worker.py`` (whose docstring says what it measures). The modes (``real_scale_worker.MODES``), all at
-beta 0.5 unless said:
-
-* ``local-default``: protege with no loss setting: its default ``loss_top_k`` and ``loss_chunk_size``;
-* ``local-dense``: protege, full vocabulary (``loss_top_k=0``), full logits (``loss_chunk_size=None``);
-* ``local-chunked``: protege, full vocabulary, 256 tokens at a time (``loss_chunk_size=256``);
-* ``server-top1``: protege with ``use_teacher_server=True``, ``loss_top_k=1``;
-* ``server-top20``: protege with the teacher server, forward KL (beta 0), ``loss_top_k=20``;
-* ``trl-dense``: TRL 1.8.0's ``DistillationTrainer``, full vocabulary (``loss_top_k=0``), its only local loss.
-
-The server modes start ``python -m protege serve-teacher --model TEACHER`` on 127.0.0.1 (a fresh one per case, with
-``--max-model-len`` and ``--max-batch-tokens`` large enough for the whole batch in one call); the teacher lives there.
-
-Memory: the parent samples the resident set of the worker and the server every 0.2 s and kills the worker when the
-two together pass ``--mem-budget-gib`` or the machine has less than 0.5 GiB available; such a case is reported as
-killed, with the largest resident set seen. A finished case reports the worker's ``ru_maxrss`` (its high-water mark)
-as peak RSS, and the server's ``VmHWM`` separately.
-
-``from_pretrained`` maps the weight files, so a weight is resident only once read. The worker reads every weight
-before the step (RSS ready: imports, weights, trainer built); the server does not, so its peak leaves out the
-teacher's input-embedding rows that no sequence used (most of the 0.87 GiB of them at the real shapes).
-
-The floor is what one step cannot do without: the worker's resident set after its imports (Python, torch,
-transformers, the trainer library), plus the student's weights, gradients and two AdamW moments (4 x 4 bytes a
-parameter), plus the teacher's weights (4 bytes a parameter; 0 for the server modes). Overhead = peak - floor: what
-the step's activations, logits and loss kept. s/step is from the start of training to the end of the step
-(``workers.step_timer``).
-
-Output: a markdown table on stdout; every case, with the date, the machine and its load, appended to ``--json``
-(default: ``CACHE_DIR/results.json``, a list with one entry per invocation).
+Memory: the parent samples the resident set of the worker and the server every 0.2 s and kills the worker when the two
+pass `--mem-budget-gib` or the machine has less than 0.5 GiB available (reported as killed, with the largest resident
+set seen). A finished case reports the worker's `ru_maxrss` as peak RSS, the server's `VmHWM` separately. The worker
+reads every weight before the step (`from_pretrained` maps the files, so an unread weight is not resident); the server
+does not. The floor is what a step cannot do without: the worker's resident set after its imports, plus the student's
+weights, gradients and two AdamW moments (16 bytes a parameter), plus the teacher's weights (4 bytes a parameter; 0 for
+the server modes). Overhead = peak - floor. s/step: from the start of training to the end of the step.
 """
 
 from __future__ import annotations
@@ -59,147 +35,132 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import json
 import os
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import workers
-from real_scale_worker import MODES, Case
-from teacher_server import Server
-from vs_trl import machine
+from benchmarks import (
+    GIB,
+    REPO,
+    Column,
+    Finished,
+    Report,
+    Server,
+    describe,
+    emit_result,
+    machine,
+    module_command,
+    parse,
+    parser,
+    read_result,
+    setting,
+    status_bytes,
+    worker_env,
+)
+from benchmarks.workers import FolderRun, Shapes, build_trainer, qwen2, random_models, train, word_rows
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-WORKER = HERE / "real_scale_worker.py"
-GIB = 2**30
 POLL_SECONDS = 0.2
 MACHINE_RESERVE = 0.5 * GIB  # kill the worker when the machine has less than this available
-SPECIALS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>")
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['content'] }}<|im_end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>{% endif %}"
-)
+REAL = Shapes("real", 151_936, qwen2(896, 4, 14, 2, 4864, tied=True), qwen2(1536, 4, 12, 2, 8960, tied=False))
+QUICK = Shapes("quick", 8000, qwen2(64, 2, 4, 2, 256, tied=True), qwen2(128, 2, 4, 2, 512, tied=False))
+SERVER = {"teacher_server_timeout": 3600.0, "teacher_server_max_retries": 0}  # a slow answer is a result, not a fault
 
 
 @dataclasses.dataclass(frozen=True)
-class Shapes:
-    """The vocabulary and the `Qwen2Config` settings of both models."""
+class Mode:
+    """What a mode trains with: the library, the config settings it changes, whether the teacher is a server."""
 
-    name: str
-    vocab: int
-    student: dict
-    teacher: dict
-
-
-def qwen2(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, tied: bool) -> dict:
-    return dict(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate,
-        tie_word_embeddings=tied,
-    )
+    system: str  # "protege" or "trl"
+    config: dict
+    server: bool = False
+    library_defaults: bool = False  # leave loss_top_k (and loss_chunk_size) to the library's defaults
 
 
-REAL = Shapes("real", 151_936, qwen2(896, 4, 14, 2, 4864, tied=True), qwen2(1536, 4, 12, 2, 8960, tied=False))
-QUICK = Shapes("quick", 8000, qwen2(64, 2, 4, 2, 256, tied=True), qwen2(128, 2, 4, 2, 512, tied=False))
+MODES = {
+    "local-default": Mode("protege", {}, library_defaults=True),
+    "local-dense": Mode("protege", {"loss_top_k": 0, "loss_chunk_size": None}),
+    "local-chunked": Mode("protege", {"loss_top_k": 0, "loss_chunk_size": 256}),
+    "server-top1": Mode("protege", {"loss_top_k": 1, "use_teacher_server": True, **SERVER}, server=True),
+    "server-top20": Mode("protege", {"beta": 0.0, "loss_top_k": 20, "use_teacher_server": True, **SERVER}, server=True),
+    "trl-dense": Mode("trl", {"loss_top_k": 0}),
+}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", type=int, nargs="+", help="completion tokens per row (default: 1000; --quick: 64)")
-    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="default: all, in this order")
-    p.add_argument("--quick", action="store_true", help="smoke run: vocabulary 8000, hidden 64, 2 layers, 64 tokens")
-    p.add_argument("--cache-dir", type=Path, default=Path("/tmp/protege_real_scale"), help="models and runs")
-    p.add_argument("--mem-budget-gib", type=float, default=21.0, help="kill a case whose worker + server pass this")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the worker and the server")
-    p.add_argument(
-        "--activation-checkpointing", action="store_true", help="recompute the student's activations (long completions)"
-    )
-    p.add_argument("--python", default=sys.executable, help="interpreter for protege (default: this one)")
-    p.add_argument("--trl-python", default=str(REPO / ".trl-env" / "bin" / "python"), help="TRL 1.8.0's interpreter")
-    p.add_argument("--json", type=Path, help="append the results here (default: CACHE_DIR/results.json)")
-    args = p.parse_args(argv)
+@dataclasses.dataclass(kw_only=True)
+class Case(FolderRun):
+    """One step of one mode at one completion length; the `RunSettings` part is what `workers.trainer_config` reads."""
+
+    steps: int = setting(1, "optimizer steps (all timed)")
+    warmup: int = setting(0, "untimed steps first")
+    grad_accum: int = setting(1, "gradient_accumulation_steps")
+    lmbda: float = setting(0.0, "0: off-policy, dataset completions only")
+    learning_rate: float = setting(1e-6)
+    threads: int = setting(2, "torch threads (and OMP_NUM_THREADS)")
+    max_completion_length: int = setting(0, "0: completion_tokens")
+    max_length: int = setting(0, "0: prompt_tokens + completion_tokens + 16")
+    mode: str = setting(help=f"one of {', '.join(MODES)}")
+    completion_tokens: int = setting(help="completion length of every row, in tokens (its <|im_end|> included)")
+    prompt_tokens: int = setting(16, "prompt length in tokens, chat markers and generation prompt included")
+    server_url: str | None = setting(None, "teacher server of the server modes")
+    activation_checkpointing: bool = setting(False, "recompute the student's layer activations in backward")
+
+    def __post_init__(self) -> None:
+        self.max_completion_length = self.max_completion_length or self.completion_tokens
+        self.max_length = self.max_length or self.prompt_tokens + self.completion_tokens + 16
+
+
+def gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f}"
+
+
+TABLES = {
+    "step": [
+        Column("completion tokens", "length"),
+        Column("mode", "mode", text=True),
+        Column(
+            "loss",
+            lambda r: f"top_k {r.get('loss_top_k', '?')}, chunk {r.get('loss_chunk_size')}, beta {r.get('beta', '?')}",
+            text=True,
+        ),
+        Column("RSS ready GiB", lambda r: gib(r.get("rss_ready"))),
+        Column("peak RSS GiB", lambda r: gib(r.get("peak_rss"))),
+        Column("floor GiB", lambda r: gib(r.get("floor"))),
+        Column("overhead GiB", lambda r: gib(r.get("overhead"))),
+        Column("s/step", "step_seconds", "{:.1f}"),
+        Column("loss value", "loss", "{:.4g}"),
+        Column("server peak GiB", lambda r: gib(r.get("server_peak_rss"))),
+        Column("status", "status", text=True),
+    ]
+}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parent: one case is the worker (and the teacher server) under a memory watch
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    options = parser("real_scale", __doc__, quick="vocabulary 8000, hidden 64, 2 layers, 64 tokens")
+    options.add_argument("--lengths", type=int, nargs="+", help="completion tokens per row (default 1000; quick 64)")
+    options.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="default: all")
+    options.add_argument("--cache-dir", type=Path, default=Path("/tmp/protege_real_scale"), help="models and runs")
+    options.add_argument("--mem-budget-gib", type=float, default=21.0, help="kill a case whose worker + server pass it")
+    options.add_argument("--threads", type=int, default=2, help="torch threads of the worker and the server")
+    options.add_argument("--activation-checkpointing", action="store_true", help="recompute the student's activations")
+    options.add_argument("--python", default=sys.executable, help="interpreter for protege (default: this one)")
+    options.add_argument("--trl-python", default=str(REPO / ".trl-env" / "bin" / "python"), help="TRL's interpreter")
+    args = options.parse_args(argv)
     args.shapes = QUICK if args.quick else REAL
     args.lengths = args.lengths or ([64] if args.quick else [1000])
-    args.json = args.json or args.cache_dir / "results.json"
     return args
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Models and tokenizer, built once
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def build_models(folder: Path, shapes: Shapes) -> dict:
-    """The tokenizer, student and teacher folders under `folder` (built on first use) and the parameter counts."""
-    manifest = folder / "built.json"
-    if manifest.exists():
-        return json.loads(manifest.read_text())
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-    print(f"building the {shapes.name} models in {folder}", flush=True)
-    vocab = {token: i for i, token in enumerate(SPECIALS)}
-    vocab.update((f"t{i}", len(SPECIALS) + i) for i in range(shapes.vocab - len(SPECIALS)))
-    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"],
-        chat_template=CHAT_TEMPLATE,
-    )
-    if len(tokenizer) != shapes.vocab:
-        raise RuntimeError(f"the tokenizer has {len(tokenizer)} entries, not {shapes.vocab}")
-    built = {"shapes": dataclasses.asdict(shapes), "tokenizer": str(folder / "tokenizer")}
-    tokenizer.save_pretrained(built["tokenizer"])
-    special_ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    for seed, name in enumerate(("student", "teacher")):
-        torch.manual_seed(seed)
-        settings = getattr(shapes, name)
-        config = Qwen2Config(vocab_size=shapes.vocab, max_position_embeddings=32768, **special_ids, **settings)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        built[name] = str(folder / name)
-        built[f"{name}_params"] = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(built[name])  # no tokenizer files: the server takes its vocabulary from the LM head
-        del model
-    manifest.write_text(json.dumps(built, indent=1))
-    return built
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# One case: the worker (and the teacher server) under a memory watch
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def high_water_mark(pid: int) -> int | None:
-    """A live process's peak resident set (VmHWM), in bytes."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def watch(argv: list[str], env: dict, folder: Path, budget: float, server_pid: int | None) -> tuple:
     """Run the worker to its end, or kill it when it and the server pass `budget` bytes; its output goes to files.
 
-    Returns the `workers.Finished` run, the largest resident sets sampled (worker, server) and why it was killed.
+    Returns the `Finished` run, the largest resident sets sampled (worker, server) and why it was killed.
     """
     import psutil
 
@@ -226,36 +187,30 @@ def watch(argv: list[str], env: dict, folder: Path, budget: float, server_pid: i
                 break
             time.sleep(POLL_SECONDS)
     text = out.read_text()
-    finished = workers.Finished(argv, worker.returncode, text, err.read_text(), workers.read_result(text))
+    finished = Finished(argv, worker.returncode, text, err.read_text(), read_result(text))
     return finished, peaks + [None] * (2 - len(peaks)), killed
 
 
 def run_case(case: Case, args: argparse.Namespace, built: dict, folder: Path) -> dict:
-    """One mode at one length in a fresh worker (and server); the record that goes into the table and the JSON."""
+    """One mode at one length in a fresh worker (and server); the record that goes into the table."""
     mode = MODES[case.mode]
     python = args.trl_python if mode.system == "trl" else args.python
-    env = dict(os.environ)
-    if mode.system == "trl":
-        env.pop("PYTHONPATH", None)  # the TRL interpreter sees only its own environment
     record = {"length": case.completion_tokens, "mode": case.mode, "load_before": os.getloadavg()[0]}
     with contextlib.ExitStack() as stack:
         server = None
         if mode.server:
             limits = ["--max-model-len", case.max_length, "--max-batch-tokens", case.batch * case.max_length]
-            server = stack.enter_context(Server(built["teacher"], True, folder, [str(v) for v in limits]))
+            server = stack.enter_context(Server(built["teacher"], True, folder, limits))
             case.server_url = server.url
-            record["server_rss_ready"] = high_water_mark(server.process.pid)
+            record["server_rss_ready"] = status_bytes("VmHWM", server.process.pid)
         started = time.perf_counter()
-        done, (worker_peak, server_peak), killed = watch(
-            workers.command(python, WORKER, case),
-            env,
-            folder,
-            args.mem_budget_gib * GIB,
-            server.process.pid if server else None,
-        )
+        argv = module_command(python, "benchmarks.real_scale", "worker", case)
+        env = worker_env(mode.system == "trl")  # the TRL interpreter sees only its own environment
+        server_pid = server.process.pid if server else None
+        done, (worker_peak, server_peak), killed = watch(argv, env, folder, args.mem_budget_gib * GIB, server_pid)
         record["process_seconds"] = time.perf_counter() - started
         if server:
-            record["server_peak_rss"] = high_water_mark(server.process.pid) or server_peak
+            record["server_peak_rss"] = status_bytes("VmHWM", server.process.pid) or server_peak
     result = done.result or {}
     record.update(result, load_after=os.getloadavg()[0], sampled_peak_rss=worker_peak, sampled_server_rss=server_peak)
     if "rss_imports" in result:
@@ -276,51 +231,10 @@ def run_case(case: Case, args: argparse.Namespace, built: dict, folder: Path) ->
     return record
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def gib(value) -> str:
-    return "-" if value is None else f"{value / GIB:.2f}"
-
-
-def table(records: list[dict]) -> str:
-    lines = [
-        "| completion tokens | mode | loss | RSS ready GiB | peak RSS GiB | floor GiB | overhead GiB | s/step "
-        "| loss value | server peak GiB | status |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in records:
-        loss = f"top_k {r.get('loss_top_k', '?')}, chunk {r.get('loss_chunk_size')}, beta {r.get('beta', '?')}"
-        seconds = "-" if r.get("step_seconds") is None else f"{r['step_seconds']:.1f}"
-        value = "-" if r.get("loss") is None else f"{r['loss']:.4g}"
-        lines.append(
-            f"| {r['length']} | {r['mode']} | {loss} | {gib(r.get('rss_ready'))} | {gib(r.get('peak_rss'))} "
-            f"| {gib(r.get('floor'))} "
-            f"| {gib(r.get('overhead'))} | {seconds} | {value} | {gib(r.get('server_peak_rss'))} | {r['status']} |"
-        )
-    return "\n".join(lines)
-
-
-def append_json(path: Path, entry: dict) -> None:
-    entries = json.loads(path.read_text()) if path.exists() else []
-    entries.append(entry)
-    path.write_text(json.dumps(entries, indent=1, default=str))
-
-
-def source_state() -> str:
-    """The commit of this checkout, and whether src/ has changes on top of it: protege's code that the run measured."""
-    git = ["git", "-C", str(REPO)]
-    try:
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"{commit or 'unknown'}{' + uncommitted changes in src/' if dirty else ''}"
-
-
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        return worker(argv[1:])
     args = parse_args(argv)
     threads = str(args.threads)
     os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
@@ -328,10 +242,9 @@ def main(argv=None) -> int:
     if "trl-dense" in args.modes and not Path(args.trl_python).exists():
         raise SystemExit(f"no TRL interpreter at {args.trl_python}: run `make trl-env` or pass --trl-python")
     folder = args.cache_dir / args.shapes.name
-    built = build_models(folder, args.shapes)
-    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    source = source_state()
-    print(f"{started}; protege {source}; machine: {machine()}; 1-min load {os.getloadavg()[0]:.2f}", flush=True)
+    built = random_models(folder, args.shapes)
+    report = Report("real_scale", args)
+    print(f"{report.head['date']}; git {report.head['commit']}; machine: {describe(machine())}", flush=True)
     print(
         f"{args.shapes.name} shapes: vocabulary {args.shapes.vocab}, student {built['student_params']:,} parameters, "
         f"teacher {built['teacher_params']:,}; memory budget {args.mem_budget_gib} GiB; {args.threads} threads",
@@ -352,29 +265,132 @@ def main(argv=None) -> int:
                 threads=args.threads,
                 activation_checkpointing=args.activation_checkpointing,
             )
-            record = run_case(case, args, built, case_dir)
-            records.append(record)
+            records.append(run_case(case, args, built, case_dir))
             print(
-                f"  {length:>6} {mode:<14} {record['status']}: peak {gib(record.get('peak_rss'))} GiB, "
-                f"{record.get('step_seconds') or 0:.1f} s/step, load {record['load_before']:.2f} -> "
-                f"{record['load_after']:.2f} ({case_dir})",
+                f"  {length:>6} {mode:<14} {records[-1]['status']}: peak {gib(records[-1].get('peak_rss'))} GiB, "
+                f"{records[-1].get('step_seconds') or 0:.1f} s/step, load {records[-1]['load_before']:.2f} -> "
+                f"{records[-1]['load_after']:.2f} ({case_dir})",
                 flush=True,
             )
-    print()
-    print(table(records))
-    append_json(
-        args.json,
-        {
-            "started": started,
-            "source": source,
-            "machine": machine(),
-            "args": vars(args),
-            "built": built,
-            "records": records,
-        },
-    )
-    print(f"\nresults appended to {args.json}")
+    print("\n" + report.table("step", records, TABLES))
     return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Worker: `python -m benchmarks.real_scale worker FLAGS`, standard library at import (TRL's environment runs it)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def conversations(case: Case, tokenizer) -> list[dict]:
+    """`case.batch` rows of random word tokens, their rendered prompt and completion lengths checked (the chat
+    template puts `<|im_start|>` before and `<|im_end|>` after each turn)."""
+    texts = word_rows(tokenizer, case.batch, (case.prompt_tokens - 3, case.completion_tokens - 1), case.seed)
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]} for p, c in texts]
+    for row in rows:
+        prompt_text = tokenizer.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        prompt_ids, full_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prompt_text, full_text))
+        lengths = (len(prompt_ids), len(full_ids) - len(prompt_ids))
+        if lengths != (case.prompt_tokens, case.completion_tokens) or full_ids[: len(prompt_ids)] != prompt_ids:
+            raise SystemExit(f"rendered prompt/completion are {lengths} tokens, not the case's")
+    return rows
+
+
+def load_models(case: Case, mode: Mode) -> tuple:
+    """The student and (for a local mode) the teacher, float32, every weight read once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(case.student, dtype=torch.float32)
+    teacher = None
+    if not mode.server:
+        teacher = AutoModelForCausalLM.from_pretrained(case.teacher, dtype=torch.float32)
+        # TRL checks the teacher's tokenizer, loaded with AutoTokenizer from _name_or_path: point it where that works.
+        teacher.config._name_or_path = case.tokenizer
+    # A mapped weight is resident only once read, and one step reads ~2,000 of the teacher's 151,936 embedding rows:
+    # read every weight now, as a long run will have, so that the resident set can be compared with the floor.
+    with torch.no_grad():
+        for model in [m for m in (student, teacher) if m is not None]:
+            for tensor in model.state_dict().values():
+                tensor.sum()
+    return student, teacher
+
+
+def worker(argv: list[str]) -> int:
+    """One step; `rss_imports` after the imports, `rss_ready` with every weight read and the trainer built."""
+    for key, value in (("HF_HUB_DISABLE_TELEMETRY", "1"), ("HF_HUB_OFFLINE", "1"), ("TRL_EXPERIMENTAL_SILENCE", "1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    case = parse(Case, argv, "one case of benchmarks/real_scale.py")
+    mode = MODES[case.mode]
+
+    import datasets
+    import torch
+    import transformers
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers.utils import logging as hf_logging
+
+    if mode.system == "trl":
+        import trl as library
+        from trl.experimental.distillation import DistillationConfig, DistillationTrainer
+    else:
+        import protege as library
+        from protege import DistillationConfig, DistillationTrainer
+
+    torch.set_num_threads(case.threads)
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    rss_imports = status_bytes("VmRSS")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(case.tokenizer)  # AutoTokenizer would rebuild Qwen2's BPE
+    train_dataset = datasets.Dataset.from_list(conversations(case, tokenizer))
+    student, teacher = load_models(case, mode)
+
+    def configure(**shared):
+        """`workers.trainer_config`'s settings, then the mode's."""
+        if mode.library_defaults:
+            shared.pop("loss_top_k")
+        if mode.server:
+            shared["teacher_model_server_url"] = case.server_url
+        shared["activation_checkpointing"] = case.activation_checkpointing
+        return DistillationConfig(**{**shared, **mode.config})
+
+    inputs = dict(model=student, teacher_model=teacher, train_dataset=train_dataset, processing_class=tokenizer)
+    trainer, timer, init_warnings = build_trainer(
+        case, case.mode, configure, DistillationTrainer, TrainerCallback, **inputs
+    )
+    report = {
+        "mode": case.mode,
+        "system": mode.system,
+        "library_version": library.__version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "student_params": sum(p.numel() for p in student.parameters()),  # tied weights counted once
+        "teacher_params": 0 if teacher is None else sum(p.numel() for p in teacher.parameters()),
+        "rss_imports": rss_imports,
+        "rss_ready": status_bytes("VmRSS"),
+        "loss_top_k": trainer.args.loss_top_k,
+        "loss_chunk_size": getattr(trainer.args, "loss_chunk_size", None),
+        "beta": trainer.args.beta,
+        "objective": repr(getattr(trainer, "objective", None)),
+        "init_warnings": init_warnings,
+        "config": dataclasses.asdict(case),
+        "finished": False,
+    }
+    emit_result(report)  # what the parent reports if the step is killed
+    train_seconds, logs = train(trainer)
+    log = logs.get(case.steps, {})
+    report.update(
+        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+        step_seconds=(timer.end[case.steps] - timer.end[0]) / case.steps,
+        train_seconds=train_seconds,
+        completion_tokens_trained=sum(trainer.step_tokens.values()),
+        loss=log.get("loss"),
+        log=log,
+        finished=True,
+    )
+    emit_result(report)
+    return 0
 
 
 if __name__ == "__main__":

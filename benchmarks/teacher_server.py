@@ -1,97 +1,65 @@
-"""Throughput of a real teacher server (`python -m protege serve-teacher`) with and without request batching.
+"""The teacher server: its throughput with and without request batching, and the memory of one scoring call.
 
-Two servers run as subprocesses on 127.0.0.1 (free ports), one with batching (the default) and one with
-`--no-batching`. Both stay up (the idle one takes no CPU), and every setting is measured --rounds times, alternating
-which server goes first, so drift in the machine's load does not favour one.
+    python -m benchmarks teacher_server                       # throughput: ~4-5 min on 2 busy cores, model cached
+    python -m benchmarks teacher_server --model DIR --clients 1 8 --requests 32 --rounds 1
+    python -m benchmarks teacher_server memory --model /tmp/protege_real_scale/real/teacher [--glibc-default]
 
-For each number of concurrent clients (--clients), that many threads each own a `TeacherClient` (protocol "protege",
---format, no retries) and call `TeacherClient.score` in a loop: one untimed warm-up request each, then, after a
-barrier, a fixed number of timed requests each (--requests split evenly, at least 2 per client). Each request is
---sequences sequences of --prompt + --completion random token ids (the content does not change the cost) at
-K = --top-k. The table gives, over the rounds:
+`throughput` (the default): two real servers (`python -m protege serve-teacher`) run as subprocesses on 127.0.0.1, one
+with batching (the default) and one with `--no-batching`. Both stay up (the idle one takes no CPU), and every setting
+is measured `--rounds` times, alternating which server goes first, so drift in the machine's load favours neither. For
+each number of concurrent clients (`--clients`), that many threads each own a `TeacherClient` (`--format`, no retries)
+and call `score` in a loop: one untimed warm-up request each, then, after a barrier, `--requests` timed requests split
+evenly (at least 2 per client), each `--sequences` sequences of `--prompt` + `--completion` random token ids at K =
+`--top-k`. Over the rounds: tokens/s = scored (completion) tokens / wall time from the barrier to the last answer
+(median, min-max); latency = one `score` call, encoding, decoding and checks included (mean of the rounds' means;
+median of their p90); sequences per backend call from the server's /info/ counters: how much batching merged. The
+clients share the machine (and one GIL) with the server: the numbers compare settings, they are not its capacity.
+The model is `--model`, or by default the trained tiny teacher of `payload` (`workers.trained_models`, vocabulary
+8000, 3 layers, hidden 128; built and cached on first use, ~7 CPU-minutes).
 
-* tokens/s = scored (completion) tokens of all timed requests / wall time from the barrier to the last answer
-  (median, and min-max);
-* latency = time of one `TeacherClient.score` call, request encoding and response decoding + checks included (mean
-  of the rounds' means; median of the rounds' p90);
-* sequences per backend call, from the server's /info/ counters (`backend_calls`) read before and after the timed
-  requests: how much batching merged.
-
-The clients run in this process (one GIL) on the same machine as the server, so on a small machine they take CPU from
-it; the numbers compare settings on one machine, they are not the server's capacity.
-
-The model is --model, or by default the trained tiny teacher of benchmarks/payload.py (built and cached on first use,
-~7 CPU-minutes; vocabulary 8000, 3 layers, hidden 128).
-
-    python benchmarks/teacher_server.py                      # ~4-5 min on 2 busy cores once the model is cached
-    python benchmarks/teacher_server.py --model DIR --clients 1 8 --requests 32 --rounds 1
+`memory`: one case per process (glibc's setting is process-wide), on a model folder such as the real-shape teacher
+that `real_scale` builds. It reads every weight first (they are memory-mapped), then scores 2 random sequences of
+`--tokens` tokens (16 prompt tokens each, top-1, temperature 1) in one `TransformersBackend.score` call, with and
+without (`--glibc-default`) the fixed glibc mmap threshold that `protege serve-teacher` sets, and reports the growth
+of `ru_maxrss`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import json
 import os
 import random
+import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from workers import command, free_port
+from benchmarks import Column, Report, Server, parser
 
-
-@dataclasses.dataclass(kw_only=True)
-class ServeTeacher:
-    """The `protege serve-teacher` flags this benchmark sets."""
-
-    model: str
-    port: int
-    host: str = "127.0.0.1"
-    log_level: str = "warning"
-    no_batching: bool = False
-
-
-class Server:
-    """`python -m protege serve-teacher` in a subprocess, stopped on exit."""
-
-    def __init__(self, model: str, batching: bool, log_dir: Path, extra: list[str]):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        flags = ServeTeacher(model=model, port=self.port, no_batching=not batching)
-        self.command = command(sys.executable, "protege", "serve-teacher", flags, *extra, module=True)
-        self.log_path = log_dir / f"server-{'batching' if batching else 'no-batching'}.log"
-        self.process = None
-
-    def __enter__(self) -> Server:
-        from protege.teacher.client import TeacherClient
-
-        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
-        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
-        client = TeacherClient(self.url)
-        try:
-            client.wait_until_ready(timeout=180)
-        except Exception:
-            self.__exit__(None, None, None)
-            raise RuntimeError(f"server did not start; log:\n{self.log_path.read_text()[-2000:]}") from None
-        finally:
-            client.close()
-        return self
-
-    def __exit__(self, *_):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
-        self.log.close()
+TABLES = {
+    "throughput": lambda settings: [
+        Column("clients", "clients"),
+        Column("batching", lambda r: "on" if r["batching"] else "off", text=True),
+        Column(f"requests ({settings['rounds']} rounds)", "requests"),
+        Column(
+            "scored tokens/s, median (min-max)",
+            lambda r: f"{r['tokens_per_s']:.0f} ({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f})",
+        ),
+        Column("mean latency (ms)", "mean_latency_ms", "{:.0f}"),
+        Column("p90 latency (ms), median", "p90_latency_ms", "{:.0f}"),
+        Column("sequences per backend call", "sequences_per_call", "{:.1f}", missing="n/a"),
+    ],
+    "memory": [
+        Column("tokens", lambda r: f"2 x {r['tokens']}", text=True),
+        Column("vocabulary", "vocab_size"),
+        Column("fixed mmap threshold", "fixed_threshold", text=True),
+        Column("ru_maxrss growth MiB", "growth_mib"),
+    ],
+}
 
 
 def server_counters(url: str) -> dict:
@@ -101,7 +69,7 @@ def server_counters(url: str) -> dict:
     return httpx.get(f"{url}/info/", timeout=30).json()
 
 
-def run_clients(url, clients, requests_each, vocab, args, seed) -> dict:
+def run_clients(url: str, clients: int, requests_each: int, vocab: int, args: argparse.Namespace, seed: int) -> dict:
     """`clients` threads, each 1 warm-up + `requests_each` timed TeacherClient.score calls; wall time and latencies."""
     from protege.teacher.client import TeacherClient
 
@@ -111,9 +79,8 @@ def run_clients(url, clients, requests_each, vocab, args, seed) -> dict:
     lock = threading.Lock()
 
     def request(rng):
-        sequences = [
-            [rng.randrange(vocab) for _ in range(args.prompt + args.completion)] for _ in range(args.sequences)
-        ]
+        length = args.prompt + args.completion
+        sequences = [[rng.randrange(vocab) for _ in range(length)] for _ in range(args.sequences)]
         return sequences, [args.prompt] * args.sequences
 
     def work(index):
@@ -150,7 +117,6 @@ def run_clients(url, clients, requests_each, vocab, args, seed) -> dict:
         raise RuntimeError(f"{len(latencies)}/{clients * requests_each} requests answered; {errors[:3]}")
     tokens = clients * requests_each * args.sequences * args.completion
     after = server_counters(url)
-    calls = after.get("backend_calls", 0) - before.get("backend_calls", 0)
     latencies.sort()
     return {
         "clients": clients,
@@ -160,34 +126,44 @@ def run_clients(url, clients, requests_each, vocab, args, seed) -> dict:
         "tokens_per_s": tokens / wall,
         "mean_latency_ms": statistics.mean(latencies) * 1e3,
         "p90_latency_ms": latencies[int(0.9 * (len(latencies) - 1))] * 1e3,
-        "backend_calls": calls if "backend_calls" in after else None,
+        "backend_calls": after["backend_calls"] - before.get("backend_calls", 0) if "backend_calls" in after else None,
     }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="teacher model dir or hub id (default: benchmarks/payload.py's tiny teacher)")
-    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/protege-bench-models"))
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=48, help="timed requests per (clients, batching, round)")
-    parser.add_argument("--rounds", type=int, default=3, help="repeats of every setting, in alternating order")
-    parser.add_argument("--sequences", type=int, default=4, help="sequences per request")
-    parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--completion", type=int, default=128)
-    parser.add_argument("--top-k", type=int, default=1)
-    parser.add_argument("--format", default="compact", choices=["json", "binary", "compact"])
-    parser.add_argument("--request-timeout", type=float, default=120.0)
-    parser.add_argument("--server-arg", action="append", default=[], help="extra serve-teacher argument (repeatable)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
+def summarise(runs: list[dict], args: argparse.Namespace) -> list[dict]:
+    """One row per (clients, batching) over the rounds."""
+    rows = []
+    for clients in args.clients:
+        for batching in (True, False):
+            group = [r for r in runs if r["clients"] == clients and r["batching"] == batching]
+            rates = [r["tokens_per_s"] for r in group]
+            calls = [r["backend_calls"] for r in group]
+            requests = sum(r["requests"] for r in group)
+            rows.append(
+                {
+                    "clients": clients,
+                    "batching": batching,
+                    "requests": requests,
+                    "tokens_per_s": statistics.median(rates),
+                    "tokens_per_s_min": min(rates),
+                    "tokens_per_s_max": max(rates),
+                    "mean_latency_ms": statistics.mean(r["mean_latency_ms"] for r in group),
+                    "p90_latency_ms": statistics.median(r["p90_latency_ms"] for r in group),
+                    "sequences_per_call": requests * args.sequences / sum(calls) if all(calls) else None,
+                    "rounds": group,
+                }
+            )
+    return rows
 
+
+def throughput(args: argparse.Namespace) -> None:
     from protege.teacher.client import TeacherClient
 
     model = args.model
     if model is None:
-        from payload import build_models  # a sibling, like workers.py: benchmarks/ is on sys.path
+        from benchmarks.workers import trained_models
 
-        model = str(build_models(args.cache_dir, 8000, 300, 100)["teacher_dir"])
+        model = str(trained_models(args.cache_dir, 8000, 300, 100)["teacher_dir"])
     print(f"model {model}; load average before: {os.getloadavg()[0]:.2f} (1 min)")
     print(
         f"each request: {args.sequences} x ({args.prompt} prompt + {args.completion} completion) tokens, "
@@ -195,17 +171,12 @@ def main(argv=None) -> int:
     )
     runs = []
     with tempfile.TemporaryDirectory(prefix="protege-bench-") as log_dir, contextlib.ExitStack() as stack:
-        servers = {
-            batching: stack.enter_context(Server(model, batching, Path(log_dir), args.server_arg))
-            for batching in (True, False)
-        }
+        servers = {b: stack.enter_context(Server(model, b, Path(log_dir), args.server_arg)) for b in (True, False)}
         client = TeacherClient(servers[True].url)
         vocab = client.vocab_size()
         client.close()
         for round_index in range(args.rounds):
-            # Both servers stay up (the idle one takes no CPU); alternate which goes first so drift in the machine's
-            # load does not favour one setting.
-            order = (True, False) if round_index % 2 == 0 else (False, True)
+            order = (True, False) if round_index % 2 == 0 else (False, True)  # drift in the load favours neither
             for clients in args.clients:
                 for batching in order:
                     load = os.getloadavg()[0]
@@ -220,43 +191,57 @@ def main(argv=None) -> int:
                         f"backend calls {r['backend_calls']})",
                         flush=True,
                     )
-    results = []
-    for clients in args.clients:
-        for batching in (True, False):
-            group = [r for r in runs if r["clients"] == clients and r["batching"] == batching]
-            rates = [r["tokens_per_s"] for r in group]
-            results.append(
-                {
-                    "clients": clients,
-                    "batching": batching,
-                    "requests": sum(r["requests"] for r in group),
-                    "tokens_per_s": statistics.median(rates),
-                    "tokens_per_s_min": min(rates),
-                    "tokens_per_s_max": max(rates),
-                    "mean_latency_ms": statistics.mean(r["mean_latency_ms"] for r in group),
-                    "p90_latency_ms": statistics.median(r["p90_latency_ms"] for r in group),
-                    "sequences_per_call": (
-                        sum(r["requests"] for r in group) * args.sequences / sum(r["backend_calls"] for r in group)
-                        if all(r["backend_calls"] for r in group)
-                        else None
-                    ),
-                }
-            )
     print(f"\nload average after: {os.getloadavg()[0]:.2f}\n")
-    print(
-        f"| clients | batching | requests ({args.rounds} rounds) | scored tokens/s, median (min-max) | "
-        "mean latency (ms) | p90 latency (ms), median | sequences per backend call |"
-    )
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in results:
-        print(
-            f"| {r['clients']} | {'on' if r['batching'] else 'off'} | {r['requests']} | {r['tokens_per_s']:.0f} "
-            f"({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}) | {r['mean_latency_ms']:.0f} | "
-            f"{r['p90_latency_ms']:.0f} | "
-            + (f"{r['sequences_per_call']:.1f} |" if r["sequences_per_call"] else "n/a |")
-        )
-    if args.json:
-        args.json.write_text(json.dumps({"args": vars(args), "runs": runs, "results": results}, indent=1, default=str))
+    print(Report("teacher_server", args).table("throughput", summarise(runs, args), TABLES))
+
+
+def memory(args: argparse.Namespace) -> None:
+    import torch
+
+    from protege.server.backends import TransformersBackend, return_large_blocks_to_the_os
+
+    if args.model is None:
+        raise SystemExit("memory needs --model (a teacher folder, such as real_scale's)")
+    torch.set_num_threads(args.threads)
+    fixed = False if args.glibc_default else return_large_blocks_to_the_os()
+    backend = TransformersBackend(args.model)
+    with torch.inference_mode():
+        for tensor in backend.model.state_dict().values():
+            tensor.sum()
+    rng = random.Random(0)
+    sequences = [[rng.randrange(5, backend.vocab_size) for _ in range(args.tokens)] for _ in range(2)]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    backend.score(sequences, [16, 16], 1, 1.0)
+    growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+    row = {"tokens": args.tokens, "vocab_size": backend.vocab_size, "fixed_threshold": fixed, "growth_mib": growth_mib}
+    print(Report("teacher_server", args).table("memory", [row], TABLES))
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parser("teacher_server", __doc__, quick="throughput with 1 and 4 clients, 8 requests, 1 round")
+    options.add_argument("mode", nargs="?", choices=["throughput", "memory"], default="throughput")
+    options.add_argument("--model", help="teacher model folder or hub id (throughput default: payload's tiny teacher)")
+    options.add_argument("--cache-dir", type=Path, default=Path("/tmp/protege-bench-models"), help="payload's models")
+    options.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    options.add_argument("--requests", type=int, default=48, help="timed requests per (clients, batching, round)")
+    options.add_argument("--rounds", type=int, default=3, help="repeats of every setting, in alternating order")
+    options.add_argument("--sequences", type=int, default=4, help="sequences per request")
+    options.add_argument("--prompt", type=int, default=32)
+    options.add_argument("--completion", type=int, default=128)
+    options.add_argument("--top-k", type=int, default=1)
+    options.add_argument("--format", default="compact", choices=["json", "binary", "compact"])
+    options.add_argument("--request-timeout", type=float, default=120.0)
+    options.add_argument("--server-arg", action="append", default=[], help="extra serve-teacher argument (repeatable)")
+    options.add_argument("--tokens", type=int, default=2000, help="memory: tokens per sequence (2 sequences)")
+    options.add_argument("--glibc-default", action="store_true", help="memory: leave glibc's mmap threshold alone")
+    options.add_argument("--threads", type=int, default=2, help="memory: torch threads")
+    args = options.parse_args(argv)
+    if args.quick:
+        args.clients, args.requests, args.rounds = [1, 4], 8, 1
+    if args.mode == "memory":
+        memory(args)
+    else:
+        throughput(args)
     return 0
 
 

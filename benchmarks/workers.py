@@ -1,170 +1,291 @@
-"""What the benchmarks that start other Python processes share: worker settings, argv, results, data and ports.
+"""What the benchmarks' processes build: models, tokenizers and data, and the trainers they run.
 
-Standard library only: ``trl_worker.py`` imports it in the separate TRL environment, which has no protege (each
-benchmark runs as a script, so ``benchmarks/`` is on ``sys.path``). A worker's settings are one dataclass:
-``add_flags`` makes its fields argparse flags (``--grad-accum`` for ``grad_accum``), ``command`` writes an instance
-out as the argv that runs the worker, ``parse`` reads it back in the worker, and ``spawn`` runs the worker to the end
-and returns the JSON it printed with ``emit_result``. One definition per flag, so the side that starts a worker and
-the worker cannot drift apart.
-
-The trainer helpers at the end take the classes they extend as arguments (TRL's or protege's ``DistillationTrainer``,
-transformers' ``TrainerCallback``), so the two ``vs_trl.py`` workers share them without this module importing either.
+Standard library only at import, like `benchmarks` itself: the TRL environment (no protege) imports this module for
+the TRL side of `vs_trl` and `real_scale`, the vLLM environment for `generation`'s workers. Each function imports
+what it needs; the trainer helpers take the classes they extend as arguments (TRL's or protege's
+`DistillationTrainer`, transformers' `TrainerCallback`), so both sides share them without this module importing
+either.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
+import importlib
+import inspect
+import io
 import json
-import os
-import socket
-import subprocess
+import math
+import random
 import sys
 import tempfile
 import time
-import types
-import typing
 import warnings
-from collections.abc import Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-RESULT_PREFIX = "RESULT "
-Settings = TypeVar("Settings")
-
-
-def setting(default: Any = dataclasses.MISSING, help: str | None = None) -> Any:
-    """A dataclass field with argparse help; no default makes the flag required."""
-    return dataclasses.field(default=default, metadata={"help": help})
-
+from benchmarks import read_jsonl, setting
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Settings <-> argv
+# A small trained language model (payload, teacher_server): peaked log-probs, not random ones
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def english_corpus() -> list[str]:
+    """Paragraphs of English prose available offline: standard-library docstrings and licence texts."""
+    skip = {"antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle", "pydoc_data"}
+    docs: list[str] = []
+    seen: set[str] = set()
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in skip:
+            continue
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - platform-specific modules
+            continue
+        for obj in [module] + [getattr(module, n, None) for n in sorted(dir(module)) if not n.startswith("_")]:
+            doc = inspect.getdoc(obj) if obj is not None else None
+            if doc and len(doc) > 80 and doc not in seen:
+                seen.add(doc)
+                docs.append(doc)
+    licenses = Path("/usr/share/common-licenses")
+    if licenses.is_dir():
+        for path in sorted(licenses.iterdir()):
+            if path.is_file():
+                docs.extend(p.strip() for p in path.read_text(errors="ignore").split("\n\n") if len(p.strip()) > 80)
+    return docs
 
 
-def _converter(kind: Any) -> Any:
-    """The type argparse converts a value with: `int` for `int`, `float` for `float | None`."""
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
-    return kind
+def train_lm(model: Any, stream: Any, steps: int, batch: int, length: int, lr: float, seed: int) -> list[float]:
+    """Next-token cross-entropy on random windows of a token stream, AdamW with a warm-up and a cosine decay."""
+    import numpy as np
+    import torch
+
+    gen = np.random.default_rng(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
+    )
+    model.train()
+    losses = []
+    for _ in range(steps):
+        starts = gen.integers(0, len(stream) - length - 1, size=batch)
+        x = torch.from_numpy(np.stack([stream[s : s + length] for s in starts]).astype(np.int64))
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
-    """One flag per field of the dataclass `cls`: a bool is a switch (default False), the rest take one value."""
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        options: dict[str, Any] = {"help": field.metadata.get("help"), "dest": field.name}
-        if hints[field.name] is bool:
-            if field.default is not False:
-                raise TypeError(f"{cls.__name__}.{field.name}: a switch must default to False")
-            options["action"] = "store_true"
-        elif field.default is dataclasses.MISSING:
-            options.update(type=_converter(hints[field.name]), required=True)
-        else:
-            options.update(type=_converter(hints[field.name]), default=field.default)
-        parser.add_argument(_flag(field.name), **options)
-    return parser
+def trained_models(cache_dir: Path, vocab: int, teacher_steps: int, student_steps: int, log: Callable = print) -> dict:
+    """A byte-level BPE, a trained teacher (3 layers, hidden 128) and student (2 layers, hidden 64) saved under
+    `cache_dir` (reused when there), and held-out tokens; ~7 CPU-minutes the first time at vocabulary 8000."""
+    import numpy as np
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from protege.toy import tiny_model, train_tokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    root = Path(cache_dir) / f"v{vocab}-t{teacher_steps}-s{student_steps}"
+    teacher_dir, student_dir, info_path = root / "teacher", root / "student", root / "info.json"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        log(f"models: reusing {root}")
+    else:
+        started = time.perf_counter()
+        docs = english_corpus()
+        random.Random(0).shuffle(docs)
+        split = int(len(docs) * 0.9)
+        log(f"corpus: {len(docs)} paragraphs, {sum(map(len, docs)) / 1e6:.2f} M characters; training tokenizer")
+        tokenizer = train_tokenizer(docs[:split], vocab_size=vocab)
+        eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+        def stream(texts):
+            ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+            return np.array([t for seq in ids for t in [*seq, eos]], dtype=np.int32)
+
+        train_ids, heldout_ids = stream(docs[:split]), stream(docs[split:])
+        log(f"tokens: {len(train_ids)} train, {len(heldout_ids)} held out ({time.perf_counter() - started:.0f} s)")
+        info = {"vocab_size": len(tokenizer), "train_tokens": len(train_ids), "heldout_tokens": len(heldout_ids)}
+        for name, directory, layers, hidden, steps, seed in (
+            ("teacher", teacher_dir, 3, 128, teacher_steps, 0),
+            ("student", student_dir, 2, 64, student_steps, 1),
+        ):
+            t0 = time.perf_counter()
+            model = tiny_model(len(tokenizer), layers=layers, hidden=hidden, heads=4, eos_token_id=eos, seed=seed)
+            losses = train_lm(model, train_ids, steps, batch=16, length=64, lr=3e-3, seed=seed)
+            model.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+            info[name] = {
+                "layers": layers,
+                "hidden": hidden,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "steps": steps,
+                "train_loss_first": float(np.mean(losses[:10])),
+                "train_loss_last": float(np.mean(losses[-10:])),
+                "train_seconds": round(time.perf_counter() - t0, 1),
+            }
+            log(f"{name}: {info[name]}")
+        np.save(root / "heldout.npy", heldout_ids)
+        info_path.write_text(json.dumps(info, indent=1))
+    return {
+        "root": root,
+        "teacher_dir": teacher_dir,
+        "student_dir": student_dir,
+        "info": info,
+        "heldout": np.load(root / "heldout.npy"),
+        "tokenizer": AutoTokenizer.from_pretrained(teacher_dir),
+        "load_student": lambda: AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval(),
+    }
 
 
-def to_argv(settings: Any) -> list[str]:
-    """`settings` as the flags `add_flags` defines: `--name value`, a true bool as `--name`; None and False left out."""
-    argv: list[str] = []
-    for field in dataclasses.fields(settings):
-        value = getattr(settings, field.name)
-        if value is True:
-            argv.append(_flag(field.name))
-        elif value is not None and value is not False:
-            argv += [_flag(field.name), str(value)]  # str() of a float reads back as the same float
-    return argv
+def heldout_batch(heldout: Any, batch: int, prompt: int, completion: int, ragged: bool, seed: int) -> tuple:
+    """`batch` windows of held-out text: prompt + completion tokens (completion lengths ragged or fixed)."""
+    import numpy as np
 
-
-def from_namespace(cls: type[Settings], namespace: argparse.Namespace) -> Settings:
-    """The `cls` fields of a namespace parsed with more flags than `cls` has."""
-    return cls(**{field.name: getattr(namespace, field.name) for field in dataclasses.fields(cls)})
-
-
-def parse(cls: type[Settings], argv: Sequence[str] | None = None, description: str | None = None) -> Settings:
-    """A worker's settings from its command line, as `command` wrote them."""
-    parser = add_flags(argparse.ArgumentParser(description=description), cls)
-    return from_namespace(cls, parser.parse_args(argv))
+    gen = np.random.default_rng(seed)
+    sequences, prompt_lengths = [], []
+    for _ in range(batch):
+        n = int(gen.integers(max(completion // 8, 1), completion + 1)) if ragged else completion
+        start = int(gen.integers(0, len(heldout) - prompt - n))
+        sequences.append(heldout[start : start + prompt + n].astype(int).tolist())
+        prompt_lengths.append(prompt)
+    return sequences, prompt_lengths
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Starting workers and reading their results
+# Random Qwen2 models of a given shape, with a word-level tokenizer of exactly their vocabulary (real_scale, generation)
 # ---------------------------------------------------------------------------------------------------------------------
 
+SPECIALS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>{% endif %}"
+)
 
-def command(python: str, program: str | os.PathLike[str], *parts: Any, module: bool = False) -> list[str]:
-    """The argv that runs `program` in the interpreter `python`: a script path, or with `module` a `-m` module.
 
-    Each of `parts` is a string (a subcommand, a flag of its own) or a settings dataclass, written out by `to_argv`.
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The vocabulary and the `Qwen2Config` settings of both models."""
+
+    name: str
+    vocab: int
+    student: dict
+    teacher: dict
+
+
+def qwen2(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, tied: bool) -> dict:
+    return dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        tie_word_embeddings=tied,
+    )
+
+
+def random_models(folder: Path, shapes: Shapes) -> dict:
+    """The tokenizer, student and teacher folders under `folder` (built on first use) and the parameter counts.
+
+    The tokenizer lives in its own folder: transformers 5's `AutoTokenizer` on a folder whose config.json is Qwen2
+    rebuilds Qwen2's BPE, so the workers load it with `PreTrainedTokenizerFast`.
     """
-    argv = [python, "-m", str(program)] if module else [python, os.fspath(program)]
-    for part in parts:
-        argv += to_argv(part) if dataclasses.is_dataclass(part) else [str(part)]
-    return argv
+    manifest = folder / "built.json"
+    if manifest.exists():
+        return json.loads(manifest.read_text())
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    print(f"building the {shapes.name} models in {folder}", flush=True)
+    vocab = {token: i for i, token in enumerate(SPECIALS)}
+    vocab.update((f"t{i}", len(SPECIALS) + i) for i in range(shapes.vocab - len(SPECIALS)))
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=CHAT_TEMPLATE,
+    )
+    if len(tokenizer) != shapes.vocab:
+        raise RuntimeError(f"the tokenizer has {len(tokenizer)} entries, not {shapes.vocab}")
+    built = {"shapes": dataclasses.asdict(shapes), "tokenizer": str(folder / "tokenizer")}
+    tokenizer.save_pretrained(built["tokenizer"])
+    special_ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    for seed, name in enumerate(("student", "teacher")):
+        torch.manual_seed(seed)
+        config = Qwen2Config(
+            vocab_size=shapes.vocab, max_position_embeddings=32768, **special_ids, **getattr(shapes, name)
+        )
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        built[name] = str(folder / name)
+        built[f"{name}_params"] = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(built[name])  # no tokenizer files: the server takes its vocabulary from the LM head
+        del model
+    manifest.write_text(json.dumps(built, indent=1))
+    return built
 
 
-@dataclasses.dataclass
-class Finished:
-    """A worker that ran to its end: exit status, output, and its `emit_result` JSON (None when it printed none)."""
-
-    command: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
-    result: dict[str, Any] | None
-
-
-def emit_result(result: dict[str, Any]) -> None:
-    """Print the worker's result as the one line `spawn` looks for (other output around it does not matter)."""
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
-def read_result(stdout: str) -> dict[str, Any] | None:
-    """The last `emit_result` line of a worker's output, parsed."""
-    for line in reversed(stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    return None
-
-
-def spawn(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None) -> Finished:
-    """Run a worker in a fresh process, its output captured, and parse its result."""
-    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True)
-    return Finished(argv, done.returncode, done.stdout, done.stderr, read_result(done.stdout))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on now, for a server started next (another process could still take it first)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def read_jsonl(path: str | os.PathLike[str], columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """The rows of a jsonl file (blank lines skipped), keeping only `columns` when given."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                rows.append(row if columns is None else {name: row[name] for name in columns})
-    return rows
+def word_rows(tokenizer: Any, count: int, words_each: tuple[int, ...], seed: int) -> list[list[str]]:
+    """`count` rows of texts of random word tokens (`t812 t17 ...`), one text per entry of `words_each`."""
+    words = sorted(w for w in tokenizer.get_vocab() if w[1:].isdigit())
+    rng = random.Random(seed)
+    return [[" ".join(rng.choice(words) for _ in range(n)) for n in words_each] for _ in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The vs_trl.py workers: one job, two trainers
+# vs_trl's inputs: a tiny student, a confident teacher and arithmetic chat data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def arithmetic_models(folder: Path, rows: int, seed: int) -> dict[str, Any]:
+    """Save a BPE (vocabulary 512), a student (2 layers, hidden 64), a teacher (4 layers, hidden 128, LM head scaled
+    by 20 so there is a divergence to learn), each with the tokenizer, and `rows` chat rows under `folder`."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from protege.toy import arithmetic_rows, tiny_model, train_tokenizer
+
+    hf_logging.disable_progress_bar()
+    data = arithmetic_rows(rows, seed)
+    tokenizer = train_tokenizer([m["content"] for r in data for m in r["messages"]], vocab_size=512)
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
+    paths: dict[str, Any] = {}
+    for name, layers, hidden, model_seed in (("student", 2, 64, 1), ("teacher", 4, 128, 2)):
+        model = tiny_model(len(tokenizer), layers, hidden, eos_token_id=eos, pad_token_id=pad, seed=model_seed)
+        if name == "teacher":
+            with torch.no_grad():
+                model.lm_head.weight.mul_(20.0)
+        model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+        paths[name] = str(folder / name)
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
+    return {**paths, "data": str(folder / "data.jsonl"), "vocab": len(tokenizer)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainers: one job, two libraries
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(kw_only=True)
 class RunSettings:
-    """The training job `vs_trl.py` gives TRL and protege alike, so both run the same settings."""
+    """The training job a benchmark gives TRL and protege alike, so both run the same settings."""
 
     steps: int = setting(20, "optimizer steps timed, after the warm-up")
     warmup: int = setting(2, "optimizer steps run first and not timed")
@@ -179,20 +300,21 @@ class RunSettings:
     top_p: float = setting(0.95, "generation top_p")
     learning_rate: float = setting(1e-3)
     seed: int = setting(0)
-    threads: int = setting(1, "torch threads (and OMP_NUM_THREADS); vs_trl.py's docstring says why 1")
+    threads: int = setting(1, "torch threads (and OMP_NUM_THREADS); vs_trl's docstring says why 1")
 
 
 @dataclasses.dataclass(kw_only=True)
-class WorkerRun(RunSettings):
-    """One worker process: the shared settings, the inputs `vs_trl.py` built, and where the Trainer may write."""
+class FolderRun(RunSettings):
+    """A worker's job on `random_models`' folders: the shared settings, where the models and the tokenizer are, and
+    where the Trainer may write."""
 
-    student: str = setting(help="student model folder (also holds the tokenizer)")
-    teacher: str = setting(help="teacher model folder")
-    data: str = setting(help="jsonl file with a 'messages' column")
-    output_dir: str | None = setting(None, "Trainer output_dir (nothing is saved; default: a temp folder)")
+    student: str = setting(help="student model folder")
+    teacher: str = setting(help="teacher model folder (a local teacher's)")
+    tokenizer: str = setting(help="tokenizer folder (PreTrainedTokenizerFast)")
+    output_dir: str | None = setting(None, "Trainer output_dir (nothing is saved)")
 
 
-def trainer_config(run: WorkerRun, output_dir: str) -> dict[str, Any]:
+def trainer_config(run: RunSettings, output_dir: str) -> dict[str, Any]:
     """`DistillationConfig` keyword arguments, the same for TRL and protege: CPU, float32, no activation checkpointing,
     `model.generate` (no vLLM), no eval, no saving, a log line every step."""
     return dict(
@@ -224,12 +346,9 @@ def trainer_config(run: WorkerRun, output_dir: str) -> dict[str, Any]:
     )
 
 
-def load_inputs(run: WorkerRun, torch: Any, datasets: Any, transformers: Any) -> tuple[Any, Any, Any, Any]:
-    """Tokenizer, float32 student and teacher, and the `messages` of the data, loaded alike on both sides.
-
-    The worker passes its own `torch`, `datasets` and `transformers` modules, so this file imports none of them. Sets
-    the torch thread count first and turns off the datasets progress bars.
-    """
+def load_inputs(run: Any, torch: Any, datasets: Any, transformers: Any) -> tuple[Any, Any, Any, Any]:
+    """Tokenizer, float32 student and teacher, and the `messages` of `run.data`, loaded alike on both sides (each
+    passes its own `torch`, `datasets` and `transformers`). Sets the thread count first, turns progress bars off."""
     torch.set_num_threads(run.threads)
     datasets.disable_progress_bars()
     tokenizer = transformers.AutoTokenizer.from_pretrained(run.student)
@@ -290,7 +409,7 @@ def step_timer(base: type) -> Any:
 
 
 def build_trainer(
-    run: WorkerRun, name: str, config_class: type, trainer_base: type, callback_base: type, **inputs: Any
+    run: Any, name: str, config_class: Callable, trainer_base: type, callback_base: type, **inputs: Any
 ) -> tuple[Any, Any, list[str]]:
     """A `counting_trainer(trainer_base)` set up by `trainer_config(run)`, with a `step_timer(callback_base)`.
 
@@ -315,31 +434,3 @@ def train(trainer: Any) -> tuple[float, dict[int, dict[str, Any]]]:
     trainer.train()
     seconds = time.perf_counter() - started
     return seconds, {int(e["step"]): e for e in trainer.state.log_history if "loss" in e and "step" in e}
-
-
-def result(
-    run: WorkerRun, trainer: Any, logs: dict[int, dict[str, Any]], timed: list[int], seconds: float, torch: Any, **extra
-) -> dict[str, Any]:
-    """The result keys both workers report, then `extra`, each side's own (versions, timings, its loss scale).
-
-    `logs` are `train`'s; `timed` are the timed steps and `seconds` their time, each side measuring as its docstring
-    says; tokens are the completion tokens `counting_trainer` counted in those steps.
-    """
-    steps = range(1, run.warmup + run.steps + 1)
-    logged = {step: float(entry["loss"]) for step, entry in logs.items()}
-    tokens = sum(trainer.step_tokens.get(s, 0) for s in timed)
-    return {
-        "steps_timed": len(timed),
-        "seconds": seconds,
-        "completion_tokens": tokens,
-        "tokens_per_second": tokens / seconds if seconds > 0 else None,
-        "final_loss": logged.get(steps[-1]),
-        "losses": [logged.get(s) for s in steps],
-        "warmup_steps": run.warmup,
-        "step_completion_tokens": [trainer.step_tokens.get(s) for s in steps],
-        "num_items_in_batch": [trainer.step_items.get(s) for s in steps],
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "config": dataclasses.asdict(run),
-        **extra,
-    }

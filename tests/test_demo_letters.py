@@ -6,18 +6,16 @@ own mistakes matter: protocol"); these tests check the task itself, not that res
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks import gkd_table
 from protege.demo import letters
 from protege.demo.letters import Letters, Problem
 from protege.demo.tasks import get_task
@@ -268,15 +266,6 @@ def test_a_tiny_verifier_task_run_end_to_end(tmp_path, capsys, name):
 # ----- The comparison's decision rule (benchmarks/gkd_table.py) -----
 
 
-def gkd_table():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gkd_table.py"
-    spec = importlib.util.spec_from_file_location("gkd_table_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(method: str, seed: int, gain: float, start: float = 0.3) -> dict:
     final = start + gain
     curve = [{"step": 0, "accuracy": start, "sampled": start}, {"step": 10, "accuracy": final, "sampled": final}]
@@ -296,7 +285,6 @@ def run(method: str, seed: int, gain: float, start: float = 0.3) -> dict:
 
 
 def test_criterion_follows_the_protocol():
-    table = gkd_table()
     methods = ["supervised_fkl", "supervised_rkl", "onpolicy_jsd", "onpolicy_rkl", "sft"]
     gains = {
         "supervised_fkl": [0.05, 0.06, 0.04],
@@ -306,7 +294,7 @@ def test_criterion_follows_the_protocol():
         "sft": [0.5, 0.5, 0.5],  # not a distillation family: ignored
     }
     results = [run(method, seed, gain) for method in methods for seed, gain in enumerate(gains[method])]
-    verdict = table.criterion(table.aggregate(results, methods), "sampled_")
+    verdict = gkd_table.criterion(gkd_table.aggregate(results, methods), "sampled_")
     assert (verdict["onpolicy"], verdict["supervised"]) == ("onpolicy_jsd", "supervised_rkl")
     assert verdict["ratio"] == pytest.approx(2.0) and verdict["difference"] == pytest.approx(0.10)
     # The margin is twice the larger of the two standard deviations: 0.2 here, so a ratio of 2 is not enough.
@@ -316,19 +304,19 @@ def test_criterion_follows_the_protocol():
     # A clear win: ratio 3, difference 0.2 against 2 std of 0.02.
     clear = {**gains, "onpolicy_jsd": [0.29, 0.30, 0.31], "onpolicy_rkl": [0.0, 0.0, 0.0]}
     results = [run(method, seed, gain) for method in methods for seed, gain in enumerate(clear[method])]
-    verdict = table.criterion(table.aggregate(results, methods), "sampled_")
+    verdict = gkd_table.criterion(gkd_table.aggregate(results, methods), "sampled_")
     assert verdict["met"] and verdict["onpolicy"] == "onpolicy_jsd"
     assert verdict["paired_difference_mean"] == pytest.approx(0.2)
     # Ratio 1.4 fails however small the spread.
     close = {**clear, "onpolicy_jsd": [0.14, 0.14, 0.14]}
     results = [run(method, seed, gain) for method in methods for seed, gain in enumerate(close[method])]
-    verdict = table.criterion(table.aggregate(results, methods), "")
+    verdict = gkd_table.criterion(gkd_table.aggregate(results, methods), "")
     assert not verdict["ratio_met"] and verdict["margin_met"] and not verdict["met"]
     # Supervised KD losing ground: any positive on-policy gain meets the ratio.
     worse = {**clear, "supervised_fkl": [-0.1, -0.1, -0.1], "supervised_rkl": [-0.05, -0.05, -0.05]}
     results = [run(method, seed, gain) for method in methods for seed, gain in enumerate(worse[method])]
-    verdict = table.criterion(table.aggregate(results, methods), "")
+    verdict = gkd_table.criterion(gkd_table.aggregate(results, methods), "")
     assert verdict["ratio"] is None and verdict["ratio_met"]
-    line = table.criterion_line(verdict, "greedy")
+    line = gkd_table.criterion_line(verdict, "greedy")
     assert line.startswith("Criterion, greedy: best on-policy (On-policy GKD, JSD(0.5)) gain +30.0")
     assert line.endswith("**met**.")
