@@ -16,10 +16,12 @@ import threading
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import ThreadedUvicorn, free_port, listening_socket
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,6 +32,7 @@ import protege.http_client as client_module
 from protege.choices import LOGPROB_FORMATS
 from protege.teacher.client import TeacherClient, TeacherServerError
 from protege.teacher.codec import BatchScores, SequenceScores, encode
+from protege.teacher.head import LMHead, load_head, save_head
 
 VOCAB = 1000
 FORMATS = LOGPROB_FORMATS
@@ -148,28 +151,32 @@ class RawServer:
                 self.held.append(conn)
                 continue
             try:
-                body = self.read_request(conn)
-                if action == "ok":
-                    content = json.dumps(valid_payload(body)).encode()
-                    head = (
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(content)}\r\nConnection: close\r\n\r\n"
-                    )
-                    conn.sendall(head.encode() + content)
+                self.answer(conn, action)
             except OSError:
                 pass
             finally:
                 conn.close()
 
+    def answer(self, conn: socket.socket, action: str) -> None:
+        """Read the request and act on it (the connection closes after)."""
+        body = self.read_request(conn)
+        if action == "ok":
+            send(conn, json.dumps(valid_payload(body)).encode(), "application/json")
+
     @staticmethod
-    def read_request(conn: socket.socket) -> dict:
+    def read_head(conn: socket.socket) -> tuple[bytes, bytes]:
+        """The request line and headers, and what came after them."""
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = conn.recv(65536)
             if not chunk:
                 raise OSError("closed")
             data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
+        head, _, rest = data.partition(b"\r\n\r\n")
+        return head, rest
+
+    def read_request(self, conn: socket.socket) -> dict:
+        head, body = self.read_head(conn)
         length = next(
             int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
         )
@@ -185,12 +192,39 @@ class RawServer:
         self.sock.close()
 
 
+def send(conn: socket.socket, content: bytes, content_type: str, status: str = "200 OK", length: int = -1) -> None:
+    """An HTTP/1.1 answer that declares `length` bytes (default: all of `content`) and sends `content`."""
+    length = len(content) if length < 0 else length
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    conn.sendall(head.encode() + content)
+
+
+class HeadServer(RawServer):
+    """GET /lm_head/meta/ and /lm_head/ of a real head file: connection i gets actions[min(i, last)], '503' (an
+    overloaded server), 'cut' (the headers and half the file, then the connection closes) or 'ok'."""
+
+    def __init__(self, actions: list[str], head_file: Path, meta: dict):
+        self.file, self.meta, self.paths = head_file.read_bytes(), meta, []
+        super().__init__(actions)
+
+    def answer(self, conn: socket.socket, action: str) -> None:
+        path = self.read_head(conn)[0].split(b" ")[1].decode()
+        self.paths.append(path)
+        if action == "503":
+            send(conn, b"overloaded", "text/plain", "503 Service Unavailable")
+        elif path == "/lm_head/meta/":
+            send(conn, json.dumps(self.meta).encode(), "application/json")
+        else:
+            cut = len(self.file) // 2 if action == "cut" else len(self.file)
+            send(conn, self.file[:cut], "application/octet-stream", length=len(self.file))
+
+
 @pytest.fixture
 def raw_server():
     servers = []
 
-    def start(actions):
-        servers.append(RawServer(actions))
+    def start(actions, kind=RawServer, **options):
+        servers.append(kind(actions, **options))
         return servers[-1]
 
     yield start
@@ -300,6 +334,49 @@ def test_server_that_never_answers_times_out(raw_server):
     assert f"teacher server at {server.url}/get_sequence_logprobs/ failed after 2 attempts" in message
     assert "no answer within the 0.5 s timeout" in message
     assert server.connections == 2
+
+
+@pytest.fixture
+def served_head(tmp_path) -> tuple[Path, dict]:
+    """A small LM head saved as the teacher server saves it, and its /lm_head/meta/ answer."""
+    head = LMHead(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)))
+    path = tmp_path / "served" / "lm_head.safetensors"
+    path.parent.mkdir()
+    sha256 = save_head(head, path)
+    return path, {**head.metadata(), "sha256": sha256, "bytes": path.stat().st_size}
+
+
+def test_lm_head_meta_is_retried_after_a_5xx(raw_server, sleeps, served_head):
+    server = raw_server(["503", "ok"], HeadServer, head_file=served_head[0], meta=served_head[1])
+    client = TeacherClient(server.url, backoff=0.01, max_retries=2)
+    assert client.lm_head_meta(required=True) == served_head[1]
+    client.close()
+    assert server.paths == ["/lm_head/meta/"] * 2 and sleeps == [0.01]
+
+
+def test_lm_head_download_cut_mid_way_is_retried_from_the_start(raw_server, sleeps, served_head, tmp_path):
+    head_file, meta = served_head
+    server = raw_server(["ok", "cut", "ok"], HeadServer, head_file=head_file, meta=meta)
+    client = TeacherClient(server.url, backoff=0.01, max_retries=2)
+    head = client.lm_head(tmp_path / "cache")
+    client.close()
+    torch.testing.assert_close(head.weight, load_head(head_file).weight, rtol=0, atol=0)
+    assert server.paths == ["/lm_head/meta/", "/lm_head/", "/lm_head/"] and sleeps == [0.01]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{meta['sha256']}.safetensors"]  # no partial file
+
+
+def test_lm_head_download_cut_every_time_fails_naming_the_url_and_leaves_no_file(
+    raw_server, sleeps, served_head, tmp_path
+):
+    server = raw_server(["ok", "cut"], HeadServer, head_file=served_head[0], meta=served_head[1])
+    client = TeacherClient(server.url, backoff=0.01, max_retries=1)
+    with pytest.raises(TeacherServerError) as error:
+        client.lm_head(tmp_path / "cache")
+    client.close()
+    message = str(error.value)
+    assert f"teacher server at {server.url}/lm_head/ failed after 2 attempts" in message
+    assert "peer closed connection without sending complete message body" in message, message
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 # ----- Bad payloads -----
@@ -550,6 +627,9 @@ class GatedBackend:
     def __init__(self, inner):
         self.inner, self.vocab_size, self.model_name = inner, inner.vocab_size, inner.model_name
         self.gate, self.calls = threading.Event(), 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)  # the rest of the Backend protocol is the real backend's
 
     def score(self, *args):
         self.calls += 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -82,9 +84,45 @@ class RetryingClient:
             raise self.error(f"{self.role} at {self._url(path)} did not answer: {error}") from None
         return response.json() if response.status_code == 200 else None
 
-    def _post(self, path: str, body: dict) -> dict:
-        """POST with retries; the answer's JSON."""
-        response = self._post_for(path, json=body)
+    def post(self, path: str, headers: dict | None = None, **content) -> httpx.Response:
+        """POST (`json=` or `content=`) with retries (see `_with_retries`); the 200 answer."""
+        url = self._url(path)
+        return self._with_retries(
+            url, lambda timeout: self._http.post(url, headers=headers, timeout=timeout, **content)
+        )
+
+    def post_json(self, path: str, body: dict) -> dict:
+        """POST `body` as JSON with retries; the answer's JSON."""
+        return self._json_of(self.post(path, json=body), path)
+
+    def get(self, path: str, refusal_ok: bool = False) -> httpx.Response:
+        """GET with retries; the 200 answer, or with `refusal_ok` a 4xx one, for the caller to read (a route that
+        is not served)."""
+        url = self._url(path)
+        return self._with_retries(url, lambda timeout: self._http.get(url, timeout=timeout), refusal_ok)
+
+    def download(self, path: str, target: Path) -> None:
+        """GET `path` into the file `target`, streamed, with retries; a transfer cut short starts again from the
+        first byte, and a failed one leaves no file."""
+        url = self._url(path)
+
+        def attempt(timeout: float) -> httpx.Response:
+            try:
+                with self._http.stream("GET", url, headers={"Accept-Encoding": "identity"}, timeout=timeout) as answer:
+                    if answer.status_code != 200:
+                        answer.read()  # the error's text, for the message
+                        return answer
+                    with open(target, "wb") as f:
+                        for block in answer.iter_bytes(2**22):
+                            f.write(block)
+                return answer
+            except BaseException:
+                target.unlink(missing_ok=True)
+                raise
+
+        self._with_retries(url, attempt)
+
+    def _json_of(self, response: httpx.Response, path: str):
         try:
             return response.json()
         except ValueError:
@@ -92,41 +130,42 @@ class RetryingClient:
                 f"{self.role} at {self._url(path)} answered invalid JSON ({len(response.content)} bytes)"
             ) from None
 
-    def _post_for(self, path: str, headers: dict | None = None, **content) -> httpx.Response:
-        """POST (`json=` or `content=`) with retries on connection errors, timeouts and 5xx, within `deadline`; the
-        200 answer."""
-        url = self._url(path)
+    def _with_retries(
+        self, url: str, attempt: Callable[[float], httpx.Response], refusal_ok: bool = False
+    ) -> httpx.Response:
+        """`attempt(timeout)` until it answers 200, retried on connection errors, timeouts and 5xx within `deadline`;
+        a 4xx is an error at once (with `refusal_ok`, the answer). One loop for every request, GET or POST."""
         start = time.monotonic()
         end = start + self.deadline if self.deadline is not None else float("inf")
-        attempts = self.max_retries + 1
-        for attempt in range(1, attempts + 1):
-            wait = self.backoff * 2 ** (attempt - 1)
+        attempts, answered = self.max_retries + 1, False
+        for number in range(1, attempts + 1):
+            wait = self.backoff * 2 ** (number - 1)
             timeout = min(self.timeout, max(end - time.monotonic(), 0.01))
             try:
-                response = self._http.post(url, headers=headers, timeout=timeout, **content)
+                response = attempt(timeout)
             except httpx.DecodingError as error:
                 raise self.error(f"{self.role} at {url} answered a body that does not decode: {error}") from None
             except httpx.TimeoutException:
-                problem = f"no answer within the {timeout:g} s timeout"
+                problem, answered = f"no answer within the {timeout:g} s timeout", False
             except httpx.TransportError as error:
-                problem = f"{type(error).__name__}: {error}"
+                problem, answered = f"{type(error).__name__}: {error}", False
             else:
-                if response.status_code == 200:
+                if response.status_code == 200 or (refusal_ok and 400 <= response.status_code < 500):
                     return response
                 if 400 <= response.status_code < 500:
                     raise self.error(
                         f"{self.role} at {url} refused the request (HTTP {response.status_code}): {response.text[:500]}"
                     )
-                problem = f"HTTP {response.status_code}: {response.text[:200]}"
+                problem, answered = f"HTTP {response.status_code}: {response.text[:200]}", True
                 wait = max(wait, _retry_after(response))
-            if attempt == attempts or time.monotonic() + wait >= end:
+            if number == attempts or time.monotonic() + wait >= end:
                 break
-            logger.warning("%s at %s: %s; retry %d/%d in %g s", self.role, url, problem, attempt, attempts - 1, wait)
+            logger.warning("%s at %s: %s; retry %d/%d in %g s", self.role, url, problem, number, attempts - 1, wait)
             time.sleep(wait)
+        if number == 1:  # one attempt: what happened is the whole story
+            raise self.error(f"{self.role} at {url} {'answered' if answered else 'did not answer:'} {problem}")
         spent = time.monotonic() - start
-        raise self.error(
-            f"{self.role} at {url} failed after {attempt} attempt{'s' * (attempt > 1)} in {spent:.0f} s: {problem}"
-        )
+        raise self.error(f"{self.role} at {url} failed after {number} attempts in {spent:.0f} s: {problem}")
 
 
 def _retry_after(response: httpx.Response) -> float:

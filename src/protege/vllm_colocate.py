@@ -88,6 +88,12 @@ def prompt_seeds(seed: int, process_index: int, step: int, count: int) -> list[i
     return [base + row for row in range(count)]
 
 
+def weights_due(synced_step: int | None, step: int, frequency: int) -> bool:
+    """Whether the engine needs the student's weights at `step`: never pushed yet, or last pushed at least
+    `frequency` (`vllm_sync_frequency`) optimizer steps ago. Both engines sync on this one rule."""
+    return synced_step is None or step - synced_step >= frequency
+
+
 class VLLMColocate:
     """One `vllm.LLM` in this training process, generating the student's on-policy completions."""
 
@@ -133,7 +139,7 @@ class VLLMColocate:
 
     def _sync_weights(self, model: torch.nn.Module, step: int) -> None:
         """Push the student's weights unless they were pushed within the last `vllm_sync_frequency` steps."""
-        if self.synced_step is not None and step - self.synced_step < self.args.vllm_sync_frequency:
+        if not weights_due(self.synced_step, step, self.args.vllm_sync_frequency):
             return
         with torch.no_grad():
             weights = ((name, tensor.detach()) for name, tensor in student_weights(model))

@@ -14,7 +14,7 @@ import torch
 
 from .choices import STUDENT_API_KEY_VARIABLE
 from .http_client import RetryingClient, ServerError
-from .vllm_colocate import prompt_seeds, student_weights
+from .vllm_colocate import prompt_seeds, student_weights, weights_due
 
 
 class StudentServerError(ServerError):
@@ -61,7 +61,7 @@ class VLLMServer:
         self.pushed_bytes = 0
 
     def _sync_weights(self, model: torch.nn.Module, step: int) -> None:
-        if self.synced_step is not None and step - self.synced_step < self.args.vllm_sync_frequency:
+        if not weights_due(self.synced_step, step, self.args.vllm_sync_frequency):
             return
         from safetensors.torch import save
 
@@ -70,7 +70,7 @@ class VLLMServer:
             for index, chunk in enumerate(chunks):
                 blob = save(chunk)
                 query = f"/weights/?chunk={index}&chunks={len(chunks)}&version={step}"
-                self.client._post_for(query, content=blob, headers={"Content-Type": "application/octet-stream"})
+                self.client.post(query, headers={"Content-Type": "application/octet-stream"}, content=blob)
                 self.pushed_bytes += len(blob)
         self.synced_step = step
 
@@ -81,7 +81,7 @@ class VLLMServer:
             "seeds": prompt_seeds(self.args.seed, self.process_index, step, len(prompts)),
             "sampling": self.sampling,
         }
-        answer = self.client._post("/generate/", body)
+        answer = self.client.post_json("/generate/", body)
         completions = answer.get("completions")
         if not isinstance(completions, list) or len(completions) != len(prompts):
             raise StudentServerError(

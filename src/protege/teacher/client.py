@@ -16,7 +16,6 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from ..choices import TEACHER_PROTOCOLS
@@ -76,44 +75,32 @@ class TeacherClient(RetryingClient):
 
     def lm_head_meta(self, required: bool = False) -> dict | None:
         """/lm_head/meta/: the served head's sizes, dtype, logit transform and SHA-256; None where it is not served
-        (an error when `required`)."""
-        url = self._url("/lm_head/meta/")
-        try:
-            response = self._http.get(url)
-        except httpx.HTTPError as error:
-            raise TeacherServerError(f"teacher server at {url} did not answer: {error}") from None
+        (an error when `required`). Retried like every other call."""
+        response = self.get("/lm_head/meta/", refusal_ok=True)
         if response.status_code == 200:
-            return response.json()
+            return self._json_of(response, "/lm_head/meta/")
         if required:
             raise TeacherServerError(
-                f"teacher server at {url} does not serve the LM head (HTTP {response.status_code}): "
-                f"{response.text[:300]}"
+                f"teacher server at {self._url('/lm_head/meta/')} does not serve the LM head "
+                f"(HTTP {response.status_code}): {response.text[:300]}"
             )
         return None
 
     def lm_head(self, folder: Path | None = None) -> LMHead:
         """The teacher's LM head from /lm_head/, kept in `folder` (default: `head.cache_dir()`) under its SHA-256, so
         it is downloaded once per head, whatever the number of runs."""
-        url = self._url("/lm_head/")
         meta = self.lm_head_meta(required=True)
         folder = Path(folder) if folder is not None else cache_dir()
         path = folder / f"{meta['sha256']}.safetensors"
         if not path.exists():
             folder.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f"{path.name}.{os.getpid()}.part")
-            try:
-                with self._http.stream("GET", url, headers={"Accept-Encoding": "identity"}) as stream:
-                    if stream.status_code != 200:
-                        raise TeacherServerError(f"teacher server at {url} answered HTTP {stream.status_code}")
-                    with open(partial, "wb") as f:
-                        for block in stream.iter_bytes(2**22):
-                            f.write(block)
-            except httpx.HTTPError as error:
-                partial.unlink(missing_ok=True)
-                raise TeacherServerError(f"teacher server at {url}: the download failed: {error}") from None
+            self.download("/lm_head/", partial)
             if file_sha256(partial) != meta["sha256"]:
                 partial.unlink(missing_ok=True)
-                raise TeacherServerError(f"teacher server at {url}: the downloaded head does not match its SHA-256")
+                raise TeacherServerError(
+                    f"teacher server at {self._url('/lm_head/')}: the downloaded head does not match its SHA-256"
+                )
             os.replace(partial, path)
         return load_head(path)
 
@@ -174,7 +161,7 @@ class TeacherClient(RetryingClient):
             # Raw safetensors bytes: 2H a token in 16 bits. gzip of base64 JSON saves a quarter of that at several
             # times the encode time (docs/benchmarks.md), so the binary answer goes uncompressed.
             headers = {"Accept": "application/octet-stream", "Accept-Encoding": "identity"}
-            answer = self._post_for("/get_sequence_logprobs/", headers, json=body)
+            answer = self.post("/get_sequence_logprobs/", headers=headers, json=body)
             try:
                 return decode_hidden_binary(answer.content, seqs, plens, hidden_size)
             except PayloadError as error:
@@ -190,7 +177,7 @@ class TeacherClient(RetryingClient):
             "temperature": temperature,
             "response_format": self.response_format,
         }
-        payload = self._post("/get_sequence_logprobs/", body)
+        payload = self.post_json("/get_sequence_logprobs/", body)
         try:
             return decode(payload, self.response_format, sequences, prompt_lengths, top_k).rows()
         except PayloadError as error:
@@ -215,7 +202,7 @@ class TeacherClient(RetryingClient):
             "prompt_logprobs": top_k,
             "return_tokens_as_token_ids": True,
         }
-        payload = self._post("/v1/completions", body)
+        payload = self.post_json("/v1/completions", body)
         choices = sorted(payload.get("choices", []), key=lambda c: c.get("index", 0))
         if len(choices) != len(sequences):
             raise TeacherServerError(
