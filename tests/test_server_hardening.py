@@ -39,6 +39,9 @@ class GatedBackend:
         self.inner, self.vocab_size, self.model_name = inner, inner.vocab_size, inner.model_name
         self.gate, self.scored = threading.Event(), []
 
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)  # the rest of the Backend protocol is the real backend's
+
     def score(self, sequences, *args):
         self.gate.wait(timeout=60)
         self.scored.extend(sequences)
@@ -293,6 +296,9 @@ class NonFiniteBackend:
     def __init__(self, inner, value: float, field: str):
         self.inner, self.vocab_size, self.model_name = inner, inner.vocab_size, inner.model_name
         self.value, self.field = value, field
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)  # the rest of the Backend protocol is the real backend's
 
     def score(self, *args):
         rows = self.inner.score(*args)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from ..choices import API_KEY_VARIABLE, DTYPE_NAMES
+from ..server.limits import DEFAULT_LIMITS
+
+_log = logging.getLogger("protege")
 
 
 def add_parser(subparsers) -> None:
@@ -30,55 +34,7 @@ def add_parser(subparsers) -> None:
         choices=DTYPE_NAMES,
         help="Weights dtype (default: float32).",
     )
-    parser.add_argument(
-        "--max-model-len", type=int, default=4096, help="Longest sequence accepted, in tokens (default: 4096)."
-    )
-    parser.add_argument(
-        "--max-batch-tokens", type=int, default=16384, help="Token budget of one batched backend call (default: 16384)."
-    )
-    parser.add_argument(
-        "--max-top-logprobs", type=int, default=100, help="Largest top_logprobs a request may ask for (default: 100)."
-    )
-    parser.add_argument(
-        "--max-request-tokens",
-        type=int,
-        default=None,
-        help="Most tokens one request may hold; larger ones get 413 (default: the larger of --max-batch-tokens and "
-        "--max-model-len). protege's client reads it from /info/ and splits its batches to fit.",
-    )
-    parser.add_argument(
-        "--max-queued-tokens",
-        type=int,
-        default=None,
-        help="Most tokens waiting for the model; a request past it gets 503 with Retry-After (default: 8 x "
-        "--max-request-tokens).",
-    )
-    parser.add_argument(
-        "--max-body-mb",
-        type=float,
-        default=None,
-        help="Largest request body in MiB (default: 16 bytes a token of --max-request-tokens, at least 1 MiB).",
-    )
-    parser.add_argument(
-        "--header-timeout",
-        type=float,
-        default=10.0,
-        help="Seconds a connection has to send its request headers "
-        "(after connecting, or after its previous answer) before it is closed (default: 10).",
-    )
-    parser.add_argument(
-        "--body-timeout",
-        type=float,
-        default=30.0,
-        help="Seconds a request body may stall between chunks before a 408 (default: 30).",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=int,
-        default=1024,
-        help="Open connections past which each new one closes the connection idle the longest, or itself when all "
-        "are busy (default: 1024; the open-file limit is raised to its hard limit).",
-    )
+    _add_limits(parser)
     parser.add_argument(
         "--api-key",
         default=None,
@@ -90,7 +46,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--enable-docs", action="store_true", help="Serve /docs, /redoc and /openapi.json (off by default)."
     )
-    parser.add_argument("--no-batching", action="store_true", help="Score each request alone.")
     parser.add_argument(
         "--vllm-hidden-states",
         action="store_true",
@@ -101,6 +56,76 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow custom modelling code.")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default: info).")
     parser.set_defaults(handler=run)
+
+
+def _add_limits(parser: argparse.ArgumentParser) -> None:
+    """The `ServerLimits` flags; their defaults are the dataclass's (None: derived from the others)."""
+    default = DEFAULT_LIMITS
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=default["max_model_len"],
+        help="Longest sequence accepted, in tokens (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=default["max_batch_tokens"],
+        help="Token budget of one batched backend call (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--max-top-logprobs",
+        type=int,
+        default=default["max_top_logprobs"],
+        help="Largest top_logprobs a request may ask for (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=default["max_request_tokens"],
+        help="Most tokens one request may hold; larger ones get 413 (default: the larger of --max-batch-tokens and "
+        "--max-model-len). protege's client reads it from /info/ and splits its batches to fit.",
+    )
+    parser.add_argument(
+        "--max-queued-tokens",
+        type=int,
+        default=default["max_queued_tokens"],
+        help="Most tokens waiting for the model; a request past it gets 503 with Retry-After (default: 8 x "
+        "--max-request-tokens).",
+    )
+    parser.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=None if default["max_body_bytes"] is None else default["max_body_bytes"] / 2**20,
+        help="Largest request body in MiB (default: 16 bytes a token of --max-request-tokens, at least 1 MiB).",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=default["header_timeout_s"],
+        help="Seconds a connection has to send its request headers "
+        "(after connecting, or after its previous answer) before it is closed (default: %(default)g).",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=default["body_timeout_s"],
+        help="Seconds a request body may stall between chunks before a 408 (default: %(default)g).",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=default["max_connections"],
+        help="Open connections past which each new one closes the connection idle the longest, or itself when all "
+        "are busy (default: %(default)s; the open-file limit is raised to its hard limit).",
+    )
+    parser.add_argument(
+        "--no-batching",
+        dest="batching",
+        action="store_false",
+        default=default["batching"],
+        help="Score each request alone.",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace):
     """The server's limits and its backend, with the model loaded: everything that can fail before it listens."""
-    from ..server.app import ServerLimits
     from ..server.backends import return_large_blocks_to_the_os
+    from ..server.limits import ServerLimits
 
     limits = ServerLimits(
         max_model_len=args.max_model_len,
@@ -142,12 +167,17 @@ def _load(args: argparse.Namespace):
         max_request_tokens=args.max_request_tokens,
         max_queued_tokens=args.max_queued_tokens,
         max_body_bytes=None if args.max_body_mb is None else int(args.max_body_mb * 2**20),
-        batching=not args.no_batching,
+        batching=args.batching,
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
         max_connections=args.max_connections,
     )
-    return_large_blocks_to_the_os()  # the server process is ours: keep its memory bounded by the live tensors
+    # The server process is ours: keep its memory bounded by the live tensors (see the function), and say whether
+    # that took, since without it a long request can grow the heap by gigabytes.
+    if return_large_blocks_to_the_os():
+        _log.info("freed scoring buffers go back to the OS (glibc's mmap threshold is fixed)")
+    else:
+        _log.warning("the allocator is not glibc: freed scoring buffers may stay in the heap, and memory may grow")
 
     if args.backend == "vllm":
         from ..server.backends import VLLMBackend

@@ -30,6 +30,7 @@ from ..teacher.codec import BatchScores, check_scores, encode, encode_hidden, en
 from ..teacher.head import save_head
 from .backends import Backend
 from .guard import RequestGuard, uvicorn_config, warn_if_open
+from .limits import ServerLimits  # defined apart, light enough for `serve-teacher --help`; imported from here too
 
 
 class SequenceLogprobsRequest(BaseModel):
@@ -52,43 +53,6 @@ class SequenceLogprobsRequest(BaseModel):
 
 
 TEMPERATURE_RANGE = (1e-3, 1e3)  # outside it float32 log-probs degenerate (all -inf but one, or overflow)
-
-
-@dataclass
-class ServerLimits:
-    """What one request, the queue and one connection may take; None derives a limit from the others."""
-
-    max_model_len: int = 4096
-    max_top_logprobs: int = 100
-    max_batch_tokens: int = 16384
-    max_request_tokens: int | None = None  # default: max(max_batch_tokens, max_model_len)
-    max_queued_tokens: int | None = None  # default: 8 x max_request_tokens
-    max_body_bytes: int | None = None  # default: 16 bytes a token of max_request_tokens, at least 1 MiB
-    batching: bool = True
-    batch_wait_s: float = 0.005
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    max_connections: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.max_request_tokens is None:
-            self.max_request_tokens = max(self.max_batch_tokens, self.max_model_len)
-        if self.max_queued_tokens is None:
-            self.max_queued_tokens = 8 * self.max_request_tokens
-        if self.max_body_bytes is None:  # a token id is at most 7 characters and a comma in JSON
-            self.max_body_bytes = max(2**20, 16 * self.max_request_tokens)
-        for name in ("max_model_len", "max_top_logprobs", "max_batch_tokens", "max_body_bytes", "max_connections"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.max_request_tokens < self.max_model_len:
-            raise ValueError(
-                f"max_request_tokens={self.max_request_tokens} must be >= max_model_len={self.max_model_len}: "
-                "a request of one longest sequence must fit"
-            )
-        if self.max_queued_tokens < self.max_request_tokens:
-            raise ValueError(
-                f"max_queued_tokens={self.max_queued_tokens} must be >= max_request_tokens={self.max_request_tokens}"
-            )
 
 
 @dataclass
@@ -152,24 +116,18 @@ class WorkQueue:
         return jobs
 
 
-def serves(backend: Backend) -> tuple[bool, bool]:
-    """Whether a backend serves the log-prob formats and the hidden format (a backend that does not say: log-probs)."""
-    return getattr(backend, "serves_logprobs", True), getattr(backend, "serves_hidden", False)
-
-
 def validate(request: SequenceLogprobsRequest, backend: Backend, limits: ServerLimits) -> None:
     """Refuse what the backend cannot serve, naming the sequence and the problem (HTTP 400)."""
 
     def refuse(message: str) -> None:
         raise HTTPException(status_code=400, detail=message)
 
-    serves_logprobs, serves_hidden = serves(backend)
-    if request.response_format == HIDDEN_FORMAT and not serves_hidden:
+    if request.response_format == HIDDEN_FORMAT and not backend.serves_hidden:
         refuse(
             "response_format='hidden' needs the transformers backend (serve-teacher --backend transformers), or the "
             "vllm backend started with --vllm-hidden-states"
         )
-    if request.response_format != HIDDEN_FORMAT and not serves_logprobs:
+    if request.response_format != HIDDEN_FORMAT and not backend.serves_logprobs:
         refuse(
             f"response_format={request.response_format!r}: this server was started with --vllm-hidden-states and "
             "serves response_format='hidden' only"
@@ -187,7 +145,7 @@ def validate(request: SequenceLogprobsRequest, backend: Backend, limits: ServerL
         refuse(f"temperature={_short(request.temperature)} must be a finite number > 0")
     if not low <= request.temperature <= high:  # exact for ints of any size: no float conversion
         refuse(f"temperature={_short(request.temperature)} is outside [{low:g}, {high:g}]")
-    if request.temperature != 1 and not getattr(backend, "honours_temperature", True):
+    if request.temperature != 1 and not backend.honours_temperature:
         refuse(
             f"temperature={request.temperature}: this backend's log-probs are untempered, so it serves "
             "temperature 1 only (use the transformers backend, or temperature=1.0)"
@@ -258,7 +216,7 @@ class HeadFile:
         self.meta: dict | None = None
 
     async def ready(self) -> dict:
-        if not serves(self.backend)[1]:
+        if not self.backend.serves_hidden:
             raise HTTPException(
                 status_code=404,
                 detail="this server does not serve the LM head: use the transformers backend, or the vllm backend "
@@ -284,28 +242,29 @@ class HeadFile:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def create_app(
-    backend: Backend, limits: ServerLimits | None = None, api_key: str | None = None, docs: bool = False
-) -> FastAPI:
-    """The teacher server's app. `api_key`: every route but /health/ needs `Authorization: Bearer <key>`. `docs`:
-    serve /docs, /redoc and /openapi.json (off by default: they describe the server to anyone who reaches it)."""
-    limits = limits or ServerLimits()
-    queue = WorkQueue(limits.max_queued_tokens)
-    stats = {"requests": 0, "refused": 0, "busy": 0, "cancelled": 0, "backend_calls": 0, "scored_tokens": 0}
+class Scorer:
+    """The scoring route and the worker behind it: requests are parsed and queued by `answer`, batched and scored by
+    `work`, one backend call at a time; `stats` are the counters /info/ reports."""
 
-    async def worker() -> None:
+    def __init__(self, backend: Backend, limits: ServerLimits):
+        self.backend, self.limits = backend, limits
+        self.queue = WorkQueue(limits.max_queued_tokens)
+        self.stats = {"requests": 0, "refused": 0, "busy": 0, "cancelled": 0, "backend_calls": 0, "scored_tokens": 0}
+
+    async def work(self) -> None:
+        """Score the queue's batches for as long as the server runs."""
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await queue.next_batch(limits)
+            jobs = await self.queue.next_batch(self.limits)
             sequences = [s for job in jobs for s in job.request.sequences]
             prompt_lengths = [p for job in jobs for p in job.request.prompt_lengths]
             request = jobs[0].request
-            stats["backend_calls"] += 1
-            stats["scored_tokens"] += sum(len(s) - p for s, p in zip(sequences, prompt_lengths))
+            self.stats["backend_calls"] += 1
+            self.stats["scored_tokens"] += sum(len(s) - p for s, p in zip(sequences, prompt_lengths))
             if request.response_format == HIDDEN_FORMAT:
-                call = (backend.hidden_states, sequences, prompt_lengths)
+                call = (self.backend.hidden_states, sequences, prompt_lengths)
             else:
-                call = (backend.score, sequences, prompt_lengths, request.top_logprobs, request.temperature)
+                call = (self.backend.score, sequences, prompt_lengths, request.top_logprobs, request.temperature)
             try:
                 rows = await loop.run_in_executor(None, *call)
             except Exception as error:  # the backend failed: every waiting request gets a 500 with the reason
@@ -320,11 +279,57 @@ def create_app(
                     job.future.set_result(rows[start : start + count])
                 start += count
 
+    async def answer(self, http_request: Request) -> Response:
+        """One POST /get_sequence_logprobs/: refused (4xx, 503 when busy), dropped (the client hung up), or scored."""
+        self.stats["requests"] += 1
+        loop = asyncio.get_running_loop()
+        body = await http_request.body()
+        try:
+            request, tokens = await loop.run_in_executor(None, parse, body, self.backend, self.limits)
+        except HTTPException:
+            self.stats["refused"] += 1
+            raise
+        job = _Job(request, tokens, loop.create_future())
+        try:
+            self.queue.put(job)
+        except Busy as error:
+            self.stats["busy"] += 1
+            raise HTTPException(status_code=503, detail=str(error), headers={"Retry-After": "1"}) from None
+        hung_up = asyncio.create_task(client_gone(http_request))
+        try:
+            await asyncio.wait({job.future, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hung_up.cancel()
+        if not job.future.done():  # the client is gone: nobody will read an answer
+            self.queue.cancel(job)
+            self.stats["cancelled"] += 1
+            return Response(status_code=499)
+        try:
+            rows = job.future.result()
+        except Exception as error:
+            raise HTTPException(status_code=500, detail=f"the teacher backend failed: {error}") from None
+        # Encoding a large answer takes long enough to stall other requests: do it off the event loop.
+        binary = "application/octet-stream" in http_request.headers.get("accept", "")
+        try:
+            body = await loop.run_in_executor(None, render, rows, request, self.backend.vocab_size, binary)
+        except ValueError as error:  # non-finite log-probs or hidden states that do not fit the asked dtype
+            raise HTTPException(status_code=422, detail=str(error)) from None
+        binary = binary and request.response_format == HIDDEN_FORMAT
+        return Response(content=body, media_type="application/octet-stream" if binary else "application/json")
+
+
+def create_app(
+    backend: Backend, limits: ServerLimits | None = None, api_key: str | None = None, docs: bool = False
+) -> FastAPI:
+    """The teacher server's app. `api_key`: every route but /health/ needs `Authorization: Bearer <key>`. `docs`:
+    serve /docs, /redoc and /openapi.json (off by default: they describe the server to anyone who reaches it)."""
+    limits = limits or ServerLimits()
+    scorer = Scorer(backend, limits)
     head_file = HeadFile(backend)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
-        task = asyncio.create_task(worker())
+        task = asyncio.create_task(scorer.work())
         yield
         task.cancel()
         head_file.remove()
@@ -349,12 +354,12 @@ def create_app(
             "max_top_logprobs": limits.max_top_logprobs,
             "max_request_tokens": limits.max_request_tokens,
             "formats": [
-                *(LOGPROB_FORMATS if serves(backend)[0] else ()),
-                *((HIDDEN_FORMAT,) if serves(backend)[1] else ()),
+                *(LOGPROB_FORMATS if backend.serves_logprobs else ()),
+                *((HIDDEN_FORMAT,) if backend.serves_hidden else ()),
             ],
-            "tokenizer_sha256": getattr(backend, "tokenizer_sha256", None),
-            **stats,
-            "queued_tokens": queue.tokens,
+            "tokenizer_sha256": backend.tokenizer_sha256,
+            **scorer.stats,
+            "queued_tokens": scorer.queue.tokens,
         }
 
     vocabulary_body: list[bytes] = []  # /vocabulary/'s JSON, encoded once
@@ -363,7 +368,7 @@ def create_app(
     async def vocabulary() -> Response:
         """The teacher tokenizer's token-to-id map, so that a client whose tokenizer it extends can check that every
         student token has the same id here (/info/'s fingerprint only says whether the two maps are equal)."""
-        if getattr(backend, "vocabulary", None) is None:
+        if backend.vocabulary is None:
             raise HTTPException(status_code=404, detail="this teacher has no tokenizer")
         if not vocabulary_body:
             vocabulary_body.append(json.dumps(backend.vocabulary).encode())  # ASCII: any token survives
@@ -387,41 +392,7 @@ def create_app(
 
     @app.post("/get_sequence_logprobs/", openapi_extra=REQUEST_SCHEMA)
     async def get_sequence_logprobs(http_request: Request) -> Response:
-        stats["requests"] += 1
-        loop = asyncio.get_running_loop()
-        body = await http_request.body()
-        try:
-            request, tokens = await loop.run_in_executor(None, parse, body, backend, limits)
-        except HTTPException:
-            stats["refused"] += 1
-            raise
-        job = _Job(request, tokens, loop.create_future())
-        try:
-            queue.put(job)
-        except Busy as error:
-            stats["busy"] += 1
-            raise HTTPException(status_code=503, detail=str(error), headers={"Retry-After": "1"}) from None
-        hung_up = asyncio.create_task(client_gone(http_request))
-        try:
-            await asyncio.wait({job.future, hung_up}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            hung_up.cancel()
-        if not job.future.done():  # the client is gone: nobody will read an answer
-            queue.cancel(job)
-            stats["cancelled"] += 1
-            return Response(status_code=499)
-        try:
-            rows = job.future.result()
-        except Exception as error:
-            raise HTTPException(status_code=500, detail=f"the teacher backend failed: {error}") from None
-        # Encoding a large answer takes long enough to stall other requests: do it off the event loop.
-        binary = "application/octet-stream" in http_request.headers.get("accept", "")
-        try:
-            body = await loop.run_in_executor(None, render, rows, request, backend.vocab_size, binary)
-        except ValueError as error:  # non-finite log-probs or hidden states that do not fit the asked dtype
-            raise HTTPException(status_code=422, detail=str(error)) from None
-        binary = binary and request.response_format == HIDDEN_FORMAT
-        return Response(content=body, media_type="application/octet-stream" if binary else "application/json")
+        return await scorer.answer(http_request)
 
     return app
 

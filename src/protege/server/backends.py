@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Protocol
 
 import numpy as np
@@ -9,13 +11,20 @@ import numpy as np
 from ..teacher.codec import SequenceScores
 from ..teacher.head import LMHead
 
+_log = logging.getLogger("protege.server")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one: a tokenizer
+
 
 class Backend(Protocol):
+    """What the HTTP layer asks of a teacher; every attribute is required, so /info/ never reports a guess."""
+
     vocab_size: int
     model_name: str
     honours_temperature: bool
     serves_logprobs: bool  # the json, binary and compact formats
     serves_hidden: bool  # the hidden format and /lm_head/
+    tokenizer_sha256: str | None  # of the token-to-id map; None: no tokenizer
+    vocabulary: dict[str, int] | None  # the token-to-id map for /vocabulary/; None: no tokenizer
 
     def score(
         self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int, temperature: float
@@ -44,6 +53,27 @@ def return_large_blocks_to_the_os(threshold_bytes: int = 4 * 2**20) -> bool:
         return False
 
 
+def served_tokenizer(model: str, trust_remote_code: bool = False):
+    """The teacher's tokenizer, or None for a model folder that holds no tokenizer files (logged: the server
+    then reports no fingerprint and no vocabulary). A tokenizer that is there but fails to load is an error."""
+    if os.path.isdir(model) and not any(os.path.isfile(os.path.join(model, name)) for name in TOKENIZER_FILES):
+        _log.warning(
+            "the teacher folder %s holds no tokenizer (none of %s): serving without one, so /info/ has no "
+            "tokenizer_sha256 and /vocabulary/ answers 404",
+            model,
+            ", ".join(TOKENIZER_FILES),
+        )
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as error:  # tokenizers raises plain Exceptions for a malformed file: name the path in all cases
+        raise ValueError(
+            f"the teacher's tokenizer at {model} could not be loaded: {type(error).__name__}: {error}"
+        ) from error
+
+
 class TransformersBackend:
     """A transformers causal LM on CPU or GPU; sequences are right-padded into one forward pass."""
 
@@ -53,7 +83,7 @@ class TransformersBackend:
 
     def __init__(self, model: str, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from ..models import DTYPES
         from ..teacher.head import vocabulary_sha256
@@ -67,10 +97,7 @@ class TransformersBackend:
             .eval()
         )
         self.model_name = model
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError):
-            tokenizer = None
+        tokenizer = served_tokenizer(model, trust_remote_code)
         tokenizer_size = 0 if tokenizer is None else len(tokenizer)
         self.tokenizer_sha256 = None if tokenizer is None else vocabulary_sha256(tokenizer)
         self.vocabulary = None if tokenizer is None else tokenizer.get_vocab()  # served on /vocabulary/
