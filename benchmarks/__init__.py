@@ -95,11 +95,12 @@ def machine() -> dict[str, Any]:
     }
 
 
-def describe(host: dict[str, Any]) -> str:
-    """`machine()` in one line."""
+def describe(head: dict[str, Any]) -> str:
+    """A run's date, commit and machine (`Report.head`, or a record it wrote) in one line."""
+    host, changes = head["machine"], " + uncommitted changes" if head.get("uncommitted") else ""
     return (
-        f"{host['cpu']}, {host['cores']} logical CPUs, {host['memory_gib']} GiB RAM, {host['system']}, "
-        f"1-min load {host['load_1min']}"
+        f"{head['date']}, git {head.get('commit')}{changes}; {host['cpu']}, {host['cores']} logical CPUs, "
+        f"{host['memory_gib']} GiB RAM, {host['system']}, 1-min load {host['load_1min']}"
     )
 
 
@@ -166,10 +167,9 @@ def tables(records: Iterable[dict], columns: Callable[[str], Tables]) -> str:
     for record in records:
         groups.setdefault((record["benchmark"], record["table"], record["date"]), []).append(record)
     parts = []
-    for (benchmark, table, date), group in groups.items():
+    for (benchmark, table, _), group in groups.items():
         first = group[0]
-        changes = " + uncommitted changes" if first.get("uncommitted") else ""
-        parts.append(f"{benchmark} {table}, {date}, git {first.get('commit')}{changes}; {describe(first['machine'])}")
+        parts.append(f"{benchmark} {table}, {describe(first)}")
         spec = columns(benchmark)[table]
         parts.append(markdown([r["values"] for r in group], columns_of(spec, first["settings"])))
     return "\n\n".join(parts)

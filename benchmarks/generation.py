@@ -58,7 +58,6 @@ from benchmarks import (
     describe,
     emit_result,
     free_port,
-    machine,
     module_command,
     parse,
     parser,
@@ -400,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"building the models failed (exit {done.returncode})")
     built = done.result
-    print(f"{report.head['date']}; git {report.head['commit']}; machine: {describe(machine())}", flush=True)
+    print(describe(report.head), flush=True)
     print(
         f"{args.shapes} shapes: vocabulary {SHAPES[args.shapes].vocab}, student {built['student_params']:,} "
         f"parameters, teacher {built['teacher_params']:,}; {args.threads} threads; KV cache {args.kv_cache_gib:g} GiB",

@@ -50,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import GIB, Column, Report, describe, machine, median_ms, parser, status_bytes
+from benchmarks import GIB, Column, Report, describe, median_ms, parser, status_bytes
 from benchmarks.workers import heldout_batch, trained_models
 
 GZIP_LEVEL = 6  # the compresslevel protege's app gives GZipMiddleware (src/protege/server/app.py)
@@ -466,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}; machine: {describe(machine())}", flush=True)
     report = Report("payload", args)
+    print(describe(report.head), flush=True)
     repeats, defaults = args.repeats, {"formats": 2 if args.quick else 5}
     for name in args.parts:
         args.repeats = repeats or defaults.get(name, 3)

@@ -51,7 +51,6 @@ from benchmarks import (
     Server,
     describe,
     emit_result,
-    machine,
     module_command,
     parse,
     parser,
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.cache_dir / args.shapes.name
     built = random_models(folder, args.shapes)
     report = Report("real_scale", args)
-    print(f"{report.head['date']}; git {report.head['commit']}; machine: {describe(machine())}", flush=True)
+    print(describe(report.head), flush=True)
     print(
         f"{args.shapes.name} shapes: vocabulary {args.shapes.vocab}, student {built['student_params']:,} parameters, "
         f"teacher {built['teacher_params']:,}; memory budget {args.mem_budget_gib} GiB; {args.threads} threads",

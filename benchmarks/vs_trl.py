@@ -48,7 +48,6 @@ from benchmarks import (
     describe,
     emit_result,
     from_namespace,
-    machine,
     module_command,
     parse,
     parser,
@@ -210,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
-    print(f"machine: {describe(machine())}; torch threads for both: {args.threads}")
+    report = Report("vs_trl", args)
+    print(f"{describe(report.head)}; torch threads for both: {args.threads}")
     print(f"building models and data in {workdir}", flush=True)
     paths = arithmetic_models(workdir, args.rows, args.seed)
     runs: dict[str, list[dict]] = {"TRL": [], "protege": []}
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         rows.append({**chosen, "system": name, "wall_tokens_per_second": speed, "problems": problems})
     for row in rows:
         row["ratio"] = row["wall_tokens_per_second"] / rows[0]["wall_tokens_per_second"]
-    print("\n" + Report("vs_trl", args).table("throughput", rows, TABLES) + "\n")
+    print("\n" + report.table("throughput", rows, TABLES) + "\n")
     print("\n".join(summary(trl, ours, args)))
     return 1 if problems else 0
 
