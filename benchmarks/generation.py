@@ -109,6 +109,7 @@ def prompts(case: Case, tokenizer) -> list[dict]:
 
 
 def worker(argv: list[str]) -> int:
+    """One mode at one grad accum, in the vLLM environment: warm-up and timed steps, the result as one JSON line."""
     case = parse(Case, argv, "one mode of benchmarks/generation.py")
     if case.mode not in MODES:
         raise SystemExit(f"--mode must be one of {MODES}")
@@ -256,6 +257,7 @@ def mean(values) -> float | None:
 
 
 def build(argv: list[str]) -> int:
+    """The models, built by the workers' interpreter (its torch and transformers save them)."""
     folder, name = argv
     emit_result(random_models(Path(folder), SHAPES[name]))
     return 0

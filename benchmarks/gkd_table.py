@@ -151,6 +151,7 @@ def spawn_run(args: argparse.Namespace, seed: int, method: str, url: str = "") -
 
 
 def run_worker(args: argparse.Namespace) -> None:
+    """A worker: one run, its result and configuration written to `--out`."""
     result = {**run_method(args), "config": run_config(args, args.method)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -121,6 +121,7 @@ class Case:
 
 
 def run_worker(case: Case) -> dict:
+    """One case, after a warm-up at a tiny shape: its peak growth and its times."""
     import torch
 
     torch.set_num_threads(case.threads)
@@ -263,6 +264,7 @@ def dense_case(args, vocab: int, tokens: int, beta: float) -> dict:
 
 
 def run_parent(args) -> None:
+    """Every (beta, vocab, tokens, chunk) case in its own process, after a gradient check at a small shape."""
     import torch
 
     print(

@@ -157,6 +157,7 @@ def summarise(runs: list[dict], args: argparse.Namespace) -> list[dict]:
 
 
 def throughput(args: argparse.Namespace) -> None:
+    """Both servers up at once; every setting `--rounds` times, the order alternating."""
     from protege.teacher.client import TeacherClient
 
     model = args.model
@@ -196,6 +197,7 @@ def throughput(args: argparse.Namespace) -> None:
 
 
 def memory(args: argparse.Namespace) -> None:
+    """One scoring call's growth of the process's high-water mark, weights already read."""
     import torch
 
     from protege.server.backends import TransformersBackend, return_large_blocks_to_the_os

@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
+    """Build the inputs, run the systems in turn, and report each one's median run."""
     report = Report("vs_trl", args)
     print(f"{describe(report.head)}; torch threads for both: {args.threads}")
     print(f"building models and data in {workdir}", flush=True)
@@ -238,6 +239,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
 
 
 def worker(argv: list[str]) -> int:
+    """One side's run in its own interpreter; the TRL side imports nothing of protege."""
     os.environ.update(HF_HUB_DISABLE_TELEMETRY="1", TRL_EXPERIMENTAL_SILENCE="1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
