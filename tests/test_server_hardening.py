@@ -552,7 +552,7 @@ def test_trainer_client_splits_batches_to_the_servers_request_limit(tiny_paths, 
     with ThreadedUvicorn(create_app(teacher, limits), limits) as running:
         tokenizer = AutoTokenizer.from_pretrained(tiny_paths["student"])
         args = config(tmp_path, use_teacher_server=True, teacher_model_server_url=running.url, loss_top_k=1)
-        client = connect_teacher(args, tokenizer)
+        client = connect_teacher(args, tokenizer).client
         assert client.max_tokens_per_request == 64
         rng = np.random.default_rng(0)
         sequences = [rng.integers(0, teacher.vocab_size, 40).tolist() for _ in range(5)]

@@ -140,12 +140,12 @@ class TransformersBackend:
         return hidden[torch.tensor(rows), torch.tensor(positions)]
 
     def score(self, sequences, prompt_lengths, top_k, temperature):
-        from ..models import has_plain_head
+        from ..models import head_view
 
         torch = self.torch
         ids, mask = self._padded(sequences)
         with torch.inference_mode():
-            if has_plain_head(self.model):
+            if head_view(self.model, "served teacher", "auto") == "hidden":
                 top_logprobs, top_ids, actual = self._score_chunked(
                     ids, mask, sequences, prompt_lengths, top_k, temperature
                 )
@@ -189,7 +189,7 @@ class TransformersBackend:
 
     def _score_chunked(self, ids, mask, sequences, prompt_lengths, top_k, temperature):
         """The LM head on a chunk of scored positions at a time: memory bounded by the chunk, not by tokens x vocab."""
-        from ..chunked import auto_chunk_size
+        from ..chunked import auto_chunk_size, head_chunks
         from ..models import lm_head
 
         torch = self.torch
@@ -198,13 +198,8 @@ class TransformersBackend:
         weight, bias = lm_head(self.model, self.vocab_size)
         chunk = self.chunk_tokens or auto_chunk_size(self.vocab_size)
         parts = [
-            self._log_probs(
-                torch.nn.functional.linear(hidden[i : i + chunk], weight, bias),
-                targets[i : i + chunk],
-                top_k,
-                temperature,
-            )
-            for i in range(0, hidden.shape[0], chunk)
+            self._log_probs(logits, chunk_targets, top_k, temperature)
+            for _, logits, (chunk_targets,) in head_chunks(hidden, weight, bias, chunk, targets)
         ]
         return tuple(np.concatenate(column) for column in zip(*parts))
 

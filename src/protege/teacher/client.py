@@ -51,18 +51,20 @@ class TeacherClient(RetryingClient):
         self.protocol, self.response_format = protocol, response_format
         self.max_tokens_per_request, self.max_concurrency = max_tokens_per_request, max_concurrency
         self.model = model
-        self.extra_tokens = 0  # tokens the teacher's tokenizer adds to the student's (set by `connect_teacher`)
         self._warned: set[str] = set()
-        self.server_info: dict = {}  # /info/ as `connect_teacher` read it
 
     def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5, path: str | None = None) -> None:
         path = path or ("/health/" if self.protocol == "protege" else "/health")
         super().wait_until_ready(timeout, interval, path)
 
     def info(self) -> dict:
-        """What a protege server reports on /info/ (vocabulary size and fingerprint, formats); {} where the server
-        has no such endpoint."""
-        return (self._get_json("/info/") or {}) if self.protocol == "protege" else {}
+        """What a protege server reports on /info/ (vocabulary size and fingerprint, formats, limits); {} where the
+        server has no such endpoint. A server that refuses requests over `max_request_tokens` gets its batches split to
+        fit from then on."""
+        info = (self._get_json("/info/") or {}) if self.protocol == "protege" else {}
+        if info.get("max_request_tokens"):
+            self.max_tokens_per_request = min(self.max_tokens_per_request, int(info["max_request_tokens"]))
+        return info
 
     def vocabulary(self) -> dict[str, int] | None:
         """The teacher tokenizer's token-to-id map from a protege server's /vocabulary/, or None where it is not
