@@ -1,5 +1,5 @@
 """Kill a training process with SIGKILL at named points of a checkpoint save, then resume it with
-`resume_from_checkpoint=True`; run by test_resume and benchmarks/crash_resume.py.
+`resume_from_checkpoint=True`; run by test_resume and `python -m benchmarks safeguards crash_resume`.
 
     python crash_train.py STUDENT TEACHER WORKDIR SETTINGS_JSON POINT [POINT ...]
 

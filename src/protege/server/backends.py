@@ -10,9 +10,9 @@ import numpy as np
 
 from ..teacher.codec import SequenceScores
 from ..teacher.head import LMHead
+from ..teacher.vocabulary import TOKENIZER_FILES, has_tokenizer_files
 
 _log = logging.getLogger("protege.server")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one: a tokenizer
 
 
 class Backend(Protocol):
@@ -56,7 +56,7 @@ def return_large_blocks_to_the_os(threshold_bytes: int = 4 * 2**20) -> bool:
 def served_tokenizer(model: str, trust_remote_code: bool = False):
     """The teacher's tokenizer, or None for a model folder that holds no tokenizer files (logged: the server
     then reports no fingerprint and no vocabulary). A tokenizer that is there but fails to load is an error."""
-    if os.path.isdir(model) and not any(os.path.isfile(os.path.join(model, name)) for name in TOKENIZER_FILES):
+    if os.path.isdir(model) and not has_tokenizer_files(model):
         _log.warning(
             "the teacher folder %s holds no tokenizer (none of %s): serving without one, so /info/ has no "
             "tokenizer_sha256 and /vocabulary/ answers 404",

@@ -25,9 +25,7 @@ from ..models import (
 from ..outputs import TeacherHidden, TeacherLogits
 from . import Placement
 from .spec import TeacherSpec
-from .vocabulary import announce_extra_tokens, shared_rows, teacher_extra_tokens
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+from .vocabulary import TOKENIZER_FILES, announce_extra_tokens, has_tokenizer_files, shared_rows, teacher_extra_tokens
 
 
 def shared_vocab_size(student, teacher, tokenizer, teacher_tokenizer=None) -> int:
@@ -43,10 +41,6 @@ def shared_vocab_size(student, teacher, tokenizer, teacher_tokenizer=None) -> in
     width = shared_rows(len(tokenizer), output_rows(student), output_rows(teacher), len(extra))
     announce_extra_tokens(extra, len(tokenizer))
     return width
-
-
-def _has_local_tokenizer(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES)
 
 
 def load_teacher(teacher_model: nn.Module | str, args) -> tuple[nn.Module, object | None]:
@@ -75,7 +69,7 @@ def published_tokenizer(name: str | None, trust_remote_code: bool = False, revis
     """The tokenizer published with the teacher `name`, or None where it has none: a built model without a name, a
     folder without tokenizer files, a hub repository without them (then only the sizes of the two vocabularies can be
     checked against each other). A tokenizer that is there but does not load is an error naming the teacher."""
-    if not name or (os.path.isdir(name) and not _has_local_tokenizer(name)):
+    if not name or (os.path.isdir(name) and not has_tokenizer_files(name)):
         return None
     if not os.path.isdir(name) and not _hub_has_tokenizer(name, revision):
         return None

@@ -25,6 +25,7 @@ has its extra tokens and the student has padding rows, which are no tokens of th
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,15 @@ ACCEPTED = (
     "distillation on token logits needs the student's tokenizer, or one that extends it: every student token at the "
     "same id, the extra tokens after them (as Qwen3's extends Qwen2.5's)"
 )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one: a tokenizer
+
+
+def has_tokenizer_files(folder: str) -> bool:
+    """Whether a model folder holds a tokenizer (any of `TOKENIZER_FILES`): one without is a model published without
+    its tokenizer, where only the sizes of the two vocabularies can be compared."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
 
 
 class TokenizerMismatchError(ValueError):
