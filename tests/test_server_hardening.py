@@ -1,6 +1,6 @@
 """The teacher server against hostile clients, over real HTTP on 127.0.0.1: huge requests, hung-up clients, a full
-queue, idle and slow connections, malformed bodies (a hypothesis fuzz run), API keys and TLS; and the client against
-impossible answers and a frozen server.
+queue, idle and slow connections, API keys and TLS, and logs that cannot flood. Malformed bodies are
+test_server_fuzz.py's; the client against impossible answers and a frozen server is test_client_faults.py's.
 
 Servers run with protege's own uvicorn settings (`ThreadedUvicorn(app, limits)`), or as `protege serve-teacher`
 processes. Waiting for a server-side event polls /info/ with a deadline; no assertion rests on elapsed time.
@@ -18,17 +18,12 @@ import time
 import types
 
 import httpx
-import numpy as np
 import pytest
 from conftest import ThreadedUvicorn, free_port, start_server, stop_server
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from fault_servers import GOOD, ROUTE
 
 from protege.server.app import ServerLimits, create_app
 from protege.teacher.client import TeacherClient, TeacherServerError
-
-ROUTE = "/get_sequence_logprobs/"
-GOOD = {"sequences": [[3, 40, 41, 42], [7, 8, 9]], "prompt_lengths": [1, 2], "top_logprobs": 2}
 
 
 class GatedBackend:
@@ -242,160 +237,6 @@ def test_past_the_connection_cap_the_longest_idle_goes_or_the_new_one_when_all_a
             sock.close()
 
 
-# ----- Malformed and extreme bodies: always a small 4xx, never a 5xx -----
-
-LITERAL_CASES = [
-    (b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": NaN}', 422, "finite"),
-    (b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": Infinity}', 422, "finite"),
-    (b'{"sequences": [[3, 4]], "prompt_lengths": [NaN]}', 422, "prompt_lengths"),
-    (b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": 18446744073709551616}', 400, "outside [0.001"),
-    (b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": 1e309}', 422, "finite"),
-    (b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": 1e-38}', 400, "outside [0.001, 1000]"),
-    (b'{"sequences": [[3, 4]], "prompt_lengths": [1], "temperature": 1e300}', 400, "outside [0.001, 1000]"),
-    (b"\xff\xfe\x00garbage", 422, "Invalid JSON"),
-    (b'{"sequences": [[3, 99999999999999999999999]], "prompt_lengths": [1]}', 400, "outside the vocabulary"),
-    (b"[]", 422, "Input should be an object"),
-    (b"null", 422, "Input should be an object"),
-    (b"", 422, "Invalid JSON"),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("body", "status", "detail"), LITERAL_CASES)
-def test_extreme_values_get_a_4xx_and_the_connection_stays_open(backend, body, status, detail):
-    limits = ServerLimits(max_model_len=64)
-    with ThreadedUvicorn(create_app(backend, limits), limits) as running, httpx.Client() as client:
-        answer = client.post(f"{running.url}{ROUTE}", content=body, headers={"Content-Type": "text/plain"})
-        assert answer.status_code == status, answer.text
-        assert detail in answer.text
-        # the same keep-alive connection serves the next request
-        assert client.post(f"{running.url}{ROUTE}", json=GOOD).status_code == 200
-        assert client.get(f"{running.url}/info/").json()["requests"] == 2
-
-
-@pytest.mark.slow
-def test_validation_errors_are_listed_briefly_with_their_count(backend):
-    limits = ServerLimits(max_model_len=64, max_body_bytes=8 * 2**20)
-    body = {"sequences": [["x"] * 300_000], "prompt_lengths": [1]}
-    with ThreadedUvicorn(create_app(backend, limits), limits) as running:
-        answer = httpx.post(f"{running.url}{ROUTE}", json=body, timeout=60)
-    assert answer.status_code == 422
-    detail = answer.json()["detail"]
-    assert detail["error_count"] == 300_000
-    assert detail["errors"][0] == {
-        "loc": ["sequences", 0, 0],
-        "msg": "Input should be a valid integer",
-        "type": "int_type",
-    }
-    assert len(detail["errors"]) == 5 and len(answer.content) < 1024
-
-
-class NonFiniteBackend:
-    """Scores like the real backend, then spoils one log-prob of sequence 1."""
-
-    def __init__(self, inner, value: float, field: str):
-        self.inner, self.vocab_size, self.model_name = inner, inner.vocab_size, inner.model_name
-        self.value, self.field = value, field
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)  # the rest of the Backend protocol is the real backend's
-
-    def score(self, *args):
-        rows = self.inner.score(*args)
-        getattr(rows[1], self.field)[0] = self.value
-        return rows
-
-
-@pytest.mark.parametrize("response_format", ["json", "binary", "compact"])
-@pytest.mark.parametrize(
-    ("value", "field", "detail"),
-    [
-        (float("nan"), "actual_logprobs", "sequence 1: the log-prob of an actual token is missing or not finite"),
-        (float("-inf"), "actual_logprobs", "sequence 1: the log-prob of an actual token is missing or not finite"),
-        (float("nan"), "topk_logprobs", "sequence 1: a top-1 log-prob is missing or not finite"),
-    ],
-)
-def test_non_finite_log_probs_are_never_sent(backend, response_format, value, field, detail):
-    limits = ServerLimits(max_model_len=64)
-    spoiled = NonFiniteBackend(backend, value, field)
-    with ThreadedUvicorn(create_app(spoiled, limits), limits) as running:
-        answer = httpx.post(f"{running.url}{ROUTE}", json={**GOOD, "response_format": response_format})
-    assert answer.status_code == 422
-    assert answer.json()["detail"] == detail
-
-
-@pytest.fixture(scope="module")
-def fuzz_server(tiny_paths):
-    """`protege serve-teacher` on the tiny teacher, as users run it."""
-    port = free_port()
-    process = start_server(tiny_paths["teacher"], port, "--max-model-len", "64", "--max-body-mb", "0.25")
-    yield f"http://127.0.0.1:{port}", process
-    stop_server(process)
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner, max_size=6),
-    max_leaves=40,
-)
-field_names = st.sampled_from(
-    ["sequences", "prompt_lengths", "top_logprobs", "temperature", "response_format", "hidden_dtype", "extra"]
-)
-requests = st.dictionaries(field_names, json_values, max_size=6)
-token_lists = st.lists(st.lists(st.integers(-5, 400), max_size=70), max_size=4)
-near_valid = st.fixed_dictionaries(
-    {"sequences": token_lists, "prompt_lengths": st.lists(st.integers(-2, 70), max_size=4)},
-    optional={
-        "top_logprobs": st.integers(-3, 400),
-        "temperature": st.floats() | st.integers(),
-        "response_format": st.sampled_from(["json", "binary", "compact", "hidden", "xml"]),
-        "hidden_dtype": st.sampled_from(["float16", "bfloat16", "float32", "int8"]),
-    },
-)
-raw_bodies = st.binary(max_size=300)
-LITERAL_EXTRAS = [b"NaN", b"-Infinity", b'{"sequences": [[1, 2]], "prompt_lengths": [1], "temperature": -0.0}']
-
-
-def post_and_check(url: str, client: httpx.Client, content: bytes) -> None:
-    answer = client.post(f"{url}{ROUTE}", content=content, headers={"Content-Type": "application/json"})
-    assert answer.status_code < 500, (content[:200], answer.status_code, answer.text[:300])
-    if answer.status_code >= 400:
-        assert len(answer.content) < 2048, (content[:200], len(answer.content))
-    health = client.get(f"{url}/health/", timeout=5)
-    assert health.status_code == 200
-
-
-@pytest.mark.slow
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(body=st.one_of(requests.map(lambda d: json.dumps(d).encode()), raw_bodies))  # NaN, Infinity as Python writes
-def test_fuzz_arbitrary_bodies_never_get_a_5xx(fuzz_server, body):
-    url, _ = fuzz_server
-    with httpx.Client(timeout=30) as client:
-        post_and_check(url, client, body)
-
-
-@pytest.mark.slow
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(request=near_valid)
-def test_fuzz_near_valid_requests_never_get_a_5xx(fuzz_server, request):
-    url, _ = fuzz_server
-    body = json.dumps(request).encode()
-    with httpx.Client(timeout=30) as client:
-        post_and_check(url, client, body)
-
-
-@pytest.mark.slow
-def test_fuzz_literal_cases_then_the_server_is_alive(fuzz_server):
-    url, process = fuzz_server
-    with httpx.Client(timeout=30) as client:
-        for body, *_ in LITERAL_CASES:
-            post_and_check(url, client, body)
-        for body in LITERAL_EXTRAS:
-            post_and_check(url, client, body)
-        assert client.post(f"{url}{ROUTE}", json=GOOD).status_code == 200
-    assert process.poll() is None
-
-
 # ----- Access: API key, docs, model name, TLS -----
 
 
@@ -481,114 +322,6 @@ def test_binding_a_public_address_without_a_key_warns(tiny_paths):
     finally:
         stop_server(process)
     assert "serving on 0.0.0.0 without an API key: anyone who reaches port" in process.stderr.read()
-
-
-# ----- The client: impossible answers, a frozen server -----
-
-
-def openai_answer(sequences, spoil):
-    """A /v1/completions answer with prompt log-probs, whose top-1 log-prob at position 2 is `spoil`."""
-    choices = []
-    for index, sequence in enumerate(sequences):
-        logprobs = [None] + [{f"token_id:{t}": {"logprob": -0.5, "rank": 1}} for t in sequence[1:]]
-        if index == 0:  # the top-1 entry is another token's, spoiled; the actual token ranks second
-            logprobs[2] = {
-                "token_id:1": {"logprob": spoil, "rank": 1},
-                f"token_id:{sequence[2]}": {"logprob": -0.5, "rank": 2},
-            }
-        choices.append({"index": index, "prompt_logprobs": logprobs})
-    return {"choices": choices}
-
-
-@pytest.mark.parametrize(
-    ("value", "problem"),
-    [("NaN", "top-1 log-prob is missing or not finite"), ("Infinity", "not finite"), (0.5, "positive")],
-)
-def test_openai_protocol_refuses_impossible_log_probs(value, problem):
-    from starlette.applications import Starlette
-    from starlette.responses import Response
-    from starlette.routing import Route
-
-    async def completions(request):
-        body = json.loads(await request.body())
-        spoil = float(value) if isinstance(value, str) else value
-        return Response(json.dumps(openai_answer(body["prompt"], spoil)), media_type="application/json")
-
-    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
-    with ThreadedUvicorn(app) as running:
-        client = TeacherClient(running.url, protocol="openai", model="m", max_retries=0)
-        with pytest.raises(TeacherServerError, match=f"answered impossible log-probs: sequence 0: .*{problem}"):
-            client.score([[3, 4, 5, 6]], [1], top_k=2)
-        client.close()
-
-
-def test_frozen_server_ends_at_the_deadline_with_one_log_line_per_retry(caplog):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)  # accepts connections (the kernel does), never answers
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    client = TeacherClient(url, timeout=0.3, max_retries=50, backoff=0.05, deadline=1.0)
-    with caplog.at_level("WARNING", logger="protege"), pytest.raises(TeacherServerError) as error:
-        client.score([[3, 4, 5]], [1])
-    client.close()
-    sock.close()
-    message = str(error.value)
-    attempts = int(message.split("failed after ")[1].split(" attempt")[0])
-    assert 2 <= attempts < 50  # the deadline, not the retry count, ended it
-    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
-    assert len(retries) == attempts - 1
-    assert retries[0] == f"teacher server at {url}{ROUTE}: no answer within the 0.3 s timeout; retry 1/50 in 0.05 s"
-
-
-def test_trainer_client_splits_batches_to_the_servers_request_limit(tiny_paths, tmp_path):
-    from tiny import config
-    from transformers import AutoTokenizer
-
-    from protege.server.backends import TransformersBackend
-    from protege.teacher.remote import connect_teacher
-
-    teacher = TransformersBackend(tiny_paths["teacher"], device="cpu")
-    limits = ServerLimits(max_model_len=64, max_batch_tokens=64)  # 64 tokens a request
-    with ThreadedUvicorn(create_app(teacher, limits), limits) as running:
-        tokenizer = AutoTokenizer.from_pretrained(tiny_paths["student"])
-        args = config(tmp_path, use_teacher_server=True, teacher_model_server_url=running.url, loss_top_k=1)
-        client = connect_teacher(args, tokenizer).client
-        assert client.max_tokens_per_request == 64
-        rng = np.random.default_rng(0)
-        sequences = [rng.integers(0, teacher.vocab_size, 40).tolist() for _ in range(5)]
-        batch = client.score(sequences, [1] * 5)
-        client.close()
-        info = httpx.get(f"{running.url}/info/").json()
-    assert batch.completion_lengths.tolist() == [39] * 5
-    assert (info["requests"], info["refused"]) == (5, 0)
-
-
-@pytest.mark.slow
-def test_cli_with_an_unreachable_teacher_says_it_waits_then_fails_in_one_line(tiny_paths, tmp_path):
-    import json as json_module
-
-    from tiny import arithmetic_rows
-
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json_module.dumps(row) for row in arithmetic_rows(8, seed=1)))
-    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    result = subprocess.run(
-        [sys.executable, "-m", "protege", "train", "--model_name_or_path", tiny_paths["student"]]
-        + ["--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--use_teacher_server", "true"]
-        + ["--teacher_model_server_url", url, "--teacher_server_startup_timeout", "1", "--loss_top_k", "1"]
-        + ["--report_to", "none"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert f"protege: waiting up to 1 s for the teacher server at {url}/health/" in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [
-        f"protege train: error: teacher server at {url}/health/ was not ready after 1 s "
-        f"(ConnectError: [Errno 111] Connection refused)"
-    ]
-    assert "Traceback" not in result.stderr
 
 
 def test_repeated_log_lines_pass_once_per_interval_with_a_count():

@@ -438,7 +438,7 @@ def test_student_server_lost_mid_training_then_resumed(vllm_models, tmp_path):
 
 @pytest.mark.parametrize("server", ["protege_vllm_server", "hidden_vllm_server"])
 def test_vllm_servers_answer_hostile_bodies_with_small_4xx(request, server):
-    from test_server_hardening import LITERAL_CASES, LITERAL_EXTRAS
+    from test_server_fuzz import LITERAL_CASES, LITERAL_EXTRAS
 
     url = request.getfixturevalue(server)
     near_valid = [
