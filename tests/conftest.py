@@ -31,6 +31,18 @@ def tiny_paths(tmp_path_factory):
     return build(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> str:
+    """32 arithmetic conversations as a JSON-lines file, the dataset `protege train` tests pass by path."""
+    import json
+
+    from tiny import arithmetic_rows
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in arithmetic_rows(32, seed=1)))
+    return str(path)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nothing listens on now: for a server a test starts next (`from conftest import ...`)."""
     with socket.socket() as sock:

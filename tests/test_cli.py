@@ -10,7 +10,6 @@ import sys
 
 import pytest
 from conftest import free_port
-from tiny import arithmetic_rows
 
 from protege.commands.train import parse
 
@@ -32,13 +31,6 @@ def one_error_line(result: subprocess.CompletedProcess, command: str) -> str:
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"protege {command}: error: "), result.stderr[-3000:]
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("\n".join(json.dumps(row) for row in arithmetic_rows(32, seed=1)))
-    return str(path)
 
 
 def common(tiny_paths, data_file, out):
@@ -86,6 +78,14 @@ def test_train_runs_trl_flags_and_saves(tiny_paths, data_file, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
+    folder = os.path.abspath(tmp_path / "out")
+    assert result.stderr.splitlines()[-1] == (
+        f"protege train: done; the trained student is in {folder}. Compare it with its teacher: protege eval "
+        f"--model {folder} --teacher {tiny_paths['teacher']} --dataset_name {data_file}"
+    )
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]  # --disable_tqdm: short lines
+    assert re.fullmatch(r"step 1: loss \S+  on-policy \d+%.*tokens/s \d+", steps[0]), steps
+    assert "{'loss'" not in result.stdout and "grad_norm" not in result.stdout
 
 
 @pytest.mark.slow

@@ -143,3 +143,30 @@ def test_evaluation_adds_no_teacher_time_to_the_training_window(tiny_paths, tmp_
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] > 0 and len(teacher_calls) >= 1
     assert trainer._window.teacher_seconds == 0.0
+
+
+def test_a_window_without_generation_logs_no_generation_time():
+    """Off-policy steps generate nothing: `time/generation_s` is left out rather than logged as a few microseconds."""
+    from protege.metrics import TrainingWindow
+
+    off, mixed = TrainingWindow(), TrainingWindow()
+    for window, fractions in ((off, [0.0, 0.0]), (mixed, [0.0, 0.5])):
+        for fraction in fractions:
+            window.on_policy_fraction.append(fraction)
+            window.generation_seconds.append(2e-6 if fraction == 0 else 1.0)
+    assert "time/generation_s" not in off.logs(lambda sums: sums)
+    assert mixed.logs(lambda sums: sums)["time/generation_s"] == pytest.approx(0.500001)
+
+
+def test_the_opening_line_reaches_a_library_user_and_promises_the_estimate_only_on_policy():
+    """Without any logging set-up (a script that imports protege), the line that says what `loss` is goes to stderr;
+    with lmbda 0 no reverse-KL estimate is logged, so the line does not mention one."""
+    import subprocess
+    import sys
+
+    script = "from protege.progress import announce; announce('what loss is')"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stderr == "protege: what loss is\n"
+    assert "on_policy_reverse_kl_estimate" not in Objective(beta=0.0).describe(on_policy=False)
+    assert "logged for steps with on-policy slices" in Objective(beta=0.0).describe(on_policy=True)
+    assert "the student's top-5 tokens" in Objective(beta=1.0, top_k=5).describe()

@@ -226,3 +226,16 @@ def test_vllm_weight_push_of_a_peft_student_is_the_merged_model(tiny_paths):
         pushed["model.layers.0.self_attn.q_proj.weight"], original["model.layers.0.self_attn.q_proj.weight"]
     )
     torch.testing.assert_close(pushed["lm_head.weight"], original["lm_head.weight"] + 1.0)
+
+
+def test_each_log_is_one_short_line_and_the_full_log_stays_in_the_state(tiny_paths, tmp_path, capsys):
+    """With the progress bar off, a log prints as `step N: loss ...  on-policy ...`, not as its ~700-character dict;
+    trainer.state.log_history keeps every key for trackers and the JSON state."""
+    trainer = trainer_for(tiny_paths, tmp_path, max_steps=2, logging_steps=1, disable_tqdm=True)
+    trainer.train()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in printed] == ["step 1", "step 2", "step 2"]  # 2 logs, then the summary
+    assert printed[0].startswith("step 1: loss ") and " on-policy 100%" in printed[0]
+    assert printed[-1].startswith("step 2: train loss ")
+    logged_keys = set(trainer.state.log_history[0])
+    assert {"grad_norm", "time/teacher_s", "completion_tokens", "on_policy_reverse_kl_estimate"} <= logged_keys

@@ -67,6 +67,8 @@ class TrainingWindow:
             "completions/max_length": _mean(self.max_length),
             "completions/truncated_fraction": _mean(self.truncated_fraction),
         }
+        if self.on_policy_fraction and not any(self.on_policy_fraction):
+            del logs["time/generation_s"]  # no step of the window generated: nothing to time
         logs = {key: value for key, value in logs.items() if value is not None}
         sums = sum_over_ranks(
             torch.tensor(

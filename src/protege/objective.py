@@ -169,8 +169,9 @@ class Objective:
         view = models.head_view(student, "student", self.chunk_size, self.fused)
         return self if view == self.student_view else self.dense()
 
-    def describe(self) -> str:
-        """What the logged `loss` is, in words: a sparse or top-k loss is not the KL that `protege eval` reports."""
+    def describe(self, on_policy: bool = True) -> str:
+        """What the logged `loss` is, in words: a sparse or top-k loss is not the KL that `protege eval` reports; and,
+        where there are on-policy slices (`on_policy`), what the reverse-KL estimate logged beside it is."""
         divergence = {0.0: "forward KL(teacher || student)", 1.0: "reverse KL(student || teacher)"}.get(
             float(self.beta), f"generalized JSD (beta={self.beta:g})"
         )
@@ -182,11 +183,16 @@ class Objective:
                 "far smaller than the full divergence"
             )
         else:
-            support = f"over the teacher's top-{self.top_k} tokens" + (" plus the tail's mass" if self.add_tail else "")
+            whose = {0.0: "the teacher's", 1.0: "the student's"}.get(
+                float(self.beta), "the teacher's and the student's"
+            )
+            support = f"over {whose} top-{self.top_k} tokens" + (" plus the tail's mass" if self.add_tail else "")
+        text = f"'loss' is the {divergence} {support}, at temperature {self.temperature:g}, per completion token"
+        if not on_policy:
+            return text
         return (
-            f"'loss' is the {divergence} {support}, at temperature {self.temperature:g}, per completion token; "
-            "'on_policy_reverse_kl_estimate' is the same quantity in every mode (the mean of log p_student - "
-            "log p_teacher over the sampled tokens)"
+            f"{text}; 'on_policy_reverse_kl_estimate', logged for steps with on-policy slices, is the mean of "
+            "log p_student - log p_teacher over the student's sampled tokens: the same quantity whatever the loss"
         )
 
     @property

@@ -27,7 +27,6 @@ import torch
 from accelerate.utils import broadcast_object_list
 from torch import nn
 from transformers import PreTrainedModel, Trainer
-from transformers.utils import logging
 
 from . import checkpoints, models
 from .config import DistillationConfig
@@ -35,6 +34,7 @@ from .data import DistillationCollator, Tokenizer, sequence_limit, tokenize_data
 from .losses import IGNORE_INDEX, trl_generalized_jsd_loss
 from .metrics import NonFiniteLossError, TrainingWindow, decoded_samples, print_completions
 from .objective import Objective, sampled_log_ratio_sum, student_output
+from .progress import announce, shorten_progress
 from .rollout import (
     RepeatSampler,
     draw_on_policy,
@@ -47,8 +47,6 @@ from .rollout import (
 from .teacher import Placement, Teacher
 from .teacher.factory import make_teacher
 from .teacher.spec import TeacherSpec
-
-logger = logging.get_logger(__name__)
 
 
 class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
@@ -97,8 +95,7 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
         self.teacher_model = self.teacher.model  # TRL's attribute: the teacher's own model where it has one, else None
         self._setup_generation(model, processing_class)
         self._window = TrainingWindow()
-        if self.is_world_process_zero():
-            logger.info(self.objective.describe())
+        shorten_progress(self)
         self._copy_trl_attributes(args)
 
     # ----- Construction, in parts -----
@@ -368,6 +365,8 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
         self._nonfinite = None
+        if self.is_world_process_zero():
+            announce(self.objective.describe(on_policy=self.args.lmbda > 0))
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:

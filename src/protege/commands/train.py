@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import typing
+import warnings
 from dataclasses import dataclass, field
 
 import yaml
@@ -19,6 +20,7 @@ from ..choices import DTYPE_NAMES
 from ..config import DistillationConfig
 from ..model_source import check_model_source
 from .errors import UsageError, report
+from .interrupts import Interrupted, interruptible
 
 
 @dataclass
@@ -347,47 +349,101 @@ def check_output_dir(args: DistillationConfig) -> str:
     return f"protege train: checkpoints and the trained model go to {folder}{how}"
 
 
-def run(argv: list[str]) -> int:
+def build(argv: list[str]):
+    """The trainer a command line describes, its config, what to resume from and the output folder's line; every
+    check that needs no weights runs first, so a mistake costs a second, not a model load."""
     from ..checkpoints import newest_complete
-    from ..http_client import ServerError
-    from ..trainer import DistillationTrainer, NonFiniteLossError
+    from ..trainer import DistillationTrainer
     from .datasets import eval_split, load_any
 
-    try:
-        script_args, args, model_args = parse(argv)
-        if args.model_init_kwargs is None:
-            args.model_init_kwargs = model_kwargs(model_args, model_args.model_revision)
-        if args.teacher_model_init_kwargs is None and not args.use_teacher_server:
-            args.teacher_model_init_kwargs = model_kwargs(model_args, args.teacher_model_revision)
-        check_models(model_args.model_name_or_path, args)  # first: a wrong name fails at once, in one line
-        output_notice = check_output_dir(args)
-        dataset = load_any(script_args.dataset_name, script_args.dataset_config)
-        if script_args.dataset_train_split not in dataset:
-            raise UsageError(
-                f"dataset {script_args.dataset_name} has no split {script_args.dataset_train_split!r} "
-                f"(splits: {sorted(dataset)})"
-            )
-        test_split = eval_split(dataset, script_args.dataset_test_split) if args.eval_strategy != "no" else None
-        resume = resume_value(args.resume_from_checkpoint)
-        if resume is True and newest_complete(args.output_dir) is None:
-            raise UsageError(f"--resume_from_checkpoint: no complete checkpoint in {args.output_dir}")
-        trainer = DistillationTrainer(
-            model=model_args.model_name_or_path,
-            teacher_model=None if args.use_teacher_server else args.teacher_model_name_or_path,
-            args=args,
-            train_dataset=dataset[script_args.dataset_train_split],
-            eval_dataset=dataset[test_split] if test_split else None,
-            peft_config=peft_config(model_args),
+    script_args, args, model_args = parse(argv)
+    if args.model_init_kwargs is None:
+        args.model_init_kwargs = model_kwargs(model_args, model_args.model_revision)
+    if args.teacher_model_init_kwargs is None and not args.use_teacher_server:
+        args.teacher_model_init_kwargs = model_kwargs(model_args, args.teacher_model_revision)
+    check_models(model_args.model_name_or_path, args)  # first: a wrong name fails at once, in one line
+    output_notice = check_output_dir(args)
+    dataset = load_any(script_args.dataset_name, script_args.dataset_config)
+    if script_args.dataset_train_split not in dataset:
+        raise UsageError(
+            f"dataset {script_args.dataset_name} has no split {script_args.dataset_train_split!r} "
+            f"(splits: {sorted(dataset)})"
         )
-    except (ValueError, OSError, ServerError) as error:
-        return report("train", error)
+    test_split = eval_split(dataset, script_args.dataset_test_split) if args.eval_strategy != "no" else None
+    resume = resume_value(args.resume_from_checkpoint)
+    if resume is True and newest_complete(args.output_dir) is None:
+        raise UsageError(f"--resume_from_checkpoint: no complete checkpoint in {args.output_dir}")
+    trainer = DistillationTrainer(
+        model=model_args.model_name_or_path,
+        teacher_model=None if args.use_teacher_server else args.teacher_model_name_or_path,
+        args=args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[test_split] if test_split else None,
+        peft_config=peft_config(model_args),
+    )
+    return trainer, script_args, resume, output_notice
+
+
+def run(argv: list[str]) -> int:
+    from ..http_client import ServerError
+    from ..metrics import NonFiniteLossError
+
+    trainer = None
+    with interruptible():
+        try:
+            try:
+                trainer, script_args, resume, output_notice = build(argv)
+            except (ValueError, OSError, ServerError) as error:
+                return report("train", error)
+            args = trainer.args
+            if args.process_index == 0:
+                print(output_notice, file=sys.stderr)
+            try:
+                trainer.train(resume_from_checkpoint=resume)
+            except (ServerError, NonFiniteLossError) as error:  # the last checkpoint is intact and resumable
+                return report("train", error)
+            trainer.save_model(args.output_dir)
+            if args.push_to_hub:
+                trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        except Interrupted as interrupt:
+            if trainer is None or trainer.args.process_index == 0:
+                print(where_it_stands(interrupt, trainer), file=sys.stderr)
+            return interrupt.exit_code
     if args.process_index == 0:
-        print(output_notice, file=sys.stderr)
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    except (ServerError, NonFiniteLossError) as error:  # the last checkpoint is intact and resumable
-        return report("train", error)
-    trainer.save_model(args.output_dir)
-    if args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        print(finished(args, script_args), file=sys.stderr)
     return 0
+
+
+def where_it_stands(interrupt: Interrupted, trainer) -> str:
+    """One line for an interrupted run: the step it reached, and the checkpoint a resume would take, if any."""
+    from ..checkpoints import newest_complete
+    from ..progress import close_progress
+
+    if trainer is None:
+        return f"protege train: interrupted ({interrupt.name}) before training started; nothing was written"
+    close_progress(trainer)  # the bar's last state first, then this line under it
+    with warnings.catch_warnings():  # a save cut short leaves a staging folder: the resume passes over it, said here
+        warnings.simplefilter("ignore")
+        checkpoint = newest_complete(trainer.args.output_dir)
+    step = trainer.state.global_step
+    if checkpoint is None:
+        return (
+            f"protege train: interrupted ({interrupt.name}) at step {step}; no complete checkpoint in "
+            f"{os.path.abspath(trainer.args.output_dir)} yet, so a rerun starts from the beginning"
+        )
+    return (
+        f"protege train: interrupted ({interrupt.name}) at step {step}; last complete checkpoint: "
+        f"{os.path.abspath(checkpoint)}; resume with --resume_from_checkpoint true"
+    )
+
+
+def finished(args: DistillationConfig, script_args: ScriptArguments) -> str:
+    """Where the trained student went, and the command that compares it with its teacher."""
+    folder = os.path.abspath(args.output_dir)
+    line = f"protege train: done; the trained student is in {folder}"
+    if args.use_teacher_server or not args.teacher_model_name_or_path:
+        return line
+    return (
+        f"{line}. Compare it with its teacher: protege eval --model {folder} --teacher "
+        f"{args.teacher_model_name_or_path} --dataset_name {script_args.dataset_name}"
+    )
