@@ -96,7 +96,8 @@ def test_yaml_config_with_flags_overriding_it(tiny_paths, data_file, tmp_path):
         "train", "--config", str(config), *common(tiny_paths, data_file, tmp_path / "out"), "--lmbda", "1.0"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "on_policy_loss" in result.stdout and "off_policy_loss" not in result.stdout
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ") and "on-policy" in line]
+    assert len(steps) == 2 and all(" on-policy 100% " in line for line in steps)  # lmbda 1.0, the flag's
 
 
 @pytest.mark.slow

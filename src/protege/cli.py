@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     show_protege_logs()
     if argv[:1] == ["train"]:  # HfArgumentParser owns every flag of `protege train`
+        from .commands.train_quick import quick_answer
+
+        answered = quick_answer(argv[1:])  # --help, a typo, a missing path: before torch and transformers load
+        if answered is not None:
+            return answered
         from .commands.train import run
 
         return run(argv[1:])

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
-import re
 import sys
 import typing
 import warnings
@@ -21,6 +19,7 @@ from ..config import DistillationConfig
 from ..model_source import check_model_source
 from .errors import UsageError, report
 from .interrupts import Interrupted, interruptible
+from .train_quick import output_dir_notice, remember, resume_value, unknown_arguments, unknown_keys
 
 
 @dataclass
@@ -179,33 +178,10 @@ def build_parser(prog: str = "protege train") -> TrainArgumentParser:
     return parser
 
 
-def did_you_mean(word: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {match[0]}?)" if match else ""
-
-
-def is_number(text: str) -> bool:
-    """A negative number after an unknown flag is its value, not another flag."""
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def unknown_arguments(parser: TrainArgumentParser, remaining: list[str]) -> str:
-    """One line for what the parser did not take: each unknown flag with the closest real one, or stray values."""
-    flags = [item.split("=", 1)[0] for item in remaining if item.startswith("-") and not is_number(item)]
-    if not flags:
-        return f"unexpected value(s) {' '.join(remaining)}: no flag takes them"
-    known = parser.long_flags()
-    named = ", ".join(f"{flag}{did_you_mean(flag, known)}" for flag in flags)
-    return f"unknown flag{'s' if len(flags) > 1 else ''} {named}"
-
-
 def parse(argv: list[str]) -> tuple[ScriptArguments, DistillationConfig, ModelConfig]:
     parser = build_parser()
     known = {f.name for cls in (ScriptArguments, DistillationConfig, ModelConfig) for f in dataclasses.fields(cls)}
+    remember(parser.format_help(), parser.long_flags(), sorted(known))  # for the next run's quick checks
     config_path = None
     if "--config" in argv:
         position = argv.index("--config")
@@ -223,14 +199,13 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, DistillationConfig, ModelCo
             raise UsageError(f"config file {config_path} is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(values, dict):
             raise UsageError(f"config file {config_path} must hold a mapping of keys to values")
-        unknown = sorted(set(values) - known)
-        if unknown:
-            named = ", ".join(f"{key}{did_you_mean(key, sorted(known))}" for key in unknown)
-            raise UsageError(f"unknown key(s) in {config_path}: {named}")
+        problem = unknown_keys(config_path, values, sorted(known))
+        if problem:
+            raise UsageError(problem)
         parser.set_defaults(**values)
     _, remaining = parser.parse_known_args(argv)  # before the dataclasses, so a typo is reported as one
     if remaining:
-        raise UsageError(unknown_arguments(parser, remaining))
+        raise UsageError(unknown_arguments(parser.long_flags(), remaining))
     try:
         script_args, training_args, model_args, *_ = parser.parse_args_into_dataclasses(
             args=argv, look_for_args_file=False
@@ -289,17 +264,6 @@ def model_kwargs(model_args: ModelConfig, revision: str | None) -> dict:
     return kwargs
 
 
-def resume_value(flag: str | None) -> str | bool | None:
-    """--resume_from_checkpoint: a folder, true/yes/1 for the newest complete checkpoint in output_dir, or false/no/0
-    for none."""
-    word = (flag or "").strip().lower()
-    if word in ("true", "yes", "1"):
-        return True
-    if word in ("false", "no", "0", ""):
-        return None
-    return flag
-
-
 def check_models(student: str, args: DistillationConfig) -> None:
     """The student's and the local teacher's names point at models (see `protege.model_source`), with the init
     kwargs they will be loaded with, so a wrong name fails before the dataset and the weights load."""
@@ -313,40 +277,10 @@ def check_models(student: str, args: DistillationConfig) -> None:
         check_model_source(args.teacher_model_name_or_path, "teacher", teacher_kwargs)
 
 
-# What an earlier run leaves in its output_dir: checkpoints (published or staged, see `protege.checkpoints`) and the
-# files of a saved model or adapter.
-EARLIER_RUN = re.compile(
-    r"^((tmp-)?checkpoint-\d+|config\.json|adapter_config\.json|trainer_state\.json"
-    r"|(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)|(model|pytorch_model)\.\w+\.index\.json)$"
-)
-
-
 def check_output_dir(args: DistillationConfig) -> str:
-    """Refuse an output_dir holding an earlier run's model or checkpoints, unless the user resumes that run or passes
-    --overwrite_output_dir; else the line that says where outputs go (printed once the trainer is built, so that an
-    error found on the way stays the only line). transformers writes to ./trainer_output when no
-    --output_dir is given and says so only at INFO level, and a second run into the same folder mixes its checkpoints
-    and model with the first's without a word (transformers 5 dropped `overwrite_output_dir`, so nothing stops it)."""
-    folder = os.path.abspath(args.output_dir)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UsageError(f"--output_dir {folder} is a file, not a folder")
-    found = sorted(name for name in os.listdir(folder) if EARLIER_RUN.match(name)) if os.path.isdir(folder) else []
-    resuming = resume_value(args.resume_from_checkpoint) is not None
-    if found and not resuming and not args.overwrite_output_dir:
-        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise UsageError(
-            f"--output_dir {folder} already holds an earlier run ({shown}): pass --resume_from_checkpoint to continue "
-            "it, --overwrite_output_dir to train over it, or another --output_dir"
-        )
-    if resuming:
-        how = " (resuming the run there)"
-    elif found:
-        how = " (over the earlier run there: --overwrite_output_dir)"
-    elif args.output_dir == "trainer_output":
-        how = " (transformers' default: choose another with --output_dir)"
-    else:
-        how = ""
-    return f"protege train: checkpoints and the trained model go to {folder}{how}"
+    """The line that says where outputs go, or a UsageError for an output_dir an earlier run holds (see
+    `train_quick.output_dir_notice`)."""
+    return output_dir_notice(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
 
 
 def build(argv: list[str]):
