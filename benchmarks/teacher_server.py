@@ -1,8 +1,10 @@
-"""The teacher server: its throughput with and without request batching, and the memory of one scoring call.
+"""The command line's servers: the teacher server's throughput with and without request batching, the memory of one
+scoring call, and how soon the `protege` commands answer.
 
     python -m benchmarks teacher_server                       # throughput: ~4-5 min on 2 busy cores, model cached
     python -m benchmarks teacher_server --model DIR --clients 1 8 --requests 32 --rounds 1
     python -m benchmarks teacher_server memory --model /tmp/protege_real_scale/real/teacher [--glibc-default]
+    python -m benchmarks teacher_server startup [--repeats 5]  # seconds until a command answers: ~1 min
 
 `throughput` (the default): two real servers (`python -m protege serve-teacher`) run as subprocesses on 127.0.0.1, one
 with batching (the default) and one with `--no-batching`. Both stay up (the idle one takes no CPU), and every setting
@@ -22,6 +24,11 @@ that `real_scale` builds. It reads every weight first (they are memory-mapped), 
 `--tokens` tokens (16 prompt tokens each, top-1, temperature 1) in one `TransformersBackend.score` call, with and
 without (`--glibc-default`) the fixed glibc mmap threshold that `protege serve-teacher` sets, and reports the growth
 of `ru_maxrss`.
+
+`startup`: wall seconds of whole commands, each `--repeats` times (median, min-max), with this interpreter's `protege`:
+`protege train --help` with nothing kept yet (a fresh PROTEGE_CACHE_DIR each time: the full parse, torch and
+transformers imported) and with what the first run keeps (`protege.commands.train_quick`), a mistyped flag, and
+`protege serve-teacher --help`.
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ TABLES = {
         Column("mean latency (ms)", "mean_latency_ms", "{:.0f}"),
         Column("p90 latency (ms), median", "p90_latency_ms", "{:.0f}"),
         Column("sequences per backend call", "sequences_per_call", "{:.1f}", missing="n/a"),
+    ],
+    "startup": [
+        Column("command", "command", text=True),
+        Column("seconds, median (min-max)", lambda r: f"{r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f})"),
     ],
     "memory": [
         Column("tokens", lambda r: f"2 x {r['tokens']}", text=True),
@@ -219,9 +230,45 @@ def memory(args: argparse.Namespace) -> None:
     print(Report("teacher_server", args).table("memory", [row], TABLES))
 
 
+def startup(args: argparse.Namespace) -> None:
+    """Seconds until each command has answered, as a person at a prompt waits for it."""
+    import subprocess
+
+    cases = (
+        ("protege train --help (first run)", ["train", "--help"], True),
+        ("protege train --help", ["train", "--help"], False),
+        ("protege train --lmbad 0.5 (mistyped flag)", ["train", "--lmbad", "0.5"], False),
+        ("protege serve-teacher --help", ["serve-teacher", "--help"], False),
+    )
+    kept = tempfile.mkdtemp(prefix="protege-startup-")
+    subprocess.run(
+        [sys.executable, "-m", "protege", "train", "--help"],
+        env={**os.environ, "PROTEGE_CACHE_DIR": kept},
+        capture_output=True,
+        check=True,
+    )  # what a first run keeps, for the cases that use it
+    rows = []
+    for name, command, fresh in cases:
+        seconds = []
+        for _ in range(args.repeats):
+            cache = tempfile.mkdtemp(prefix="protege-startup-") if fresh else kept
+            started = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "protege", *command],
+                env={**os.environ, "PROTEGE_CACHE_DIR": cache},
+                capture_output=True,
+            )
+            seconds.append(time.perf_counter() - started)
+        rows.append(
+            {"command": name, "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds)}
+        )
+    print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
+    print(Report("teacher_server", args).table("startup", rows, TABLES))
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parser("teacher_server", __doc__, quick="throughput with 1 and 4 clients, 8 requests, 1 round")
-    options.add_argument("mode", nargs="?", choices=["throughput", "memory"], default="throughput")
+    options.add_argument("mode", nargs="?", choices=["throughput", "memory", "startup"], default="throughput")
     options.add_argument("--model", help="teacher model folder or hub id (throughput default: payload's tiny teacher)")
     options.add_argument("--cache-dir", type=Path, default=Path("/tmp/protege-bench-models"), help="payload's models")
     options.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
@@ -237,11 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     options.add_argument("--tokens", type=int, default=2000, help="memory: tokens per sequence (2 sequences)")
     options.add_argument("--glibc-default", action="store_true", help="memory: leave glibc's mmap threshold alone")
     options.add_argument("--threads", type=int, default=2, help="memory: torch threads")
+    options.add_argument("--repeats", type=int, default=5, help="startup: runs of each command")
     args = options.parse_args(argv)
     if args.quick:
         args.clients, args.requests, args.rounds = [1, 4], 8, 1
     if args.mode == "memory":
         memory(args)
+    elif args.mode == "startup":
+        startup(args)
     else:
         throughput(args)
     return 0
