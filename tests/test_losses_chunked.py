@@ -36,6 +36,17 @@ from protege.chunked import chunked_jsd_loss, chunked_sparse_top1_loss
 from protege.losses import generalized_jsd_loss, local_sparse_top1_loss
 
 
+def assert_matches_dense(chunked_fn, dense_fn, params) -> None:
+    """The chunked loss and its gradients in (student hidden, head, bias) equal the dense loss's on full logits, and
+    are finite."""
+    loss, grads = chunked_grads(chunked_fn, *params)
+    dense, dense_grads = chunked_grads(dense_fn, *params)
+    torch.testing.assert_close(loss, dense, rtol=RTOL, atol=ATOL)
+    for grad, expected in zip(grads, dense_grads, strict=True):
+        assert torch.isfinite(grad).all()
+        torch.testing.assert_close(grad, expected, rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bias", ["none", "finite", "masked_vocab"])
 @pytest.mark.parametrize(("top_k", "add_tail"), TOPK_VARIANTS)
@@ -139,7 +150,7 @@ def test_chunked_flat_inputs_without_labels_and_frozen_parts():
 @pytest.mark.parametrize("beta", [0.5, 1.0])
 def test_chunked_sparse_top1_equals_local_sparse_top1(beta, mode):
     sh, sw, sb, th, tw, tb, labels = make_chunked_inputs(33)
-    loss, grads = chunked_grads(
+    assert_matches_dense(
         lambda h, w, b: chunked_sparse_top1_loss(
             h,
             w,
@@ -153,21 +164,11 @@ def test_chunked_sparse_top1_equals_local_sparse_top1(beta, mode):
             student_bias=b,
             teacher_bias=tb,
         ),
-        sh,
-        sw,
-        sb,
-    )
-    dense, dense_grads = chunked_grads(
         lambda h, w, b: local_sparse_top1_loss(
             F.linear(h, w, b), F.linear(th, tw, tb), labels, beta=beta, temperature=2.0, reverse_kl_top_1_mode=mode
         ),
-        sh,
-        sw,
-        sb,
+        (sh, sw, sb),
     )
-    torch.testing.assert_close(loss, dense, rtol=RTOL, atol=ATOL)
-    for grad, expected in zip(grads, dense_grads, strict=True):
-        torch.testing.assert_close(grad, expected, rtol=RTOL, atol=ATOL)
 
 
 @SETTINGS
@@ -180,7 +181,7 @@ def test_chunked_sparse_top1_equals_local_sparse_top1(beta, mode):
 )
 def test_chunked_equals_dense_for_any_chunk_size(seed, beta, top_k, chunk_size, reduction):
     sh, sw, sb, th, tw, tb, labels = make_chunked_inputs(seed, masked_vocab=True, one_sided=0 < beta < 1)
-    loss, grads = chunked_grads(
+    assert_matches_dense(
         lambda h, w, b: chunked_jsd_loss(
             h,
             w,
@@ -194,22 +195,11 @@ def test_chunked_equals_dense_for_any_chunk_size(seed, beta, top_k, chunk_size, 
             student_bias=b,
             teacher_bias=tb,
         ),
-        sh,
-        sw,
-        sb,
-    )
-    dense, dense_grads = chunked_grads(
         lambda h, w, b: generalized_jsd_loss(
             F.linear(h, w, b), F.linear(th, tw, tb), labels, beta=beta, reduction=reduction, top_k=top_k
         ),
-        sh,
-        sw,
-        sb,
+        (sh, sw, sb),
     )
-    torch.testing.assert_close(loss, dense, rtol=RTOL, atol=ATOL)
-    for grad, expected in zip(grads, dense_grads, strict=True):
-        assert torch.isfinite(grad).all()
-        torch.testing.assert_close(grad, expected, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize(("top_k", "add_tail"), [(0, True), (5, True), (5, False)])
