@@ -2,7 +2,7 @@
 
 Stub servers run in daemon threads on ports the kernel picks: a Starlette app under uvicorn for scripted HTTP answers
 (`Stub`), and raw socket servers for connections that are dropped or never answered (`RawServer`) and for LM-head
-downloads cut mid-way (`HeadServer`). Test modules load the fixtures with `pytest_plugins = ["fault_servers"]`.
+downloads cut mid-way (`HeadServer`). Their fixtures are tests/fault_fixtures.py's.
 """
 
 from __future__ import annotations
@@ -12,19 +12,15 @@ import contextlib
 import json
 import socket
 import threading
-import time
-import types
 from pathlib import Path
 
 import numpy as np
-import pytest
-from conftest import ThreadedUvicorn, listening_socket
+from conftest import listening_socket
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-import protege.http_client as client_module
 from protege.choices import LOGPROB_FORMATS
 from protege.teacher.client import TeacherClient
 from protege.teacher.codec import BatchScores, SequenceScores, encode
@@ -101,22 +97,6 @@ class Stub:
             return answer
         # json.dumps, not JSONResponse: like a plain Python server, it writes NaN and Infinity as such
         return Response(json.dumps(answer), media_type="application/json")
-
-
-@pytest.fixture
-def stub():
-    """Start a Stub with the given responder; yields a factory returning (stub, url)."""
-    servers = []
-
-    def start(respond, barrier: int = 0):
-        server = Stub(respond, barrier)
-        running = ThreadedUvicorn(server.app).__enter__()
-        servers.append(running)
-        return server, running.url
-
-    yield start
-    for running in servers:
-        running.__exit__(None, None, None)
 
 
 class RawServer:
@@ -211,32 +191,6 @@ class HeadServer(RawServer):
         else:
             cut = len(self.file) // 2 if action == "cut" else len(self.file)
             send(conn, self.file[:cut], "application/octet-stream", length=len(self.file))
-
-
-@pytest.fixture
-def raw_server():
-    servers = []
-
-    def start(actions, kind=RawServer, **options):
-        servers.append(kind(actions, **options))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-@pytest.fixture
-def sleeps(monkeypatch):
-    """Record the client's backoff delays (and still sleep them)."""
-    recorded = []
-
-    def sleep(seconds):
-        recorded.append(seconds)
-        time.sleep(seconds)
-
-    monkeypatch.setattr(client_module, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
-    return recorded
 
 
 def score(url, response_format="compact", top_k=3, **kwargs) -> BatchScores:

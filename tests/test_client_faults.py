@@ -35,7 +35,7 @@ from protege.server.app import ServerLimits, create_app
 from protege.teacher.client import TeacherClient, TeacherServerError
 from protege.teacher.codec import encode
 
-pytest_plugins = ["fault_servers"]  # the stub, raw_server and sleeps fixtures
+pytest_plugins = ["fault_fixtures"]  # the stub, raw_server and sleeps fixtures
 
 
 # ----- Retries -----

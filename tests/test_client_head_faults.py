@@ -12,7 +12,7 @@ from fault_servers import HeadServer
 from protege.teacher.client import TeacherClient, TeacherServerError
 from protege.teacher.head import LMHead, load_head, save_head
 
-pytest_plugins = ["fault_servers"]  # the raw_server and sleeps fixtures
+pytest_plugins = ["fault_fixtures"]  # the raw_server and sleeps fixtures
 
 
 @pytest.fixture
