@@ -24,6 +24,7 @@ class ServerError(RuntimeError):
 class RetryingClient:
     role = "server"  # how errors name the server
     error: type[ServerError] = ServerError
+    startup_setting: str | None = None  # the setting that bounds `wait_until_ready`, named when nothing listens yet
 
     def __init__(
         self,
@@ -60,8 +61,10 @@ class RetryingClient:
         return f"{self.base_url}{path}"
 
     def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5, path: str = "/health/") -> None:
-        """Poll the health endpoint until it answers 200, or raise after `timeout` seconds."""
-        deadline, last = time.monotonic() + timeout, "no answer"
+        """Poll the health endpoint until it answers 200, or raise after `timeout` seconds. A server that is still
+        starting is waited for; the first failed connection says so at once, so that a wrong URL is not a silent
+        wait of `timeout` seconds."""
+        deadline, last, said = time.monotonic() + timeout, "no answer", False
         logger.info("waiting up to %g s for the %s at %s", timeout, self.role, self._url(path))
         while time.monotonic() < deadline:
             try:
@@ -73,8 +76,18 @@ class RetryingClient:
                 last = f"HTTP {response.status_code}"
             except httpx.HTTPError as error:
                 last = f"{type(error).__name__}: {error}"
+                if isinstance(error, httpx.ConnectError) and not said:
+                    self._say_nothing_listens(error, timeout)
+                    said = True
             time.sleep(interval)
         raise self.error(f"{self.role} at {self._url(path)} was not ready after {timeout:g} s ({last})")
+
+    def _say_nothing_listens(self, error: httpx.ConnectError, timeout: float) -> None:
+        """One warning on the first failed connection: what failed, and how long the wait for a start goes on."""
+        refused = _caused_by(error, ConnectionRefusedError)
+        what = f"nothing listens at {self.base_url} yet" if refused else f"cannot connect to {self.base_url} yet"
+        bound = f" ({self.startup_setting})" if self.startup_setting else ""
+        logger.warning("%s (%s); waiting up to %g s%s for the %s to start", what, error, timeout, bound, self.role)
 
     def _get_json(self, path: str) -> dict | None:
         """GET once (no retries: used at start-up); the JSON of a 200 answer, else None."""
@@ -174,3 +187,14 @@ def _retry_after(response: httpx.Response) -> float:
         return min(float(response.headers.get("retry-after", 0)), 60.0)
     except ValueError:
         return 0.0
+
+
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `kind` is in the chain of exceptions that led to `error` (httpx wraps the socket's own error)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False

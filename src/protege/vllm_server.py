@@ -23,6 +23,7 @@ class StudentServerError(ServerError):
 
 class StudentServerClient(RetryingClient):
     role, error = "student vLLM server", StudentServerError
+    startup_setting = "vllm_server_timeout"
 
 
 def weight_chunks(weights, max_bytes: int):

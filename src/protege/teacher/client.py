@@ -30,6 +30,7 @@ class TeacherServerError(ServerError):
 
 class TeacherClient(RetryingClient):
     role, error = "teacher server", TeacherServerError
+    startup_setting = "teacher_server_startup_timeout"
 
     def __init__(
         self,
