@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from .rollout import sampling_seed
+from .vllm_engine import check_student_for_vllm, quiet_vllm_notices
 
 
 def require_vllm():
@@ -106,11 +107,16 @@ class VLLMColocate:
         num_processes: int,
     ):
         """`sampling`: SamplingParams fields for every prompt but its seed (`sampling_options`)."""
-        vllm = require_vllm()
-        self.args, self.sampling, self.process_index = args, sampling, process_index
-        self.folder = tempfile.TemporaryDirectory(prefix="protege-vllm-")
         base = extract_model_from_parallel(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        max_model_len = args.vllm_max_model_length or args.max_length
+        setting = "vllm_max_model_length" if args.vllm_max_model_length else "max_length"
+        fix = "vllm_max_model_length (or max_length)"
+        check_student_for_vllm(base.config, max_model_len, setting, not torch.cuda.is_available(), fix)
+        vllm = require_vllm()
+        quiet_vllm_notices()
+        self.args, self.sampling, self.process_index = args, sampling, process_index
+        self.folder = tempfile.TemporaryDirectory(prefix="protege-vllm-")
         base.config.save_pretrained(self.folder.name)
         options = {
             "model": self.folder.name,
@@ -120,7 +126,7 @@ class VLLMColocate:
             "seed": args.seed + process_index,
             "gpu_memory_utilization": args.vllm_gpu_memory_utilization,
             "tensor_parallel_size": args.vllm_tensor_parallel_size,
-            "max_model_len": args.vllm_max_model_length or args.max_length,
+            "max_model_len": max_model_len,
             "model_impl": args.vllm_model_impl,
             "enable_sleep_mode": args.vllm_enable_sleep_mode,
             "enforce_eager": not torch.cuda.is_available(),
