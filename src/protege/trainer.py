@@ -28,7 +28,7 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 
-from . import checkpoints, models
+from . import checkpoints, models, sharding
 from .config import DistillationConfig
 from .data import DistillationCollator, Tokenizer, sequence_limit, tokenize_dataset
 from .losses import IGNORE_INDEX, trl_generalized_jsd_loss
@@ -89,6 +89,7 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
             optimizers=optimizers,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        sharding.check_engine(args, self.accelerator, self.is_fsdp_enabled, self.is_deepspeed_enabled)
         placement = Placement(self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled)
         for teacher in self.teachers:
             teacher.place(placement)
