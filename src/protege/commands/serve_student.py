@@ -44,31 +44,54 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model_source import check_model_source
+    from ..server.stopping import Stopped, report_stop, stop_on_signals
     from .errors import report
 
     try:
-        check_model_source(args.model, "student")  # before vLLM starts: a wrong name fails at once
-        import uvicorn
+        with stop_on_signals():
+            try:
+                engine = _load(args)
+            except ImportError as error:
+                return report("serve-student", f"{error} (serve-student needs vLLM and the server extras)")
+            except (ValueError, OSError) as error:
+                return report("serve-student", error)
+            signum = _serve(args, engine)
+    except Stopped as stop:
+        return report_stop("serve-student", stop.signum, "before it served")
+    return report_stop("serve-student", signum, f"after serving http://{args.host}:{args.port}")
 
-        from ..server.student import StudentEngine, create_student_app
 
-        engine = StudentEngine(
-            args.model,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            tensor_parallel_size=args.tensor_parallel_size,
-        )
-    except ImportError as error:
-        return report("serve-student", f"{error} (serve-student needs vLLM and the server extras)")
-    except (ValueError, OSError) as error:
-        return report("serve-student", error)
+def _load(args: argparse.Namespace):
+    """The student's engine, after the checks that can fail before vLLM starts: a wrong name, a student vLLM would
+    refuse or die of."""
+    from ..model_source import check_model_source
+
+    check_model_source(args.model, "student")
+    import torch
+    from transformers import AutoConfig
+
+    from ..server.student import StudentEngine
+    from ..vllm_engine import check_student_for_vllm
+
+    config = AutoConfig.from_pretrained(args.model)
+    check_student_for_vllm(config, args.max_model_len, "--max-model-len", on_cpu=not torch.cuda.is_available())
+    return StudentEngine(
+        args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
+
+
+def _serve(args: argparse.Namespace, engine) -> int | None:
+    """Serve until SIGINT or SIGTERM; the signal's number."""
     from ..server.guard import uvicorn_config, warn_if_open
+    from ..server.stopping import serve_until_stopped
+    from ..server.student import create_student_app
 
     api_key = args.api_key or os.environ.get(STUDENT_API_KEY_VARIABLE) or None
     warn_if_open(args.host, args.port, api_key, "student's weights and generations", STUDENT_API_KEY_VARIABLE)
     app = create_student_app(engine, max_body_bytes=int(args.max_body_mb * 2**20), api_key=api_key)
     config = uvicorn_config(app, args.host, args.port, max_connections=args.max_connections, log_level=args.log_level)
-    uvicorn.Server(config).run()
-    return 0
+    return serve_until_stopped(config)

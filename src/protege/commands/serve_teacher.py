@@ -130,18 +130,32 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..model_source import check_model_source
+    from ..server.stopping import Stopped, report_stop, stop_on_signals
     from .errors import report
 
     try:
-        check_model_source(args.model, "teacher")  # before the server's imports: a wrong name fails at once
-        limits, backend = _load(args)
-    except ImportError as error:  # the server extras, or vLLM for --backend vllm
-        return report("serve-teacher", f"{error} (pip install 'protege[server]'; --backend vllm also needs vLLM)")
-    except (ValueError, OSError) as error:  # a bad limit, or a model transformers or vLLM cannot load
-        return report("serve-teacher", error)
+        with stop_on_signals():
+            try:
+                check_model_source(args.model, "teacher")  # before the server's imports: a wrong name fails at once
+                limits, backend = _load(args)
+            except ImportError as error:  # the server extras, or vLLM for --backend vllm
+                return report(
+                    "serve-teacher", f"{error} (pip install 'protege[server]'; --backend vllm also needs vLLM)"
+                )
+            except (ValueError, OSError) as error:  # a bad limit, or a model transformers or vLLM cannot load
+                return report("serve-teacher", error)
+            signum = _serve(args, limits, backend)
+    except Stopped as stop:
+        return report_stop("serve-teacher", stop.signum, "before it served")
+    scheme = "https" if args.ssl_certfile else "http"
+    return report_stop("serve-teacher", signum, f"after serving {scheme}://{args.host}:{args.port}")
+
+
+def _serve(args: argparse.Namespace, limits, backend) -> int | None:
+    """Serve until SIGINT or SIGTERM; the signal's number."""
     from ..server.app import serve
 
-    serve(
+    return serve(
         backend,
         args.host,
         args.port,
@@ -152,7 +166,6 @@ def run(args: argparse.Namespace) -> int:
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
     )
-    return 0
 
 
 def _load(args: argparse.Namespace):

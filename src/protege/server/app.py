@@ -427,11 +427,12 @@ def serve(
     api_key: str | None = None,
     docs: bool = False,
     **ssl,
-) -> None:
-    import uvicorn
+) -> int | None:
+    """Serve the teacher until SIGINT or SIGTERM; the signal's number (None when the server ended otherwise)."""
+    from .stopping import serve_until_stopped
 
     warn_if_open(host, port, api_key, "teacher", API_KEY_VARIABLE)
-    uvicorn.Server(
+    return serve_until_stopped(
         uvicorn_config(
             create_app(backend, limits, api_key, docs),
             host,
@@ -441,4 +442,4 @@ def serve(
             log_level=log_level,
             **ssl,
         )
-    ).run()
+    )
