@@ -44,11 +44,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..server.stopping import Stopped, report_stop, stop_on_signals
+    from ..server.stopping import report_stop
     from .errors import report
+    from .interrupts import Interrupted, interruptible
 
     try:
-        with stop_on_signals():
+        with interruptible():
             try:
                 engine = _load(args)
             except ImportError as error:
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             except (ValueError, OSError) as error:
                 return report("serve-student", error)
             signum = _serve(args, engine)
-    except Stopped as stop:
+    except Interrupted as stop:
         return report_stop("serve-student", stop.signum, "before it served")
     return report_stop("serve-student", signum, f"after serving http://{args.host}:{args.port}")
 

@@ -130,11 +130,12 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..model_source import check_model_source
-    from ..server.stopping import Stopped, report_stop, stop_on_signals
+    from ..server.stopping import report_stop
     from .errors import report
+    from .interrupts import Interrupted, interruptible
 
     try:
-        with stop_on_signals():
+        with interruptible():
             try:
                 check_model_source(args.model, "teacher")  # before the server's imports: a wrong name fails at once
                 limits, backend = _load(args)
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             except (ValueError, OSError) as error:  # a bad limit, or a model transformers or vLLM cannot load
                 return report("serve-teacher", error)
             signum = _serve(args, limits, backend)
-    except Stopped as stop:
+    except Interrupted as stop:
         return report_stop("serve-teacher", stop.signum, "before it served")
     scheme = "https" if args.ssl_certfile else "http"
     return report_stop("serve-teacher", signum, f"after serving {scheme}://{args.host}:{args.port}")

@@ -1,6 +1,7 @@
 """How protege's servers stop on SIGINT or SIGTERM (Ctrl-C, `kill`, a scheduler): with one line that says so and exit
-code 0, whether the signal comes while the model loads or while serving. A server stopped on request has done its job,
-so it exits 0 as daemons do (a supervisor counts any other code as a failure); the line names the signal.
+code 0, whether the signal comes while the model loads (`commands.interrupts.interruptible` raises `Interrupted`) or
+while serving. A server stopped on request has done its job, so it exits 0 as daemons do (a supervisor counts any
+other code as a failure); the line names the signal.
 
 uvicorn shuts down gracefully on these signals, but then raises the signal again under the handler it found, so that
 the process dies of it: SIGINT became a KeyboardInterrupt traceback, and SIGTERM killed the process before Python's
@@ -11,7 +12,6 @@ the multiprocessing resource tracker they hold open running as orphans. `Stoppab
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -20,33 +20,6 @@ from collections.abc import Iterator
 import uvicorn
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Stopped(KeyboardInterrupt):
-    """A stop signal that arrived before the server served. A KeyboardInterrupt, so that no library's `except
-    Exception` around model loading swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Within: the first SIGINT or SIGTERM raises `Stopped` in the main thread; a second one ends the process at once
-    (128 + its number: nothing was cleaned up). The previous handlers come back afterwards."""
-
-    def handle(signum: int, _frame) -> None:
-        signal.signal(signal.SIGINT, lambda number, _: os._exit(128 + number))
-        signal.signal(signal.SIGTERM, lambda number, _: os._exit(128 + number))
-        raise Stopped(signum)
-
-    previous = {number: signal.signal(number, handle) for number in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 class StoppableServer(uvicorn.Server):
