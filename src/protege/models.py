@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .choices import DTYPE_NAMES
 from .model_source import check_model_source
+from .sharding import whole_head
 from .teacher.head import logit_transform
 
 DTYPES = {name: "auto" if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES}
@@ -101,8 +102,10 @@ def completion_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
 
 def lm_head(model: torch.nn.Module, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output layer's weight (vocab_size, H) and bias, sliced to the shared vocabulary."""
-    head = extract_model_from_parallel(model).get_output_embeddings()
+    """The output layer's weight (vocab_size, H) and bias, sliced to the shared vocabulary: whole where a sharding
+    engine holds it in pieces (`sharding.whole_head`), since the loss applies it outside the model's forward."""
+    unwrapped = extract_model_from_parallel(model)
+    head = whole_head(unwrapped, unwrapped.get_output_embeddings())
     bias = None if head.bias is None else head.bias[:vocab_size]
     return head.weight[:vocab_size], bias
 

@@ -1,8 +1,22 @@
-"""Sharding engines (FSDP, DeepSpeed) as protege meets them: the engine asked for must be the one that runs."""
+"""Sharding engines (FSDP, DeepSpeed) as protege meets them: the engine asked for must be the one that runs, and an
+LM head that the engine holds in pieces is made whole before the loss applies it outside the model's forward.
+
+Why an unshard and not a gather inside autograd: under FSDP2 the head's weight is a sharded `DTensor` outside the
+forward of the module that owns it (always so when `reshard_after_forward=True` reaches the root module, as accelerate
+passes it). `FSDPModule.unshard()` puts the module's full parameters back in place, so the loss multiplies by the same
+tensor the model's forward would have used, and its gradient accumulates on that unsharded parameter; FSDP's own
+post-backward (run for every group at the end of backward) then reduce-scatters it with its own averaging, reduce
+dtype and gradient-accumulation rules (no reduction in `no_sync` micro-batches), and reshards. `DTensor.full_tensor()`
+would instead send the gradient back as a local slice (no reduction over ranks) or, with a `Partial` gradient
+placement, as a sum reduced on every micro-batch, outside those rules. Peak memory: one full (V x H) head, as DDP
+holds all the time; never (tokens x vocabulary) logits.
+"""
 
 from __future__ import annotations
 
 import os
+
+from torch import nn
 
 
 def _env_flag(name: str) -> bool:
@@ -46,3 +60,44 @@ def check_engine(args, accelerator, fsdp_enabled: bool, deepspeed_enabled: bool)
         f"{' and '.join(missing)} was asked for (settings or accelerate config), but {why}: the run would train with "
         f"{fallback}. Launch on GPUs with accelerate launch, or drop the {' and '.join(missing)} settings."
     )
+
+
+def _owner(model: nn.Module, head: nn.Module) -> nn.Module | None:
+    """The FSDP2 module whose parameter group holds `head`'s weight: the innermost `fully_shard`-ed module among
+    `head` and its ancestors (a module's group takes the parameters no nested `fully_shard` took first)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    path = next((name for name, module in model.named_modules() if module is head), None)
+    if path is None:
+        return None
+    parts = path.split(".") if path else []
+    for depth in range(len(parts), -1, -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(module, FSDPModule):
+            return module
+    return None
+
+
+def whole_head(model: nn.Module, head: nn.Module) -> nn.Module:
+    """`head` with its full weight in place: unsharded through its FSDP2 owner when the weight is a sharded `DTensor`
+    (see the module docstring); as it is otherwise (one process, DDP, or an FSDP2 root that kept it unsharded)."""
+    weight = head.weight
+    if getattr(weight, "ds_id", None) is not None:  # a DeepSpeed ZeRO-3 placeholder (0 elements outside forward)
+        raise RuntimeError(
+            "the chunked loss reads the LM head outside the model's forward, which DeepSpeed ZeRO-3 does not gather; "
+            "set loss_chunk_size=None (full logits inside the forward), or use FSDP2"
+        )
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(weight, DTensor):
+        return head
+    owner = _owner(model, head)
+    if owner is not None:
+        owner.unshard()
+    if owner is None or isinstance(head.weight, DTensor):
+        raise RuntimeError(
+            "the LM head's weight is sharded by FSDP2 outside the model's forward and no fully_shard-ed module "
+            "around it could unshard it (a head tied to a separately sharded embedding?); shard the head with its "
+            "model's root module, or set loss_chunk_size=None"
+        )
+    return head
