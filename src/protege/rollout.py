@@ -22,6 +22,7 @@ from torch.utils.data import Sampler
 from transformers import GenerationConfig
 
 from .data import sequence_batch
+from .sharding import sharded_across_ranks
 
 
 def draw_on_policy(lmbda: float, num_slices: int, seed: int, step: int) -> list[bool]:
@@ -85,7 +86,10 @@ def model_generate(model: torch.nn.Module, generation_config, seed: int):
         try:
             with seeded(seed, prompt_ids.device):
                 output = model.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    generation_config=generation_config,
+                    synced_gpus=sharded_across_ranks(model),
                 )
         finally:
             model.train(was_training)

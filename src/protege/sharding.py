@@ -101,3 +101,16 @@ def whole_head(model: nn.Module, head: nn.Module) -> nn.Module:
             "model's root module, or set loss_chunk_size=None"
         )
     return head
+
+
+def sharded_across_ranks(model: nn.Module) -> bool:
+    """Whether `model` holds FSDP2-sharded parameters in a group of several ranks: every forward then gathers them
+    from all ranks, so a rank that has finished generating must keep stepping until all have (transformers'
+    `synced_gpus`), or the others wait for it forever. transformers sets that itself only for models it sharded."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
