@@ -165,11 +165,11 @@ def test_progress_bars_fit_80_columns():
 
     from rich.console import Console
 
-    from protege.demo import report
+    from protege.demo.progress import progress_bars
 
     for width in (80, 100):
         console = Console(file=io.StringIO(), width=width)
-        with report.progress_bars(console) as progress:
+        with progress_bars(console, plain=False) as progress:
             progress.add_task("teacher: supervised", total=700, completed=700, info="loss 12.3456  val acc 100%")
             progress.add_task("student: warm-up", total=600, completed=140, info="cached (student_warmup/)")
             progress.add_task("scoring before", total=2, completed=2, info="teacher 100.0%, student 100.0%")
@@ -178,6 +178,40 @@ def test_progress_bars_fit_80_columns():
         assert len(lines) == 4 and all(len(line) <= width and "…" not in line for line in lines), lines
         assert all(any(f"{n}/{n}" in line for n in (700, 2, 200)) or "140/600" in line for line in lines)
         assert all("0:00:00" in line for line in lines)
+
+
+def test_off_a_terminal_each_stage_prints_plain_lines():
+    """Into a pipe or a file, rich's bars show nothing until the run ends; the plain display prints a line when a
+    stage starts, at each tenth of it and when it ends (early, when a warm-up stops short), and one for a cached
+    model, with no terminal control codes."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from protege.demo.progress import PlainProgress, progress_bars
+
+    console = Console(file=io.StringIO(), width=100)
+    assert isinstance(progress_bars(console), PlainProgress)
+    assert isinstance(progress_bars(Console(file=io.StringIO(), force_terminal=True)), Progress)
+    with progress_bars(console) as progress:
+        progress.add_task("teacher: supervised", total=1, completed=1, info="cached (teacher/)")
+        bar = progress.add_task("student: warm-up", total=600, info="")
+        for step in range(1, 131):
+            progress.update(bar, advance=1, info=f"loss {1 / step:.4f}")
+        progress.update(bar, total=130, completed=130, info="val acc 31%")
+        progress.update(bar, info="ignored once done")
+    lines = console.file.getvalue().splitlines()
+    assert [line.split()[:4] for line in lines] == [
+        ["teacher:", "supervised", "1/1", "0:00:00"],
+        ["student:", "warm-up", "0/600", "0:00:00"],
+        ["student:", "warm-up", "60/600", "0:00:00"],
+        ["student:", "warm-up", "120/600", "0:00:00"],
+        ["student:", "warm-up", "130/130", "0:00:00"],
+    ]
+    assert lines[0].endswith("done  cached (teacher/)") and lines[1].endswith("started")
+    assert lines[2].endswith("loss 0.0167") and lines[-1].endswith("done  val acc 31%")
+    assert "\x1b" not in console.file.getvalue()
 
 
 def test_the_console_and_results_json_number_lines_alike(tmp_path):
@@ -255,16 +289,24 @@ def test_eval_scores_the_demo_models_like_the_demo(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    from protege.demo.pipeline import run_demo
+    """`protege demo --quick` as `make demo > log` runs it: its output a pipe, Python's buffering left on. Returns
+    the output folder, results.json, and each printed line with whether results.json existed when it arrived."""
+    import os
+    import subprocess
+    import sys
 
     output = tmp_path_factory.mktemp("demo")
-    return output, run_demo(str(output), quick=True, seed=0)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONUNBUFFERED", "COLUMNS")}
+    command = [sys.executable, "-m", "protege", "demo", "--quick", "--output-dir", str(output)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = [(line.rstrip("\n"), (output / "results.json").exists()) for line in process.stdout]
+    assert process.wait() == 0, "\n".join(line for line, _ in lines)
+    return output, json.loads((output / "results.json").read_text()), lines
 
 
 @pytest.mark.slow
 def test_quick_demo_writes_its_results(quick_run):
-    output, results = quick_run
-    assert json.loads((output / "results.json").read_text()) == json.loads(json.dumps(results))
+    output, results, _ = quick_run
     assert (output / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (output / "teacher" / "model.safetensors").exists()
     assert (output / "student_warmup" / "model.safetensors").exists()
@@ -275,14 +317,36 @@ def test_quick_demo_writes_its_results(quick_run):
 
 
 @pytest.mark.slow
+def test_quick_demo_into_a_pipe_prints_each_stage_as_it_goes(quick_run):
+    """Each stage's lines reach the pipe while the run goes on (results.json not written yet): its start, every
+    tenth of a long stage, its end; then the table."""
+    _, results, lines = quick_run
+    during = [line for line, finished in lines if not finished]
+    stages = ("teacher: supervised", "student: warm-up", "scoring before", "student: distillation", "scoring after")
+    for stage in stages:
+        mine = [line for line in during if line.startswith(stage)]
+        assert mine and "  started" in mine[0] and "  done" in mine[-1], (stage, during)
+        assert sum("  done" in line for line in mine) == 1, mine
+    counts = [line.split()[2] for line in during if line.startswith("teacher: supervised")]
+    teacher_steps = results["settings"]["teacher_sft"]["steps"]
+    assert counts == [f"{step}/{teacher_steps}" for step in range(0, teacher_steps + 1, teacher_steps // 10)]
+    distill_steps = results["settings"]["distill_steps"]
+    distilled = [line for line in during if line.startswith("student: distillation")]
+    assert len(distilled) == 11 and distilled[-1].split()[2] == f"{distill_steps}/{distill_steps}"
+    assert f"acc {results['student_accuracy_after']:.1%}" in distilled[-1]
+    assert any("on-policy distillation (quick run, seed 0)" in line for line, finished in lines if finished)
+    assert not any("\x1b" in line for line, _ in lines)
+
+
+@pytest.mark.slow
 def test_quick_demo_teacher_is_good(quick_run):
-    _, results = quick_run
+    _, results, _ = quick_run
     assert results["teacher_accuracy"] >= TEACHER_MIN
 
 
 @pytest.mark.slow
 def test_quick_demo_distillation_improves_the_student(quick_run):
-    _, results = quick_run
+    _, results, _ = quick_run
     before, after = results["student_accuracy_before"], results["student_accuracy_after"]
     assert after - before >= GAIN_MIN, (before, after)
     assert results["kl_teacher_student_after"] < KL_RATIO_MAX * results["kl_teacher_student_before"]
@@ -291,7 +355,7 @@ def test_quick_demo_distillation_improves_the_student(quick_run):
 
 @pytest.mark.slow
 def test_quick_demo_student_starts_partly_right(quick_run):
-    _, results = quick_run
+    _, results, _ = quick_run
     student = results["models"]["student"]
     # The warm-up stops once the student solves 30% of the validation problems, well before its step budget.
     assert student["validation_accuracy"] >= 0.3 and student["steps"] < results["settings"]["student_sft"]["steps"]

@@ -141,7 +141,15 @@ class _Tracker:
         self.eval_problems = eval_problems
         self.curve = [{"step": 0, **start}]
         self.eval_seconds = 0.0
-        self.bar = progress.add_task("student: distillation", total=settings.distill_steps, info="")
+        self.loss: float | None = None  # the trainer's latest logged loss
+        self.bar = progress.add_task("student: distillation", total=settings.distill_steps, info=self.info())
+
+    def info(self) -> str:
+        """The latest loss and score for the progress display: the sampled one when measured, as the table's
+        headline, since greedy validity of a verifier task's student often starts at 100%."""
+        point = self.curve[-1]
+        score = f"sampled {point['sampled']:.1%}" if "sampled" in point else f"acc {point['accuracy']:.1%}"
+        return ("" if self.loss is None else f"loss {self.loss:.4f}  ") + score
 
     def callback(self):
         from transformers import TrainerCallback
@@ -151,13 +159,13 @@ class _Tracker:
         class Track(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs:
-                    info = f"loss {logs['loss']:.4f}  acc {tracker.curve[-1]['accuracy']:.1%}"
-                    tracker.progress.update(tracker.bar, info=info)
+                    tracker.loss = logs["loss"]
+                    tracker.progress.update(tracker.bar, info=tracker.info())
 
             def on_step_end(self, args, state, control, model=None, **kwargs):
-                tracker.progress.update(tracker.bar, completed=state.global_step)
                 if state.global_step % tracker.settings.eval_every == 0 or state.global_step == state.max_steps:
                     tracker.measure(model, state.global_step)
+                tracker.progress.update(tracker.bar, completed=state.global_step, info=tracker.info())
 
         return Track()
 

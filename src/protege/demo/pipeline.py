@@ -34,6 +34,7 @@ from . import report
 from .cache import load_cached, model_fingerprint, save_cached
 from .distill import distill
 from .encoder import Encoder
+from .progress import make_console, progress_bars
 from .scoring import generate, scores, snapshot
 from .settings import ModelSpec, Settings, SFTSpec
 from .supervised import supervised_training
@@ -83,7 +84,7 @@ def run_demo(
     settings = settings or Settings.for_run(quick, task)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    console = report.make_console()
+    console = make_console()
     # Quiet the libraries' bars and notices (protege's trainer's too) while ours run; put everything back afterwards.
     # One torch thread whatever the machine: the results then depend on the seed, not on the core count.
     threads = torch.get_num_threads()
@@ -209,7 +210,7 @@ def _run(output: Path, quick: bool, seed: int, settings: Settings, console) -> d
         f"[bold]protege demo[/bold]: {get_task(settings.task, settings.digits).description} "
         f"({'quick' if quick else 'full'} run, seed {seed}, output in {output})"
     )
-    with report.progress_bars(console) as progress:
+    with progress_bars(console) as progress:
         prepared = prepare(output, settings, seed, progress)
         encoder, eval_problems, kl_problems = prepared.encoder, prepared.eval_problems, prepared.kl_problems
         teacher, timings = prepared.teacher, prepared.timings
@@ -243,7 +244,9 @@ def _run(output: Path, quick: bool, seed: int, settings: Settings, console) -> d
         timings["evaluation"] += distilled.eval_seconds
 
         clock = time.perf_counter()
+        evaluation = progress.add_task("scoring after", total=1, info="")
         after = snapshot(teacher, distilled.student, encoder, eval_problems, kl_problems, settings.sample_eval, seed)
+        progress.update(evaluation, advance=1, info=f"student {after.accuracy:.1%}")
         timings["evaluation"] += time.perf_counter() - clock
     distilled.student.save_pretrained(output / "student_distilled")
     encoder.tokenizer.save_pretrained(output / "student_distilled")

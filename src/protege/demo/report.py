@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 from dataclasses import asdict
 from pathlib import Path
@@ -22,37 +21,6 @@ if TYPE_CHECKING:
 RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy.png"
 HELD_OUT_FILE = "held_out.jsonl"  # the held-out set as a chat dataset, for `protege eval --task NAME`
-
-
-def make_console():
-    """The demo's console: a terminal's own width, else 100 columns. Rich takes 80 when the output goes to a file or a
-    pipe, which cut the progress bars' counts and times (`700/… 0:0…`). COLUMNS, when set, still wins."""
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal and not console.is_jupyter and "COLUMNS" not in os.environ:
-        console = Console(width=100)
-    return console
-
-
-def progress_bars(console):
-    """One bar per stage, with a free-text `info` field for the latest loss or accuracy.
-
-    The bar takes the width the other columns leave (up to 40), so the counts and times stay whole down to about 60
-    columns; on a narrower console the description and the info are cut, never the numbers. Descriptions are kept to
-    21 characters and infos to 30 so that everything fits in 80.
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Column
-
-    return Progress(
-        TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis")),
-        BarColumn(bar_width=None, table_column=Column(ratio=1, max_width=40)),
-        MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=7)),
-        TimeElapsedColumn(table_column=Column(no_wrap=True, min_width=7)),
-        TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis", min_width=4)),
-        console=console,
-    )
 
 
 def parameters(model) -> int:
