@@ -194,6 +194,30 @@ def test_letters_settings():
     assert quick.teacher_sft.steps < full.teacher_sft.steps and quick.distill_steps < full.distill_steps
 
 
+def test_a_teacher_that_failed_its_task_is_named_not_left_to_a_table_of_zeros():
+    """The letters task's teacher scores 0% at every budget tried, so its table is all zeros; the console says why
+    (and where the docs report it) rather than let that read as distillation failing. A teacher that learned its task
+    gets no such line."""
+    import io
+
+    from rich.console import Console
+
+    from protege.demo.report import print_teacher_caveat
+
+    def caveat(name: str, teacher: float) -> str:
+        console = Console(file=io.StringIO(), width=200)
+        results = {"teacher_accuracy": teacher, "task": {"name": name, "metric": get_task(name).metric}}
+        print_teacher_caveat(console, results)
+        return console.file.getvalue()
+
+    assert caveat("letters", 0.0) == (
+        "the teacher scores 0.0% (valid answers): it has not learned the task (docs/benchmarks.md, design 1: no "
+        "letters teacher learned it), so it has nothing to pass on and this run cannot show a gain\n"
+    )
+    assert "has not learned" in caveat("walks", 0.3) and "design 1" not in caveat("walks", 0.3)
+    assert caveat("letters", 0.5) == caveat("addition", 1.0) == ""
+
+
 def test_demo_command_passes_the_task(monkeypatch, tmp_path):
     from protege import cli
     from protege.demo import pipeline

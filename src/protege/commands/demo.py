@@ -20,11 +20,11 @@ def add_parser(subparsers) -> None:
         "--task",
         choices=TASK_NAMES,
         default="addition",
-        help="addition (default): 6-digit sums worked column by column, one correct answer each. letters: write "
-        "the 12 letters of a set once each in any order, checked by a verifier and scored greedy and sampled at "
-        "temperature 1 (a student too narrow to track them; docs/benchmarks.md says why). walks: continue a walk "
-        "on a hidden 36-node graph by 20 steps along its edges, scored the same way (a student whose next-node "
-        "table is low-rank).",
+        help="addition (default): 6-digit sums worked column by column, one correct answer each. walks: continue "
+        "a walk on a hidden 36-node graph by 20 steps along its edges, checked by a verifier and scored greedy and "
+        "sampled at temperature 1 (a student whose next-node table is low-rank; the sampled score is the one that "
+        "moves). letters: write the 12 letters of a set once each in any order, scored the same way; a failed "
+        "design kept for the record: its teacher does not learn the task, so no gain shows (docs/benchmarks.md).",
     )
     parser.add_argument(
         "--output-dir",
@@ -32,7 +32,11 @@ def add_parser(subparsers) -> None:
         help="Where the models, results.json and the plot "
         "go (default: demo_output). The teacher is cached there and reused.",
     )
-    parser.add_argument("--quick", action="store_true", help="A shorter run (a few minutes on 2 cores).")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="A shorter run: about 1 to 3 minutes on 2 cores, more under load (the full run: 3 to 9).",
+    )
     parser.add_argument(
         "--seed", type=seed_value, default=0, help="Seed of the data and the training runs (default: 0)."
     )

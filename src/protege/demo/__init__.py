@@ -5,7 +5,8 @@ and the shipped tokenizer), `letters` (write a set's letters once each in any or
 `walks` (continue a walk along a hidden graph's edges, checked by a verifier).
 `pipeline` runs the stages in order: train a teacher and warm up a smaller student (`supervised`, cached by `cache`),
 distil the student with `DistillationTrainer` (`distill`), score both (`scoring`), and write and print the results
-(`report`). `settings` holds what shapes a run, `encoder` turns problems into batches. Entry point:
+(`report`), showing its stages as it goes (`progress`: bars on a terminal, plain lines in a log). `settings` holds
+what shapes a run, `encoder` turns problems into batches. Entry point:
 `run_demo(output_dir, quick=False, seed=0, task="addition")`, imported lazily so that `import protege.demo` stays
 light.
 """
