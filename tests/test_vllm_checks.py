@@ -71,3 +71,11 @@ def test_only_the_known_harmless_vllm_warnings_are_dropped():
         assert all(logging.getLogger(name).filter(record(name, *case)) for case in cases)
     for name, cases in dropped.items():
         assert not any(logging.getLogger(name).filter(record(name, *case)) for case in cases)
+
+
+def test_both_problems_are_said_in_one_line():
+    with pytest.raises(ValueError) as error:
+        check_student_for_vllm(llama(num_attention_heads=8, max_position_embeddings=256), 1024, "--max-model-len", True)
+    first, second = str(error.value).split("; and ")
+    assert first.startswith("--max-model-len=1024 is longer than the student's max_position_embeddings=256")
+    assert second.startswith("the student's head_dim is 8, which vLLM's CPU attention has no kernel for")

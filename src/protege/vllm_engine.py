@@ -41,20 +41,23 @@ def check_student_for_vllm(
 
     `length_setting`: the setting `max_model_len` came from, and `fix` the one(s) to change (default: the same);
     `on_cpu`: vLLM runs its CPU backend here, whose attention kernels exist only for `CPU_HEAD_DIMS`."""
+    problems = []
     limit = position_limit(config)
     long_allowed = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").lower() in ("1", "true")
     if max_model_len is not None and limit is not None and max_model_len > limit and not long_allowed:
-        raise ValueError(
+        problems.append(
             f"{length_setting}={max_model_len} is longer than the student's max_position_embeddings={limit}, which "
             f"vLLM refuses as its max_model_len: set {fix or length_setting} to at most {limit}"
         )
     size = head_dim(config)
     if on_cpu and size not in CPU_HEAD_DIMS:
-        raise ValueError(
+        problems.append(
             f"the student's head_dim is {size}, which vLLM's CPU attention has no kernel for: on the CPU backend "
             f"head_dim (the config's head_dim, else hidden_size / num_attention_heads) must be one of "
             f"{', '.join(map(str, CPU_HEAD_DIMS))}"
         )
+    if problems:  # both at once, so that fixing one does not reveal the other only on the next run
+        raise ValueError("; and ".join(problems))
 
 
 class _Notice(logging.Filter):
