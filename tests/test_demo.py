@@ -233,6 +233,30 @@ def test_the_console_and_results_json_number_lines_alike(tmp_path):
     assert "went wrong at line 2 " in console.file.getvalue()
 
 
+def test_a_cached_model_never_takes_another_models_optimizer_state(tmp_path):
+    """A folder where the addition student (AdamW state kept) was cached and then a walks student (none kept): the walks
+    student loads without the addition student's optimizer.pt, which crashed the distillation on a shape mismatch
+    (`make demo`, then `protege demo --task walks` twice in demo_output/)."""
+    import torch
+
+    from protege.demo.cache import OPTIMIZER_FILE, load_cached, model_fingerprint, save_cached
+    from protege.demo.settings import Settings
+
+    tokenizer = task.load_tokenizer()
+    folder = tmp_path / "student_warmup"
+    for settings in (Settings.for_run(True), Settings.for_run(True, "walks")):
+        model = settings.student.build(tokenizer, seed=0)
+        fingerprint = model_fingerprint("student", settings.student, settings.student_sft, settings, 0)
+        state = torch.optim.AdamW(model.parameters()).state_dict() if settings.task == "addition" else None
+        save_cached(folder, model, tokenizer, fingerprint, {}, state)
+        assert (folder / OPTIMIZER_FILE).exists() == (state is not None)
+        cached = load_cached(folder, fingerprint)
+        assert cached is not None and (cached.optimizer_state is None) == (state is None)
+    # An older cache still holding a stale optimizer.pt next to the walks student: ignored, by the fingerprint's rule.
+    torch.save({"state": {}, "param_groups": []}, folder / OPTIMIZER_FILE)
+    assert load_cached(folder, fingerprint).optimizer_state is None
+
+
 @pytest.mark.slow
 def test_cached_models_are_reused(tmp_path):
     from protege.demo.pipeline import run_demo

@@ -52,11 +52,18 @@ def load_cached(folder: Path, fingerprint: dict[str, Any]) -> Cached | None:
         if saved.get("fingerprint") != fingerprint:
             return None
         model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
-        state = torch.load(folder / OPTIMIZER_FILE) if (folder / OPTIMIZER_FILE).exists() else None
+        state = torch.load(folder / OPTIMIZER_FILE) if keeps_optimizer(fingerprint) else None
     except (OSError, ValueError, RuntimeError):
         return None
     model.eval()
     return Cached(model, saved, state)
+
+
+def keeps_optimizer(fingerprint: dict[str, Any]) -> bool:
+    """Whether the model's AdamW state is cached with it: only for training that stops at an accuracy (the addition
+    student's warm-up, which distillation continues). Read from the fingerprint, not from the file's presence: a
+    folder that held another task's student keeps that student's optimizer.pt, whose shapes do not fit."""
+    return fingerprint["sft"]["stop_at_accuracy"] is not None
 
 
 def save_cached(
@@ -72,4 +79,6 @@ def save_cached(
     tokenizer.save_pretrained(folder)
     if optimizer_state is not None:
         torch.save(optimizer_state, folder / OPTIMIZER_FILE)
+    else:
+        (folder / OPTIMIZER_FILE).unlink(missing_ok=True)
     (folder / META_FILE).write_text(json.dumps({"fingerprint": fingerprint, **info}, indent=2))

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from . import report
-from .cache import load_cached, model_fingerprint, save_cached
+from .cache import keeps_optimizer, load_cached, model_fingerprint, save_cached
 from .distill import distill
 from .encoder import Encoder
 from .progress import make_console, progress_bars
@@ -191,7 +191,7 @@ def trained_model(
 
     losses, optimizer = supervised_training(model, encoder, problems, sft, on_step, stop)
     progress.update(bar, total=len(losses), completed=len(losses))
-    state = optimizer.state_dict() if sft.stop_at_accuracy is not None else None
+    state = optimizer.state_dict() if keeps_optimizer(fingerprint) else None
     seconds = time.perf_counter() - started
     info = {
         "cached": False,
