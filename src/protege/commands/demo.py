@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="A shorter run: about 1 to 3 minutes on 2 cores, more under load (the full run: 3 to 9).",
+        help="A shorter run: about 1 to 3 minutes on 2 cores, more under load (the full run: 2 to 9).",
     )
     parser.add_argument(
         "--seed", type=seed_value, default=0, help="Seed of the data and the training runs (default: 0)."
