@@ -252,6 +252,27 @@ def test_sampled_scores_are_seeded_and_leave_the_global_generator_alone():
     assert set(scores(model, encoder, problems, sampled=False, seed=11)) == {"accuracy"}
 
 
+def test_greedy_scoring_passes_no_sampling_flags(capfd):
+    """Greedy scoring (the demo's, and `protege eval --task NAME`'s) gives generate no top_k / top_p, which
+    transformers warned it ignores under greedy decoding, once per `protege eval`."""
+    from transformers.utils import logging as transformers_logging
+
+    from protege.demo.encoder import Encoder
+    from protege.demo.scoring import generate
+    from protege.demo.settings import ModelSpec
+    from protege.demo.task import load_tokenizer
+
+    encoder = Encoder(load_tokenizer(), TASK)
+    model = ModelSpec(layers=1, hidden=16, heads=2).build(encoder.tokenizer, seed=0)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()
+    try:
+        generate(model, encoder, TASK.held_out_problems(2, seed=0))
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    assert "generation flags are not valid" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["letters", "walks"])
 def test_a_tiny_verifier_task_run_end_to_end(tmp_path, capsys, name):
     """The demo's pipeline on a task scored by a verifier, with models and budgets tiny enough for seconds:

@@ -77,8 +77,8 @@ def _complete(model, encoder: Encoder, problems: Sequence[Any], max_new: int, sa
         attention_mask=prompts["prompt_mask"],
         max_new_tokens=max_new,
         do_sample=sample,
-        top_k=0,
-        top_p=1.0,
+        # The full distribution when sampling; greedy takes no such flags (transformers warns that they are ignored).
+        **({"top_k": 0, "top_p": 1.0} if sample else {}),
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
     )
