@@ -13,6 +13,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	# One full parse of protege train's flags (5-10 s), kept, so the command line answers --help and typos at once.
+	$(BIN)/protege train --help > /dev/null
 	touch $@
 
 lint: $(BIN)/.installed
