@@ -105,6 +105,10 @@ class TransformersBackend:
         # Ids past the tokenizer in a padded output layer are never real tokens; accept only real ones.
         self.vocab_size = tokenizer_size if 1 < tokenizer_size <= rows else rows
         self.chunk_tokens: int | None = None  # scored positions per LM-head chunk; None sizes it to the vocabulary
+        from ..models import head_view
+
+        # Decided once: chunks of the LM head where the logits are hidden @ head.T, else full logits (said once).
+        self.scores_in_chunks = head_view(self.model, "served teacher", "auto") == "hidden"
 
     def _padded(self, sequences):
         """Right-padded ids and attention mask (B, Tmax)."""
@@ -140,12 +144,10 @@ class TransformersBackend:
         return hidden[torch.tensor(rows), torch.tensor(positions)]
 
     def score(self, sequences, prompt_lengths, top_k, temperature):
-        from ..models import head_view
-
         torch = self.torch
         ids, mask = self._padded(sequences)
         with torch.inference_mode():
-            if head_view(self.model, "served teacher", "auto") == "hidden":
+            if self.scores_in_chunks:
                 top_logprobs, top_ids, actual = self._score_chunked(
                     ids, mask, sequences, prompt_lengths, top_k, temperature
                 )
