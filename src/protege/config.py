@@ -30,11 +30,11 @@ from . import settings_checks
 from .choices import (
     HIDDEN_DTYPES,
     PROMPT_TRUNCATIONS,
-    RESPONSE_FORMATS,
     REVERSE_KL_TOP_1_MODES,
     TEACHER_PROTOCOLS,
     VLLM_MODES,
 )
+from .teacher.spec import MAPPING_FIELDS
 
 logger = logging.get_logger(__name__)
 
@@ -84,12 +84,24 @@ class DistillationConfig(TrainingArguments):
         default=False,
         metadata={"help": "Allow custom modelling code from the hub for the student, the teacher and the tokenizer."},
     )
-    teacher_model_name_or_path: str | None = field(
+    teacher_model_name_or_path: dict[str, str] | str | None = field(
         default=None,
         metadata={
             "help": "Hub id or local path of the teacher. The trainer loads it when `teacher_model` is not given; "
-            "`protege train` passes it as the teacher."
+            "`protege train` passes it as the teacher. Several teachers: a mapping of names to paths (JSON text "
+            "accepted; `protege train --teacher NAME=PATH`), each row routed by `teacher_column`."
         },
+    )
+    teacher_column: str = field(
+        default="teacher",
+        metadata={
+            "help": "With several teachers, the dataset column naming each row's teacher (one of the names given in "
+            "`teacher_model`, `teacher_model_name_or_path` or `teacher_model_server_url`)."
+        },
+    )
+    default_teacher: str | None = field(
+        default=None,
+        metadata={"help": "With several teachers, the teacher of rows whose `teacher_column` is missing or None."},
     )
     teacher_model_revision: str | None = field(
         default=None, metadata={"help": "Revision (branch, tag or commit) of the teacher model and tokenizer."}
@@ -202,8 +214,13 @@ class DistillationConfig(TrainingArguments):
         default=False,
         metadata={"help": "Score sequences with a remote teacher server instead of a local teacher model."},
     )
-    teacher_model_server_url: str | None = field(
-        default=None, metadata={"help": "Base URL of the teacher server, e.g. http://127.0.0.1:8000."}
+    teacher_model_server_url: dict[str, str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Base URL of the teacher server, e.g. http://127.0.0.1:8000. Several teachers: a mapping of "
+            "names to URLs (JSON text accepted; `protege train --teacher NAME=URL`); those teachers are servers "
+            "whatever `use_teacher_server` says, and may be mixed with local ones."
+        },
     )
     teacher_server_protocol: str = field(
         default="protege",
@@ -213,14 +230,14 @@ class DistillationConfig(TrainingArguments):
             "choices": list(TEACHER_PROTOCOLS),
         },
     )
-    teacher_server_response_format: str = field(
+    teacher_server_response_format: dict[str, str] | str | None = field(
         default="compact",
         metadata={
             "help": "Payload format asked of a 'protege' server: 'compact' (float16, ragged; smallest), 'binary' "
             "(TRL's float32 base64 arrays; use it with trl vllm-serve) or 'json': the teacher's top-k log-probs. "
             "'hidden': the teacher's final hidden states (2H bytes a token in 16 bits) and its LM head, fetched once; "
-            "the loss is then exact for every beta, loss_top_k and temperature, as with a local teacher.",
-            "choices": list(RESPONSE_FORMATS),
+            "the loss is then exact for every beta, loss_top_k and temperature, as with a local teacher. Several "
+            "teacher servers: one format for all, or a mapping of teacher names to formats (others take 'compact').",
         },
     )
     teacher_server_hidden_dtype: str = field(
@@ -401,6 +418,9 @@ class DistillationConfig(TrainingArguments):
         * max_prompt_length: None becomes max_length - max_completion_length (stays None without max_length).
         * loss_chunk_size: the command line's text becomes 'auto', None ('none', 'dense') or an integer.
         * generation_kwargs: JSON text becomes what it encodes.
+        * teacher_model_name_or_path, teacher_model_server_url, teacher_server_response_format: JSON text of a
+          mapping (several teachers) becomes the mapping.
+        * use_teacher_server: on where teacher_model_server_url maps names to URLs (those teachers are servers).
 
         A value it cannot convert is left as given, for the checks to name.
         """
@@ -419,6 +439,13 @@ class DistillationConfig(TrainingArguments):
         if isinstance(self.generation_kwargs, str):
             with contextlib.suppress(json.JSONDecodeError):  # left as text: settings_checks.check_sampling names it
                 self.generation_kwargs = json.loads(self.generation_kwargs)
+        for name in MAPPING_FIELDS:  # several teachers' mappings, given as JSON text on the command line
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lstrip().startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):  # left as text: settings_checks names it
+                    setattr(self, name, json.loads(value))
+        if isinstance(self.teacher_model_server_url, dict) and self.teacher_model_server_url:
+            self.use_teacher_server = True
 
 
 def _chunk_size_value(value: Any) -> Any:

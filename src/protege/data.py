@@ -29,6 +29,7 @@ from datasets import Dataset, IterableDataset
 
 from .choices import PROMPT_TRUNCATIONS
 from .losses import IGNORE_INDEX
+from .routing import INDEX_KEY, TeacherColumn
 
 ROLES = ("system", "user", "assistant", "tool")
 ORDER_RULE = (
@@ -206,6 +207,7 @@ class Tokenizer:
     prompt_truncation: str = "middle"
     max_completion_length: int | None = None
     limit: SequenceLimit | None = None
+    teachers: TeacherColumn | None = None  # several teachers: which one each row names
 
     def __post_init__(self) -> None:
         if self.prompt_truncation not in PROMPT_TRUNCATIONS:
@@ -286,12 +288,15 @@ class Tokenizer:
             completion_cut = len(completion_ids) - room
             completion_ids = completion_ids[:room]  # no EOS appended: the row trains as unfinished text
         self._check_limit(index, len(prompt_ids), len(completion_ids) if uses_completion else 0, on_policy)
-        return {
+        out = {
             "prompt_ids": prompt_ids,
             "completion_ids": completion_ids,
             "prompt_tokens_cut": prompt_cut,
             "completion_tokens_cut": completion_cut,
         }
+        if self.teachers is not None:
+            out[INDEX_KEY] = self.teachers.index_of(row, index)
+        return out
 
     def _check_limit(self, index: int, prompt: int, completion: int, on_policy: bool) -> None:
         limit = self.limit
@@ -363,6 +368,8 @@ def tokenize_dataset(
         raise ValueError(
             f"the dataset needs a 'messages' column or 'prompt' (and 'completion') columns; it has {columns}"
         )
+    if tokenizer.teachers is not None:
+        tokenizer.teachers.check_columns(columns, name)
 
     def tokenize(row: dict[str, Any], index: int) -> dict[str, Any]:
         return tokenizer(row, index, needs_completion, uses_completion, on_policy)
@@ -397,6 +404,10 @@ def tokenize_dataset(
         message = truncation_warning(name, tokenizer, list(rows["prompt_tokens_cut"]), completion_cuts)
         if message:
             warnings.warn(message, UserWarning, stacklevel=2)
+        if tokenizer.teachers is not None:
+            message = tokenizer.teachers.unused_warning(list(rows[INDEX_KEY]), name)
+            if message:
+                warnings.warn(message, UserWarning, stacklevel=2)
     return rows
 
 
@@ -447,4 +458,7 @@ class DistillationCollator:
         prompt_mask = _pad([[1] * len(p) for p in prompts], 0, left=True)
         completion_ids = _pad(completions, self.pad_token_id, left=False)
         completion_mask = _pad([[1] * len(c) for c in completions], 0, left=False)
-        return sequence_batch(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        batch = sequence_batch(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        if rows and INDEX_KEY in rows[0]:
+            batch[INDEX_KEY] = torch.tensor([r[INDEX_KEY] for r in rows], dtype=torch.long)
+        return batch

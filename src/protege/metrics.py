@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+_TEACHER_FIGURES = ("loss_sum", "tokens", "ratio_sum", "sampled_tokens", "seconds")
+
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
@@ -33,12 +35,24 @@ class TrainingWindow:
     max_length: list[float] = field(default_factory=list)
     truncated_fraction: list[float] = field(default_factory=list)
     samples: list[tuple[str, str]] = field(default_factory=list)  # the last step's (prompt, completion) texts
+    # Several teachers: each one's loss sum, tokens, sampled log-ratio sum, sampled tokens and seconds, by position.
+    teacher_names: list[str] = field(default_factory=list)
+    per_teacher: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.per_teacher = [[0.0] * len(_TEACHER_FIGURES) for _ in self.teacher_names]
+
+    def _tally(self, teacher: int, figure: str, value: float) -> None:
+        if self.per_teacher:
+            self.per_teacher[teacher][_TEACHER_FIGURES.index(figure)] += value
 
     def start(self) -> None:
         if self.started is None:
             self.started = time.perf_counter()
 
-    def add_loss(self, on_policy: bool, loss_sum: float, tokens: float) -> None:
+    def add_loss(self, on_policy: bool, loss_sum: float, tokens: float, teacher: int = 0) -> None:
+        self._tally(teacher, "loss_sum", loss_sum)
+        self._tally(teacher, "tokens", tokens)
         if on_policy:
             self.on_policy_loss_sum += loss_sum
             self.on_policy_tokens += tokens
@@ -46,9 +60,15 @@ class TrainingWindow:
             self.off_policy_loss_sum += loss_sum
             self.off_policy_tokens += tokens
 
-    def add_sampled_log_ratio(self, ratio_sum: float, tokens: float) -> None:
+    def add_sampled_log_ratio(self, ratio_sum: float, tokens: float, teacher: int = 0) -> None:
         self.sampled_log_ratio_sum += ratio_sum
         self.sampled_tokens += tokens
+        self._tally(teacher, "ratio_sum", ratio_sum)
+        self._tally(teacher, "sampled_tokens", tokens)
+
+    def add_teacher_seconds(self, teacher: int, seconds: float) -> None:
+        self.teacher_seconds += seconds
+        self._tally(teacher, "seconds", seconds)
 
     def add_completions(self, lengths: torch.Tensor, truncated: torch.Tensor) -> None:
         """Length statistics of one step's on-policy completions (already gathered from every rank)."""
@@ -97,6 +117,24 @@ class TrainingWindow:
         if self.started is not None:
             elapsed = time.perf_counter() - self.started
             logs["completion_tokens_per_second"] = self.completion_tokens / max(elapsed, 1e-9)
+        if self.teacher_names:
+            logs.update(self._teacher_logs(sum_over_ranks, steps))
+        return logs
+
+    def _teacher_logs(self, sum_over_ranks, steps: int) -> dict[str, float]:
+        """`teacher/NAME/...`: each teacher's loss, tokens and reverse-KL estimate over all ranks, and its time per
+        step on this rank."""
+        counts = sum_over_ranks(torch.tensor([row[:-1] for row in self.per_teacher], dtype=torch.float64)).tolist()
+        logs = {}
+        for name, sums, row in zip(self.teacher_names, counts, self.per_teacher):
+            loss_sum, tokens, ratio_sum, sampled_tokens = sums
+            prefix = f"teacher/{name}/"
+            logs[prefix + "completion_tokens"] = tokens
+            if tokens > 0:
+                logs[prefix + "loss"] = round(loss_sum / tokens, 6)
+            if sampled_tokens > 0:
+                logs[prefix + "on_policy_reverse_kl_estimate"] = round(ratio_sum / sampled_tokens, 6)
+            logs[prefix + "time_s"] = row[-1] / steps  # this rank's, per step, as time/teacher_s
         return logs
 
 

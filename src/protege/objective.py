@@ -48,7 +48,7 @@ from .outputs import (
     TeacherOutput,
     TeacherScores,
 )
-from .teacher.spec import teacher_returns
+from .teacher.spec import scores_teachers, server_urls
 
 __all__ = [
     "Objective",
@@ -93,8 +93,8 @@ class Objective:
     @classmethod
     def from_config(cls, args) -> Objective:
         """The objective of a `DistillationConfig`, or a ValueError naming the field whose value is not allowed."""
-        server = bool(args.use_teacher_server)
-        log_probs_only = teacher_returns(args) == "scores"
+        server = bool(server_urls(args))
+        log_probs_only = bool(scores_teachers(args))  # any teacher server sending log-probs only
         exact = "; teacher_server_response_format='hidden' gives the exact loss for any setting"
         if args.use_liger_kernel and server:
             raise setting_error(

@@ -24,6 +24,10 @@ class Logits:
     def rows(self) -> torch.Tensor:
         return self.logits
 
+    def select(self, rows: torch.Tensor | None):
+        """These outputs for the batch rows `rows` only (all of them for None)."""
+        return self if rows is None else type(self)(self.logits[rows])
+
 
 @dataclass
 class Hidden:
@@ -36,6 +40,10 @@ class Hidden:
     @property
     def rows(self) -> torch.Tensor:
         return self.hidden
+
+    def select(self, rows: torch.Tensor | None):
+        """These outputs for the batch rows `rows` only (all of them for None); the head is shared."""
+        return self if rows is None else type(self)(self.hidden[rows], self.weight, self.bias)
 
 
 class StudentLogits(Logits):

@@ -33,6 +33,7 @@ from .choices import (
     setting_error,
 )
 from .objective import Objective
+from .teacher.spec import MAPPING_FIELDS, server_format, server_urls
 
 if TYPE_CHECKING:
     from .config import DistillationConfig
@@ -84,6 +85,7 @@ def check_settings(config: DistillationConfig) -> None:
     check_generation_counts(config)
     Objective.from_config(config)  # which loss runs: the combinations of beta, loss_top_k and teacher it allows
     check_sampling(config)
+    check_teacher_names(config)
     if config.use_teacher_server:
         check_teacher_server(config)
 
@@ -172,18 +174,53 @@ def check_sampling(config: DistillationConfig) -> None:
         raise setting_error("repetition_penalty", config.repetition_penalty, "it must be > 0")
 
 
+def check_teacher_names(config: DistillationConfig) -> None:
+    """Several teachers: each mapping names teachers with text and gives text, and rows can name them."""
+    for name in MAPPING_FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            raise setting_error(name, value, "it is not valid JSON for a mapping of teacher names")
+        if isinstance(value, dict):
+            if not value and name != "teacher_server_response_format":
+                raise setting_error(name, value, "a mapping of teacher names needs at least one teacher")
+            for key, item in value.items():
+                if not isinstance(key, str) or not key.strip() or "/" in key:
+                    raise setting_error(name, value, f"teacher name {key!r} must be non-empty text without '/'")
+                if not isinstance(item, str) or not item.strip():
+                    raise setting_error(name, value, f"teacher {key!r} must map to non-empty text, got {item!r}")
+    if not isinstance(config.teacher_column, str) or not config.teacher_column.strip():
+        raise setting_error("teacher_column", config.teacher_column, "it must name a dataset column")
+    formats = config.teacher_server_response_format
+    if isinstance(formats, dict):
+        unknown = sorted(set(formats) - set(server_urls(config)))
+        if unknown:
+            raise setting_error(
+                "teacher_server_response_format",
+                formats,
+                f"it names {unknown}, which teacher_model_server_url does not map to a server",
+            )
+
+
 def check_teacher_server(config: DistillationConfig) -> None:
-    """With use_teacher_server: where the server is, how long to wait for it, and what to ask of it."""
-    if not (config.teacher_model_server_url or "").strip():
+    """With use_teacher_server: where each server is, how long to wait for it, and what to ask of it."""
+    url = config.teacher_model_server_url
+    if not isinstance(url, dict) and not (url or "").strip():  # a mapping's URLs are checked with its names
         raise setting_error(
             "teacher_model_server_url", config.teacher_model_server_url, "it must be set when use_teacher_server=True"
         )
     for name in ("teacher_server_timeout", "teacher_server_deadline", "teacher_server_startup_timeout"):
         if getattr(config, name) is not None and not getattr(config, name) > 0:
             raise setting_error(name, getattr(config, name), "it must be > 0 seconds")
-    protocol, response_format = config.teacher_server_protocol, config.teacher_server_response_format
+    protocol = config.teacher_server_protocol
     if protocol not in TEACHER_PROTOCOLS:
         raise setting_error("teacher_server_protocol", protocol, f"it must be one of {TEACHER_PROTOCOLS}")
+    for name in server_urls(config):
+        check_response_format(config, server_format(config, name))
+
+
+def check_response_format(config: DistillationConfig, response_format: str) -> None:
+    """One teacher server's format: known, and one its protocol can send."""
+    protocol = config.teacher_server_protocol
     if response_format not in RESPONSE_FORMATS:
         raise setting_error("teacher_server_response_format", response_format, f"it must be one of {RESPONSE_FORMATS}")
     if config.teacher_server_hidden_dtype not in HIDDEN_DTYPES:

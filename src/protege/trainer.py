@@ -44,9 +44,10 @@ from .rollout import (
     sampling_seed,
     vllm_generate,
 )
+from .routing import INDEX_KEY, ROUTES_KEY, TeacherColumn, teacher_routes
 from .teacher import Placement, Teacher
 from .teacher.factory import make_teacher
-from .teacher.spec import TeacherSpec
+from .teacher.spec import TeacherSpec, teacher_specs
 
 
 class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
@@ -58,7 +59,7 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
     def __init__(
         self,
         model: PreTrainedModel | nn.Module | str | None = None,
-        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | dict[str, PreTrainedModel | nn.Module | str] | None = None,
         args: DistillationConfig | None = None,
         data_collator=None,
         train_dataset=None,
@@ -74,7 +75,7 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}")
         model, processing_class = self._setup_student(model, args, processing_class)
-        self._setup_teachers([TeacherSpec.from_config(args, teacher_model)], args, model, processing_class)
+        self._setup_teachers(teacher_specs(args, teacher_model), args, model, processing_class)
         model = self._adapt_student(model, args, peft_config)
         train_dataset, eval_dataset = self._setup_data(args, model, processing_class, train_dataset, eval_dataset)
         super().__init__(
@@ -93,9 +94,10 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
         placement = Placement(self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled)
         for teacher in self.teachers:
             teacher.place(placement)
+        self._every_teacher = placement.deepspeed or placement.fsdp  # sharded teachers run on every rank alike
         self.teacher_model = self.teacher.model  # TRL's attribute: the teacher's own model where it has one, else None
         self._setup_generation(model, processing_class)
-        self._window = TrainingWindow()
+        self._window = self._new_window()
         shorten_progress(self)
         self._copy_trl_attributes(args)
 
@@ -134,8 +136,12 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
 
     @property
     def teacher(self) -> Teacher:
-        """The run's teacher."""
+        """The run's teacher (the first, where there are several)."""
         return self.teachers[0]
+
+    def _new_window(self, started: float | None = None) -> TrainingWindow:
+        names = [teacher.name for teacher in self.teachers] if len(self.teachers) > 1 else []
+        return TrainingWindow(started=started, teacher_names=names)
 
     @staticmethod
     def _adapt_student(model, args: DistillationConfig, peft_config):
@@ -157,6 +163,8 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
         self._train_lmbda = args.lmbda  # which sequences training rows become; self.args is not set yet
         self._nonfinite: tuple[float, bool] | None = None  # this step's first non-finite slice loss, and its flag
         hard_limits = [t.max_model_len for t in self.teachers if t.max_model_len is not None]
+        names = tuple(t.name for t in self.teachers)
+        routing = TeacherColumn(names, args.teacher_column, args.default_teacher) if len(names) > 1 else None
         self._row_tokenizer = Tokenizer(
             tokenizer,
             args.max_prompt_length,
@@ -168,6 +176,7 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
                 min(hard_limits, default=None),
                 {"student": model} | {t.name: t.model for t in self.teachers},
             ),
+            teachers=routing,
         )
         if train_dataset is not None:
             train_dataset = self._tokenize(train_dataset, train=True)
@@ -214,6 +223,12 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
         """Validate and tokenize raw rows. Training rows need a completion when lmbda < 1; evaluation is off-policy and
         its rows may be prompt-only (they then add no tokens)."""
         if "prompt_ids" in (dataset.column_names or []):
+            routing = self._row_tokenizer.teachers
+            if routing is not None and INDEX_KEY not in dataset.column_names:
+                raise ValueError(
+                    f"the dataset is already tokenized but has no {INDEX_KEY!r} column, so its rows cannot be routed "
+                    f"to the teachers {list(routing.names)}; give raw rows with a {routing.column!r} column instead"
+                )
             return dataset
         lmbda = self._train_lmbda if train else 0.0
         return tokenize_dataset(
@@ -267,6 +282,8 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
                 [batches[i] for i in on_policy], generate, self.eos_token_ids, pad, self.args.max_completion_length
             )
             for i, rollout in zip(on_policy, rollouts):
+                if INDEX_KEY in batches[i]:  # the sample goes to its row's teacher
+                    rollout.batch[INDEX_KEY] = batches[i][INDEX_KEY]
                 batches[i] = rollout.batch
             lengths = self.accelerator.gather(torch.cat([r.lengths for r in rollouts]).float())
             truncated = self.accelerator.gather(torch.cat([r.truncated for r in rollouts]).float())
@@ -276,14 +293,25 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
         self._window.generation_seconds.append(time.perf_counter() - started)
         for batch, flag in zip(batches, flags):
             batch["on_policy"] = flag
-        if batches:
-            started = time.perf_counter()
-            self.teacher.prepare(batches)
-            self._window.teacher_seconds += time.perf_counter() - started
+        self._prepare_teachers(batches)
         local_tokens = sum(b["labels"].ne(IGNORE_INDEX).sum() for b in batches) if batches else torch.tensor(0)
         global_tokens = self.accelerator.reduce(torch.as_tensor(local_tokens, device=device).reshape(1), "sum")
         self._window.completion_tokens += int(global_tokens)
         return batches, global_tokens.clamp(min=1).squeeze(0)
+
+    def _prepare_teachers(self, batches: list[dict]) -> None:
+        """Each teacher asked once for the step, with its rows of every slice (a server scores them in one call)."""
+        if not batches:
+            return
+        for batch in batches:
+            if len(self.teachers) > 1:  # the routes ride along in the slice, so each teacher's answer does too
+                batch[ROUTES_KEY] = teacher_routes(batch, len(self.teachers), self._every_teacher)
+        for index, teacher in enumerate(self.teachers):
+            own = [r.batch for b in batches for r in teacher_routes(b, len(self.teachers)) if r.teacher == index]
+            if own:
+                started = time.perf_counter()
+                teacher.prepare(own)
+                self._window.add_teacher_seconds(index, time.perf_counter() - started)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         started, teacher_before = time.perf_counter(), self._window.teacher_seconds
@@ -319,19 +347,21 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"][:, int(inputs["prompt_width"]) :]
         tokens = labels.ne(IGNORE_INDEX).sum()
-        started = time.perf_counter()
-        teacher = self.teacher(inputs)
         training = "on_policy" in inputs  # a training slice (evaluation batches carry no flag)
-        if training:  # the training window's time; evaluation's is not training time
-            self._window.teacher_seconds += time.perf_counter() - started
+        routes = teacher_routes(inputs, len(self.teachers), self._every_teacher)
+        answers = []
+        for route in routes:  # each teacher on its own rows of the slice
+            started = time.perf_counter()
+            answers.append(self.teachers[route.teacher](route.batch))
+            if training:  # the training window's time; evaluation's is not training time
+                self._window.add_teacher_seconds(route.teacher, time.perf_counter() - started)
         student = student_output(model, inputs, self.objective.student_view, self.vocab_size)
-        loss_sum = self.objective.loss_sum(student, teacher, labels)
+        loss_sum = 0.0
+        for route, teacher in zip(routes, answers):
+            if route.scored:
+                loss_sum = loss_sum + self._route_loss_sum(route, student, teacher, labels, inputs.get("on_policy"))
         if training:
             value = loss_sum.item()
-            self._window.add_loss(inputs["on_policy"], value, tokens.item())
-            if inputs["on_policy"] and self._step_will_log():
-                ratio = sampled_log_ratio_sum(student, teacher, labels, self.args.temperature)
-                self._window.add_sampled_log_ratio(ratio, tokens.item())
             if not math.isfinite(value) and self._nonfinite is None:
                 self._nonfinite = (value, bool(inputs["on_policy"]))
             if self.accelerator.sync_gradients:  # the step's last slice
@@ -341,6 +371,19 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
         else:  # training: DDP averages gradients over ranks, so undo that mean on top of the global token count
             loss = loss_sum / num_items_in_batch * self.accelerator.num_processes
         return (loss, student) if return_outputs else loss
+
+    def _route_loss_sum(self, route, student, teacher, labels, on_policy: bool | None) -> torch.Tensor:
+        """The divergence summed over one teacher's rows of the slice, and, in training, its logged figures."""
+        if route.rows is not None:
+            student, labels = student.select(route.rows), labels[route.rows]
+        loss_sum = self.objective.loss_sum(student, teacher, labels)
+        if on_policy is not None:  # a training slice
+            tokens = labels.ne(IGNORE_INDEX).sum().item()
+            self._window.add_loss(on_policy, loss_sum.item(), tokens, route.teacher)
+            if on_policy and self._step_will_log():
+                ratio = sampled_log_ratio_sum(student, teacher, labels, self.args.temperature)
+                self._window.add_sampled_log_ratio(ratio, tokens, route.teacher)
+        return loss_sum
 
     def _step_will_log(self) -> bool:
         """Whether the step being computed ends with a log (transformers' rule for the "steps" strategy), so the
@@ -385,5 +428,5 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
             step, args = self.state.global_step, self.args
             if args.log_completions and step % args.log_completions_steps == 0 and self.accelerator.is_main_process:
                 print_completions(self._window.samples, step, args.num_completions_to_print)
-            self._window = TrainingWindow(started=time.perf_counter())
+            self._window = self._new_window(started=time.perf_counter())
         super().log(logs, start_time)

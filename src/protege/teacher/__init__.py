@@ -1,7 +1,7 @@
 """Teachers, as the loss sees them: one spec to describe one, one factory to make it, one small interface.
 
 * `spec.TeacherSpec`: where a teacher lives (a model, or a server URL) and what it returns ("logits", "hidden": its
-  last hidden state and LM head, or "scores": a server's top-k log-probs); `TeacherSpec.from_config` decides which;
+  last hidden state and LM head, or "scores": a server's top-k log-probs); `spec.teacher_specs` decides which;
 * `factory.make_teacher`: a finished `Teacher` from a spec: loaded or connected, checked against the student's
   tokenizer, with its LM head where needed; the trainer then places it (`Teacher.place`) once the engine is known;
 * `local.LocalTeacher`: a model beside the student; `remote.RemoteTeacher` and `remote.RemoteHiddenTeacher`: a

@@ -9,12 +9,18 @@ from torch import nn
 from . import Teacher
 from .local import load_local_teacher
 from .remote import connect_remote_teacher
-from .spec import TeacherSpec
+from .spec import SINGLE, TeacherSpec
 
 
 def make_teacher(spec: TeacherSpec, args, student: nn.Module, tokenizer, objective) -> Teacher:
     """The teacher `spec` describes, ready to score the student's batches under `objective` (a `DistillationConfig`
-    gives the loading and connection options, `student` and `tokenizer` the vocabulary it is checked against)."""
-    if spec.server_url is not None:
-        return connect_remote_teacher(spec, args, student, tokenizer, objective)
-    return load_local_teacher(spec, args, student, tokenizer, objective)
+    gives the loading and connection options, `student` and `tokenizer` the vocabulary it is checked against). Where
+    the run has several teachers, an error in making one says which: `teacher "code": ...`."""
+    try:
+        if spec.server_url is not None:
+            return connect_remote_teacher(spec, args, student, tokenizer, objective)
+        return load_local_teacher(spec, args, student, tokenizer, objective)
+    except Exception as error:
+        if spec.name != SINGLE and error.args and isinstance(error.args[0], str):
+            error.args = (f'teacher "{spec.name}": {error.args[0]}', *error.args[1:])
+        raise

@@ -24,7 +24,7 @@ from ..outputs import TeacherHidden, TeacherScores
 from . import Placement
 from .client import TeacherClient
 from .head import LMHead, head_from_checkpoint, vocabulary_sha256
-from .spec import TeacherSpec
+from .spec import TeacherSpec, server_format
 from .vocabulary import ACCEPTED, TokenizerMismatchError, announce_extra_tokens, shared_rows, teacher_extra_tokens
 
 
@@ -44,14 +44,15 @@ class ServerConnection:
         return served if isinstance(served, int) and served > 0 else None
 
 
-def connect_teacher(args, tokenizer, url: str | None = None) -> ServerConnection:
-    """A connection to the server at `url` (default `args.teacher_model_server_url`), once it answers and serves the
-    student's vocabulary or one that extends it."""
+def connect_teacher(args, tokenizer, url: str | None = None, response_format: str | None = None) -> ServerConnection:
+    """A connection to the server at `url` asked for `response_format` (default: the config's single teacher server),
+    once it answers and serves the student's vocabulary or one that extends it."""
     url = url or args.teacher_model_server_url
+    response_format = response_format or server_format(args)
     client = TeacherClient(
         url,
         protocol=args.teacher_server_protocol,
-        response_format=args.teacher_server_response_format,
+        response_format=response_format,
         timeout=args.teacher_server_timeout,
         max_retries=args.teacher_server_max_retries,
         model=args.teacher_server_model,
@@ -61,11 +62,11 @@ def connect_teacher(args, tokenizer, url: str | None = None) -> ServerConnection
     try:
         client.wait_until_ready(args.teacher_server_startup_timeout)
         info = client.info()
-        extra_tokens = _served_extra_tokens(client, info, args, tokenizer)
+        extra_tokens = _served_extra_tokens(client, info, response_format, tokenizer)
         formats = info.get("formats")
-        if formats is not None and args.teacher_server_response_format not in formats:
+        if formats is not None and response_format not in formats:
             raise ValueError(
-                f"teacher_server_response_format={args.teacher_server_response_format!r}: the teacher server at "
+                f"teacher_server_response_format={response_format!r}: the teacher server at "
                 f"{url} serves {formats} (the hidden format needs its transformers backend, or the vllm backend "
                 "started with --vllm-hidden-states)"
             )
@@ -78,7 +79,7 @@ def connect_teacher(args, tokenizer, url: str | None = None) -> ServerConnection
 def connect_remote_teacher(spec: TeacherSpec, args, student: torch.nn.Module, tokenizer, objective):
     """The teacher at `spec.server_url`, connected and checked; with the hidden format, its LM head fetched once and
     sliced to the shared vocabulary."""
-    connection = connect_teacher(args, tokenizer, spec.server_url)
+    connection = connect_teacher(args, tokenizer, spec.server_url, spec.response_format)
     try:
         if spec.returns != "hidden":
             return RemoteTeacher(connection, objective.server_top_k, args.temperature, output_rows(student), spec.name)
@@ -92,7 +93,7 @@ def connect_remote_teacher(spec: TeacherSpec, args, student: torch.nn.Module, to
         raise
 
 
-def _served_extra_tokens(client: TeacherClient, info: dict, args, tokenizer) -> int:
+def _served_extra_tokens(client: TeacherClient, info: dict, response_format: str, tokenizer) -> int:
     """How many tokens the server's tokenizer adds to the student's (0 for the same one), or a named error.
 
     /info/'s vocabulary size and fingerprint settle the common case, one shared tokenizer. Otherwise the server's
@@ -117,10 +118,10 @@ def _served_extra_tokens(client: TeacherClient, info: dict, args, tokenizer) -> 
             f"so an extension of the student's cannot be recognised; {ACCEPTED}"
         )
     extra = teacher_extra_tokens(tokenizer.get_vocab(), teacher_vocab, where)
-    if extra and args.teacher_server_response_format != HIDDEN_FORMAT:
+    if extra and response_format != HIDDEN_FORMAT:
         raise TokenizerMismatchError(
             f"{where} extends the student's by {len(extra)} tokens; with teacher_server_response_format="
-            f"{args.teacher_server_response_format!r} the server normalises its log-probs over its whole vocabulary, "
+            f"{response_format!r} the server normalises its log-probs over its whole vocabulary, "
             "those tokens included, so use teacher_server_response_format='hidden' (the trainer then compares the "
             "teacher on the student's tokens), or a local teacher"
         )
