@@ -94,8 +94,11 @@ class Objective:
     def from_config(cls, args) -> Objective:
         """The objective of a `DistillationConfig`, or a ValueError naming the field whose value is not allowed."""
         server = bool(server_urls(args))
-        log_probs_only = bool(scores_teachers(args))  # any teacher server sending log-probs only
+        log_probs_only = scores_teachers(args)  # the teacher servers sending log-probs only
         exact = "; teacher_server_response_format='hidden' gives the exact loss for any setting"
+        with_server = "with use_teacher_server"
+        if isinstance(args.teacher_model_server_url, dict):  # several teachers: name the ones the rule is about
+            with_server = f"with the log-prob teacher servers {log_probs_only}"
         if args.use_liger_kernel and server:
             raise setting_error(
                 "use_liger_kernel", True, "the Liger fused loss needs a local teacher, not use_teacher_server"
@@ -105,21 +108,21 @@ class Objective:
                 raise setting_error(
                     "reverse_kl_top_1_mode",
                     "argmax",
-                    "a teacher server's log-probs cover only the sampled tokens, so use_teacher_server needs "
+                    f"a teacher server's log-probs cover only the sampled tokens, so {with_server} it must be "
                     f"'sampled'{exact}",
                 )
             if args.beta == 0 and args.loss_top_k < 1:
                 raise setting_error(
                     "loss_top_k",
                     args.loss_top_k,
-                    "with use_teacher_server and beta=0 the loss uses the teacher's top-k log-probs, so loss_top_k "
+                    f"{with_server} and beta=0 the loss uses the teacher's top-k log-probs, so loss_top_k "
                     f"must be >= 1{exact}",
                 )
             if args.beta > 0 and args.loss_top_k != 1:
                 raise setting_error(
                     "loss_top_k",
                     args.loss_top_k,
-                    f"with use_teacher_server and beta={args.beta} only the sparse top-1 loss exists on log-probs, "
+                    f"{with_server} and beta={args.beta} only the sparse top-1 loss exists on log-probs, "
                     f"so loss_top_k must be 1{exact}",
                 )
         fused = bool(args.use_liger_kernel)
