@@ -29,6 +29,7 @@ BENCHMARKS = (
     "generation",
     "safeguards",
     "gkd_table",
+    "sharded_memory",
 )
 HELPERS = ("__init__", "__main__", "workers", "gkd_runs")
 
