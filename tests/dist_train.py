@@ -3,7 +3,8 @@
     python -m torch.distributed.run --nproc_per_node N dist_train.py STUDENT TEACHER OUT [SETTINGS_JSON]
 
 SETTINGS_JSON overrides SETTINGS below (and "rows", the dataset size, 64 by default; "resume", passed to
-`train(resume_from_checkpoint=...)`), so each test states only what it changes. Every rank writes OUT/rank{R}.json;
+`train(resume_from_checkpoint=...)`; "specialist", a second teacher's path: rows then alternate between the two
+teachers), so each test states only what it changes. Every rank writes OUT/rank{R}.json;
 rank 0 also saves the trained weights to OUT/weights.pt.
 """
 
@@ -37,8 +38,13 @@ def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
     settings = {**SETTINGS, **json.loads(overrides)}
     rows = settings.pop("rows", 64)
     resume = settings.pop("resume", None)
+    specialist = settings.pop("specialist", None)
     args = config(Path(out), **settings)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset(rows))
+    train_dataset = dataset(rows)
+    if specialist is not None:  # two teachers, rows routed to them in turn
+        teacher = {"general": teacher, "specialist": specialist}
+        train_dataset = train_dataset.map(lambda _, i: {"teacher": ("general", "specialist")[i % 2]}, with_indices=True)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train_dataset)
     record = RecordFractions()
     trainer.add_callback(record)
     trainer.train(resume_from_checkpoint=resume)
@@ -54,6 +60,11 @@ def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
         "fractions": record.fractions,
         "weights": digest.hexdigest(),
         "loss": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "teacher_tokens": [
+            [e[key] for key in sorted(e) if key.endswith("/completion_tokens")]
+            for e in trainer.state.log_history
+            if "loss" in e
+        ],
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     if rank == 0:

@@ -32,10 +32,14 @@ def torchrun(processes: int, tiny_paths: dict[str, str], out: Path, **settings: 
 
 
 def test_two_processes_agree_and_resume_exactly(tiny_paths, tmp_path):
-    """Ranks agree; each checkpoint is published whole (both ranks' RNG states in it, no staging folder left); and
-    resuming both ranks from the step-2 checkpoint ends with the uninterrupted run's weights and draws."""
-    ranks = torchrun(2, tiny_paths, tmp_path / "straight", save_strategy="steps", save_steps=2)
+    """With two teachers, rows routed between them: ranks agree; each checkpoint is published whole (both ranks' RNG
+    states in it, no staging folder left); and resuming both ranks from the step-2 checkpoint ends with the
+    uninterrupted run's weights and draws."""
+    two = {"specialist": tiny_paths["specialist"]}
+    ranks = torchrun(2, tiny_paths, tmp_path / "straight", save_strategy="steps", save_steps=2, **two)
     assert [r["world"] for r in ranks] == [2, 2]
+    tokens = ranks[0]["teacher_tokens"]  # per teacher, summed over ranks: the same on both, each teacher used
+    assert tokens == ranks[1]["teacher_tokens"] and len(tokens) == 4 and all(a > 0 and b > 0 for a, b in tokens)
     assert len(ranks[0]["fractions"]) == 4
     assert ranks[0]["fractions"] == ranks[1]["fractions"]
     assert 0 < sum(ranks[0]["fractions"]) < 4  # lmbda = 0.5 gave both kinds of slices
@@ -46,7 +50,7 @@ def test_two_processes_agree_and_resume_exactly(tiny_paths, tmp_path):
     for step in (2, 4):
         assert expected <= {p.name for p in (out / f"checkpoint-{step}").iterdir()}
 
-    resumed = torchrun(2, tiny_paths, tmp_path / "resumed", resume=str(out / "checkpoint-2"))
+    resumed = torchrun(2, tiny_paths, tmp_path / "resumed", resume=str(out / "checkpoint-2"), **two)
     assert [r["fractions"] for r in resumed] == [ranks[0]["fractions"][2:]] * 2
     assert [r["weights"] for r in resumed] == [ranks[0]["weights"]] * 2
 
