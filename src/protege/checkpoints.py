@@ -161,6 +161,16 @@ class StagedCheckpoints:
             self._push_pending = False
             super()._push_from_checkpoint(final)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """transformers' `save_model`, which under FSDP writes weights only for a FULL_STATE_DICT plugin: with a
+        sharded one it writes nothing and says nothing. Asked by the user (not from inside a checkpoint, whose shards
+        accelerate writes), the weights are then gathered whole (a collective: every rank calls this) and saved as a
+        Hugging Face folder, as with any other engine."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if not _internal_call and plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+            self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+        super().save_model(output_dir, _internal_call)
+
     def _get_output_dir(self, trial) -> str:
         """The staging folder while transformers writes a checkpoint (its `checkpoint-N` goes inside), else its own."""
         return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)

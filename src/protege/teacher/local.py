@@ -114,12 +114,28 @@ def place_teacher(teacher: nn.Module, placement: Placement) -> nn.Module:
         config.pop("optimizer", None)
         config.pop("scheduler", None)
         teacher, *_ = deepspeed.initialize(model=teacher, config=config)
+    elif placement.fsdp and accelerator.is_fsdp2:
+        teacher = fsdp2_shard(teacher, accelerator)
     elif placement.fsdp:
         teacher = accelerator.prepare_model(teacher)
     else:
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
     teacher.eval()
     return teacher
+
+
+def fsdp2_shard(teacher: nn.Module, accelerator) -> nn.Module:
+    """The teacher sharded as accelerate shards the student under FSDP2 (same wrap policy, mixed precision, offload),
+    without an optimizer: `Accelerator.prepare_model` refuses FSDP2 without one. The plugin's wrap policy is put back
+    afterwards, since accelerate resolves it in place for the model it sees first."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = accelerator.state.fsdp_plugin
+    policy, names = plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap
+    try:
+        return fsdp2_prepare_model(accelerator, teacher)
+    finally:
+        plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = policy, names
 
 
 def load_local_teacher(spec: TeacherSpec, args, student: nn.Module, tokenizer, objective) -> LocalTeacher:
