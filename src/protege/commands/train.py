@@ -17,6 +17,7 @@ from transformers.hf_argparser import string_to_bool
 from ..choices import DTYPE_NAMES
 from ..config import DistillationConfig
 from ..model_source import check_model_source
+from ..teacher.spec import SINGLE
 from .errors import UsageError, report
 from .interrupts import Interrupted, interruptible
 from .train_quick import output_dir_notice, remember, resume_value, unknown_arguments, unknown_keys
@@ -175,7 +176,32 @@ def build_parser(prog: str = "protege train") -> TrainArgumentParser:
         metavar="FILE.yaml",
         help="YAML file of the same keys as the flags (flags override it).",
     )
+    parser.add_argument(
+        "--teacher",
+        action="append",
+        metavar="NAME=PATH_OR_URL",
+        help="One of several teachers, repeatable: a model (hub id or folder) or a teacher server (http:// or "
+        "https://) under NAME, which the dataset's teacher_column names for the rows it scores.",
+    )
     return parser
+
+
+def named_teachers(argv: list[str]) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """argv without its `--teacher NAME=PATH_OR_URL` flags, and the local teachers and servers they name."""
+    rest, local, servers = [], {}, {}
+    items = iter(argv)
+    for item in items:
+        if item != "--teacher" and not item.startswith("--teacher="):
+            rest.append(item)
+            continue
+        value = item.split("=", 1)[1] if "=" in item else next(items, "")
+        name, _, where = value.partition("=")
+        if not name or not where:
+            raise UsageError(f"--teacher takes NAME=PATH_OR_URL, got {value!r}")
+        if name in local or name in servers:
+            raise UsageError(f"--teacher {name!r} is given twice")
+        (servers if where.startswith(("http://", "https://")) else local)[name] = where
+    return rest, local, servers
 
 
 def parse(argv: list[str]) -> tuple[ScriptArguments, DistillationConfig, ModelConfig]:
@@ -189,6 +215,7 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, DistillationConfig, ModelCo
             raise UsageError("--config needs a YAML file")
         config_path = argv[position + 1]
         argv = argv[:position] + argv[position + 2 :]
+    argv, local_teachers, teacher_servers = named_teachers(argv)
     if config_path is not None:
         try:
             with open(config_path) as handle:
@@ -203,6 +230,12 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, DistillationConfig, ModelCo
         if problem:
             raise UsageError(problem)
         parser.set_defaults(**values)
+    if local_teachers or teacher_servers:
+        if "--teacher_model_name_or_path" in argv or "--teacher_model_server_url" in argv:
+            raise UsageError("give the teachers with --teacher NAME=PATH_OR_URL or with their own flags, not both")
+        parser.set_defaults(
+            teacher_model_name_or_path=local_teachers or None, teacher_model_server_url=teacher_servers or None
+        )
     _, remaining = parser.parse_known_args(argv)  # before the dataclasses, so a typo is reported as one
     if remaining:
         raise UsageError(unknown_arguments(parser.long_flags(), remaining))
@@ -270,11 +303,21 @@ def check_models(student: str, args: DistillationConfig) -> None:
     from ..models import parse_init_kwargs
 
     check_model_source(student, "student", parse_init_kwargs(args.model_init_kwargs, "model_init_kwargs"))
-    if not args.use_teacher_server:
+    teachers = local_teachers(args)
+    if teachers:
         teacher_kwargs = parse_init_kwargs(args.teacher_model_init_kwargs, "teacher_model_init_kwargs")
         if args.teacher_model_revision is not None:
             teacher_kwargs.setdefault("revision", args.teacher_model_revision)
-        check_model_source(args.teacher_model_name_or_path, "teacher", teacher_kwargs)
+        for name, path in teachers.items():
+            check_model_source(path, "teacher" if name == SINGLE else f'teacher "{name}"', teacher_kwargs)
+
+
+def local_teachers(args: DistillationConfig) -> dict[str, str]:
+    """The teachers the command loads itself, by name (servers are connected to, not loaded)."""
+    named = args.teacher_model_name_or_path
+    if isinstance(named, dict):
+        return named
+    return {} if args.use_teacher_server or not named else {SINGLE: named}
 
 
 def check_output_dir(args: DistillationConfig) -> str:
@@ -293,7 +336,7 @@ def build(argv: list[str]):
     script_args, args, model_args = parse(argv)
     if args.model_init_kwargs is None:
         args.model_init_kwargs = model_kwargs(model_args, model_args.model_revision)
-    if args.teacher_model_init_kwargs is None and not args.use_teacher_server:
+    if args.teacher_model_init_kwargs is None and local_teachers(args):
         args.teacher_model_init_kwargs = model_kwargs(model_args, args.teacher_model_revision)
     check_models(model_args.model_name_or_path, args)  # first: a wrong name fails at once, in one line
     output_notice = check_output_dir(args)
@@ -309,7 +352,7 @@ def build(argv: list[str]):
         raise UsageError(f"--resume_from_checkpoint: no complete checkpoint in {args.output_dir}")
     trainer = DistillationTrainer(
         model=model_args.model_name_or_path,
-        teacher_model=None if args.use_teacher_server else args.teacher_model_name_or_path,
+        teacher_model=None,  # the config names every teacher (teacher.spec.teacher_specs)
         args=args,
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset[test_split] if test_split else None,
@@ -375,7 +418,7 @@ def finished(args: DistillationConfig, script_args: ScriptArguments) -> str:
     """Where the trained student went, and the command that compares it with its teacher."""
     folder = os.path.abspath(args.output_dir)
     line = f"protege train: done; the trained student is in {folder}"
-    if args.use_teacher_server or not args.teacher_model_name_or_path:
+    if args.use_teacher_server or not isinstance(args.teacher_model_name_or_path, str):
         return line
     return (
         f"{line}. Compare it with its teacher: protege eval --model {folder} --teacher "
