@@ -61,3 +61,52 @@ def test_train_with_two_teachers(tiny_paths, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert result.stderr.splitlines()[-1].endswith(str(tmp_path / "out"))  # no one-teacher eval command to suggest
+
+
+@pytest.mark.slow
+def test_eval_scores_each_row_against_its_own_teacher(tiny_paths, tmp_path):
+    """Per-teacher KL equals a one-teacher eval of that teacher's rows, and the overall figure is their token-weighted
+    mean."""
+    names = ("general", "specialist")
+    rows = [row | {"teacher": names[i % 2]} for i, row in enumerate(dataset(8).to_list())]
+    for name, subset in [("all", rows)] + [(n, [r for r in rows if r["teacher"] == n]) for n in names]:
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in subset))
+    teachers = [f"--teacher={name}={tiny_paths['teacher' if name == 'general' else name]}" for name in names]
+    result = protege(
+        "eval",
+        "--model",
+        tiny_paths["student"],
+        *teachers,
+        "--dataset_name",
+        str(tmp_path / "all.jsonl"),
+        "--output",
+        str(tmp_path / "mixed.json"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    mixed = json.loads((tmp_path / "mixed.json").read_text())
+    assert mixed["rows"] == 8 and mixed["teacher/general/rows"] == mixed["teacher/specialist/rows"] == 4
+    tokens, weighted = 0, 0.0
+    for name in names:
+        path = tiny_paths["teacher" if name == "general" else name]
+        single = protege(
+            "eval",
+            "--model",
+            tiny_paths["student"],
+            "--teacher",
+            path,
+            "--dataset_name",
+            str(tmp_path / f"{name}.jsonl"),
+            "--output",
+            str(tmp_path / f"{name}.json"),
+        )
+        assert single.returncode == 0, single.stderr[-3000:]
+        alone = json.loads((tmp_path / f"{name}.json").read_text())
+        assert mixed[f"teacher/{name}/kl_teacher_student"] == pytest.approx(alone["kl_teacher_student"], rel=1e-6)
+        tokens += alone["completion_tokens"]
+        weighted += alone["kl_teacher_student"] * alone["completion_tokens"]
+    assert mixed["kl_teacher_student"] == pytest.approx(weighted / tokens, rel=1e-6)
+    (tmp_path / "plain.jsonl").write_text("\n".join(json.dumps(r) for r in dataset(4).to_list()))
+    plain = protege(
+        "eval", "--model", tiny_paths["student"], *teachers, "--dataset_name", str(tmp_path / "plain.jsonl")
+    )
+    assert plain.returncode == 2 and "has no 'teacher' column" in plain.stderr
