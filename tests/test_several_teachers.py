@@ -3,6 +3,10 @@ served teachers mixed, on-policy samples routed to their row's teacher, per-teac
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from datasets import Dataset
@@ -308,3 +312,14 @@ def test_teacher_column_rules():
     assert column.unused_warning([0, 1, 1], "train_dataset") is None
     with pytest.raises(ValueError, match="row 3 has no 'domain' value and default_teacher is not set"):
         TeacherColumn(("a", "b"), column="domain").index_of({}, 3)
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs(tmp_path):
+    example = Path(__file__).parents[1] / "examples" / "several_teachers.py"
+    result = subprocess.run(
+        [sys.executable, str(example), str(tmp_path / "out")], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "loss per teacher" in line]
+    assert len(lines) == 2 and all("'math':" in line and "'code':" in line for line in lines)

@@ -193,6 +193,25 @@ def test_a_teacher_that_moves_a_student_token_is_refused(tiny_paths, models, tmp
         )
 
 
+def test_each_of_several_teachers_is_checked_on_its_own_and_named(tiny_paths, models, tmp_path):
+    """An extending teacher beside the student's own is accepted; a teacher that moves ids is refused, by name."""
+    rows = dataset(8).map(lambda _, i: {"teacher": ("same", "wider")[i % 2]}, with_indices=True)
+    trainer = DistillationTrainer(
+        model=tiny_paths["student"],
+        teacher_model={"same": tiny_paths["teacher"], "wider": models["teacher"]},
+        args=config(tmp_path),
+        train_dataset=rows,
+    )
+    assert trainer.vocab_size == models["tokens"]  # compared on the student's ids with both
+    with pytest.raises(TokenizerMismatchError, match=r'^teacher "moved": .*2 shared tokens have other ids'):
+        DistillationTrainer(
+            model=tiny_paths["student"],
+            teacher_model={"same": tiny_paths["teacher"], "moved": models["moved"]},
+            args=config(tmp_path),
+            train_dataset=rows,
+        )
+
+
 # ----- A teacher server -----
 
 
