@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ..demo.mixture import MIXTURE
 from ..demo.tasks import TASK_NAMES
 
 
@@ -18,13 +19,16 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--task",
-        choices=TASK_NAMES,
+        choices=(*TASK_NAMES, MIXTURE),
         default="addition",
         help="addition (default): 6-digit sums worked column by column, one correct answer each. walks: continue "
         "a walk on a hidden 36-node graph by 20 steps along its edges, checked by a verifier and scored greedy and "
         "sampled at temperature 1 (a student whose next-node table is low-rank; the sampled score is the one that "
         "moves). letters: write the 12 letters of a set once each in any order, scored the same way; a failed "
-        "design kept for the record: its teacher does not learn the task, so no gain shows (docs/benchmarks.md).",
+        "design kept for the record: its teacher does not learn the task, so no gain shows (docs/benchmarks.md). "
+        "mixture: an addition teacher and a walks teacher, and one student distilled from both in one run (each "
+        "row routed to its task's teacher), next to the same student distilled from each teacher alone at the same "
+        "budget.",
     )
     parser.add_argument(
         "--output-dir",

@@ -4,7 +4,8 @@ its held-out accuracy (greedy, and sampled when the settings ask) measured every
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ class Distilled:
     step_seconds: dict[str, float]  # mean seconds per logged step in generation, the teacher and the student
     eval_seconds: float  # spent measuring the curve, so callers can leave it out of the training time
     completion_tokens: int
+    teacher_completion_tokens: dict[str, int] = field(default_factory=dict)  # by teacher, when there are several
 
 
 def distill(
@@ -49,23 +51,45 @@ def distill(
     constant learning rate), so the one thing that changes at step 0 is what the student learns from.
     `start` is the curve's step 0: `scoring.scores` of the student before, computed by the caller once.
     """
+    args = _config(encoder.completion_length(train_problems[0]), settings, seed, output)
+    # On-policy only (lmbda = 1): prompts alone, so no reference answer can leak in. Otherwise the reference answers
+    # are the dataset completions that the off-policy slices train on.
+    messages = encoder.task.prompt_messages if args.lmbda == 1.0 else encoder.task.conversation
+    rows = [{"messages": messages(p)} for p in train_problems]
+
+    def measure(model) -> dict[str, float]:
+        return scores(model, encoder, eval_problems, settings.sample_eval, seed)
+
+    tracker = Tracker(progress, settings, start, measure)
+    return run_trainer(teacher, student, optimizer_state, encoder.tokenizer, settings, args, rows, tracker)
+
+
+def run_trainer(
+    teacher,
+    student,
+    optimizer_state: dict[str, Any] | None,
+    tokenizer,
+    settings: Settings,
+    args,
+    rows: list[dict[str, Any]],
+    tracker: Tracker,
+) -> Distilled:
+    """`DistillationTrainer` on `rows` with `args`, the warm-up's optimizer carried on, `tracker` measuring the curve.
+
+    `teacher` is one model, or a mapping of teacher names to models whose rows name theirs in `args.teacher_column`
+    (the task mixture): the per-teacher completion tokens are then recorded too.
+    """
     from datasets import Dataset
     from transformers import PrinterCallback
 
     from ..trainer import DistillationTrainer
 
-    args = _config(encoder, settings, seed, train_problems, output)
-    # On-policy only (lmbda = 1): prompts alone, so no reference answer can leak in. Otherwise the reference answers
-    # are the dataset completions that the off-policy slices train on.
-    messages = encoder.task.prompt_messages if args.lmbda == 1.0 else encoder.task.conversation
-    rows = Dataset.from_list([{"messages": messages(p)} for p in train_problems])
-    tracker = _Tracker(progress, encoder, settings, seed, eval_problems, start)
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
         args=args,
-        train_dataset=rows,
-        processing_class=encoder.tokenizer,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
         callbacks=[tracker.callback()],
         optimizers=_optimizers(student, optimizer_state, settings),
     )
@@ -73,6 +97,7 @@ def distill(
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     trainer.model.eval()
+    names = sorted(teacher) if isinstance(teacher, dict) else []
     return Distilled(
         student=trainer.model,
         curve=tracker.curve,
@@ -84,14 +109,18 @@ def distill(
         },
         eval_seconds=tracker.eval_seconds,
         completion_tokens=round(sum(e.get("completion_tokens", 0) for e in logs)),
+        teacher_completion_tokens={
+            name: round(sum(e.get(f"teacher/{name}/completion_tokens", 0) for e in logs)) for name in names
+        },
     )
 
 
-def _config(encoder: Encoder, settings: Settings, seed: int, train_problems: list[Any], output: Path):
-    """The demo's `DistillationConfig`: on-policy GKD over the full vocabulary, on the CPU, `distill_overrides` last."""
+def _config(max_completion: int, settings: Settings, seed: int, output: Path, **fields: Any):
+    """The demo's `DistillationConfig` for completions of up to `max_completion` tokens: on-policy GKD over the full
+    vocabulary, on the CPU; then `fields` (the mixture's run folder, batch size, teacher column), then
+    `distill_overrides`."""
     from ..config import DistillationConfig
 
-    max_completion = encoder.completion_length(train_problems[0])
     args = dict(
         output_dir=str(output / "distillation"),
         max_steps=settings.distill_steps,
@@ -116,7 +145,7 @@ def _config(encoder: Encoder, settings: Settings, seed: int, train_problems: lis
         bf16=False,
         dataloader_num_workers=0,
     )
-    return DistillationConfig(**{**args, **settings.distill_overrides})
+    return DistillationConfig(**{**args, **fields, **settings.distill_overrides})
 
 
 def _optimizers(student, optimizer_state: dict[str, Any] | None, settings: Settings):
@@ -133,23 +162,34 @@ def _optimizers(student, optimizer_state: dict[str, Any] | None, settings: Setti
     return optimizer, scheduler
 
 
-class _Tracker:
-    """The held-out accuracy curve, measured every `settings.eval_every` steps and at the end, and the progress bar."""
+def headline(point: dict[str, float]) -> str:
+    """A curve point for the progress display: the sampled score when measured, as the table's headline, since greedy
+    validity of a verifier task's student often starts at 100%."""
+    return f"sampled {point['sampled']:.1%}" if "sampled" in point else f"acc {point['accuracy']:.1%}"
 
-    def __init__(self, progress, encoder: Encoder, settings: Settings, seed: int, eval_problems, start):
-        self.progress, self.encoder, self.settings, self.seed = progress, encoder, settings, seed
-        self.eval_problems = eval_problems
+
+class Tracker:
+    """The held-out score curve, measured by `measure(model)` every `settings.eval_every` steps and at the end, and
+    the progress bar; `describe` shows a curve point there (the task mixture's have a score per task)."""
+
+    def __init__(
+        self,
+        progress,
+        settings: Settings,
+        start: dict[str, Any],
+        measure: Callable[[Any], dict[str, Any]],
+        describe: Callable[[dict[str, Any]], str] = headline,
+        description: str = "student: distillation",
+    ):
+        self.progress, self.settings, self.scores, self.describe = progress, settings, measure, describe
         self.curve = [{"step": 0, **start}]
         self.eval_seconds = 0.0
         self.loss: float | None = None  # the trainer's latest logged loss
-        self.bar = progress.add_task("student: distillation", total=settings.distill_steps, info=self.info())
+        self.bar = progress.add_task(description, total=settings.distill_steps, info=self.info())
 
     def info(self) -> str:
-        """The latest loss and score for the progress display: the sampled one when measured, as the table's
-        headline, since greedy validity of a verifier task's student often starts at 100%."""
-        point = self.curve[-1]
-        score = f"sampled {point['sampled']:.1%}" if "sampled" in point else f"acc {point['accuracy']:.1%}"
-        return ("" if self.loss is None else f"loss {self.loss:.4f}  ") + score
+        """The latest loss and score for the progress display."""
+        return ("" if self.loss is None else f"loss {self.loss:.4f}  ") + self.describe(self.curve[-1])
 
     def callback(self):
         from transformers import TrainerCallback
@@ -171,6 +211,6 @@ class _Tracker:
 
     def measure(self, model, step: int) -> None:
         started = time.perf_counter()
-        point = scores(model, self.encoder, self.eval_problems, self.settings.sample_eval, self.seed)
+        point = self.scores(model)
         self.eval_seconds += time.perf_counter() - started
         self.curve.append({"step": step, **point})

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,10 @@ from . import report
 from .cache import keeps_optimizer, load_cached, model_fingerprint, save_cached
 from .distill import distill
 from .encoder import Encoder
+from .mixture import MIXTURE
 from .progress import make_console, progress_bars
 from .scoring import generate, scores, snapshot
-from .settings import ModelSpec, Settings, SFTSpec
+from .settings import MixtureSettings, ModelSpec, Settings, SFTSpec
 from .supervised import supervised_training
 from .task import load_tokenizer
 from .tasks import Task, get_task
@@ -72,47 +75,63 @@ class Trained:
 
 
 def run_demo(
-    output_dir: str, quick: bool = False, seed: int = 0, settings: Settings | None = None, task: str = "addition"
+    output_dir: str,
+    quick: bool = False,
+    seed: int = 0,
+    settings: Settings | MixtureSettings | None = None,
+    task: str = "addition",
 ) -> dict:
     """Run the demo (teacher, student warm-up, on-policy distillation, evaluation) on `task`, or on the task of
-    `settings` when given; return what results.json holds."""
+    `settings` when given; return what results.json holds. The task mixture (`MixtureSettings`) runs its own stages
+    (`mixture_run.py`)."""
+    if task == MIXTURE or isinstance(settings, MixtureSettings):
+        from .mixture_run import run_mixture
+
+        return run_mixture(output_dir, quick, seed, settings if isinstance(settings, MixtureSettings) else None)
+    settings = settings or Settings.for_run(quick, task)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    console = make_console()
+    started = time.perf_counter()
+    with quiet_libraries(settings.threads):
+        results = _run(output, quick, seed, settings, console)
+        report.draw_plot(console, results, output)
+    results["timings_s"]["total"] = round(time.perf_counter() - started, 2)
+    report.write_results(results, output)
+    report.print_table(console, results, output)
+    return results
+
+
+@contextmanager
+def quiet_libraries(threads: int) -> Iterator[None]:
+    """Quiet the libraries' bars and notices (protege's trainer's too) while the demo's stages run, on `threads` torch
+    threads (one, whatever the machine: the results then depend on the seed, not on the core count); everything is
+    put back afterwards."""
     import logging
 
     import datasets
     from transformers.utils import logging as transformers_logging
 
-    settings = settings or Settings.for_run(quick, task)
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    console = make_console()
-    # Quiet the libraries' bars and notices (protege's trainer's too) while ours run; put everything back afterwards.
-    # One torch thread whatever the machine: the results then depend on the seed, not on the core count.
-    threads = torch.get_num_threads()
+    previous_threads = torch.get_num_threads()
     verbosity = transformers_logging.get_verbosity()
     protege_logger = logging.getLogger("protege")
     protege_level = protege_logger.level
     protege_logger.setLevel(logging.WARNING)
     bars = transformers_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
-    torch.set_num_threads(settings.threads)
+    torch.set_num_threads(threads)
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    started = time.perf_counter()
     try:
-        results = _run(output, quick, seed, settings, console)
-        report.draw_plot(console, results, output)
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous_threads)
         protege_logger.setLevel(protege_level)
         transformers_logging.set_verbosity(verbosity)
         if bars[0]:
             transformers_logging.enable_progress_bar()
         if bars[1]:
             datasets.enable_progress_bars()
-    results["timings_s"]["total"] = round(time.perf_counter() - started, 2)
-    report.write_results(results, output)
-    report.print_table(console, results, output)
-    return results
 
 
 def prepare(output: Path, settings: Settings, seed: int, progress) -> Prepared:
@@ -164,11 +183,13 @@ def trained_model(
     validation: list[Any],
     progress,
     description: str,
+    validate: Callable[[Any], float] | None = None,
 ) -> Trained:
     """Load the model from its cache folder, or train it with SFT and cache it.
 
     The optimizer state is kept only for a model trained to `stop_at_accuracy` (the student), whose training the
-    distillation continues.
+    distillation continues. `validate(model)` is the score that stop compares with it: by default greedy accuracy on
+    `validation` (the task mixture's student passes its own, one score over the tasks).
     """
     started = time.perf_counter()
     fingerprint = model_fingerprint(role, spec, sft, settings, seed)
@@ -185,7 +206,7 @@ def trained_model(
         progress.update(bar, advance=1, info=f"loss {loss:.4f}" + (f"  val acc {checks[-1]:.0%}" if checks else ""))
 
     def stop() -> bool:
-        checks.append(generate(model, encoder, validation).accuracy)
+        checks.append(validate(model) if validate else generate(model, encoder, validation).accuracy)
         progress.update(bar, info=f"val acc {checks[-1]:.0%}")
         return checks[-1] >= sft.stop_at_accuracy
 

@@ -43,8 +43,6 @@ def results_record(
 ) -> dict[str, Any]:
     """Everything `results.json` holds, in the order it is written. The `*_sampled_accuracy` keys (one sample per
     problem at temperature 1) are there when the settings ask for sampled scores."""
-    import transformers
-
     task = prepared.task
     sampled = {}
     if before.sampled_accuracy is not None:
@@ -97,16 +95,22 @@ def results_record(
         "examples": fixed_examples(before.generations, after.generations),
         "settings": asdict(settings),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        # What the numbers depend on besides the seed: a run repeats exactly with the same of all these, while another
-        # torch, transformers or CPU kernel set (AVX2, AVX-512...) rounds differently and moves them.
-        "environment": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "threads": settings.threads,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-        },
+        "environment": environment(settings.threads),
+    }
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """What the numbers depend on besides the seed: a run repeats exactly with the same of all these, while another
+    torch, transformers or CPU kernel set (AVX2, AVX-512...) rounds differently and moves them."""
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": threads,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
     }
 
 

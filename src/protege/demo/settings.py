@@ -185,3 +185,35 @@ class Settings:
             eval_problems=200,
             kl_problems=96,
         )
+
+
+@dataclass(frozen=True)
+class MixtureSettings:
+    """`protege demo --task mixture`: one student distilled from two specialist teachers in one run, next to the same
+    student distilled from each teacher alone at the same budget.
+
+    `parts` are the tasks' own settings (`Settings.for_run`), which give each teacher, held-out set and score; their
+    student and distillation fields are not used. `student` (task "mixture") gives the one student, its warm-up on
+    both tasks' rows (`warmup_shares` of them from each) and the distillation the three runs share: the same steps,
+    and batch sizes that make each run sample about the same number of completion tokens (`mixture_run.py`). Its
+    teacher fields are not used."""
+
+    parts: dict[str, Settings]
+    student: Settings
+    warmup_shares: dict[str, int]
+
+    @classmethod
+    def for_run(cls, quick: bool) -> MixtureSettings:
+        """The mixture's settings, full or `quick`."""
+        from .mixture import PARTS
+
+        parts = {name: Settings.for_run(quick, name) for name in PARTS}
+        student = Settings(
+            task="mixture",
+            student=ModelSpec(layers=1, hidden=64),
+            student_sft=SFTSpec(steps=1200, batch_size=32, learning_rate=3e-3, stop_at_accuracy=0.3),
+            distill_steps=60 if quick else 120,
+            distill_batch_size=64,
+            eval_every=60 if quick else 40,
+        )
+        return cls(parts=parts, student=student, warmup_shares={"addition": 3, "walks": 1})

@@ -74,6 +74,10 @@ def get_task(name: str, digits: int | None = None) -> Task:
         from .walks import Walks
 
         return Walks()
+    if name == "mixture":  # addition and walks in one stream (`mixture.py`): `protege demo --task mixture`
+        from .mixture import Mixture
+
+        return Mixture(digits=digits)
     raise ValueError(f"unknown demo task {name!r}: use one of {', '.join(TASK_NAMES)}")
 
 
