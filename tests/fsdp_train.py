@@ -8,8 +8,10 @@ transformers built from the settings is switched to the FSDP2 plugin those setti
 teacher's placement, checkpoints and `save_model` all take accelerate's and transformers' FSDP2 paths.
 
 SETTINGS_JSON overrides tiny.config's settings, plus "fsdp" (true: FSDP2), "state_dict_type" (FSDP's), "rows"
-(dataset size), "resume" (a checkpoint) and "save" (a folder for `save_model`). Every rank writes OUT/rank{R}.json;
-rank 0 writes the full weights to OUT/weights.pt.
+(dataset size), "resume" (a checkpoint), "save" (a folder for `save_model`), "specialist" (a second teacher's path:
+two teachers, "general" and "specialist", the rows alternating between them) and "every_teacher" (forces the
+trainer's stand-in rule on or off, to show what it prevents). Every rank writes OUT/rank{R}.json; rank 0 writes the
+full weights to OUT/weights.pt.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from tiny import config, dataset
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from protege import DistillationTrainer
+from protege.routing import INDEX_KEY
 
 FSDP2 = dict(
     fsdp=True,
@@ -49,6 +53,12 @@ class CpuFsdp2Trainer(DistillationTrainer):
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState sets it on GPUs
         self.is_fsdp_enabled = True
 
+    def compute_loss(self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+        """The loss as the trainer computes it; each training slice's teachers are noted, to show the routing."""
+        if "on_policy" in inputs and INDEX_KEY in inputs:
+            self.routed = [*getattr(self, "routed", []), inputs[INDEX_KEY].tolist()]
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
 
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every weight whole, on every rank (a collective: all ranks call it alike)."""
@@ -63,12 +73,19 @@ def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
     settings = json.loads(overrides)
     rows, resume, save = settings.pop("rows", 16), settings.pop("resume", None), settings.pop("save", None)
     state_dict_type = settings.pop("state_dict_type", None)
+    specialist, every_teacher = settings.pop("specialist", None), settings.pop("every_teacher", None)
     if settings.pop("fsdp", False):
         settings.update(FSDP2)
         if state_dict_type:
             settings["fsdp_config"] = {**settings["fsdp_config"], "state_dict_type": state_dict_type}
     args = config(Path(out), **settings)
-    trainer = CpuFsdp2Trainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset(rows))
+    data, teachers = dataset(rows), teacher
+    if specialist:
+        teachers = {"general": teacher, "specialist": specialist}
+        data = data.map(lambda _, i: {"teacher": ("general", "specialist")[i % 2]}, with_indices=True)
+    trainer = CpuFsdp2Trainer(model=student, teacher_model=teachers, args=args, train_dataset=data)
+    if every_teacher is not None:
+        trainer._every_teacher = every_teacher
     trainer.train(resume_from_checkpoint=resume)
     weights = full_weights(trainer.model)
     if save:
@@ -80,6 +97,11 @@ def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
         "distributed_type": str(trainer.accelerator.distributed_type),
         "sharded": any(isinstance(p, DTensor) for p in trainer.model.parameters()),
         "teacher_sharded": any(isinstance(p, DTensor) for p in trainer.teacher_model.parameters()),
+        "teachers_fsdp": [isinstance(t.model, FSDPModule) for t in trainer.teachers],
+        "teachers_whole": [
+            [n for n, p in t.model.named_parameters() if not isinstance(p, DTensor)] for t in trainer.teachers
+        ],
+        "routed": getattr(trainer, "routed", []),
         "loss": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "fractions": [e["on_policy_fraction"] for e in trainer.state.log_history if "on_policy_fraction" in e],
     }

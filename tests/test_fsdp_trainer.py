@@ -1,5 +1,6 @@
 """The trainer's own FSDP2 path on CPU (gloo, 2 processes): `DistillationTrainer.train()` with accelerate's FSDP2
-`prepare`, the teacher sharded like the student, FSDP2 checkpoints and `save_model` (tests/fsdp_train.py runs it).
+`prepare`, the teacher sharded like the student, FSDP2 checkpoints and `save_model`, and two sharded teachers with rows
+routed so that a rank can lack one teacher's rows in a slice (tests/fsdp_train.py runs it).
 
 accelerate enables FSDP only on accelerator devices, so the worker's `CpuFsdp2Trainer` switches the accelerator that
 transformers built to the FSDP2 plugin the settings describe (test-only; see its docstring). What this does not cover:
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +27,10 @@ pytestmark = pytest.mark.slow  # torchrun processes: not in the fast tier
 SAVES = dict(fsdp=True, lmbda=0.5, max_steps=4, save_strategy="steps", save_steps=2, loss_chunk_size=4)
 
 
-def torchrun(processes: int, tiny_paths: dict[str, str], out: Path, **settings: object) -> list[dict]:
-    """tests/fsdp_train.py on `processes` ranks with `settings`; each rank's report."""
+def torchrun(
+    processes: int, tiny_paths: dict[str, str], out: Path, timeout: float = 600, **settings: object
+) -> list[dict]:
+    """tests/fsdp_train.py on `processes` ranks with `settings`; each rank's report; a failure after `timeout` s."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     command = [
@@ -34,8 +38,17 @@ def torchrun(processes: int, tiny_paths: dict[str, str], out: Path, **settings: 
         *("--master_addr", "127.0.0.1", "--master_port", str(free_port())),
         *(str(TESTS / "fsdp_train.py"), tiny_paths["student"], tiny_paths["teacher"], str(out), json.dumps(settings)),
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # its own session, so that a run that hangs in a collective is ended whole, workers included
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"torchrun of {processes} ranks did not finish in {timeout} s (a hang in a collective?)")
+    assert process.returncode == 0, stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
 
 
@@ -96,3 +109,27 @@ def test_fsdp2_checkpoints_resume_exactly_and_save_model_writes_a_hugging_face_f
     saved = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).state_dict()
     assert saved.keys() == expected.keys()
     assert all(torch.equal(value, expected[name]) for name, value in saved.items())
+
+
+@pytest.mark.parametrize("chunk", [4, None], ids=["chunked", "dense"])
+def test_fsdp2_two_teachers_with_a_rank_lacking_one_equals_one_process(tiny_paths, tmp_path, chunk):
+    """Two local teachers, both sharded by FSDP2, rows alternating between them, one row a slice: in some slice one
+    rank has rows of only one teacher and the other rank of only the other. Each sharded teacher's forward gathers
+    from every rank, so a rank without rows for it runs a stand-in row (`TeacherRoute.scored=False`); without that
+    rule the ranks' collectives differ and the run hangs or fails (the subprocess timeout ends it). The weights equal
+    a 1-process run's, so the stand-in rows add nothing to the loss."""
+    settings = dict(lmbda=0.0, per_device_train_batch_size=1, optim="sgd", learning_rate=2.0, max_steps=2)
+    settings |= dict(rows=16, loss_chunk_size=chunk, specialist=tiny_paths["specialist"])
+    two = torchrun(2, tiny_paths, tmp_path / "two", 240, fsdp=True, gradient_accumulation_steps=4, **settings)
+    one = torchrun(1, tiny_paths, tmp_path / "one", gradient_accumulation_steps=8, **settings)
+    assert all(r["sharded"] for r in two) and not one[0]["sharded"]
+    for report in two:  # both teachers FSDP2 modules; only the root group's own parameters whole after a forward
+        assert report["teachers_fsdp"] == [True, True]
+        assert all(set(whole) <= {"model.norm.weight", "lm_head.weight"} for whole in report["teachers_whole"])
+    slices = list(zip(two[0]["routed"], two[1]["routed"]))
+    assert len(slices) == 8 and any(a != b for a, b in slices), f"no slice splits the teachers across ranks: {slices}"
+    assert sorted(t for pair in slices for rows in pair for t in rows) == [0] * 8 + [1] * 8
+
+    two_weights = torch.load(tmp_path / "two" / "weights.pt")
+    torch.testing.assert_close(two_weights, torch.load(tmp_path / "one" / "weights.pt"), atol=1e-6, rtol=1e-5)
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
