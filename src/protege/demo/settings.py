@@ -212,8 +212,8 @@ class MixtureSettings:
             task="mixture",
             student=ModelSpec(layers=1, hidden=64),
             student_sft=SFTSpec(steps=1200, batch_size=32, learning_rate=3e-3, stop_at_accuracy=0.3),
-            distill_steps=60 if quick else 120,
+            distill_steps=80 if quick else 200,
             distill_batch_size=64,
-            eval_every=60 if quick else 40,
+            eval_every=40 if quick else 50,
         )
         return cls(parts=parts, student=student, warmup_shares={"addition": 3, "walks": 1})
