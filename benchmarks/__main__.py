@@ -30,6 +30,7 @@ BENCHMARKS = (
     "safeguards",
     "gkd_table",
     "sharded_memory",
+    "mixture",
 )
 HELPERS = ("__init__", "__main__", "workers", "gkd_runs")
 
