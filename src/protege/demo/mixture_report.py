@@ -206,7 +206,7 @@ def figure_of(results: dict[str, Any]):
             steps = [point["step"] for point in record["curve"]]
             values = [100 * point[name][key] for point in record["curve"]]
             axes.plot(steps, values, "-" if run == MIXTURE else "--", marker="o", markersize=4, label=run_label(run))
-        axes.axhline(100 * results["teachers"][name][key], color="tab:green", alpha=0.6, label="teacher")
+        axes.axhline(100 * results["teachers"][name][key], color="black", linestyle=":", alpha=0.7, label="teacher")
         axes.set_title(textwrap.fill(f"{name}: {part['metric']}, {SCORE_NAMES[key]}", width=60), fontsize=9)
         axes.set_xlabel("distillation step")
         axes.set_ylabel("held-out score (%)")
