@@ -204,6 +204,16 @@ def _generic_bytes(tokenizer: Any, ids: list[int]) -> list[bytes]:
     return out
 
 
+def standalone_bytes(tokenizer: Any, ids: Sequence[int]) -> list[bytes]:
+    """Each id's bytes on its own, as a vocabulary entry (no leading strip; special tokens b""): what two vocabularies
+    are matched on (`teacher.foreign.vocabulary_match`)."""
+    ids = _as_ids(ids)
+    table = _table(tokenizer)
+    if table.plan.kind == "generic":
+        return [tokenizer.decode([i], skip_special_tokens=True).encode() for i in ids]
+    return table.lookup(ids)
+
+
 def token_bytes(tokenizer: Any, ids: Sequence[int]) -> list[bytes]:
     """Each id's exact contribution to the UTF-8 text the sequence decodes to, so that the join is that text.
 

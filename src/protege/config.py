@@ -34,13 +34,14 @@ from .choices import (
     TEACHER_PROTOCOLS,
     VLLM_MODES,
 )
+from .config_crosstok import CrossTokenizerFields
 from .teacher.spec import MAPPING_FIELDS
 
 logger = logging.get_logger(__name__)
 
 
 @dataclass
-class DistillationConfig(TrainingArguments):
+class DistillationConfig(TrainingArguments, CrossTokenizerFields):
     """Configuration for `DistillationTrainer`, a `TrainingArguments` subclass usable with `HfArgumentParser`."""
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "teacher_model_init_kwargs"]

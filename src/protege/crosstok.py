@@ -191,3 +191,15 @@ def cross_tokenizer_loss_sum(
         else:
             total = total + chunk_loss(rows)
     return total
+
+
+@torch.no_grad()
+def token_logprob_sum(side: AlignedSide, temperature: float, chunk_tokens: int = 1024) -> float:
+    """The sum of log p(actual token) over a side's grouped tokens: its log-probability of the whole aligned text, so
+    the student's minus the teacher's is the sampled estimate of the reverse KL whatever the two tokenizations."""
+    total = 0.0
+    for start in range(0, len(side.token_ids), chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        logp = side.log_probs(part, temperature)
+        total += logp.gather(-1, side.token_ids[part][:, None]).double().sum().item()
+    return total

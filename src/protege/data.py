@@ -208,6 +208,7 @@ class Tokenizer:
     max_completion_length: int | None = None
     limit: SequenceLimit | None = None
     teachers: TeacherColumn | None = None  # several teachers: which one each row names
+    teacher_tokenizer: Any = None  # a teacher of another tokenizer: its own rendering of each prompt too
 
     def __post_init__(self) -> None:
         if self.prompt_truncation not in PROMPT_TRUNCATIONS:
@@ -225,11 +226,12 @@ class Tokenizer:
             return f"max_prompt_length={budget}"
         return f"max_length - 1 = {budget}"
 
-    def _render_prompt(self, prompt: str | list[dict]) -> list[int]:
+    def _render_prompt(self, prompt: str | list[dict], tokenizer: Any = None) -> list[int]:
+        tokenizer = tokenizer or self.tokenizer
         if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _render_completion(self, prompt: str | list[dict], completion: str | list[dict], prompt_ids: list[int]):
         if isinstance(completion, str):
@@ -296,6 +298,11 @@ class Tokenizer:
         }
         if self.teachers is not None:
             out[INDEX_KEY] = self.teachers.index_of(row, index)
+        if self.teacher_tokenizer is not None:  # the same prompt in the teacher's own chat template, cut alike
+            teacher_ids = self._render_prompt(prompt, self.teacher_tokenizer)
+            if budget is not None:
+                teacher_ids = cut_prompt(teacher_ids, budget, self.prompt_truncation)
+            out["teacher_prompt_ids"] = teacher_ids
         return out
 
     def _check_limit(self, index: int, prompt: int, completion: int, on_policy: bool) -> None:
@@ -411,6 +418,10 @@ def tokenize_dataset(
     return rows
 
 
+# Per-row entries of a batch that are not its sequence layout, carried over when on-policy samples replace a slice.
+ROW_KEYS = (INDEX_KEY, "teacher_prompt_ids", "teacher_prompt_mask")
+
+
 def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), width), value, dtype=torch.long)
@@ -461,4 +472,8 @@ class DistillationCollator:
         batch = sequence_batch(prompt_ids, prompt_mask, completion_ids, completion_mask)
         if rows and INDEX_KEY in rows[0]:
             batch[INDEX_KEY] = torch.tensor([r[INDEX_KEY] for r in rows], dtype=torch.long)
+        if rows and "teacher_prompt_ids" in rows[0]:  # padding masked out; the teacher's own pad id is not needed
+            teacher_prompts = [r["teacher_prompt_ids"] for r in rows]
+            batch["teacher_prompt_ids"] = _pad(teacher_prompts, 0, left=True)
+            batch["teacher_prompt_mask"] = _pad([[1] * len(p) for p in teacher_prompts], 0, left=True)
         return batch

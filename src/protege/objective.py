@@ -29,6 +29,7 @@ import torch
 from . import models
 from .choices import setting_error
 from .chunked import apply_head, auto_chunk_size, chunked_rows_sum, head_chunks, through_teacher_head
+from .crosstok import CrossTokenizerLoss, cross_tokenizer_loss_sum, token_logprob_sum
 from .losses import (
     IGNORE_INDEX,
     compute_dtype,
@@ -43,6 +44,7 @@ from .outputs import (
     StudentHidden,
     StudentLogits,
     StudentOutput,
+    TeacherForeign,
     TeacherHidden,
     TeacherLogits,
     TeacherOutput,
@@ -89,6 +91,7 @@ class Objective:
     top1_mode: str = "sampled"
     chunk_size: int | str | None = None  # tokens per chunk of the memory-bounded path, or "auto"; None = dense
     fused: bool = False  # Liger's fused linear JSD (full vocabulary, hidden states)
+    cross: CrossTokenizerLoss | None = None  # a teacher of another tokenizer (use_uld_loss): the uld_* settings
 
     @classmethod
     def from_config(cls, args) -> Objective:
@@ -126,6 +129,18 @@ class Objective:
                     f"so loss_top_k must be 1{exact}",
                 )
         fused = bool(args.use_liger_kernel)
+        cross = None
+        if args.use_uld_loss:
+            cross = CrossTokenizerLoss(
+                beta=args.beta,
+                hybrid=args.uld_use_hybrid_loss,
+                matched_weight=args.uld_hybrid_matched_weight,
+                unmatched_weight=args.uld_hybrid_unmatched_weight,
+                distillation_weight=args.uld_distillation_weight,
+                crossentropy_weight=args.uld_crossentropy_weight,
+                student_temperature=args.uld_student_temperature,
+                teacher_temperature=args.uld_teacher_temperature,
+            )
         return cls(
             beta=args.beta,
             temperature=args.temperature,
@@ -134,6 +149,7 @@ class Objective:
             top1_mode=args.reverse_kl_top_1_mode,
             chunk_size=None if fused else args.loss_chunk_size,
             fused=fused,
+            cross=cross,
         )
 
     @staticmethod
@@ -191,6 +207,16 @@ class Objective:
             )
             support = f"over {whose} top-{self.top_k} tokens" + (" plus the tail's mass" if self.add_tail else "")
         text = f"'loss' is the {divergence} {support}, at temperature {self.temperature:g}, per completion token"
+        if self.cross is not None:
+            compared = (
+                f"the {divergence} on the tokens both vocabularies share and ULD (sorted-probability L1) on the rest"
+                if self.cross.hybrid
+                else "ULD (the L1 distance of sorted probabilities)"
+            )
+            text = (
+                "'loss' is the cross-tokenizer loss: over groups of student and teacher tokens that cover the same "
+                f"text, {compared}, summed over groups and divided by the student's completion tokens"
+            )
         if not on_policy:
             return text
         return (
@@ -225,6 +251,8 @@ class Objective:
     def loss_sum(self, student: StudentOutput, teacher: TeacherOutput, labels: torch.Tensor) -> torch.Tensor:
         """The divergence summed over the completion tokens of a slice (labels (B, C), -100 where not trained)."""
         mask = labels != IGNORE_INDEX
+        if isinstance(teacher, TeacherForeign):
+            return self._cross_sum(student, teacher, labels)
         if self.fused:
             return self._fused_sum(student, teacher, labels, mask)
         family = self.family_for(_vocab_width(student))
@@ -285,6 +313,13 @@ class Objective:
         value_and_grad = value_and_grad and through_head(value_and_grad)
         return through_head(on_logits), value_and_grad, (teacher.hidden[mask], targets)
 
+    def _cross_sum(self, student: StudentOutput, teacher: TeacherForeign, labels: torch.Tensor) -> torch.Tensor:
+        """The cross-tokenizer loss (`crosstok`), a chunk of aligned groups at a time ("auto": sized to the student's
+        vocabulary)."""
+        chunk = self.chunk_size if isinstance(self.chunk_size, int) else auto_chunk_size(_vocab_width(student))
+        sides = teacher.student_side(student, labels), teacher.teacher_side
+        return cross_tokenizer_loss_sum(*sides, teacher.num_groups, teacher.match, self.cross, chunk)
+
     def _fused_sum(self, student: StudentHidden, teacher: TeacherHidden, labels, mask) -> torch.Tensor:
         """Liger's fused linear JSD (a mean over tokens), turned back into a sum."""
         mean = _liger_jsd(self.beta, self.temperature)(
@@ -327,6 +362,9 @@ def sampled_log_ratio_sum(
     """
     mask = labels != IGNORE_INDEX
     chunk_tokens = chunk_tokens or auto_chunk_size(_vocab_width(student))
+    if isinstance(teacher, TeacherForeign):  # log p_student(text) - log p_teacher(text), each on its own tokens
+        student_sum = token_logprob_sum(teacher.student_side(student, labels), temperature, chunk_tokens)
+        return student_sum - token_logprob_sum(teacher.teacher_side, temperature, chunk_tokens)
     if isinstance(teacher, TeacherScores):
         teacher_rows, teacher_weight, teacher_bias = teacher.token_logprobs[mask], None, None
     else:

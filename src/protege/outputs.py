@@ -8,6 +8,7 @@ from which of these it receives, and nothing else, so a new kind of teacher only
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,5 +72,35 @@ class TeacherScores:
     token_logprobs: torch.Tensor  # (B, C)
 
 
+@dataclass
+class TeacherForeign:
+    """A teacher of another tokenizer: its output on its own tokenization of the student's completions, and how the
+    two tokenizations align (`alignment`): each trained student token's group (B, C_s), each teacher completion
+    token's group (B, C_t) and its id, groups numbered across the slice in order; -1 where a token is in no group."""
+
+    output: TeacherLogits | TeacherHidden  # at the teacher's completion positions
+    token_ids: torch.Tensor  # (B, C_t)
+    teacher_groups: torch.Tensor  # (B, C_t)
+    student_groups: torch.Tensor  # (B, C_s)
+    num_groups: int
+    match: Any  # crosstok.VocabularyMatch: the tokens the two vocabularies share
+
+    @property
+    def teacher_side(self):
+        """The teacher's grouped tokens, flattened over the slice (`crosstok.AlignedSide`)."""
+        from .crosstok import AlignedSide
+
+        kept = self.teacher_groups >= 0
+        out = self.output
+        return AlignedSide(out.rows[kept], out.weight, out.bias, self.token_ids[kept], self.teacher_groups[kept])
+
+    def student_side(self, student, labels: torch.Tensor):
+        """The student's grouped tokens (its actual tokens are the labels), flattened over the slice."""
+        from .crosstok import AlignedSide
+
+        kept = self.student_groups >= 0
+        return AlignedSide(student.rows[kept], student.weight, student.bias, labels[kept], self.student_groups[kept])
+
+
 StudentOutput = StudentLogits | StudentHidden
-TeacherOutput = TeacherLogits | TeacherHidden | TeacherScores
+TeacherOutput = TeacherLogits | TeacherHidden | TeacherScores | TeacherForeign

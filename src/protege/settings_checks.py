@@ -86,6 +86,7 @@ def check_settings(config: DistillationConfig) -> None:
     Objective.from_config(config)  # which loss runs: the combinations of beta, loss_top_k and teacher it allows
     check_sampling(config)
     check_teacher_names(config)
+    check_cross_tokenizer(config)
     if config.use_teacher_server:
         check_teacher_server(config)
 
@@ -199,6 +200,36 @@ def check_teacher_names(config: DistillationConfig) -> None:
                 formats,
                 f"it names {unknown}, which teacher_model_server_url does not map to a server",
             )
+
+
+def check_cross_tokenizer(config: DistillationConfig) -> None:
+    """The uld_* settings, and what cross-tokenizer distillation runs with so far: one local teacher."""
+    weights = (config.uld_hybrid_matched_weight, config.uld_hybrid_unmatched_weight)
+    if (weights[0] is None) != (weights[1] is None):
+        raise setting_error(
+            "uld_hybrid_matched_weight", weights[0], "set it together with uld_hybrid_unmatched_weight (or neither)"
+        )
+    for name in ("uld_hybrid_matched_weight", "uld_hybrid_unmatched_weight", "uld_crossentropy_weight"):
+        if getattr(config, name) is not None and getattr(config, name) < 0:
+            raise setting_error(name, getattr(config, name), "it must be >= 0")
+    if config.uld_distillation_weight < 0:
+        raise setting_error("uld_distillation_weight", config.uld_distillation_weight, "it must be >= 0")
+    for name in ("uld_student_temperature", "uld_teacher_temperature"):
+        if not getattr(config, name) > 0:
+            raise setting_error(name, getattr(config, name), "it must be > 0")
+    if not config.use_uld_loss:
+        return
+    if config.use_teacher_server:
+        raise setting_error(
+            "use_uld_loss",
+            True,
+            "cross-tokenizer distillation runs with a local teacher so far (the teacher server scores the "
+            "student's token ids)",
+        )
+    if config.use_liger_kernel:
+        raise setting_error("use_liger_kernel", True, "Liger's fused loss compares one vocabulary, not two")
+    if isinstance(config.teacher_model_name_or_path, dict):
+        raise setting_error("use_uld_loss", True, "cross-tokenizer distillation runs with one teacher so far")
 
 
 def check_teacher_server(config: DistillationConfig) -> None:

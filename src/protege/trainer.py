@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, Trainer
 
 from . import checkpoints, models, sharding
 from .config import DistillationConfig
-from .data import DistillationCollator, Tokenizer, sequence_limit, tokenize_dataset
+from .data import ROW_KEYS, DistillationCollator, Tokenizer, sequence_limit, tokenize_dataset
 from .losses import IGNORE_INDEX, trl_generalized_jsd_loss
 from .metrics import NonFiniteLossError, TrainingWindow, decoded_samples, print_completions
 from .objective import Objective, sampled_log_ratio_sum, student_output
@@ -177,6 +177,7 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
                 {"student": model} | {t.name: t.model for t in self.teachers},
             ),
             teachers=routing,
+            teacher_tokenizer=getattr(self.teacher, "prompt_tokenizer", None),  # a teacher of another tokenizer
         )
         if train_dataset is not None:
             train_dataset = self._tokenize(train_dataset, train=True)
@@ -282,8 +283,9 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
                 [batches[i] for i in on_policy], generate, self.eos_token_ids, pad, self.args.max_completion_length
             )
             for i, rollout in zip(on_policy, rollouts):
-                if INDEX_KEY in batches[i]:  # the sample goes to its row's teacher
-                    rollout.batch[INDEX_KEY] = batches[i][INDEX_KEY]
+                for key in ROW_KEYS:  # the sample goes to its row's teacher, with the prompt as the teacher reads it
+                    if key in batches[i]:
+                        rollout.batch[key] = batches[i][key]
                 batches[i] = rollout.batch
             lengths = self.accelerator.gather(torch.cat([r.lengths for r in rollouts]).float())
             truncated = self.accelerator.gather(torch.cat([r.truncated for r in rollouts]).float())

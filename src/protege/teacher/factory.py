@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import Teacher
+from .foreign import load_foreign_teacher
 from .local import load_local_teacher
 from .remote import connect_remote_teacher
 from .spec import SINGLE, TeacherSpec
@@ -19,6 +20,8 @@ def make_teacher(spec: TeacherSpec, args, student: nn.Module, tokenizer, objecti
     try:
         if spec.server_url is not None:
             return connect_remote_teacher(spec, args, student, tokenizer, objective)
+        if args.use_uld_loss:  # another tokenizer: the teacher runs on its own tokens
+            return load_foreign_teacher(spec, args, student, tokenizer, objective)
         return load_local_teacher(spec, args, student, tokenizer, objective)
     except Exception as error:
         if spec.name != SINGLE and error.args and isinstance(error.args[0], str):

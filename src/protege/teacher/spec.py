@@ -106,6 +106,8 @@ def teacher_specs(args, teacher_model=None) -> list[TeacherSpec]:
     specs = [_local_spec(name, model, args) for name, model in local.items()]
     specs += [_server_spec(name, url, args) for name, url in servers.items()]
     names = [spec.name for spec in specs]
+    if getattr(args, "use_uld_loss", False) and len(specs) > 1:
+        raise ValueError(f"use_uld_loss: cross-tokenizer distillation runs with one teacher so far, not {names}")
     if len(specs) > 1 and args.default_teacher is not None and args.default_teacher not in names:
         raise ValueError(f"default_teacher={args.default_teacher!r} is not one of the teachers {names}")
     return specs

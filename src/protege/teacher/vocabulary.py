@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 ACCEPTED = (
     "distillation on token logits needs the student's tokenizer, or one that extends it: every student token at the "
-    "same id, the extra tokens after them (as Qwen3's extends Qwen2.5's)"
+    "same id, the extra tokens after them (as Qwen3's extends Qwen2.5's); for a teacher of another tokenizer set "
+    "use_uld_loss=True (cross-tokenizer distillation)"
 )
 
 

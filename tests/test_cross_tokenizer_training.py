@@ -1,0 +1,120 @@
+"""Cross-tokenizer distillation through the trainer (`use_uld_loss`): a teacher of another tokenizer trains the
+student on-policy and off-policy; with the student's own tokenizer the loss is the ordinary one; the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import config, dataset
+from transformers import PreTrainedTokenizerFast
+
+from protege import DistillationTrainer
+from protege.outputs import TeacherForeign
+from protege.teacher.vocabulary import TokenizerMismatchError
+from protege.toy import arithmetic_rows, tiny_model, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def char_teacher(tmp_path_factory) -> dict[str, str]:
+    """A teacher whose byte-level tokenizer has almost no merges (about a token per character), against the tiny
+    student's 300-token BPE: the two split every completion differently."""
+    folder = tmp_path_factory.mktemp("char_teacher")
+    rows = arithmetic_rows(200, seed=0)
+    tokenizer = train_tokenizer([m["content"] for r in rows for m in r["messages"]], vocab_size=262)
+    model = tiny_model(len(tokenizer), 2, 48, eos_token_id=tokenizer.eos_token_id, seed=5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    return {"model": str(folder / "model"), "tokenizer": str(folder / "tokenizer")}
+
+
+def cross_trainer(tiny_paths, char_teacher, tmp_path, **overrides) -> DistillationTrainer:
+    settings = dict(use_uld_loss=True, teacher_tokenizer_name_or_path=char_teacher["tokenizer"]) | overrides
+    return DistillationTrainer(
+        model=tiny_paths["student"],
+        teacher_model=char_teacher["model"],
+        args=config(tmp_path, **settings),
+        train_dataset=dataset(32),
+        eval_dataset=dataset(16, seed=9),
+        processing_class=PreTrainedTokenizerFast.from_pretrained(tiny_paths["student"]),
+    )
+
+
+def test_a_teacher_of_another_tokenizer_trains_the_student(tiny_paths, char_teacher, tmp_path):
+    trainer = cross_trainer(tiny_paths, char_teacher, tmp_path, lmbda=0.5, max_steps=8)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    answer = trainer.teacher(batch)
+    assert isinstance(answer, TeacherForeign)
+    student_tokens = batch["labels"].ne(-100).sum().item()
+    teacher_tokens = answer.token_ids.ne(0).sum().item()
+    assert teacher_tokens > student_tokens  # the teacher splits the same text into more tokens
+    # every trained student token and every teacher token is in a group, groups in order, each on both sides
+    assert answer.student_groups[batch["labels"][:, int(batch["prompt_width"]) :] != -100].min() >= 0
+    groups = answer.student_groups[answer.student_groups >= 0]
+    assert groups.tolist() == sorted(groups.tolist()) and set(groups.tolist()) == set(range(answer.num_groups))
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < 0.95 * before
+    estimates = [
+        e["on_policy_reverse_kl_estimate"] for e in trainer.state.log_history if "on_policy_reverse_kl_estimate" in e
+    ]
+    assert estimates and all(torch.isfinite(torch.tensor(estimates)))
+
+
+def test_the_students_own_tokenizer_gives_the_ordinary_loss(tiny_paths, tmp_path):
+    """The cross-tokenizer path with the student's tokenizer as the teacher's: every group is one token, every token
+    shared, so the slice's loss and gradient are the ordinary path's."""
+    ordinary = DistillationTrainer(
+        model=tiny_paths["student"],
+        teacher_model=tiny_paths["teacher"],
+        args=config(tmp_path / "a", beta=0.5, loss_top_k=0),
+        train_dataset=dataset(8),
+    )
+    cross = DistillationTrainer(
+        model=tiny_paths["student"],
+        teacher_model=tiny_paths["teacher"],
+        args=config(tmp_path / "b", beta=0.5, loss_top_k=0, use_uld_loss=True),
+        train_dataset=dataset(8),
+    )
+    batch = ordinary.data_collator([ordinary.train_dataset[i] for i in range(4)])
+    cross_batch = cross.data_collator([cross.train_dataset[i] for i in range(4)])
+    results = []
+    for trainer, inputs in ((ordinary, batch), (cross, cross_batch)):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}))
+    assert results[0][0] > 0
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-7)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_refusals_name_the_setting(tiny_paths, char_teacher, tmp_path):
+    with pytest.raises(TokenizerMismatchError, match="set use_uld_loss=True"):
+        _mismatch(tiny_paths, char_teacher, tmp_path)
+    with pytest.raises(ValueError, match="use_uld_loss=True is not allowed: cross-tokenizer distillation runs with a"):
+        config(
+            tmp_path,
+            use_uld_loss=True,
+            use_teacher_server=True,
+            teacher_model_server_url="http://127.0.0.1:1",
+            teacher_server_response_format="hidden",
+        )
+    with pytest.raises(ValueError, match="uld_hybrid_matched_weight=0.5 is not allowed: set it together"):
+        config(tmp_path, uld_hybrid_matched_weight=0.5)
+
+
+def _mismatch(tiny_paths, char_teacher, tmp_path):
+    """The teacher of another tokenizer without use_uld_loss: the vocabulary check refuses it."""
+    import shutil
+
+    folder = tmp_path / "teacher_with_tokenizer"
+    shutil.copytree(char_teacher["model"], folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{char_teacher['tokenizer']}/{name}", folder / name)
+    DistillationTrainer(
+        model=tiny_paths["student"], teacher_model=str(folder), args=config(tmp_path), train_dataset=dataset(8)
+    )
