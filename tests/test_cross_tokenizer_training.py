@@ -118,3 +118,41 @@ def _mismatch(tiny_paths, char_teacher, tmp_path):
     DistillationTrainer(
         model=tiny_paths["student"], teacher_model=str(folder), args=config(tmp_path), train_dataset=dataset(8)
     )
+
+
+@pytest.mark.slow
+def test_sentencepiece_32k_teacher_and_byte_level_student_on_policy(tiny_paths, tmp_path):
+    """mistral-common's real 32k SentencePiece (byte fallback) as the teacher's tokenizer, the tiny byte-level BPE as
+    the student's: on-policy training runs and lowers the held-out cross-tokenizer divergence."""
+    pytest.importorskip("mistral_common", reason="the 32k SentencePiece model comes with mistral-common (dev extra)")
+    import importlib.resources
+    import shutil
+
+    from transformers import LlamaTokenizerFast
+
+    from protege.toy import CHAT_TEMPLATE
+
+    folder = tmp_path / "sp32k"
+    folder.mkdir()
+    shutil.copy(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
+    sentencepiece = LlamaTokenizerFast.from_pretrained(folder)
+    sentencepiece.chat_template = CHAT_TEMPLATE
+    sentencepiece.save_pretrained(folder)
+    teacher = tiny_model(len(sentencepiece), 2, 32, eos_token_id=sentencepiece.eos_token_id, seed=7)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(20.0)
+    args = config(
+        tmp_path, lmbda=1.0, max_steps=6, use_uld_loss=True, teacher_tokenizer_name_or_path=str(folder), beta=0.5
+    )
+    trainer = DistillationTrainer(
+        model=tiny_paths["student"],
+        teacher_model=teacher,
+        args=args,
+        train_dataset=dataset(32),
+        eval_dataset=dataset(16, seed=9),
+        processing_class=PreTrainedTokenizerFast.from_pretrained(tiny_paths["student"]),
+    )
+    assert trainer.teacher.match.teacher_vocab == 32000 and len(trainer.teacher.match.teacher_ids) > 50
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    assert trainer.evaluate()["eval_loss"] < before
