@@ -12,7 +12,8 @@ EXTRAS := dev,server,peft,plot
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	# deepspeed (CPU build, pure Python at install, a few seconds) for tests/test_zero3_trainer.py, with the torch pin
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]" deepspeed==0.19.8
 	# One full parse of protege train's flags (5-10 s), kept, so the command line answers --help and typos at once.
 	$(BIN)/protege train --help > /dev/null
 	touch $@

@@ -28,15 +28,20 @@ SAVES = dict(fsdp=True, lmbda=0.5, max_steps=4, save_strategy="steps", save_step
 
 
 def torchrun(
-    processes: int, tiny_paths: dict[str, str], out: Path, timeout: float = 600, **settings: object
+    processes: int,
+    tiny_paths: dict[str, str],
+    out: Path,
+    timeout: float = 600,
+    worker: str = "fsdp_train.py",
+    **settings: object,
 ) -> list[dict]:
-    """tests/fsdp_train.py on `processes` ranks with `settings`; each rank's report; a failure after `timeout` s."""
+    """tests/`worker` on `processes` ranks with `settings`; each rank's report; a failure after `timeout` s."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)),
         *("--master_addr", "127.0.0.1", "--master_port", str(free_port())),
-        *(str(TESTS / "fsdp_train.py"), tiny_paths["student"], tiny_paths["teacher"], str(out), json.dumps(settings)),
+        *(str(TESTS / worker), tiny_paths["student"], tiny_paths["teacher"], str(out), json.dumps(settings)),
     ]
     # its own session, so that a run that hangs in a collective is ended whole, workers included
     process = subprocess.Popen(

@@ -10,12 +10,22 @@ dtype and gradient-accumulation rules (no reduction in `no_sync` micro-batches),
 would instead send the gradient back as a local slice (no reduction over ranks) or, with a `Partial` gradient
 placement, as a sum reduced on every micro-batch, outside those rules. Peak memory: one full (V x H) head, as DDP
 holds all the time; never (tokens x vocabulary) logits.
+
+Under DeepSpeed ZeRO-3 the head's weight is a 0-element placeholder outside the forward. `deepspeed.zero.
+GatheredParameters` gathers it for reading only (it is partitioned again when the block ends, and the loss's backward
+comes later), so the loss gets a full copy made while it is gathered, through an autograd function whose backward
+hands the copy's gradient to the parameter itself, gathered again for that moment (autograd accumulates a gradient
+only into a parameter of its shape) and partitioned when the backward ends; DeepSpeed's own hook on the parameter's
+gradient accumulation then reduce-scatters it into its partition, as for any parameter used in a forward. Peak memory:
+one full head copy per call, as above, and the whole head again during the backward.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -78,15 +88,53 @@ def _owner(model: nn.Module, head: nn.Module) -> nn.Module | None:
     return None
 
 
-def whole_head(model: nn.Module, head: nn.Module) -> nn.Module:
-    """`head` with its full weight in place: unsharded through its FSDP2 owner when the weight is a sharded `DTensor`
-    (see the module docstring); as it is otherwise (one process, DDP, or an FSDP2 root that kept it unsharded)."""
+@dataclass(frozen=True)
+class GatheredHead:
+    """A ZeRO-3 head's full weight and bias, copied while gathered; gradients reach the partitioned parameters."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class _GatheredCopy(torch.autograd.Function):
+    """A copy of a parameter applied while DeepSpeed holds it whole; the copy's gradient is the parameter's. autograd
+    accumulates a gradient into a parameter of the parameter's present shape, so the backward gathers it again (a
+    collective, at the same point of every rank's backward) and partitions it once the whole backward has run."""
+
+    @staticmethod
+    def forward(ctx, parameter: torch.Tensor) -> torch.Tensor:
+        ctx.parameter = parameter
+        return parameter.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        parameter = ctx.parameter
+        if parameter.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+            parameter.all_gather(param_list=[parameter])
+            release = lambda: parameter.partition(param_list=[parameter], has_been_updated=False)  # noqa: E731
+            torch.autograd.Variable._execution_engine.queue_callback(release)
+        return grad
+
+
+def _zero3_copy(parameter: torch.Tensor | None) -> torch.Tensor | None:
+    """The full value of a ZeRO-3 parameter, gathered from every rank (a collective), linked to it for autograd."""
+    if parameter is None:
+        return None
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+        return _GatheredCopy.apply(parameter)
+
+
+def whole_head(model: nn.Module, head: nn.Module) -> nn.Module | GatheredHead:
+    """`head` with its full weight in place: unsharded through its FSDP2 owner when the weight is a sharded `DTensor`,
+    or a gathered copy of a DeepSpeed ZeRO-3 head (see the module docstring); as it is otherwise (one process, DDP, or
+    an FSDP2 root that kept it unsharded)."""
     weight = head.weight
-    if getattr(weight, "ds_id", None) is not None:  # a DeepSpeed ZeRO-3 placeholder (0 elements outside forward)
-        raise RuntimeError(
-            "the chunked loss reads the LM head outside the model's forward, which DeepSpeed ZeRO-3 does not gather; "
-            "set loss_chunk_size=None (full logits inside the forward), or use FSDP2"
-        )
+    if getattr(weight, "ds_id", None) is not None:  # a DeepSpeed ZeRO-3 parameter (0 elements outside forward)
+        return GatheredHead(_zero3_copy(weight), _zero3_copy(head.bias))
     from torch.distributed.tensor import DTensor
 
     if not isinstance(weight, DTensor):

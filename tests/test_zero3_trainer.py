@@ -1,0 +1,45 @@
+"""The trainer's own DeepSpeed ZeRO-3 path on CPU (gloo, 2 processes): `DistillationTrainer.train()` with the student
+and the local teacher partitioned by ZeRO-3 from the moment they load, DeepSpeed's backward and step, and the chunked
+loss's LM head gathered outside the forward (`sharding.whole_head`) with its gradient reaching the partitioned weight.
+
+accelerate enables DeepSpeed only when not use_cpu, so the worker's `CpuZero3Trainer` switches the accelerator that
+transformers built to the DeepSpeed plugin (test-only; see tests/zero3_train.py). What this does not cover: DeepSpeed's
+own optimizers (they need compiled ops; the trainer's torch SGD runs as a client optimizer), mixed precision, offload,
+checkpoints and `save_model` under ZeRO-3, generation (on-policy slices), several teachers, `accelerate launch` with
+examples/accelerate/zero3.yaml; scripts/gpu_check.sh runs ZeRO-3 on a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_fsdp_trainer import torchrun
+
+pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make's .venv installs it)")
+pytestmark = pytest.mark.slow  # torchrun processes: not in the fast tier
+
+
+@pytest.mark.parametrize("chunk", [4, None], ids=["chunked", "dense"])
+def test_zero3_training_equals_one_process(tiny_paths, tmp_path, chunk):
+    """2 ZeRO-3 ranks x 4 micro-batches and 1 plain process x 8 micro-batches of one row, 2 SGD steps, off-policy:
+    the same losses and weights, the LM head's included (chunked: it is applied outside the forward)."""
+    settings = dict(lmbda=0.0, per_device_train_batch_size=1, optim="sgd", learning_rate=2.0, max_steps=2)
+    settings |= dict(rows=16, loss_chunk_size=chunk)
+    two = torchrun(
+        2, tiny_paths, tmp_path / "two", 300, "zero3_train.py", zero3=True, gradient_accumulation_steps=4, **settings
+    )
+    one = torchrun(1, tiny_paths, tmp_path / "one", 300, "zero3_train.py", gradient_accumulation_steps=8, **settings)
+    assert {r["distributed_type"] for r in two} == {"DistributedType.DEEPSPEED"}
+    assert all(r["partitioned"] and r["teacher_partitioned"] for r in two), "student and teacher are ZeRO-3's"
+    assert not one[0]["partitioned"]
+
+    start = load_file(Path(tiny_paths["student"], "model.safetensors"))
+    two_weights = torch.load(tmp_path / "two" / "weights.pt")
+    moved = (two_weights["lm_head.weight"] - start["lm_head.weight"]).abs().max().item()
+    assert moved > 1e-3, f"the LM head moved at most {moved:.2e}: its gradient did not reach it"
+    torch.testing.assert_close(two_weights, torch.load(tmp_path / "one" / "weights.pt"), atol=1e-6, rtol=1e-5)
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
+    assert two[1]["loss"] == two[0]["loss"]

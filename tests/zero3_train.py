@@ -1,0 +1,115 @@
+"""Run by test_zero3_trainer under torchrun: protege's real trainer on CPU processes, under DeepSpeed ZeRO-3 if asked.
+
+    python -m torch.distributed.run --nproc_per_node N zero3_train.py STUDENT TEACHER OUT [SETTINGS_JSON]
+
+protege sets use_cpu=True for a multi-process launch without CUDA, and accelerate enables DeepSpeed only when not
+use_cpu, so the trainer would get DDP (MULTI_CPU) and `sharding.check_engine` would refuse the run. `CpuZero3Trainer`
+is the test-only way round, as tests/fsdp_train.py's `CpuFsdp2Trainer` is for FSDP2: the accelerator transformers
+built is switched to the DeepSpeed plugin the settings describe, so `prepare` (`deepspeed.initialize`), the
+teacher's placement and DeepSpeed's backward and step are the real ones. DeepSpeed's process group is set up over gloo
+before anything loads, so that transformers' `zero.Init` partitions both models across the ranks as they load.
+
+SETTINGS_JSON overrides tiny.config's settings, plus "zero3" (true: ZeRO-3) and "rows" (dataset size). Every rank
+writes OUT/rank{R}.json; rank 0 writes the full weights to OUT/weights.pt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+from tiny import config, dataset
+
+import protege.models
+import protege.teacher.local
+from protege import DistillationTrainer
+
+ZERO3 = {
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # every parameter partitioned
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "zero_allow_untested_optimizer": True,  # the trainer's torch SGD: DeepSpeed's own optimizers need compiled ops
+}
+
+
+class CpuZero3Trainer(DistillationTrainer):
+    """The trainer with the DeepSpeed plugin its settings ask for, forced onto accelerate's state on CPU processes."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        plugin = self.args.deepspeed_plugin
+        if self.is_deepspeed_enabled or plugin is None:
+            return
+        state = self.accelerator.state
+        plugin.set_mixed_precision(state.mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        state.deepspeed_plugins = plugin
+        state.distributed_type = DistributedType.DEEPSPEED
+        PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED  # as AcceleratorState sets it
+        self.is_deepspeed_enabled = True
+
+
+def _output_rows_of_partitioned(original):
+    """protege's `output_rows` reads the head weight's shape, which is (0,) for a model loaded under `zero.Init`
+    (ValueError: "the student's output layer has 0 rows"); this stand-in reads DeepSpeed's `ds_shape` there (see
+    /tmp/issue24_zero3.md), and changes nothing once protege does so itself."""
+
+    def output_rows(model: torch.nn.Module) -> int:
+        rows = original(model)
+        weight = getattr(model.get_output_embeddings(), "weight", None)
+        return rows or (weight.ds_shape[0] if hasattr(weight, "ds_shape") else rows)
+
+    return output_rows
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight whole, on every rank (a collective under ZeRO-3: all ranks call it alike)."""
+    parameters = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    gathered = contextlib.nullcontext()
+    if parameters:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(parameters)
+    with gathered:
+        return {name: value.detach().to(torch.float32).clone() for name, value in model.state_dict().items()}
+
+
+def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
+    settings = json.loads(overrides)
+    rows = settings.pop("rows", 16)
+    if settings.pop("zero3", False):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        settings["deepspeed"] = ZERO3
+        protege.models.output_rows = _output_rows_of_partitioned(protege.models.output_rows)
+        protege.teacher.local.output_rows = protege.models.output_rows
+    args = config(Path(out), **settings)
+    trainer = CpuZero3Trainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset(rows))
+    trainer.train()
+    weights = full_weights(trainer.model)
+    rank = trainer.accelerator.process_index
+    report = {
+        "rank": rank,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "partitioned": all(hasattr(p, "ds_id") for p in trainer.model.parameters()),
+        "teacher_partitioned": all(hasattr(p, "ds_id") for p in trainer.teacher_model.parameters()),
+        "loss": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+    if rank == 0:
+        torch.save(weights, Path(out, "weights.pt"))
+    if torch.distributed.is_initialized():  # an orderly end: no rank leaves while another still talks to it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
