@@ -1,9 +1,9 @@
 """FSDP2 on CPU (gloo, 2 processes): protege's loss, metric, evaluation and generation on `fully_shard`-ed student
 and teacher give one process's values and update on the same rows (tests/fsdp_step.py runs both sides).
 
-What this does not cover: the Trainer's own FSDP path (accelerate builds no FSDP plugin on CPU processes, so
-`prepare_model`, FSDP checkpoints and accelerate's `no_sync` under gradient accumulation run only on GPUs), mixed
-precision, FSDP1, and DeepSpeed.
+The Trainer's own FSDP2 path (accelerate's `prepare`, the teacher's placement, checkpoints, `save_model`, several
+teachers) is tested by tests/test_fsdp_trainer.py and DeepSpeed ZeRO-3 by tests/test_zero3_trainer.py. What this does
+not cover: mixed precision and FSDP1.
 """
 
 from __future__ import annotations
