@@ -33,7 +33,7 @@ def cross_trainer(tiny_paths, char_teacher, tmp_path, **overrides) -> Distillati
     settings = dict(use_uld_loss=True, teacher_tokenizer_name_or_path=char_teacher["tokenizer"]) | overrides
     return DistillationTrainer(
         model=tiny_paths["student"],
-        teacher_model=char_teacher["model"],
+        teacher_model=None if settings.get("use_teacher_server") else char_teacher["model"],
         args=config(tmp_path, **settings),
         train_dataset=dataset(32),
         eval_dataset=dataset(16, seed=9),
@@ -95,14 +95,11 @@ def test_the_students_own_tokenizer_gives_the_ordinary_loss(tiny_paths, tmp_path
 def test_refusals_name_the_setting(tiny_paths, char_teacher, tmp_path):
     with pytest.raises(TokenizerMismatchError, match="set use_uld_loss=True"):
         _mismatch(tiny_paths, char_teacher, tmp_path)
-    with pytest.raises(ValueError, match="use_uld_loss=True is not allowed: cross-tokenizer distillation runs with a"):
-        config(
-            tmp_path,
-            use_uld_loss=True,
-            use_teacher_server=True,
-            teacher_model_server_url="http://127.0.0.1:1",
-            teacher_server_response_format="hidden",
-        )
+    server = dict(use_uld_loss=True, use_teacher_server=True, teacher_model_server_url="http://127.0.0.1:1")
+    with pytest.raises(ValueError, match=r"use_uld_loss=True is not allowed: .* use teacher_server_response_format='h"):
+        config(tmp_path, **server, teacher_server_response_format="compact")
+    with pytest.raises(ValueError, match=r"teacher_tokenizer_name_or_path=None is not allowed: with use_uld_loss and"):
+        config(tmp_path, **server, teacher_server_response_format="hidden")
     with pytest.raises(ValueError, match="uld_hybrid_matched_weight=0.5 is not allowed: set it together"):
         config(tmp_path, uld_hybrid_matched_weight=0.5)
 
@@ -172,3 +169,44 @@ def test_the_readme_example_runs(tmp_path):
     line = next(line for line in result.stdout.splitlines() if line.startswith("held-out cross-tokenizer loss"))
     before, after = (float(word) for word in line.split()[3:6:2])
     assert after < before
+
+
+@pytest.mark.slow
+def test_a_teacher_server_in_the_hidden_format_gives_the_local_loss(tiny_paths, char_teacher, tmp_path):
+    """The translation sends the teacher's own token ids to a real server on 127.0.0.1, which returns hidden states:
+    the slice's loss and gradients are the local teacher's."""
+    import shutil
+
+    from conftest import free_port, start_server, stop_server
+
+    served = tmp_path / "served_teacher"
+    shutil.copytree(char_teacher["model"], served)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{char_teacher['tokenizer']}/{name}", served / name)
+    port = free_port()
+    process = start_server(str(served), port)
+    try:
+        remote = cross_trainer(
+            tiny_paths,
+            char_teacher,
+            tmp_path / "remote",
+            use_teacher_server=True,
+            teacher_model_server_url=f"http://127.0.0.1:{port}",
+            teacher_server_response_format="hidden",
+            teacher_server_hidden_dtype="float32",
+            beta=0.5,
+        )
+        local = cross_trainer(tiny_paths, char_teacher, tmp_path / "local", beta=0.5)
+        results = []
+        for trainer in (local, remote):
+            batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+            trainer.model.zero_grad()
+            loss = trainer.compute_loss(trainer.model, batch)
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}))
+    finally:
+        stop_server(process)
+    assert results[0][0] > 0
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-7)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-7, msg=name)

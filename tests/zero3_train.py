@@ -25,8 +25,6 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from tiny import config, dataset
 
-import protege.models
-import protege.teacher.local
 from protege import DistillationTrainer
 
 ZERO3 = {
@@ -56,19 +54,6 @@ class CpuZero3Trainer(DistillationTrainer):
         self.is_deepspeed_enabled = True
 
 
-def _output_rows_of_partitioned(original):
-    """protege's `output_rows` reads the head weight's shape, which is (0,) for a model loaded under `zero.Init`
-    (ValueError: "the student's output layer has 0 rows"); this stand-in reads DeepSpeed's `ds_shape` there (see
-    /tmp/issue24_zero3.md), and changes nothing once protege does so itself."""
-
-    def output_rows(model: torch.nn.Module) -> int:
-        rows = original(model)
-        weight = getattr(model.get_output_embeddings(), "weight", None)
-        return rows or (weight.ds_shape[0] if hasattr(weight, "ds_shape") else rows)
-
-    return output_rows
-
-
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every weight whole, on every rank (a collective under ZeRO-3: all ranks call it alike)."""
     parameters = [p for p in model.parameters() if hasattr(p, "ds_id")]
@@ -89,8 +74,6 @@ def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
 
         deepspeed.init_distributed(dist_backend="gloo")
         settings["deepspeed"] = ZERO3
-        protege.models.output_rows = _output_rows_of_partitioned(protege.models.output_rows)
-        protege.teacher.local.output_rows = protege.models.output_rows
     args = config(Path(out), **settings)
     trainer = CpuZero3Trainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset(rows))
     trainer.train()

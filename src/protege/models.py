@@ -58,10 +58,12 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool, revision: str | N
 
 
 def output_rows(model: torch.nn.Module) -> int:
-    """Rows of the model's output layer: the size of its logits' last dimension."""
+    """Rows of the model's output layer: the size of its logits' last dimension (DeepSpeed ZeRO-3's whole shape,
+    `ds_shape`, where the weight is a partitioned placeholder of 0 elements)."""
     head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return head.weight.shape[0]
+    weight = getattr(head, "weight", None) if head is not None else None
+    if weight is not None:
+        return weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
     return model.config.get_text_config().vocab_size
 
 

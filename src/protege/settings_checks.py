@@ -33,7 +33,7 @@ from .choices import (
     setting_error,
 )
 from .objective import Objective
-from .teacher.spec import MAPPING_FIELDS, server_format, server_urls
+from .teacher.spec import MAPPING_FIELDS, scores_teachers, server_format, server_urls
 
 if TYPE_CHECKING:
     from .config import DistillationConfig
@@ -83,10 +83,10 @@ def check_settings(config: DistillationConfig) -> None:
     check_divergence(config)
     check_lengths(config)
     check_generation_counts(config)
+    check_cross_tokenizer(config)
     Objective.from_config(config)  # which loss runs: the combinations of beta, loss_top_k and teacher it allows
     check_sampling(config)
     check_teacher_names(config)
-    check_cross_tokenizer(config)
     if config.use_teacher_server:
         check_teacher_server(config)
 
@@ -203,7 +203,8 @@ def check_teacher_names(config: DistillationConfig) -> None:
 
 
 def check_cross_tokenizer(config: DistillationConfig) -> None:
-    """The uld_* settings, and what cross-tokenizer distillation runs with so far: one local teacher."""
+    """The uld_* settings, and what cross-tokenizer distillation runs with so far: one teacher, local or a server in
+    the hidden format."""
     weights = (config.uld_hybrid_matched_weight, config.uld_hybrid_unmatched_weight)
     if (weights[0] is None) != (weights[1] is None):
         raise setting_error(
@@ -219,12 +220,19 @@ def check_cross_tokenizer(config: DistillationConfig) -> None:
             raise setting_error(name, getattr(config, name), "it must be > 0")
     if not config.use_uld_loss:
         return
-    if config.use_teacher_server:
+    if config.use_teacher_server and scores_teachers(config):
         raise setting_error(
             "use_uld_loss",
             True,
-            "cross-tokenizer distillation runs with a local teacher so far (the teacher server scores the "
-            "student's token ids)",
+            "cross-tokenizer distillation compares whole distributions, which a teacher server's log-probs (a top-k of "
+            "its own tokens) do not give: use teacher_server_response_format='hidden'",
+        )
+    if config.use_teacher_server and config.teacher_tokenizer_name_or_path is None:
+        raise setting_error(
+            "teacher_tokenizer_name_or_path",
+            None,
+            "with use_uld_loss and a teacher server, name the teacher's tokenizer: the trainer tokenizes the "
+            "completions for it",
         )
     if config.use_liger_kernel:
         raise setting_error("use_liger_kernel", True, "Liger's fused loss compares one vocabulary, not two")

@@ -18,10 +18,10 @@ def make_teacher(spec: TeacherSpec, args, student: nn.Module, tokenizer, objecti
     gives the loading and connection options, `student` and `tokenizer` the vocabulary it is checked against). Where
     the run has several teachers, an error in making one says which: `teacher "code": ...`."""
     try:
-        if spec.server_url is not None:
-            return connect_remote_teacher(spec, args, student, tokenizer, objective)
         if args.use_uld_loss:  # another tokenizer: the teacher runs on its own tokens
             return load_foreign_teacher(spec, args, student, tokenizer, objective)
+        if spec.server_url is not None:
+            return connect_remote_teacher(spec, args, student, tokenizer, objective)
         return load_local_teacher(spec, args, student, tokenizer, objective)
     except Exception as error:
         if spec.name != SINGLE and error.args and isinstance(error.args[0], str):

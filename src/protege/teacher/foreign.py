@@ -19,6 +19,7 @@ from ..models import head_view, load_tokenizer, output_rows
 from ..outputs import TeacherForeign
 from . import Placement, Teacher
 from .local import LocalTeacher, load_teacher
+from .remote import connect_remote_teacher
 from .spec import TeacherSpec
 
 
@@ -59,10 +60,9 @@ def vocabulary_match(student_tokenizer, teacher_tokenizer, student_width: int, t
 
 
 def load_foreign_teacher(spec: TeacherSpec, args, student, tokenizer, objective) -> ForeignTokenizerTeacher:
-    """The local teacher of `spec` with its own tokenizer (`teacher_tokenizer_name_or_path`, else the one published
-    with it), run on its own tokens."""
-    model, published = load_teacher(spec.model, args)
-    teacher_tokenizer = published
+    """The teacher of `spec` with its own tokenizer (`teacher_tokenizer_name_or_path`, else the one published with a
+    local teacher), run on its own tokens: a local model, or a teacher server in the hidden format."""
+    model, teacher_tokenizer = (None, None) if spec.server_url is not None else load_teacher(spec.model, args)
     if args.teacher_tokenizer_name_or_path is not None:
         teacher_tokenizer = load_tokenizer(args.teacher_tokenizer_name_or_path, args.trust_remote_code)
     if teacher_tokenizer is None:
@@ -76,11 +76,13 @@ def load_foreign_teacher(spec: TeacherSpec, args, student, tokenizer, objective)
                 f"use_uld_loss aligns tokens by their offsets in the text, which only a fast (Rust) tokenizer gives; "
                 f"the {who}'s tokenizer ({type(candidate).__name__}) is not one"
             )
-    returns = "logits"
-    if spec.returns == "hidden":
-        returns = head_view(model, spec.name, objective.chunk_size, objective.fused)
-    teacher_width = min(len(teacher_tokenizer), output_rows(model))
-    inner = LocalTeacher(model, teacher_width, returns, spec.name)
+    if spec.server_url is not None:  # it scores the teacher's token ids the translation sends it
+        inner = connect_remote_teacher(spec, args, student, tokenizer, objective, own_tokenizer=teacher_tokenizer)
+    else:
+        returns = "logits"
+        if spec.returns == "hidden":
+            returns = head_view(model, spec.name, objective.chunk_size, objective.fused)
+        inner = LocalTeacher(model, min(len(teacher_tokenizer), output_rows(model)), returns, spec.name)
     eos = getattr(getattr(student, "generation_config", None), "eos_token_id", None)
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     return ForeignTokenizerTeacher(

@@ -76,15 +76,19 @@ def connect_teacher(args, tokenizer, url: str | None = None, response_format: st
     return ServerConnection(client, info, extra_tokens)
 
 
-def connect_remote_teacher(spec: TeacherSpec, args, student: torch.nn.Module, tokenizer, objective):
+def connect_remote_teacher(spec: TeacherSpec, args, student: torch.nn.Module, tokenizer, objective, own_tokenizer=None):
     """The teacher at `spec.server_url`, connected and checked; with the hidden format, its LM head fetched once and
-    sliced to the shared vocabulary."""
-    connection = connect_teacher(args, tokenizer, spec.server_url, spec.response_format)
+    sliced to the shared vocabulary. `own_tokenizer`: a teacher of another tokenizer's own (cross-tokenizer), which
+    the server is checked against and whose whole vocabulary is kept."""
+    connection = connect_teacher(args, own_tokenizer or tokenizer, spec.server_url, spec.response_format)
     try:
         if spec.returns != "hidden":
             return RemoteTeacher(connection, objective.server_top_k, args.temperature, output_rows(student), spec.name)
         head, where = teacher_head(args, connection.client)
-        vocab_size = shared_rows(len(tokenizer), output_rows(student), head.vocab_size, connection.extra_tokens)
+        if own_tokenizer is not None:
+            vocab_size = min(len(own_tokenizer), head.vocab_size)
+        else:
+            vocab_size = shared_rows(len(tokenizer), output_rows(student), head.vocab_size, connection.extra_tokens)
         weight, bias = head.for_loss(vocab_size, student.device, student.dtype, where)
         del head
         return RemoteHiddenTeacher(connection, weight, bias, args.teacher_server_hidden_dtype, spec.name)
