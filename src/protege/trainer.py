@@ -46,7 +46,7 @@ from .rollout import (
 )
 from .routing import INDEX_KEY, ROUTES_KEY, TeacherColumn, teacher_routes
 from .teacher import Placement, Teacher
-from .teacher.factory import make_teacher
+from .teacher.factory import cached_teacher, make_teacher
 from .teacher.spec import TeacherSpec, teacher_specs
 
 
@@ -128,6 +128,8 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
         try:
             for spec in specs:
                 self.teachers.append(make_teacher(spec, args, model, tokenizer, self.objective))
+            if args.teacher_cache is not None:  # off-policy slices from the cache, on-policy from the live teacher
+                self.teachers = [cached_teacher(args, model, tokenizer, self.objective, self.teachers)]
         except BaseException:
             for teacher in self.teachers:
                 teacher.close()
@@ -181,6 +183,8 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
         )
         if train_dataset is not None:
             train_dataset = self._tokenize(train_dataset, train=True)
+            if args.lmbda < 1 and hasattr(self.teacher, "check_rows"):  # a cache lacking a row fails now, named
+                self.teacher.check_rows(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._tokenize(v) for k, v in eval_dataset.items()}
         elif eval_dataset is not None:

@@ -27,3 +27,16 @@ def make_teacher(spec: TeacherSpec, args, student: nn.Module, tokenizer, objecti
         if spec.name != SINGLE and error.args and isinstance(error.args[0], str):
             error.args = (f'teacher "{spec.name}": {error.args[0]}', *error.args[1:])
         raise
+
+
+def cached_teacher(args, student: nn.Module, tokenizer, objective, live: list[Teacher]) -> Teacher:
+    """The teacher of a run with `teacher_cache`: the cache, checked against the run, with the live teacher (if any)
+    for on-policy slices."""
+    from .cache import CacheReader
+    from .cached import CachedTeacher, check_cache
+
+    if len(live) > 1:
+        raise ValueError("teacher_cache serves one teacher; several teachers with caches are not supported yet")
+    reader = CacheReader(args.teacher_cache)
+    check_cache(reader, args, tokenizer, objective)
+    return CachedTeacher(reader, student, tokenizer, live[0] if live else None)

@@ -99,7 +99,11 @@ def teacher_specs(args, teacher_model=None) -> list[TeacherSpec]:
         )
     local = {} if SINGLE in servers else _local_models(args, teacher_model)
     if not local and not servers:
-        raise ValueError("no teacher: pass teacher_model or set teacher_model_name_or_path")
+        cache = getattr(args, "teacher_cache", None)
+        if cache and args.lmbda == 0:
+            return []  # every slice reads the cache
+        why = " (teacher_cache serves off-policy slices only, and lmbda > 0)" if cache else ""
+        raise ValueError(f"no teacher: pass teacher_model or set teacher_model_name_or_path{why}")
     both = sorted(set(local) & set(servers))
     if both:
         raise ValueError(f"teacher names {both} are given both a local model and a server URL; use one name each")
