@@ -3,10 +3,11 @@ and the local teacher partitioned by ZeRO-3 from the moment they load, DeepSpeed
 loss's LM head gathered outside the forward (`sharding.whole_head`) with its gradient reaching the partitioned weight.
 
 accelerate enables DeepSpeed only when not use_cpu, so the worker's `CpuZero3Trainer` switches the accelerator that
-transformers built to the DeepSpeed plugin (test-only; see tests/zero3_train.py). What this does not cover: DeepSpeed's
-own optimizers (they need compiled ops; the trainer's torch SGD runs as a client optimizer), mixed precision, offload,
-checkpoints and `save_model` under ZeRO-3, generation (on-policy slices), several teachers, `accelerate launch` with
-examples/accelerate/zero3.yaml; scripts/gpu_check.sh runs ZeRO-3 on a GPU.
+transformers built to the DeepSpeed plugin (test-only; see tests/zero3_train.py). Checkpoints are DeepSpeed's own
+(`global_stepN`, one partition per rank) and resume exactly; `save_model` writes a Hugging Face folder. What this
+does not cover: DeepSpeed's own optimizers (they need compiled ops; the trainer's torch optimizers run as client
+optimizers), mixed precision, offload, several teachers, `accelerate launch` with examples/accelerate/zero3.yaml;
+scripts/gpu_check.sh runs ZeRO-3 on a GPU.
 """
 
 from __future__ import annotations
@@ -43,3 +44,38 @@ def test_zero3_training_equals_one_process(tiny_paths, tmp_path, chunk):
     torch.testing.assert_close(two_weights, torch.load(tmp_path / "one" / "weights.pt"), atol=1e-6, rtol=1e-5)
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
     assert two[1]["loss"] == two[0]["loss"]
+
+
+def test_zero3_checkpoints_resume_exactly_and_save_model_writes_a_hugging_face_folder(tiny_paths, tmp_path):
+    """DeepSpeed checkpoints (each rank's partition of the weights and of AdamW's state) at steps 2 and 4; resuming
+    both ranks from step 2 runs 2 steps and ends with the uninterrupted run's weights bit for bit; and `save_model`,
+    for which transformers writes only DeepSpeed's partitions unless `stage3_gather_16bit_weights_on_model_save` is
+    set, writes a folder that `from_pretrained` loads to the trained weights."""
+    from transformers import AutoModelForCausalLM
+
+    settings = dict(zero3=True, lmbda=0.0, max_steps=4, save_strategy="steps", save_steps=2, loss_chunk_size=4)
+    final = tmp_path / "straight" / "final"
+    straight = torchrun(2, tiny_paths, tmp_path / "straight", 300, "zero3_train.py", save=str(final), **settings)
+    assert [r["steps_run"] for r in straight] == [4, 4]
+    out = tmp_path / "straight" / "out"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]
+    for step in (2, 4):
+        written = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
+        assert {f"global_step{step}", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= written
+        partitions = {p.name for p in (out / f"checkpoint-{step}" / f"global_step{step}").iterdir()}
+        assert {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")} <= (
+            partitions
+        )
+
+    resume = str(out / "checkpoint-2")
+    resumed = torchrun(2, tiny_paths, tmp_path / "resumed", 300, "zero3_train.py", resume=resume, **settings)
+    assert [r["steps_run"] for r in resumed] == [2, 2]
+    expected = torch.load(tmp_path / "straight" / "weights.pt")
+    start = load_file(Path(tiny_paths["student"], "model.safetensors"))
+    assert max((expected[name] - start[name]).abs().max().item() for name in start) > 1e-3
+    weights = torch.load(tmp_path / "resumed" / "weights.pt")
+    assert weights.keys() == expected.keys() and all(torch.equal(value, expected[n]) for n, value in weights.items())
+
+    saved = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).state_dict()
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(value, expected[name]) for name, value in saved.items())

@@ -9,8 +9,9 @@ built is switched to the DeepSpeed plugin the settings describe, so `prepare` (`
 teacher's placement and DeepSpeed's backward and step are the real ones. DeepSpeed's process group is set up over gloo
 before anything loads, so that transformers' `zero.Init` partitions both models across the ranks as they load.
 
-SETTINGS_JSON overrides tiny.config's settings, plus "zero3" (true: ZeRO-3) and "rows" (dataset size). Every rank
-writes OUT/rank{R}.json; rank 0 writes the full weights to OUT/weights.pt.
+SETTINGS_JSON overrides tiny.config's settings, plus "zero3" (true: ZeRO-3), "gather16" (DeepSpeed's
+`stage3_gather_16bit_weights_on_model_save`), "rows" (dataset size), "resume" (a checkpoint) and "save" (a folder for
+`save_model`). Every rank writes OUT/rank{R}.json; rank 0 writes the full weights to OUT/weights.pt.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from tiny import config, dataset
+from transformers import TrainerCallback
 
 from protege import DistillationTrainer
 
@@ -54,6 +56,15 @@ class CpuZero3Trainer(DistillationTrainer):
         self.is_deepspeed_enabled = True
 
 
+class Steps(TrainerCallback):
+    """Counts the optimizer steps this process ran: a resumed run runs only those after its checkpoint."""
+
+    ran = 0
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.ran += 1
+
+
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every weight whole, on every rank (a collective under ZeRO-3: all ranks call it alike)."""
     parameters = [p for p in model.parameters() if hasattr(p, "ds_id")]
@@ -68,23 +79,31 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
     settings = json.loads(overrides)
-    rows = settings.pop("rows", 16)
+    rows, resume, save = settings.pop("rows", 16), settings.pop("resume", None), settings.pop("save", None)
+    gather16 = settings.pop("gather16", False)
     if settings.pop("zero3", False):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-        settings["deepspeed"] = ZERO3
+        zero = {**ZERO3["zero_optimization"], "stage3_gather_16bit_weights_on_model_save": gather16}
+        settings["deepspeed"] = {**ZERO3, "zero_optimization": zero}
     args = config(Path(out), **settings)
     trainer = CpuZero3Trainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset(rows))
-    trainer.train()
+    steps = Steps()
+    trainer.add_callback(steps)
+    trainer.train(resume_from_checkpoint=resume)
     weights = full_weights(trainer.model)
+    if save:
+        trainer.save_model(save)
     rank = trainer.accelerator.process_index
     report = {
         "rank": rank,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "partitioned": all(hasattr(p, "ds_id") for p in trainer.model.parameters()),
         "teacher_partitioned": all(hasattr(p, "ds_id") for p in trainer.teacher_model.parameters()),
+        "steps_run": steps.ran,
         "loss": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "fractions": [e["on_policy_fraction"] for e in trainer.state.log_history if "on_policy_fraction" in e],
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     if rank == 0:

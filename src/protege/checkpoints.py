@@ -163,12 +163,20 @@ class StagedCheckpoints:
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """transformers' `save_model`, which under FSDP writes weights only for a FULL_STATE_DICT plugin: with a
-        sharded one it writes nothing and says nothing. Asked by the user (not from inside a checkpoint, whose shards
-        accelerate writes), the weights are then gathered whole (a collective: every rank calls this) and saved as a
-        Hugging Face folder, as with any other engine."""
+        sharded one it writes nothing and says nothing. Under DeepSpeed ZeRO-3 without
+        `stage3_gather_16bit_weights_on_model_save` it writes DeepSpeed's partitioned checkpoint instead, which
+        `from_pretrained` cannot load. Asked by the user (not from inside a checkpoint, whose shards accelerate or
+        DeepSpeed write for resuming), the weights are then gathered whole (a collective: every rank calls this) and
+        saved as a Hugging Face folder, as with any other engine."""
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         if not _internal_call and plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
             self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+        elif not _internal_call and _zero3_without_gathered_save(self.model_wrapped):
+            # DeepSpeed's own layer-by-layer gather (tied weights kept tied), as that setting would have run it
+            self._save(output_dir, state_dict=self.model_wrapped._zero3_consolidated_16bit_state_dict())
+            if self.args.push_to_hub:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            return
         super().save_model(output_dir, _internal_call)
 
     def _get_output_dir(self, trial) -> str:
@@ -181,3 +189,9 @@ class StagedCheckpoints:
             self._push_pending = True
             return
         super()._push_from_checkpoint(checkpoint_folder)
+
+
+def _zero3_without_gathered_save(engine) -> bool:
+    """Whether `engine` is a DeepSpeed ZeRO-3 engine whose `save_model` would not write whole weights."""
+    partitioned = getattr(engine, "zero_optimization_partition_weights", None)
+    return partitioned is not None and partitioned() and not engine.zero_gather_16bit_weights_on_model_save()
