@@ -4,8 +4,8 @@
 
 SETTINGS_JSON overrides SETTINGS below (and "rows", the dataset size, 64 by default; "resume", passed to
 `train(resume_from_checkpoint=...)`; "specialist", a second teacher's path: rows then alternate between the two
-teachers), so each test states only what it changes. Every rank writes OUT/rank{R}.json;
-rank 0 also saves the trained weights to OUT/weights.pt.
+teachers; "teacher_cache", a cache folder, for no teacher model), so each test states only what it changes. Every
+rank writes OUT/rank{R}.json; rank 0 also saves the trained weights to OUT/weights.pt.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
     if specialist is not None:  # two teachers, rows routed to them in turn
         teacher = {"general": teacher, "specialist": specialist}
         train_dataset = train_dataset.map(lambda _, i: {"teacher": ("general", "specialist")[i % 2]}, with_indices=True)
+    if args.teacher_cache is not None:  # every slice from the cache: no teacher model
+        teacher = None
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train_dataset)
     record = RecordFractions()
     trainer.add_callback(record)

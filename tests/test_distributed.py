@@ -79,3 +79,24 @@ def test_world_size_does_not_change_the_update(tiny_paths, tmp_path):
     assert moved > 1e-3, f"the weights moved at most {moved:.2e}: too little to tell a 2x loss scale from noise"
     torch.testing.assert_close(two_weights, one_weights, atol=1e-6, rtol=1e-5)
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
+
+    # From an offline teacher cache, each rank reading its own rows: the same update, with no teacher model
+    from dist_train import SETTINGS
+    from test_teacher_cache import make_cache
+    from tiny import config, dataset
+
+    from protege.models import load_tokenizer
+
+    cache_args = config(tmp_path, **(SETTINGS | {"lmbda": 0.0}))
+    tokenizer = load_tokenizer(tiny_paths["student"], False)  # the tokenizer the workers load
+    make_cache(tiny_paths, tmp_path / "cache", cache_args, rows=dataset(16), tokenizer=tokenizer)
+    torchrun(
+        2,
+        tiny_paths,
+        tmp_path / "cached",
+        gradient_accumulation_steps=4,
+        **settings,
+        teacher_cache=str(tmp_path / "cache"),
+    )
+    cached_weights = torch.load(tmp_path / "cached" / "weights.pt")
+    torch.testing.assert_close(cached_weights, one_weights, atol=1e-6, rtol=1e-5)

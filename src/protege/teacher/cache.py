@@ -42,6 +42,15 @@ def row_digest(prompt_ids: list[int], completion_ids: list[int]) -> bytes:
     return hashlib.sha1(data).digest()
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of everything that decides a tokenizer's ids for a text: its whole definition (vocabulary, merges,
+    normalizer, pre-tokenizer, added tokens) and its chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return hashlib.sha256((definition + "\x00" + str(template)).encode()).hexdigest()
+
+
 @dataclass
 class CacheManifest:
     """What a cache holds and what it was made from; checked field by field against a training run."""

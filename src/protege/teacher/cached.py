@@ -14,8 +14,8 @@ from ..losses import IGNORE_INDEX
 from ..models import output_rows
 from ..outputs import TeacherHidden, TeacherScores
 from . import Placement, Teacher
-from .cache import HEAD_FILE, CacheReader, row_digest
-from .head import load_head, vocabulary_sha256
+from .cache import HEAD_FILE, CacheReader, row_digest, tokenizer_fingerprint
+from .head import load_head
 from .vocabulary import shared_rows
 
 TOKENIZATION_FIELDS = ("max_length", "max_prompt_length", "prompt_truncation")
@@ -30,7 +30,7 @@ def check_cache(reader: CacheReader, args, tokenizer, objective) -> None:
     """The cache was made for this run's tokens and can give what the objective needs, or a ValueError naming what
     differs (rows are checked by `check_rows`, once they are tokenized)."""
     manifest, where = reader.manifest, f"teacher_cache={str(reader.folder)!r}"
-    if manifest.tokenizer_sha256 != vocabulary_sha256(tokenizer):
+    if manifest.tokenizer_sha256 != tokenizer_fingerprint(tokenizer):
         raise ValueError(f"{where} was made with another tokenizer (tokenizer_sha256 differs from the student's)")
     for name, value in tokenization_settings(args).items():
         cached = manifest.tokenization.get(name)
