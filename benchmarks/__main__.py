@@ -31,6 +31,7 @@ BENCHMARKS = (
     "gkd_table",
     "sharded_memory",
     "mixture",
+    "cross_tokenizer",
 )
 HELPERS = ("__init__", "__main__", "workers", "gkd_runs")
 
