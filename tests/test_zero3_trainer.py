@@ -79,3 +79,29 @@ def test_zero3_checkpoints_resume_exactly_and_save_model_writes_a_hugging_face_f
     saved = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).state_dict()
     assert saved.keys() == expected.keys()
     assert all(torch.equal(value, expected[name]) for name, value in saved.items())
+
+
+def test_zero3_on_policy_training_equals_ddp_and_ranks_stopping_early_keep_generating(tiny_paths, tmp_path):
+    """lmbda 0.5 (3 of the first step's 4 slices on-policy): HF `generate` on the ZeRO-3 student inside the trainer,
+    2 ZeRO-3 ranks against 2 DDP ranks of the same seeds: the same losses and weights (so the same completions).
+    Not against 1 process: each rank samples from its own seed, so the completions depend on the world size.
+    After training, rank r samples 2 + 4 r tokens: with `synced_gpus` (`sharding.sharded_across_ranks` sees ZeRO-3's
+    `ds_id` parameters) rank 0 keeps joining rank 1's gathers, and both sample what a plain copy of the weights
+    samples; without it rank 1 waits for rank 0 forever (the subprocess timeout ends the test)."""
+    settings = dict(lmbda=0.5, per_device_train_batch_size=1, optim="sgd", learning_rate=2.0, max_steps=2)
+    settings |= dict(rows=16, loss_chunk_size=4, gradient_accumulation_steps=4)
+    zero3 = torchrun(2, tiny_paths, tmp_path / "zero3", 240, "zero3_train.py", zero3=True, **settings)
+    ddp = torchrun(2, tiny_paths, tmp_path / "ddp", 240, "zero3_train.py", **settings)
+    assert {r["distributed_type"] for r in zero3} == {"DistributedType.DEEPSPEED"}
+    assert {r["distributed_type"] for r in ddp} == {"DistributedType.MULTI_CPU"}
+    assert all(r["partitioned"] for r in zero3) and not any(r["partitioned"] for r in ddp)
+    assert [r["fractions"] for r in zero3 + ddp] == [[0.75, 0.0]] * 4
+    for report in zero3 + ddp:
+        assert report["loss"] == pytest.approx(ddp[0]["loss"], rel=1e-5)
+    weights = torch.load(tmp_path / "zero3" / "weights.pt")
+    torch.testing.assert_close(weights, torch.load(tmp_path / "ddp" / "weights.pt"), atol=1e-6, rtol=1e-5)
+
+    for report in zero3:
+        sharded, plain = report["generated"]
+        assert [len(row) for row in sharded] == [2 + 4 * report["rank"]] * 2
+        assert sharded == plain

@@ -25,9 +25,10 @@ import torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from tiny import config, dataset
-from transformers import TrainerCallback
+from transformers import GenerationConfig, TrainerCallback
 
 from protege import DistillationTrainer
+from protege.rollout import model_generate
 
 ZERO3 = {
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # every parameter partitioned
@@ -77,6 +78,16 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name: value.detach().to(torch.float32).clone() for name, value in model.state_dict().items()}
 
 
+def uneven_generation(model: torch.nn.Module, weights: dict[str, torch.Tensor], rank: int) -> list[list[list[int]]]:
+    """Tokens sampled by `model` with protege's `model_generate`, rank r stopping after 2 + 4 r new tokens (under
+    ZeRO-3 a rank that stops must keep joining the others' gathers), and by a plain copy holding `weights`."""
+    sampling = GenerationConfig(max_new_tokens=2 + 4 * rank, do_sample=True, pad_token_id=0, eos_token_id=None)
+    prompt = torch.arange(3, 8).expand(2, 5)
+    plain = type(model)(model.config)  # the constructor, unlike from_pretrained, does not partition under zero.Init
+    plain.load_state_dict(weights)
+    return [model_generate(m, sampling, seed=rank)(prompt, torch.ones_like(prompt)).tolist() for m in (model, plain)]
+
+
 def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
     settings = json.loads(overrides)
     rows, resume, save = settings.pop("rows", 16), settings.pop("resume", None), settings.pop("save", None)
@@ -95,6 +106,7 @@ def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
     weights = full_weights(trainer.model)
     if save:
         trainer.save_model(save)
+    generated = uneven_generation(trainer.model, weights, trainer.accelerator.process_index)
     rank = trainer.accelerator.process_index
     report = {
         "rank": rank,
@@ -102,6 +114,7 @@ def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
         "partitioned": all(hasattr(p, "ds_id") for p in trainer.model.parameters()),
         "teacher_partitioned": all(hasattr(p, "ds_id") for p in trainer.teacher_model.parameters()),
         "steps_run": steps.ran,
+        "generated": generated,
         "loss": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "fractions": [e["on_policy_fraction"] for e in trainer.state.log_history if "on_policy_fraction" in e],
     }

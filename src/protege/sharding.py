@@ -152,13 +152,16 @@ def whole_head(model: nn.Module, head: nn.Module) -> nn.Module | GatheredHead:
 
 
 def sharded_across_ranks(model: nn.Module) -> bool:
-    """Whether `model` holds FSDP2-sharded parameters in a group of several ranks: every forward then gathers them
-    from all ranks, so a rank that has finished generating must keep stepping until all have (transformers'
-    `synced_gpus`), or the others wait for it forever. transformers sets that itself only for models it sharded."""
+    """Whether `model` holds parameters sharded across a group of several ranks, by FSDP2 or DeepSpeed ZeRO-3 (its
+    parameters carry `ds_id`): every forward then gathers them from all ranks, so a rank that has finished generating
+    must keep stepping until all have (transformers' `synced_gpus`), or the others wait for it forever. protege passes
+    `synced_gpus` itself, which overrides transformers' own guess."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
     from torch.distributed.fsdp import FSDPModule
 
+    if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
+        return True
     return any(isinstance(module, FSDPModule) for module in model.modules())
