@@ -39,6 +39,7 @@ from .task import load_tokenizer
 from .tasks import Task, get_task
 
 TEACHER_COLUMN = "teacher"
+SCORE_WORDS = {"accuracy": "acc", "sampled": "sampled"}
 
 
 @dataclass
@@ -70,6 +71,11 @@ class Part:
         """The headline score on the validation problems: what the student's warm-up stops on."""
         sample = self.settings.sample_eval
         return generate(model, self.encoder, self.validation, sample=sample, seed=seed if sample else None).accuracy
+
+    def describe(self, snap: Snapshot) -> str:
+        """The headline score of a snapshot, for the progress display."""
+        score = snap.sampled_accuracy if self.headline == "sampled" else snap.accuracy
+        return f"{self.name} {SCORE_WORDS[self.headline]} {score:.1%}"
 
     def snapshot(self, model, seed: int) -> Snapshot:
         kl_problems = self.eval_problems[: self.settings.kl_problems]
@@ -118,7 +124,7 @@ def _stages(output: Path, quick: bool, seed: int, settings: MixtureSettings, con
         for name, part in parts.items():
             teachers[name] = part.scores(part.teacher.model, seed)
             before[name] = part.snapshot(student.model, seed)
-            progress.update(evaluation, advance=1, info=f"{name} {before[name].accuracy:.1%}")
+            progress.update(evaluation, advance=1, info=part.describe(before[name]))
         timings["evaluation"] = time.perf_counter() - clock
         mixture = distillation_mixture(parts, settings.student)
         batches = batch_sizes(mixture, parts, settings.student)
@@ -134,7 +140,7 @@ def _stages(output: Path, quick: bool, seed: int, settings: MixtureSettings, con
             after = {}
             for name, part in parts.items():
                 after[name] = part.snapshot(distilled.student, seed)
-                progress.update(evaluation, advance=1, info=f"{name} {after[name].accuracy:.1%}")
+                progress.update(evaluation, advance=1, info=part.describe(after[name]))
             timings["evaluation"] += time.perf_counter() - clock + distilled.eval_seconds
             distilled.student.save_pretrained(output / f"student_{run}")
             tokenizer.save_pretrained(output / f"student_{run}")
