@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .commands import demo, evaluate, serve_student, serve_teacher
+from .commands import cache_teacher, demo, evaluate, serve_student, serve_teacher
 
 
 def _train_parser(subparsers) -> None:
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_teacher.add_parser(subparsers)
     serve_student.add_parser(subparsers)
     evaluate.add_parser(subparsers)
+    cache_teacher.add_parser(subparsers)
     demo.add_parser(subparsers)
     return parser
 

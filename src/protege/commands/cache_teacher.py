@@ -1,0 +1,291 @@
+"""`protege cache-teacher`: run the teacher once over a dataset's completions and write its output to a folder that
+`protege train --teacher_cache FOLDER` trains from without the teacher (see `protege.teacher.cache`).
+
+The rows are tokenized exactly as `protege train` tokenizes them (the student's tokenizer, the same length settings
+and their defaults), since a cached row is found by the digest of its token ids: a setting that differs here would
+give rows training cannot find. A killed run resumes: the same command continues after the last complete shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+from .errors import report
+from .interrupts import Interrupted, interruptible
+
+COMMAND = "cache-teacher"
+STORED_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        COMMAND,
+        help="Run the teacher once over a dataset and cache its outputs for `protege train --teacher_cache`.",
+        description="Write the teacher's output for every completion token of a dataset to a folder (the LM head "
+        "once and final hidden states, or top-K log-probs). Rerunning a killed command continues where it stopped.",
+    )
+    parser.error = one_line_error  # argparse's mistakes too (a missing flag, a bad number): one line, exit 2
+    parser.add_argument("--teacher", required=True, help="Teacher: hub id or local path.")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="The STUDENT's tokenizer (hub id or path): the cache is keyed by the student's token ids. Default: the "
+        "teacher's, which must then be the student's too.",
+    )
+    parser.add_argument(
+        "--dataset_name", required=True, help="Hub dataset, a json/jsonl/parquet/csv file, or a saved folder."
+    )
+    parser.add_argument("--dataset_config", default=None, help="Dataset configuration name.")
+    parser.add_argument("--dataset_train_split", default="train", help="Split to cache (the one training uses).")
+    parser.add_argument(
+        "--max_length", type=optional_int, default=1024, help="As `protege train`: prompt + completion tokens."
+    )
+    parser.add_argument(
+        "--max_prompt_length",
+        type=optional_int,
+        default=None,
+        help="As `protege train`; default max_length - max_completion_length.",
+    )
+    parser.add_argument(
+        "--max_completion_length", type=int, default=512, help="As `protege train` (decides max_prompt_length)."
+    )
+    parser.add_argument("--prompt_truncation", default="middle", help="As `protege train`: middle, left or error.")
+    parser.add_argument(
+        "--format",
+        default="hidden",
+        help="hidden (default): final hidden states and the LM head, exact for every beta; topk: the top-K "
+        "log-probs (beta 0 with loss_top_k <= K, or loss_top_k 1).",
+    )
+    parser.add_argument("--loss_top_k", type=int, default=None, help="K of --format topk.")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="Stored dtype: bfloat16 (default for hidden), float16 (default for topk) or float32.",
+    )
+    parser.add_argument("--teacher_dtype", default="float32", help="Dtype the teacher's weights are loaded in.")
+    parser.add_argument("--device", default="cpu", help="Where the teacher runs: cpu (default), cuda, cuda:1...")
+    parser.add_argument("--batch_size", type=int, default=8, help="Rows per teacher forward pass.")
+    parser.add_argument("--rows_per_shard", type=int, default=1024, help="Rows per shard file (the resume unit).")
+    parser.add_argument("--output", required=True, help="The cache folder to write (or to finish).")
+    parser.set_defaults(handler=run)
+
+
+def one_line_error(message: str) -> None:
+    """argparse's error, as every protege command reports a mistake (argparse prints the usage first)."""
+    sys.exit(report(COMMAND, message))
+
+
+def optional_int(text: str) -> int | None:
+    """An integer, or none/None (no limit, as `protege train` accepts)."""
+    return None if text.lower() == "none" else int(text)
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """The flags make sense together, and the derived values are filled in as `DistillationConfig` derives them."""
+    from ..choices import PROMPT_TRUNCATIONS
+    from ..teacher.cache import FORMATS
+
+    if args.format not in FORMATS:
+        raise ValueError(f"--format {args.format!r}: choose one of {', '.join(FORMATS)}")
+    if args.format == "topk" and (args.loss_top_k is None or args.loss_top_k < 1):
+        raise ValueError("--format topk needs --loss_top_k K (K >= 1): the number of log-probs kept per token")
+    if args.format == "hidden" and args.loss_top_k is not None:
+        raise ValueError("--loss_top_k is for --format topk; a hidden cache keeps the whole distribution")
+    args.dtype = args.dtype or ("bfloat16" if args.format == "hidden" else "float16")
+    for flag, value in (("--dtype", args.dtype), ("--teacher_dtype", args.teacher_dtype)):
+        if value not in STORED_DTYPES:
+            raise ValueError(f"{flag} {value!r}: choose one of {', '.join(STORED_DTYPES)}")
+    if args.prompt_truncation not in PROMPT_TRUNCATIONS:
+        raise ValueError(f"--prompt_truncation {args.prompt_truncation!r}: choose one of {PROMPT_TRUNCATIONS}")
+    for flag in ("batch_size", "rows_per_shard"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, not {getattr(args, flag)}")
+    if args.teacher.startswith(("http://", "https://")):
+        raise ValueError("a teacher server URL is not supported by cache-teacher yet; give the teacher's model path")
+    if args.max_prompt_length is None and args.max_length is not None:  # DistillationConfig._derive's rule
+        args.max_prompt_length = args.max_length - args.max_completion_length
+    args.tokenizer = args.tokenizer or args.teacher
+
+
+def run(args: argparse.Namespace) -> int:
+    with interruptible():
+        try:
+            try:
+                check_settings(args)
+                with quiet_libraries():
+                    manifest = cache(args)
+            except (ValueError, OSError) as error:
+                return report(COMMAND, error)
+        except Interrupted as interrupt:
+            print(where_it_stands(interrupt, Path(args.output)), file=sys.stderr)
+            return interrupt.exit_code
+    print(finished(manifest, args), file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """datasets' and transformers' own bars off while the command shows its one bar (and its errors one line)."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets_on, transformers_on = datasets.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            transformers_logging.enable_progress_bar()
+
+
+def tokenized_rows(args: argparse.Namespace, tokenizer, teacher_config):
+    """The split's rows tokenized as the trainer tokenizes a training set at lmbda < 1, and the raw split."""
+    from ..data import Tokenizer, sequence_limit, tokenize_dataset
+    from .datasets import load_any
+
+    dataset = load_any(args.dataset_name, args.dataset_config)
+    if args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"dataset {args.dataset_name} has no split {args.dataset_train_split!r} (splits: {sorted(dataset)})"
+        )
+    raw = dataset[args.dataset_train_split]
+    limit = sequence_limit(args.max_length, None, {"teacher": SimpleNamespace(config=teacher_config)})
+    row_tokenizer = Tokenizer(
+        tokenizer, args.max_prompt_length, args.max_length, args.prompt_truncation, args.max_completion_length, limit
+    )
+    rows = tokenize_dataset(raw, row_tokenizer, needs_completion=True, name="train_dataset")
+    return rows, raw
+
+
+def shared_width(tokenizer, teacher, teacher_tokenizer) -> int:
+    """The vocabulary the teacher is compared on, checked as training checks it (`teacher.local.shared_vocab_size`,
+    with the teacher in the student's place: the student is not here, training checks its layer)."""
+    from ..models import output_rows
+    from ..teacher.vocabulary import shared_rows, teacher_extra_tokens
+
+    extra = (
+        [] if teacher_tokenizer is None else teacher_extra_tokens(tokenizer.get_vocab(), teacher_tokenizer.get_vocab())
+    )
+    rows = output_rows(teacher)
+    return shared_rows(len(tokenizer), rows, rows, len(extra))
+
+
+def cache(args: argparse.Namespace):
+    """Load, check, tokenize, then write (or finish) the cache; returns its finished manifest."""
+    import torch
+    from transformers import AutoConfig
+
+    from .. import __version__
+    from ..data import DistillationCollator
+    from ..model_source import check_model_source
+    from ..models import load_causal_lm, load_tokenizer
+    from ..teacher.cache import CacheManifest, build_cache, start_or_resume, teacher_identity, tokenizer_fingerprint
+    from ..teacher.cached import tokenization_settings
+    from ..teacher.local import published_tokenizer
+    from ..teacher.vocabulary import teacher_extra_tokens
+
+    check_model_source(args.teacher, "teacher")
+    tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=False)
+    teacher_tokenizer = published_tokenizer(args.teacher) if args.tokenizer != args.teacher else None
+    if teacher_tokenizer is not None:  # before the data and the weights: a teacher of other ids fails at once
+        teacher_extra_tokens(tokenizer.get_vocab(), teacher_tokenizer.get_vocab())
+    rows, raw = tokenized_rows(args, tokenizer, AutoConfig.from_pretrained(args.teacher))
+    teacher = load_causal_lm(args.teacher, {"dtype": getattr(torch, args.teacher_dtype)}, False, role="teacher")
+    teacher = teacher.to(args.device).eval()
+    width = shared_width(tokenizer, teacher, teacher_tokenizer)
+    manifest = CacheManifest(
+        format=args.format,
+        dtype=args.dtype,
+        teacher=teacher_identity(teacher, args.teacher),
+        tokenizer_sha256=tokenizer_fingerprint(tokenizer),
+        tokenization=tokenization_settings(args),
+        dataset_fingerprint=raw._fingerprint,
+        hidden_size=teacher.config.get_text_config().hidden_size if args.format == "hidden" else None,
+        vocab_size=width,
+        top_k=args.loss_top_k,
+        version=__version__,
+    )
+    folder = Path(args.output)
+    done = start_or_resume(folder, manifest)  # a different cache in the folder fails here, before any work
+    collate = DistillationCollator(tokenizer.pad_token_id)
+
+    def on_device(part: list[dict]) -> dict:
+        return {key: value.to(args.device) for key, value in collate(part).items()}
+
+    tokens = sum(len(ids) for ids in rows["completion_ids"])
+    with RowProgress(len(rows), tokens, done.rows, done.tokens) as progress:
+        return build_cache(teacher, rows, on_device, folder, done, args.batch_size, args.rows_per_shard, progress)
+
+
+class RowProgress:
+    """A progress bar on stderr: rows done, tokens/s, ETA (by tokens, since rows differ in length)."""
+
+    def __init__(self, rows: int, tokens: int, rows_done: int, tokens_done: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]caching the teacher"),
+            BarColumn(),
+            TextColumn("{task.fields[rows]:,}/{task.fields[total_rows]:,} rows"),
+            TextColumn("{task.fields[speed]} tokens/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self.task = self.progress.add_task(
+            "cache", total=max(tokens, 1), completed=tokens_done, rows=rows_done, total_rows=rows, speed="-"
+        )
+        self.rows = rows_done
+
+    def __enter__(self) -> RowProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, rows: int, tokens: int) -> None:
+        self.rows += rows
+        self.progress.advance(self.task, tokens)
+        speed = self.progress.tasks[0].speed
+        self.progress.update(self.task, rows=self.rows, speed="-" if speed is None else f"{speed:,.0f}")
+
+
+def where_it_stands(interrupt: Interrupted, folder: Path) -> str:
+    """One line for an interrupted run: the rows its complete shards hold, and how to go on."""
+    from ..teacher.cache import MANIFEST, CacheManifest
+
+    if not (folder / MANIFEST).exists():
+        return f"protege {COMMAND}: interrupted ({interrupt.name}) before caching started; nothing was written"
+    manifest = CacheManifest.read(folder)
+    return (
+        f"protege {COMMAND}: interrupted ({interrupt.name}); {manifest.rows} rows in {len(manifest.shards)} complete "
+        f"shards in {folder.resolve()}; run the same command again to continue from there"
+    )
+
+
+def finished(manifest, args: argparse.Namespace) -> str:
+    """Where the cache went, its size, and the flag that trains from it."""
+    folder = Path(args.output).resolve()
+    size = sum(
+        path.stat().st_size
+        for path in folder.iterdir()
+        if path.name.startswith("shard-") and path.suffix == ".safetensors"
+    )
+    per_token = size / max(manifest.tokens, 1)
+    return (
+        f"protege {COMMAND}: done; {manifest.rows} rows, {manifest.tokens} completion tokens, {per_token:,.0f} bytes "
+        f"a token ({manifest.format}, {manifest.dtype}) in {folder}. Train from it: protege train ... "
+        f"--teacher_cache {folder}"
+    )
