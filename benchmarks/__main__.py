@@ -32,6 +32,7 @@ BENCHMARKS = (
     "sharded_memory",
     "mixture",
     "cross_tokenizer",
+    "teacher_cache",
 )
 HELPERS = ("__init__", "__main__", "workers", "gkd_runs")
 

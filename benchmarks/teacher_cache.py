@@ -1,0 +1,225 @@
+"""The offline teacher cache at real shapes: a step from the cache against a step with the live local teacher, the
+cache's bytes a token per format, and the time to build it against one epoch with the live teacher.
+
+    python -m benchmarks teacher_cache                 # real shapes, 4 rows of 16 + 1,000 tokens: 2 steps of 2 rows
+    python -m benchmarks teacher_cache --quick         # smoke run: vocabulary 8000, hidden 64 / 128, 64 tokens
+
+The models are real_scale's (`workers.random_models`, built once into `--cache-dir`, shared with real_scale): a Qwen2
+student of hidden 896, 4 layers, tied embeddings, a teacher of hidden 1536, 4 layers, untied, vocabulary 151,936 (the
+layer counts are cut from 24 and 28 to fit a 2-core machine). The data: `--rows` rows of `--prompt-tokens` and
+exactly `--tokens` completion tokens (real_scale's rows), one epoch = rows / 2 steps of 2 rows, lmbda 0, beta 0.5, the
+full vocabulary (`loss_top_k=0`, protege's default `loss_chunk_size`), float32, AdamW, `--threads` torch threads.
+
+In order, each in a fresh process: `protege cache-teacher --format hidden` (bfloat16) and `--format topk
+--loss_top_k 20` over the rows (their wall time: start, model load and the teacher's identity digest included), then
+one epoch with the live local teacher and one from the hidden cache with no teacher (`worker` below). s/step is the
+mean over the epoch's steps, from the start of training; the first step is in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from benchmarks import Column, Report, describe, emit_result, failure, module_command, parse, parser, setting, spawn
+from benchmarks.real_scale import QUICK, REAL, conversations
+from benchmarks.workers import FolderRun, build_trainer, random_models, train
+
+TOP_K = 20
+
+
+@dataclasses.dataclass(kw_only=True)
+class Epoch(FolderRun):
+    """One epoch in a worker: the live teacher (no `cache`) or the cache (no teacher loaded)."""
+
+    steps: int = setting(2, "optimizer steps: the epoch")
+    warmup: int = setting(0)
+    grad_accum: int = setting(1)
+    lmbda: float = setting(0.0)
+    learning_rate: float = setting(1e-6)
+    threads: int = setting(2)
+    data: str = setting(help="the rows, JSON lines")
+    cache: str | None = setting(None, "a teacher cache folder: train from it, no teacher")
+
+
+TABLES = {
+    "cache": [
+        Column("format", "format", text=True),
+        Column("stored", "stored", text=True),
+        Column("completion tokens", "tokens", "{:,}"),
+        Column("bytes a token (shards)", "bytes_per_token", "{:,.1f}"),
+        Column("one-off (LM head) MB", lambda r: r["head_bytes"] / 1e6, "{:,.0f}"),
+        Column("build s (whole command)", "seconds", "{:.1f}"),
+    ],
+    "epoch": [
+        Column("teacher", "case", text=True),
+        Column("steps", "steps"),
+        Column("s/step", "step_seconds", "{:.1f}"),
+        Column("epoch s (training)", "train_seconds", "{:.1f}"),
+        Column("epoch s (whole process)", "process_seconds", "{:.1f}"),
+        Column("losses", lambda r: ", ".join(f"{loss:.5g}" for loss in r["losses"]), text=True),
+    ],
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    options = parser("teacher_cache", __doc__, quick="vocabulary 8000, hidden 64 / 128, 64 tokens")
+    options.add_argument("--tokens", type=int, default=None, help="completion tokens a row (default 1000; quick 64)")
+    options.add_argument("--rows", type=int, default=4, help="rows of the epoch (2 a step)")
+    options.add_argument("--prompt-tokens", type=int, default=16)
+    options.add_argument("--threads", type=int, default=2, help="torch threads of every process")
+    options.add_argument("--cache-dir", type=Path, default=Path("/tmp/protege_real_scale"), help="models and runs")
+    args = options.parse_args(argv)
+    args.shapes = QUICK if args.quick else REAL
+    args.tokens = args.tokens or (64 if args.quick else 1000)
+    return args
+
+
+def shard_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("shard-*.safetensors"))
+
+
+def build(fmt: str, args: argparse.Namespace, built: dict, data: Path, folder: Path, env: dict) -> dict:
+    """`protege cache-teacher` from scratch, timed whole; the cache's sizes."""
+    shutil.rmtree(folder, ignore_errors=True)
+    max_length = args.prompt_tokens + args.tokens + 16
+    command = [sys.executable, "-m", "protege", "cache-teacher", "--teacher", built["teacher"], "--tokenizer"]
+    command += [built["tokenizer"], "--dataset_name", str(data), "--max_length", str(max_length)]
+    command += ["--max_completion_length", str(args.tokens), "--batch_size", "2", "--output", str(folder)]
+    command += ["--format", fmt] + (["--loss_top_k", str(TOP_K)] if fmt == "topk" else [])
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"cache-teacher --format {fmt} failed: {done.stderr.strip().splitlines()[-1:]}")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    head = folder / "lm_head.safetensors"
+    return {
+        "format": fmt if fmt == "hidden" else f"top-{TOP_K}",
+        "stored": f"{manifest['dtype']}" + (f", H={manifest['hidden_size']}" if fmt == "hidden" else ""),
+        "tokens": manifest["tokens"],
+        "bytes_per_token": shard_bytes(folder) / manifest["tokens"],
+        "head_bytes": head.stat().st_size if head.exists() else 0,
+        "seconds": seconds,
+    }
+
+
+def epoch(case: str, args: argparse.Namespace, built: dict, data: Path, cache: Path | None, env: dict) -> dict:
+    """One epoch in a worker process, timed whole and by step."""
+    run = Epoch(
+        steps=args.rows // 2,
+        threads=args.threads,
+        max_completion_length=args.tokens,
+        max_length=args.prompt_tokens + args.tokens + 16,
+        beta=0.5,
+        loss_top_k=0,
+        student=built["student"],
+        teacher=built["teacher"],
+        tokenizer=built["tokenizer"],
+        data=str(data),
+        cache=None if cache is None else str(cache),
+        output_dir=str(data.parent / f"trainer-{case}"),
+    )
+    started = time.perf_counter()
+    done = spawn(module_command(sys.executable, "benchmarks.teacher_cache", "worker", run), env=env)
+    if done.result is None or not done.result.get("finished"):
+        raise SystemExit(f"{case}: {failure(done)}")
+    return {"case": case, **done.result, "process_seconds": time.perf_counter() - started}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        return worker(argv[1:])
+    args = parse_args(argv)
+    threads = str(args.threads)
+    env = os.environ | dict(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
+    env |= dict(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    folder = args.cache_dir / args.shapes.name
+    built = random_models(folder, args.shapes)
+    report = Report("teacher_cache", args)
+    print(describe(report.head), flush=True)
+    runs = folder / "teacher_cache"
+    runs.mkdir(parents=True, exist_ok=True)
+    data = runs / "rows.jsonl"
+    from transformers import PreTrainedTokenizerFast
+
+    shape = SimpleNamespace(batch=args.rows, prompt_tokens=args.prompt_tokens, completion_tokens=args.tokens, seed=0)
+    rows = conversations(shape, PreTrainedTokenizerFast.from_pretrained(built["tokenizer"]))
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    caches = []
+    for fmt in ("hidden", "topk"):
+        caches.append(build(fmt, args, built, data, runs / f"cache-{fmt}", env))
+        print(f"  built the {fmt} cache: {caches[-1]}", flush=True)
+    epochs = []
+    for case, cache in (("live local teacher", None), ("hidden cache, no teacher", runs / "cache-hidden")):
+        epochs.append(epoch(case, args, built, data, cache, env))
+        print(f"  {case}: {epochs[-1]['step_seconds']:.1f} s/step, losses {epochs[-1]['losses']}", flush=True)
+    print("\n" + report.table("cache", caches, TABLES))
+    print("\n" + report.table("epoch", epochs, TABLES))
+    live, cached = epochs[0]["step_seconds"], epochs[1]["step_seconds"]
+    print(f"\ncached step {live / cached:.2f}x faster; hidden cache {caches[0]['bytes_per_token']:.1f} bytes a token")
+    return 0
+
+
+def worker(argv: list[str]) -> int:
+    """One epoch (`Epoch`); its step times, losses and wall seconds as one JSON line."""
+    for key, value in (("HF_HUB_DISABLE_TELEMETRY", "1"), ("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(key, value)
+    run = parse(Epoch, argv, "one epoch of benchmarks/teacher_cache.py")
+
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers.utils import logging as hf_logging
+
+    from protege import DistillationConfig, DistillationTrainer
+    from protege.models import load_tokenizer
+
+    torch.set_num_threads(run.threads)
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    tokenizer = load_tokenizer(run.tokenizer, trust_remote_code=False)  # as cache-teacher and `protege train` load it
+    models = [AutoModelForCausalLM.from_pretrained(run.student, dtype=torch.float32)]
+    if run.cache is None:
+        models.append(AutoModelForCausalLM.from_pretrained(run.teacher, dtype=torch.float32))
+    with torch.no_grad():  # every weight read now (they are mapped), not during the first step
+        for tensor in (t for model in models for t in model.state_dict().values()):
+            tensor.sum()
+
+    def configure(**settings):
+        return DistillationConfig(**settings, teacher_cache=run.cache)
+
+    inputs = dict(
+        model=models[0],
+        teacher_model=models[1] if len(models) > 1 else None,
+        train_dataset=datasets.Dataset.from_json(run.data),
+        processing_class=tokenizer,
+    )
+    trainer, timer, _ = build_trainer(run, "teacher_cache", configure, DistillationTrainer, TrainerCallback, **inputs)
+    seconds, logs = train(trainer)
+    steps = sorted(step for step in timer.end if step > 0)
+    emit_result(
+        {
+            "steps": len(steps),
+            "step_seconds": (timer.end[steps[-1]] - timer.end[0]) / len(steps),
+            "step_times": [timer.end[step] - timer.end[step - 1] for step in steps],
+            "train_seconds": seconds,
+            "losses": [logs[step]["loss"] for step in sorted(logs)],
+            "tokens": sum(trainer.step_tokens.values()),
+            "finished": True,
+        }
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
