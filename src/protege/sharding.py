@@ -18,6 +18,14 @@ hands the copy's gradient to the parameter itself, gathered again for that momen
 only into a parameter of its shape) and partitioned when the backward ends; DeepSpeed's own hook on the parameter's
 gradient accumulation then reduce-scatters it into its partition, as for any parameter used in a forward. Peak memory:
 one full head copy per call, as above, and the whole head again during the backward.
+
+FSDP1 (`FullyShardedDataParallel`) is refused (`FSDP1_REFUSAL`). Outside the forward, its original parameters are
+views of each rank's slice of a flat parameter (the head's weight is 1-D), and no public call gives the whole head
+with gradients that FSDP1 then reduces: `summon_full_params` gives a copy whose gradients reach no shard. Applying the
+head, or reading the decoder's output, outside the root's forward also breaks FSDP1's backward, whose root hooks run
+only for a loss computed from the root's own output (seen on CPU: "expected to be in states [FORWARD_BACKWARD] but
+current state is IDLE"), and transformers' `generate` on the unwrapped model reads the root's sharded embedding
+("'weight' must be 2-D"). FSDP2 has none of these problems.
 """
 
 from __future__ import annotations
@@ -27,6 +35,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+FSDP1_REFUSAL = (
+    "FSDP1 (fsdp_version 1) is not supported: protege applies the LM head outside the model's forward and generates "
+    "with transformers' generate, which FSDP1's flat parameters do not allow; use FSDP2 (fsdp_version: 2)"
+)
 
 
 def _env_flag(name: str) -> bool:
@@ -48,12 +61,15 @@ def engines_asked(args) -> list[str]:
 
 
 def check_engine(args, accelerator, fsdp_enabled: bool, deepspeed_enabled: bool) -> None:
-    """Stop, in one line, where FSDP or DeepSpeed was asked for but accelerate built something else.
+    """Stop, in one line, where FSDP or DeepSpeed was asked for but accelerate built something else, or where it
+    built FSDP1 (see the module docstring).
 
     accelerate enables either engine only for processes on an accelerator device launched together (torchrun or
     `accelerate launch`); elsewhere it trains with DDP or on one process, silently, and transformers keeps that
     silence. A user who asked for a sharded run would then hold full weights and optimizer states on every rank.
     """
+    if fsdp_enabled and getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", 2) == 1:
+        raise RuntimeError(FSDP1_REFUSAL)
     running = {"FSDP": fsdp_enabled, "DeepSpeed": deepspeed_enabled}
     missing = [engine for engine in engines_asked(args) if not running[engine]]
     if not missing:
@@ -131,10 +147,12 @@ def _zero3_copy(parameter: torch.Tensor | None) -> torch.Tensor | None:
 def whole_head(model: nn.Module, head: nn.Module) -> nn.Module | GatheredHead:
     """`head` with its full weight in place: unsharded through its FSDP2 owner when the weight is a sharded `DTensor`,
     or a gathered copy of a DeepSpeed ZeRO-3 head (see the module docstring); as it is otherwise (one process, DDP, or
-    an FSDP2 root that kept it unsharded)."""
+    an FSDP2 root that kept it unsharded). An FSDP1 head is refused."""
     weight = head.weight
     if getattr(weight, "ds_id", None) is not None:  # a DeepSpeed ZeRO-3 parameter (0 elements outside forward)
         return GatheredHead(_zero3_copy(weight), _zero3_copy(head.bias))
+    if getattr(weight, "_fsdp_flattened", False):  # FSDP1's mark on the parameters it flattened
+        raise RuntimeError(FSDP1_REFUSAL)
     from torch.distributed.tensor import DTensor
 
     if not isinstance(weight, DTensor):
