@@ -2,8 +2,8 @@
 and teacher give one process's values and update on the same rows (tests/fsdp_step.py runs both sides).
 
 The Trainer's own FSDP2 path (accelerate's `prepare`, the teacher's placement, checkpoints, `save_model`, several
-teachers) is tested by tests/test_fsdp_trainer.py and DeepSpeed ZeRO-3 by tests/test_zero3_trainer.py. What this does
-not cover: mixed precision and FSDP1.
+teachers) is tested by tests/test_fsdp_trainer.py, DeepSpeed ZeRO-3 by tests/test_zero3_trainer.py, and FSDP1's refusal
+by tests/test_fsdp1.py. What this does not cover: mixed precision.
 """
 
 from __future__ import annotations
