@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import config, dataset
+from tiny import config, dataset, run_example
 from transformers import PreTrainedTokenizerFast
 
 from protege import DistillationTrainer
@@ -157,16 +157,8 @@ def test_sentencepiece_32k_teacher_and_byte_level_student_on_policy(tiny_paths, 
 
 @pytest.mark.slow
 def test_the_readme_example_runs(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    example = Path(__file__).parents[1] / "examples" / "another_tokenizer.py"
-    result = subprocess.run(
-        [sys.executable, str(example), str(tmp_path / "out")], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("held-out cross-tokenizer loss"))
+    stdout = run_example("another_tokenizer.py", tmp_path / "out")
+    line = next(line for line in stdout.splitlines() if line.startswith("held-out cross-tokenizer loss"))
     before, after = (float(word) for word in line.split()[3:6:2])
     assert after < before
 

@@ -3,15 +3,11 @@ served teachers mixed, on-policy samples routed to their row's teacher, per-teac
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from datasets import Dataset
 from reference import ref_rows, topk_support
-from tiny import config, dataset, logged
+from tiny import config, dataset, logged, run_example
 from transformers import AutoModelForCausalLM
 
 from protege import DistillationConfig, DistillationTrainer
@@ -316,10 +312,6 @@ def test_teacher_column_rules():
 
 @pytest.mark.slow
 def test_the_readme_example_runs(tmp_path):
-    example = Path(__file__).parents[1] / "examples" / "several_teachers.py"
-    result = subprocess.run(
-        [sys.executable, str(example), str(tmp_path / "out")], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if "loss per teacher" in line]
+    stdout = run_example("several_teachers.py", tmp_path / "out")
+    lines = [line for line in stdout.splitlines() if "loss per teacher" in line]
     assert len(lines) == 2 and all("'math':" in line and "'code':" in line for line in lines)

@@ -67,3 +67,14 @@ def held_out_kl(student, teacher, tokenizer) -> float:
 
 def logged(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def run_example(name: str, out: Path) -> str:
+    """Run examples/NAME with OUT as its output folder, as a user would; its standard output."""
+    import subprocess
+    import sys
+
+    example = Path(__file__).parents[1] / "examples" / name
+    result = subprocess.run([sys.executable, str(example), str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
