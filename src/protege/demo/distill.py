@@ -117,7 +117,7 @@ def run_trainer(
 
 def _config(max_completion: int, settings: Settings, seed: int, output: Path, **fields: Any):
     """The demo's `DistillationConfig` for completions of up to `max_completion` tokens: on-policy GKD over the full
-    vocabulary, on the CPU; then `fields` (the mixture's run folder, batch size, teacher column), then
+    vocabulary, on the CPU; then `fields` (the task mixture's run folder, batch size and teacher column), then
     `distill_overrides`."""
     from ..config import DistillationConfig
 

@@ -264,7 +264,7 @@ def distill_run(
             part.teacher.model,
         )
         longest = part.completion_length
-    args = _config(longest, settings, seed, output / f"distillation_{run}", **fields)
+    args = _config(longest, settings, seed, output, output_dir=str(output / f"distillation_{run}"), **fields)
     messages = task.prompt_messages if args.lmbda == 1.0 else task.conversation
     rows = [{"messages": messages(p), **({TEACHER_COLUMN: p.task} if run == MIXTURE else {})} for p in problems]
 
