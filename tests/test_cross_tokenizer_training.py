@@ -202,3 +202,37 @@ def test_a_teacher_server_in_the_hidden_format_gives_the_local_loss(tiny_paths, 
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-7)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_several_teachers_each_with_its_own_tokenizer(tiny_paths, char_teacher, tmp_path):
+    """Two teachers routed by row, one of the student's tokenizer and one near char-level, each row's prompt in its
+    own teacher's tokens: the slice's loss sums each teacher's cross-tokenizer loss on its own rows."""
+    student_tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_paths["student"])
+    student_tokenizer.save_pretrained(tmp_path / "student_tokenizer")  # a folder without config.json: loaded as is
+    tokenizers = {"general": str(tmp_path / "student_tokenizer"), "char": char_teacher["tokenizer"]}
+    models = {"general": tiny_paths["teacher"], "char": char_teacher["model"]}
+    rows = dataset(8).map(lambda _, i: {"teacher": ("general", "char")[i % 2]}, with_indices=True)
+
+    def trainer(names, out):
+        settings = dict(use_uld_loss=True, beta=0.5, teacher_tokenizer_name_or_path={n: tokenizers[n] for n in names})
+        return DistillationTrainer(
+            model=tiny_paths["student"],
+            teacher_model={name: models[name] for name in names},
+            args=config(tmp_path / out, **settings, default_teacher=names[0]),
+            train_dataset=rows,
+            processing_class=student_tokenizer,
+        )
+
+    mixed = trainer(("general", "char"), "mixed")
+    batch = mixed.data_collator([mixed.train_dataset[i] for i in range(6)])
+    assert batch["teacher_prompt_ids"].shape[1] > batch["prompt_ids"].shape[1]  # the char rows' prompts are longer
+    tokens = batch["labels"].ne(-100).sum()
+    with torch.no_grad():
+        total = mixed.compute_loss(mixed.model, batch).item() * tokens.item()
+        expected = 0.0
+        for index, name in enumerate(("general", "char")):
+            single = trainer((name,), name)
+            own = [i for i in range(6) if i % 2 == index]
+            part = single.data_collator([single.train_dataset[i] for i in own])
+            expected += single.compute_loss(single.model, part).item() * part["labels"].ne(-100).sum().item()
+    assert total == pytest.approx(expected, rel=1e-5)

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 @dataclass
 class CrossTokenizerFields:
-    teacher_tokenizer_name_or_path: str | None = field(
+    teacher_tokenizer_name_or_path: dict[str, str] | str | None = field(
         default=None,
         metadata={
             "help": "The teacher's tokenizer (hub id or folder), when it is not the student's; by default the one "
             "published with the teacher. A tokenizer other than the student's (or one extending it) needs "
-            "use_uld_loss=True."
+            "use_uld_loss=True. Several teachers: a mapping of teacher names to tokenizers (JSON text accepted)."
         },
     )
     use_uld_loss: bool = field(

@@ -208,7 +208,7 @@ class Tokenizer:
     max_completion_length: int | None = None
     limit: SequenceLimit | None = None
     teachers: TeacherColumn | None = None  # several teachers: which one each row names
-    teacher_tokenizer: Any = None  # a teacher of another tokenizer: its own rendering of each prompt too
+    teacher_tokenizers: tuple | None = None  # teachers of other tokenizers, by teacher index: each row's own rendering
 
     def __post_init__(self) -> None:
         if self.prompt_truncation not in PROMPT_TRUNCATIONS:
@@ -298,8 +298,8 @@ class Tokenizer:
         }
         if self.teachers is not None:
             out[INDEX_KEY] = self.teachers.index_of(row, index)
-        if self.teacher_tokenizer is not None:  # the same prompt in the teacher's own chat template, cut alike
-            teacher_ids = self._render_prompt(prompt, self.teacher_tokenizer)
+        if self.teacher_tokenizers is not None:  # the same prompt in its teacher's own chat template, cut alike
+            teacher_ids = self._render_prompt(prompt, self.teacher_tokenizers[out.get(INDEX_KEY, 0)])
             if budget is not None:
                 teacher_ids = cut_prompt(teacher_ids, budget, self.prompt_truncation)
             out["teacher_prompt_ids"] = teacher_ids

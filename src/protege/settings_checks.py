@@ -236,8 +236,6 @@ def check_cross_tokenizer(config: DistillationConfig) -> None:
         )
     if config.use_liger_kernel:
         raise setting_error("use_liger_kernel", True, "Liger's fused loss compares one vocabulary, not two")
-    if isinstance(config.teacher_model_name_or_path, dict):
-        raise setting_error("use_uld_loss", True, "cross-tokenizer distillation runs with one teacher so far")
 
 
 def check_teacher_server(config: DistillationConfig) -> None:

@@ -45,7 +45,7 @@ from .rollout import (
     vllm_generate,
 )
 from .routing import INDEX_KEY, ROUTES_KEY, TeacherColumn, teacher_routes
-from .teacher import Placement, Teacher
+from .teacher import Placement, Teacher, prompt_tokenizers
 from .teacher.factory import cached_teacher, make_teacher
 from .teacher.spec import TeacherSpec, teacher_specs
 
@@ -179,7 +179,7 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
                 {"student": model} | {t.name: t.model for t in self.teachers},
             ),
             teachers=routing,
-            teacher_tokenizer=getattr(self.teacher, "prompt_tokenizer", None),  # a teacher of another tokenizer
+            teacher_tokenizers=prompt_tokenizers(self.teachers),  # teachers of other tokenizers
         )
         if train_dataset is not None:
             train_dataset = self._tokenize(train_dataset, train=True)

@@ -46,3 +46,10 @@ class Teacher(Protocol):
     def __call__(self, batch: dict[str, torch.Tensor]): ...
 
     def close(self) -> None: ...
+
+
+def prompt_tokenizers(teachers: list[Teacher]) -> tuple | None:
+    """Each teacher's own tokenizer for the prompts, by position, where any teacher reads its own tokens (a teacher of
+    another tokenizer has `prompt_tokenizer`); None where every teacher reads the student's."""
+    tokenizers = tuple(getattr(teacher, "prompt_tokenizer", None) for teacher in teachers)
+    return tokenizers if any(tokenizer is not None for tokenizer in tokenizers) else None

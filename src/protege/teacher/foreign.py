@@ -63,8 +63,10 @@ def load_foreign_teacher(spec: TeacherSpec, args, student, tokenizer, objective)
     """The teacher of `spec` with its own tokenizer (`teacher_tokenizer_name_or_path`, else the one published with a
     local teacher), run on its own tokens: a local model, or a teacher server in the hidden format."""
     model, teacher_tokenizer = (None, None) if spec.server_url is not None else load_teacher(spec.model, args)
-    if args.teacher_tokenizer_name_or_path is not None:
-        teacher_tokenizer = load_tokenizer(args.teacher_tokenizer_name_or_path, args.trust_remote_code)
+    named = args.teacher_tokenizer_name_or_path
+    named = named.get(spec.name) if isinstance(named, dict) else named  # several teachers: each its own
+    if named is not None:
+        teacher_tokenizer = load_tokenizer(named, args.trust_remote_code)
     if teacher_tokenizer is None:
         raise ValueError(
             "use_uld_loss needs the teacher's tokenizer, and the teacher was given without one: set "

@@ -18,7 +18,12 @@ from ..choices import HIDDEN_FORMAT
 RETURNS = ("logits", "hidden", "scores")
 SINGLE = "teacher"  # the name of a run's only teacher
 # Fields that may map teacher names to values (several teachers); the config turns their JSON text into mappings.
-MAPPING_FIELDS = ("teacher_model_name_or_path", "teacher_model_server_url", "teacher_server_response_format")
+MAPPING_FIELDS = (
+    "teacher_model_name_or_path",
+    "teacher_model_server_url",
+    "teacher_server_response_format",
+    "teacher_tokenizer_name_or_path",
+)
 DEFAULT_FORMAT = "compact"  # a teacher server's format where a mapping of formats does not name it
 
 
@@ -110,8 +115,6 @@ def teacher_specs(args, teacher_model=None) -> list[TeacherSpec]:
     specs = [_local_spec(name, model, args) for name, model in local.items()]
     specs += [_server_spec(name, url, args) for name, url in servers.items()]
     names = [spec.name for spec in specs]
-    if getattr(args, "use_uld_loss", False) and len(specs) > 1:
-        raise ValueError(f"use_uld_loss: cross-tokenizer distillation runs with one teacher so far, not {names}")
     if len(specs) > 1 and args.default_teacher is not None and args.default_teacher not in names:
         raise ValueError(f"default_teacher={args.default_teacher!r} is not one of the teachers {names}")
     return specs
