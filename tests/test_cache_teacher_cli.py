@@ -150,3 +150,15 @@ def test_another_cache_in_the_folder_is_refused(tiny_paths, data_file, tmp_path,
     capsys.readouterr()
     line = one_error_line(capsys, main(command(tiny_paths, data_file, tmp_path / "c", "--dtype", "float16")))
     assert "already holds a cache whose dtype differs" in line
+
+
+def test_train_from_the_cache_alone_needs_no_teacher_flag(tmp_path):
+    from protege.commands.train import parse
+
+    base = ["--model_name_or_path", "s", "--dataset_name", "d", "--output_dir", str(tmp_path), "--report_to", "none"]
+    _, args, _ = parse([*base, "--teacher_cache", "cache", "--lmbda", "0"])
+    assert args.teacher_cache == "cache" and args.teacher_model_name_or_path is None
+    from protege.commands.errors import UsageError
+
+    with pytest.raises(UsageError, match="or --teacher_cache with --lmbda 0"):
+        parse([*base, "--teacher_cache", "cache", "--lmbda", "0.5"])

@@ -249,8 +249,12 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, DistillationConfig, ModelCo
         raise UsageError("--model_name_or_path is required (the student)")
     if not script_args.dataset_name:
         raise UsageError("--dataset_name is required")
-    if not training_args.teacher_model_name_or_path and not training_args.use_teacher_server:
-        raise UsageError("--teacher_model_name_or_path is required (or --use_teacher_server with its URL)")
+    cache_alone = training_args.teacher_cache and training_args.lmbda == 0  # every slice from the cache
+    if not training_args.teacher_model_name_or_path and not training_args.use_teacher_server and not cache_alone:
+        raise UsageError(
+            "--teacher_model_name_or_path is required (or --use_teacher_server with its URL, or --teacher_cache with "
+            "--lmbda 0)"
+        )
     return script_args, training_args, model_args
 
 
