@@ -145,8 +145,7 @@ def cross_teacher(gkd: argparse.Namespace, seed: int, layers: int) -> tuple[Any,
     from protege.demo.task import load_tokenizer
     from protege.demo.tasks import get_task
 
-    settings = settings_for(gkd)
-    task = get_task("walks")
+    settings, task = settings_for(gkd), get_task("walks")
     encoder = Encoder(walk_tokenizer(), task)
     held_out = task.held_out_problems(settings.eval_problems, seed)
     spec, sft = replace(settings.teacher, layers=layers), settings.teacher_sft
@@ -174,9 +173,12 @@ def cross_run(args: argparse.Namespace, gkd: argparse.Namespace) -> dict:
     teacher, folder, info = cross_teacher(gkd, seed, args.teacher_layers)
     if args.worker == "teacher":
         return info
-    settings = settings_for(gkd)
-    seed_folder = Path(gkd.output_dir) / f"seed{seed}"
-    quiet = Progress(disable=True)
+    # A student sample re-tokenized for the teacher can outgrow its 128 positions ("assistant", one student token, is
+    # 9 teacher tokens) and the translation does not cut it: positions past 128 reuse the last one's embedding.
+    table = teacher.transformer.wpe.weight.detach()
+    wider = torch.cat([table, table[-1:].expand(512 - len(table), -1)])
+    teacher.transformer.wpe = torch.nn.Embedding.from_pretrained(wider)
+    settings, seed_folder, quiet = settings_for(gkd), Path(gkd.output_dir) / f"seed{seed}", Progress(disable=True)
     prepared = pipeline.prepare(seed_folder, settings, seed, quiet)
     saved = prepared_scores(seed_folder, gkd) or scores(prepared, settings, seed)
     count = settings.distill_steps * settings.distill_batch_size
@@ -188,9 +190,8 @@ def cross_run(args: argparse.Namespace, gkd: argparse.Namespace) -> dict:
         "use_uld_loss": True,
         "teacher_tokenizer_name_or_path": str(folder),
     }
-    started = time.perf_counter()
+    started, run = time.perf_counter(), replace(settings, beta=1.0, distill_overrides=overrides)
     torch.manual_seed(seed)
-    run = replace(settings, beta=1.0, distill_overrides=overrides)
     distilled = distill(
         teacher, prepared.student, None, prepared.encoder, run, seed, problems, prepared.eval_problems,
         start_point(saved), seed_folder / CROSS, quiet,
@@ -244,11 +245,6 @@ def gkd_args(args: argparse.Namespace) -> argparse.Namespace:
     if gkd.quick:  # as gkd_table's quick run
         gkd.seeds, gkd.steps, gkd.eval_every, gkd.eval_problems = gkd.seeds[:1], 4, 2, 32
     return gkd
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# walks: the table and the criterion
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -412,7 +408,7 @@ def cost_case(args: argparse.Namespace, lmbda: float, tokenizers: tuple, rows: l
     config = DistillationConfig(
         output_dir=str(folder / "run"), per_device_train_batch_size=2, max_steps=args.steps + 1, lmbda=lmbda,
         beta=1.0, loss_top_k=0, max_completion_length=args.tokens, max_length=args.tokens + 32, learning_rate=1e-4,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, bf16=False,
+        logging_steps=args.steps + 1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, bf16=False,
         use_uld_loss=True, teacher_tokenizer_name_or_path=str(folder / "sp32k"), seed=0,
     )  # fmt: skip
     dataset = Dataset.from_list(rows * (args.steps + 1))
@@ -428,7 +424,7 @@ def cost_case(args: argparse.Namespace, lmbda: float, tokenizers: tuple, rows: l
     off_policy = lmbda == 0
     return {
         "case": "off-policy (dataset completions)" if off_policy else "on-policy (the student's samples)",
-        "student_tokens": round(statistics.median(logged[1:])),
+        "student_tokens": round(sum(logged) / (args.steps + 1)),  # one log at the end: no per-step estimate pass
         "teacher_tokens": int(translated[1].ne(0).sum()) if off_policy else None,
         "step_s": statistics.median(steps),
         "translate_s": statistics.median(translate),
