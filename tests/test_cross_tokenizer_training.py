@@ -236,3 +236,20 @@ def test_several_teachers_each_with_its_own_tokenizer(tiny_paths, char_teacher, 
             part = single.data_collator([single.train_dataset[i] for i in own])
             expected += single.compute_loss(single.model, part).item() * part["labels"].ne(-100).sum().item()
     assert total == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_completion_past_the_teachers_positions_is_cut_not_a_crash(tiny_paths, char_teacher, tmp_path):
+    """The teacher's tokens of a completion can outnumber the student's: past the teacher's positions its text leaves
+    the loss, with one warning, instead of an index error in the teacher's position table."""
+    trainer = cross_trainer(tiny_paths, char_teacher, tmp_path)
+    foreign = trainer.teacher
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    prompt = int(batch["teacher_prompt_mask"].sum(1).max())
+    foreign.teacher_limit = prompt + 5  # five of the teacher's completion tokens at most
+    with pytest.warns(UserWarning, match="the text past them is left out of the loss"):
+        answer = foreign(batch)
+    teacher_batch = batch["foreign"][0]
+    assert teacher_batch["attention_mask"].sum(1).max() <= foreign.teacher_limit
+    kept = answer.student_groups[answer.student_groups >= 0]
+    assert 0 < len(kept) < batch["labels"].ne(-100).sum()  # some student tokens lost their group, some kept it
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))

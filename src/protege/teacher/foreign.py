@@ -9,6 +9,8 @@ the two end-of-turn tokens, when the student's completion ends with one, form th
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..alignment import align_spans, completion_text, standalone_bytes, text_tokens
@@ -21,6 +23,14 @@ from . import Placement, Teacher
 from .local import LocalTeacher, load_teacher
 from .remote import connect_remote_teacher
 from .spec import TeacherSpec
+
+
+def _max_positions(model) -> int | None:
+    """The positions a local teacher has (its max_position_embeddings), None for a server or where unknown."""
+    if model is None:
+        return None
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
 
 
 def token_texts(tokenizer, width: int) -> dict[bytes, int]:
@@ -95,6 +105,7 @@ def load_foreign_teacher(spec: TeacherSpec, args, student, tokenizer, objective)
         [*eos_ids, tokenizer.eos_token_id],
         extended=args.use_extended_uld,
         skip_eos=args.uld_skip_student_eos or args.uld_skip_teacher_eos,
+        teacher_limit=inner.max_model_len or _max_positions(model),
     )
 
 
@@ -112,11 +123,13 @@ class ForeignTokenizerTeacher:
         eos_token_ids: list[int],
         extended: bool = True,
         skip_eos: bool = False,
+        teacher_limit: int | None = None,
     ):
         self.inner, self.name, self.max_model_len = inner, inner.name, inner.max_model_len
         self.student_tokenizer, self.prompt_tokenizer = student_tokenizer, teacher_tokenizer
         self.vocab_size, self.eos_token_ids = student_width, set(eos_token_ids)
         self.extended, self.skip_eos = extended, skip_eos
+        self.teacher_limit, self._warned_cut = teacher_limit, False
         self.match = vocabulary_match(student_tokenizer, teacher_tokenizer, student_width, inner.vocab_size)
 
     @property
@@ -147,9 +160,11 @@ class ForeignTokenizerTeacher:
         labels, ids = batch["labels"][:, width:], batch["input_ids"][:, width:]
         student_groups = torch.full_like(labels, -1)
         completions, groups, offset = [], [], 0
+        prompt_lengths = batch["teacher_prompt_mask"].sum(1).tolist()
         for row in range(labels.shape[0]):
             trained = labels[row].ne(IGNORE_INDEX).nonzero().squeeze(1)
-            teacher_ids, row_groups, count, student_row = self._row(ids[row, trained].tolist())
+            room = None if self.teacher_limit is None else self.teacher_limit - int(prompt_lengths[row])
+            teacher_ids, row_groups, count, student_row = self._row(ids[row, trained].tolist(), room)
             student_groups[row, trained] = torch.where(student_row >= 0, student_row + offset, -1)
             groups.append([g + offset if g >= 0 else -1 for g in row_groups])
             completions.append(teacher_ids)
@@ -167,8 +182,9 @@ class ForeignTokenizerTeacher:
         teacher_batch = sequence_batch(*prompts, completion, completion_mask)
         return teacher_batch, completion, teacher_groups, student_groups, offset
 
-    def _row(self, student_ids: list[int]):
-        """One completion: the teacher's ids, their groups, the number of groups, and the student tokens' groups."""
+    def _row(self, student_ids: list[int], room: int | None = None):
+        """One completion: the teacher's ids (at most `room`), their groups, the number of groups, and the student
+        tokens' groups."""
         ends_in_eos = bool(student_ids) and student_ids[-1] in self.eos_token_ids
         body = student_ids[:-1] if ends_in_eos else student_ids
         text, student_spans = completion_text(self.student_tokenizer, body)
@@ -188,7 +204,31 @@ class ForeignTokenizerTeacher:
             student_row = torch.cat([student_row, torch.tensor([eos_group])])
             teacher_row = torch.cat([teacher_row, torch.tensor([eos_group])])
             teacher_ids.append(self.prompt_tokenizer.eos_token_id)
+        if room is not None and len(teacher_ids) > room:  # past the teacher's positions: the cut groups leave the loss
+            teacher_ids, teacher_row, student_row, count = _cut(teacher_ids, teacher_row, student_row, max(room, 0))
+            if not self._warned_cut:
+                self._warned_cut = True
+                warnings.warn(
+                    f"teacher {self.name!r}: a completion takes more of the teacher's tokens than its "
+                    f"{self.teacher_limit} positions leave after the prompt; the text past them is left out of the "
+                    "loss (set max_length or max_completion_length lower to avoid it)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         return teacher_ids, teacher_row.tolist(), count, student_row.to(torch.long)
+
+
+def _cut(teacher_ids: list[int], teacher_row: torch.Tensor, student_row: torch.Tensor, room: int):
+    """The teacher's tokens cut to `room`, and every group that lost a token left out on both sides."""
+    cut = teacher_row[room:]
+    lost = torch.unique(cut[cut >= 0])
+    teacher_row, student_row = teacher_row[:room].clone(), student_row.clone()
+    teacher_row[torch.isin(teacher_row, lost)] = -1
+    student_row[torch.isin(student_row, lost)] = -1
+    count = int(max(teacher_row.max().item(), student_row.max().item(), -1)) + 1 if len(teacher_row) else 0
+    teacher_row, student_row = teacher_row.to(torch.long), student_row.to(torch.long)
+    student_row, teacher_row, count = _drop_one_sided(student_row, teacher_row, count)
+    return teacher_ids[:room], teacher_row, student_row, count
 
 
 def _drop_one_sided(student_row: torch.Tensor, teacher_row: torch.Tensor, count: int):
