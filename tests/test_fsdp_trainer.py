@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import free_port
-from safetensors.torch import load_file
+from tiny import assert_same_update
 
 TESTS = Path(__file__).parent
 pytestmark = pytest.mark.slow  # torchrun processes: not in the fast tier
@@ -69,12 +69,7 @@ def test_fsdp2_training_equals_one_process(tiny_paths, tmp_path, chunk):
     assert all(r["sharded"] and r["teacher_sharded"] for r in two), "student and teacher are FSDP2 DTensors"
     assert not one[0]["sharded"]
 
-    start = load_file(Path(tiny_paths["student"], "model.safetensors"))
-    two_weights = torch.load(tmp_path / "two" / "weights.pt")
-    one_weights = torch.load(tmp_path / "one" / "weights.pt")
-    moved = max((two_weights[name] - start[name]).abs().max().item() for name in start)
-    assert moved > 1e-3, f"the weights moved at most {moved:.2e}: too little to tell a wrong gradient from noise"
-    torch.testing.assert_close(two_weights, one_weights, atol=1e-6, rtol=1e-5)
+    assert_same_update(tiny_paths["student"], tmp_path / "two", tmp_path / "one", "a wrong gradient")
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
     assert two[1]["loss"] == two[0]["loss"]
 

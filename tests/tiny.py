@@ -78,3 +78,15 @@ def run_example(name: str, out: Path) -> str:
     result = subprocess.run([sys.executable, str(example), str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def assert_same_update(student: str, two: Path, one: Path, what: str) -> None:
+    """The weights two runs saved (OUT/weights.pt) are equal, and far enough from the student's start that `what`
+    (a wrong gradient, a 2x loss scale) would show."""
+    from safetensors.torch import load_file
+
+    start = load_file(Path(student, "model.safetensors"))
+    two_weights, one_weights = torch.load(two / "weights.pt"), torch.load(one / "weights.pt")
+    moved = max((two_weights[name] - start[name]).abs().max().item() for name in start)
+    assert moved > 1e-3, f"the weights moved at most {moved:.2e}: too little to tell {what} from noise"
+    torch.testing.assert_close(two_weights, one_weights, atol=1e-6, rtol=1e-5)
