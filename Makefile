@@ -22,13 +22,15 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# Two pytest workers (pytest-xdist), one a core: 10 min 11 s on the 2-core development machine, against 17 min 36 s
+# in one process (2026-12-07, 1,117 tests with the vLLM environment built).
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # Every module (losses, objective, config, data, teacher views, codec, servers, trainer on tiny models) without the
 # tests marked slow (subprocesses, training runs, real vLLM, torchrun, the largest grids): `-m slow` runs those alone.
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 # The main job: distil a small student on the embedded task and print the results. With nothing cached, 2 to 9 minutes
 # on 2 cores: 2.2 on a quiet one, 3.5 with another job's tests running, about 9 on a busy one (the first `make demo`
