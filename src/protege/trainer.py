@@ -32,8 +32,8 @@ from . import checkpoints, models, sharding
 from .config import DistillationConfig
 from .data import ROW_KEYS, DistillationCollator, Tokenizer, sequence_limit, tokenize_dataset
 from .losses import IGNORE_INDEX, trl_generalized_jsd_loss
-from .metrics import NonFiniteLossError, TrainingWindow, decoded_samples, print_completions
-from .objective import Objective, sampled_log_ratio_sum, student_output
+from .metrics import NonFiniteLossError, decoded_samples, print_completions
+from .objective import Objective, student_output
 from .progress import announce, shorten_progress
 from .rollout import (
     RepeatSampler,
@@ -44,13 +44,13 @@ from .rollout import (
     sampling_seed,
     vllm_generate,
 )
-from .routing import INDEX_KEY, ROUTES_KEY, TeacherColumn, teacher_routes
-from .teacher import Placement, Teacher, prompt_tokenizers
-from .teacher.factory import cached_teacher, make_teacher
-from .teacher.spec import TeacherSpec, teacher_specs
+from .routing import INDEX_KEY, TeacherColumn
+from .teacher import Placement, prompt_tokenizers
+from .teacher.spec import teacher_specs
+from .teaching import TeacherSteps
 
 
-class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
+class DistillationTrainer(checkpoints.StagedCheckpoints, TeacherSteps, Trainer):
     """Distil a student from a teacher on its own generations, on dataset completions, or a mix (TRL's API)."""
 
     # compute_loss divides by the step's completion-token count itself; transformers must not divide again.
@@ -121,29 +121,6 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
             processing_class.pad_token = processing_class.eos_token
         self.objective = Objective.from_config(args).for_student(model)
         return model, processing_class
-
-    def _setup_teachers(self, specs: list[TeacherSpec], args: DistillationConfig, model, tokenizer) -> None:
-        """Every teacher made by the one factory, and the vocabulary width the student is compared on with them."""
-        self.teachers: list[Teacher] = []
-        try:
-            for spec in specs:
-                self.teachers.append(make_teacher(spec, args, model, tokenizer, self.objective))
-            if args.teacher_cache is not None:  # off-policy slices from the cache, on-policy from the live teacher
-                self.teachers = [cached_teacher(args, model, tokenizer, self.objective, self.teachers)]
-        except BaseException:
-            for teacher in self.teachers:
-                teacher.close()
-            raise
-        self.vocab_size = min(teacher.vocab_size for teacher in self.teachers)
-
-    @property
-    def teacher(self) -> Teacher:
-        """The run's teacher (the first, where there are several)."""
-        return self.teachers[0]
-
-    def _new_window(self, started: float | None = None) -> TrainingWindow:
-        names = [teacher.name for teacher in self.teachers] if len(self.teachers) > 1 else []
-        return TrainingWindow(started=started, teacher_names=names)
 
     @staticmethod
     def _adapt_student(model, args: DistillationConfig, peft_config):
@@ -305,20 +282,6 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
         self._window.completion_tokens += int(global_tokens)
         return batches, global_tokens.clamp(min=1).squeeze(0)
 
-    def _prepare_teachers(self, batches: list[dict]) -> None:
-        """Each teacher asked once for the step, with its rows of every slice (a server scores them in one call)."""
-        if not batches:
-            return
-        for batch in batches:
-            if len(self.teachers) > 1:  # the routes ride along in the slice, so each teacher's answer does too
-                batch[ROUTES_KEY] = teacher_routes(batch, len(self.teachers), self._every_teacher)
-        for index, teacher in enumerate(self.teachers):
-            own = [r.batch for b in batches for r in teacher_routes(b, len(self.teachers)) if r.teacher == index]
-            if own:
-                started = time.perf_counter()
-                teacher.prepare(own)
-                self._window.add_teacher_seconds(index, time.perf_counter() - started)
-
     def training_step(self, model, inputs, num_items_in_batch=None):
         started, teacher_before = time.perf_counter(), self._window.teacher_seconds
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -354,20 +317,10 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
         labels = inputs["labels"][:, int(inputs["prompt_width"]) :]
         tokens = labels.ne(IGNORE_INDEX).sum()
         training = "on_policy" in inputs  # a training slice (evaluation batches carry no flag)
-        routes = teacher_routes(inputs, len(self.teachers), self._every_teacher)
-        answers = []
-        for route in routes:  # each teacher on its own rows of the slice
-            started = time.perf_counter()
-            answers.append(self.teachers[route.teacher](route.batch))
-            if training:  # the training window's time; evaluation's is not training time
-                self._window.add_teacher_seconds(route.teacher, time.perf_counter() - started)
+        routes, answers = self._teacher_answers(inputs, training)
         student = student_output(model, inputs, self.objective.student_view, self.vocab_size)
-        loss_sum = 0.0
-        for route, teacher in zip(routes, answers):
-            if route.scored:
-                loss_sum = loss_sum + self._route_loss_sum(route, student, teacher, labels, inputs.get("on_policy"))
+        loss_sum, value = self._slice_loss_sum(routes, answers, student, labels, inputs.get("on_policy"))
         if training:
-            value = loss_sum.item()
             if not math.isfinite(value) and self._nonfinite is None:
                 self._nonfinite = (value, bool(inputs["on_policy"]))
             if self.accelerator.sync_gradients:  # the step's last slice
@@ -377,19 +330,6 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, Trainer):
         else:  # training: DDP averages gradients over ranks, so undo that mean on top of the global token count
             loss = loss_sum / num_items_in_batch * self.accelerator.num_processes
         return (loss, student) if return_outputs else loss
-
-    def _route_loss_sum(self, route, student, teacher, labels, on_policy: bool | None) -> torch.Tensor:
-        """The divergence summed over one teacher's rows of the slice, and, in training, its logged figures."""
-        if route.rows is not None:
-            student, labels = student.select(route.rows), labels[route.rows]
-        loss_sum = self.objective.loss_sum(student, teacher, labels)
-        if on_policy is not None:  # a training slice
-            tokens = labels.ne(IGNORE_INDEX).sum().item()
-            self._window.add_loss(on_policy, loss_sum.item(), tokens, route.teacher)
-            if on_policy and self._step_will_log():
-                ratio = sampled_log_ratio_sum(student, teacher, labels, self.args.temperature)
-                self._window.add_sampled_log_ratio(ratio, tokens, route.teacher)
-        return loss_sum
 
     def _step_will_log(self) -> bool:
         """Whether the step being computed ends with a log (transformers' rule for the "steps" strategy), so the
