@@ -33,6 +33,7 @@ BENCHMARKS = (
     "mixture",
     "cross_tokenizer",
     "teacher_cache",
+    "opd_vs_rl",
 )
 HELPERS = ("__init__", "__main__", "workers", "gkd_runs")
 
