@@ -12,7 +12,7 @@ from protege import DistillationTrainer
 from protege.data import DistillationCollator, Tokenizer, tokenize_dataset
 from protege.objective import student_output
 from protege.outputs import TeacherHidden
-from protege.teacher.cache import CacheManifest, build_cache, teacher_identity, tokenizer_fingerprint
+from protege.teacher.cache import CacheManifest, ModelSource, build_cache, teacher_identity, tokenizer_fingerprint
 from protege.teacher.cached import CachedTeacher, tokenization_settings
 from protege.teacher.head import load_head
 
@@ -36,7 +36,8 @@ def make_cache(
         vocab_size=len(tokenizer),
         top_k=top_k if fmt == "topk" else None,
     )
-    return build_cache(teacher, tokenized, DistillationCollator(tokenizer.pad_token_id), folder, manifest, 4, 7)
+    source = ModelSource(teacher, DistillationCollator(tokenizer.pad_token_id))
+    return build_cache(source, tokenized, folder, manifest, 4, 7)
 
 
 def trainer_for(tiny_paths, out, teacher=True, **settings) -> DistillationTrainer:

@@ -93,12 +93,13 @@ class DistillationConfig(TrainingArguments, CrossTokenizerFields):
             "accepted; `protege train --teacher NAME=PATH`), each row routed by `teacher_column`."
         },
     )
-    teacher_cache: str | None = field(
+    teacher_cache: dict[str, str] | str | None = field(
         default=None,
         metadata={
             "help": "A folder written by `protege cache-teacher`: off-policy slices read the teacher's output from it "
             "(checked against this run at start); on-policy slices still need a live teacher, so with lmbda=0 none "
-            "is loaded."
+            "is loaded. Several teachers: a mapping of names to folders (JSON text accepted); a teacher without one "
+            "stays live."
         },
     )
     teacher_column: str = field(

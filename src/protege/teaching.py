@@ -13,7 +13,7 @@ from .metrics import TrainingWindow
 from .objective import sampled_log_ratio_sum
 from .routing import ROUTES_KEY, TeacherRoute, teacher_routes
 from .teacher import Teacher
-from .teacher.factory import cached_teacher, make_teacher
+from .teacher.factory import cached_teachers, make_teacher
 from .teacher.spec import TeacherSpec
 
 
@@ -27,7 +27,7 @@ class TeacherSteps:
             for spec in specs:
                 self.teachers.append(make_teacher(spec, args, model, tokenizer, self.objective))
             if args.teacher_cache is not None:  # off-policy slices from the cache, on-policy from the live teacher
-                self.teachers = [cached_teacher(args, model, tokenizer, self.objective, self.teachers)]
+                self.teachers = cached_teachers(args, model, tokenizer, self.objective, self.teachers)
         except BaseException:
             for teacher in self.teachers:
                 teacher.close()

@@ -160,8 +160,9 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, TeacherSteps, Trainer):
         )
         if train_dataset is not None:
             train_dataset = self._tokenize(train_dataset, train=True)
-            if args.lmbda < 1 and hasattr(self.teacher, "check_rows"):  # a cache lacking a row fails now, named
-                self.teacher.check_rows(train_dataset, "train_dataset")
+            for teacher in self.teachers if args.lmbda < 1 else ():  # a cache lacking a row fails now, named
+                if hasattr(teacher, "check_rows"):
+                    teacher.check_rows(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._tokenize(v) for k, v in eval_dataset.items()}
         elif eval_dataset is not None:

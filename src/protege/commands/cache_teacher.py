@@ -11,12 +11,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from .errors import report
 from .interrupts import Interrupted, interruptible
+
+if TYPE_CHECKING:
+    from ..data import SequenceLimit
+    from ..teacher.cache import CacheSource
 
 COMMAND = "cache-teacher"
 STORED_DTYPES = ("bfloat16", "float16", "float32")
@@ -30,12 +36,29 @@ def add_parser(subparsers) -> None:
         "once and final hidden states, or top-K log-probs). Rerunning a killed command continues where it stopped.",
     )
     parser.error = one_line_error  # argparse's mistakes too (a missing flag, a bad number): one line, exit 2
-    parser.add_argument("--teacher", required=True, help="Teacher: hub id or local path.")
+    parser.add_argument(
+        "--teacher",
+        required=True,
+        help="Teacher: hub id, local path, or the URL of a `protege serve-teacher` server (the hidden format from a "
+        "server serving it, else top-k log-probs; its API key from PROTEGE_TEACHER_API_KEY).",
+    )
     parser.add_argument(
         "--tokenizer",
         default=None,
         help="The STUDENT's tokenizer (hub id or path): the cache is keyed by the student's token ids. Default: the "
-        "teacher's, which must then be the student's too.",
+        "teacher's, which must then be the student's too (required with a server URL).",
+    )
+    parser.add_argument(
+        "--teacher_name",
+        default=None,
+        help="Several teachers: cache only the rows routed to this teacher (by --teacher_column, as training routes "
+        "them), for `--teacher_cache '{\"NAME\": FOLDER, ...}'`. Default: every row.",
+    )
+    parser.add_argument(
+        "--teacher_column", default="teacher", help="As `protege train`: the column naming a row's teacher."
+    )
+    parser.add_argument(
+        "--default_teacher", default=None, help="As `protege train`: the teacher of rows without a --teacher_column."
     )
     parser.add_argument(
         "--dataset_name", required=True, help="Hub dataset, a json/jsonl/parquet/csv file, or a saved folder."
@@ -105,11 +128,17 @@ def check_settings(args: argparse.Namespace) -> None:
     for flag in ("batch_size", "rows_per_shard"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, not {getattr(args, flag)}")
-    if args.teacher.startswith(("http://", "https://")):
-        raise ValueError("a teacher server URL is not supported by cache-teacher yet; give the teacher's model path")
+    if is_url(args.teacher) and args.tokenizer is None:
+        raise ValueError(
+            "--tokenizer is required with a teacher server URL: the student's tokenizer, whose token ids key the cache"
+        )
     if args.max_prompt_length is None and args.max_length is not None:  # DistillationConfig._derive's rule
         args.max_prompt_length = args.max_length - args.max_completion_length
     args.tokenizer = args.tokenizer or args.teacher
+
+
+def is_url(teacher: str) -> bool:
+    return teacher.startswith(("http://", "https://"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,9 +175,10 @@ def quiet_libraries() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def tokenized_rows(args: argparse.Namespace, tokenizer, teacher_config):
-    """The split's rows tokenized as the trainer tokenizes a training set at lmbda < 1, and the raw split."""
-    from ..data import Tokenizer, sequence_limit, tokenize_dataset
+def tokenized_rows(args: argparse.Namespace, tokenizer, limit):
+    """The split's rows (those of --teacher_name, where given) tokenized as the trainer tokenizes a training set at
+    lmbda < 1, and the raw split; `limit` is the `data.SequenceLimit` an over-long row is refused by."""
+    from ..data import Tokenizer, tokenize_dataset
     from .datasets import load_any
 
     dataset = load_any(args.dataset_name, args.dataset_config)
@@ -157,12 +187,31 @@ def tokenized_rows(args: argparse.Namespace, tokenizer, teacher_config):
             f"dataset {args.dataset_name} has no split {args.dataset_train_split!r} (splits: {sorted(dataset)})"
         )
     raw = dataset[args.dataset_train_split]
-    limit = sequence_limit(args.max_length, None, {"teacher": SimpleNamespace(config=teacher_config)})
     row_tokenizer = Tokenizer(
         tokenizer, args.max_prompt_length, args.max_length, args.prompt_truncation, args.max_completion_length, limit
     )
-    rows = tokenize_dataset(raw, row_tokenizer, needs_completion=True, name="train_dataset")
+    rows = tokenize_dataset(teacher_rows(raw, args), row_tokenizer, needs_completion=True, name="train_dataset")
     return rows, raw
+
+
+def teacher_rows(raw, args: argparse.Namespace):
+    """The rows training routes to --teacher_name (`routing.TeacherColumn`'s rule: the row's --teacher_column, else
+    --default_teacher); every row without --teacher_name."""
+    name, column = args.teacher_name, args.teacher_column
+    if name is None:
+        return raw
+    if column not in raw.column_names and args.default_teacher is None:
+        raise ValueError(
+            f"--teacher_name {name!r}: dataset {args.dataset_name} has no {column!r} column to route rows by "
+            f"(columns: {raw.column_names}); name it with --teacher_column, or set --default_teacher"
+        )
+    owners = raw[column] if column in raw.column_names else [None] * len(raw)
+    owners = [args.default_teacher if owner is None else owner for owner in owners]
+    picked = [index for index, owner in enumerate(owners) if owner == name]
+    if not picked:
+        named = sorted({str(owner) for owner in owners})
+        raise ValueError(f"--teacher_name {name!r}: no row of dataset {args.dataset_name} is routed to it ({named})")
+    return raw.select(picked)
 
 
 def shared_width(tokenizer, teacher, teacher_tokenizer) -> int:
@@ -178,51 +227,106 @@ def shared_width(tokenizer, teacher, teacher_tokenizer) -> int:
     return shared_rows(len(tokenizer), rows, rows, len(extra))
 
 
-def cache(args: argparse.Namespace):
-    """Load, check, tokenize, then write (or finish) the cache; returns its finished manifest."""
+@dataclass
+class Source:
+    """Where the outputs come from, and what the manifest says of the teacher."""
+
+    source: CacheSource
+    identity: dict
+    vocab_size: int
+    hidden_size: int | None
+
+
+def local_source(args: argparse.Namespace, tokenizer) -> tuple[Callable[[], Source], SequenceLimit | None, Callable]:
+    """A local teacher, checked before the data and loaded after it: the source's maker, the row limit (its
+    max_position_embeddings where max_length is none), and what closes it (nothing)."""
     import torch
     from transformers import AutoConfig
 
-    from .. import __version__
-    from ..data import DistillationCollator
+    from ..data import DistillationCollator, sequence_limit
     from ..model_source import check_model_source
-    from ..models import load_causal_lm, load_tokenizer
-    from ..teacher.cache import CacheManifest, build_cache, start_or_resume, teacher_identity, tokenizer_fingerprint
-    from ..teacher.cached import tokenization_settings
+    from ..models import load_causal_lm
+    from ..teacher.cache import ModelSource, teacher_identity
     from ..teacher.local import published_tokenizer
     from ..teacher.vocabulary import teacher_extra_tokens
 
     check_model_source(args.teacher, "teacher")
-    tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=False)
     teacher_tokenizer = published_tokenizer(args.teacher) if args.tokenizer != args.teacher else None
     if teacher_tokenizer is not None:  # before the data and the weights: a teacher of other ids fails at once
         teacher_extra_tokens(tokenizer.get_vocab(), teacher_tokenizer.get_vocab())
-    rows, raw = tokenized_rows(args, tokenizer, AutoConfig.from_pretrained(args.teacher))
-    teacher = load_causal_lm(args.teacher, {"dtype": getattr(torch, args.teacher_dtype)}, False, role="teacher")
-    teacher = teacher.to(args.device).eval()
-    width = shared_width(tokenizer, teacher, teacher_tokenizer)
-    manifest = CacheManifest(
-        format=args.format,
-        dtype=args.dtype,
-        teacher=teacher_identity(teacher, args.teacher),
-        tokenizer_sha256=tokenizer_fingerprint(tokenizer),
-        tokenization=tokenization_settings(args),
-        dataset_fingerprint=raw._fingerprint,
-        hidden_size=teacher.config.get_text_config().hidden_size if args.format == "hidden" else None,
-        vocab_size=width,
-        top_k=args.loss_top_k,
-        version=__version__,
+    limit = sequence_limit(
+        args.max_length, None, {"teacher": SimpleNamespace(config=AutoConfig.from_pretrained(args.teacher))}
     )
-    folder = Path(args.output)
-    done = start_or_resume(folder, manifest)  # a different cache in the folder fails here, before any work
-    collate = DistillationCollator(tokenizer.pad_token_id)
 
-    def on_device(part: list[dict]) -> dict:
-        return {key: value.to(args.device) for key, value in collate(part).items()}
+    def make() -> Source:
+        dtype = getattr(torch, args.teacher_dtype)
+        teacher = load_causal_lm(args.teacher, {"dtype": dtype}, False, role="teacher").to(args.device).eval()
+        collate = DistillationCollator(tokenizer.pad_token_id)
 
-    tokens = sum(len(ids) for ids in rows["completion_ids"])
-    with RowProgress(len(rows), tokens, done.rows, done.tokens) as progress:
-        return build_cache(teacher, rows, on_device, folder, done, args.batch_size, args.rows_per_shard, progress)
+        def on_device(part: list[dict]) -> dict:
+            return {key: value.to(args.device) for key, value in collate(part).items()}
+
+        hidden = teacher.config.get_text_config().hidden_size if args.format == "hidden" else None
+        width = shared_width(tokenizer, teacher, teacher_tokenizer)
+        return Source(ModelSource(teacher, on_device), teacher_identity(teacher, args.teacher), width, hidden)
+
+    return make, limit, lambda: None
+
+
+def server_source(args: argparse.Namespace, tokenizer) -> tuple[Callable[[], Source], SequenceLimit | None, Callable]:
+    """A teacher server, connected and checked before the data (it must serve the format's payload and the student's
+    vocabulary): the source's maker, the row limit (its max_model_len), and what closes the connection."""
+    from ..data import sequence_limit
+    from ..teacher.cache_server import ServerSource, connect_for_cache, server_identity
+    from ..teacher.vocabulary import shared_rows
+
+    connection = connect_for_cache(args.teacher, args.format, tokenizer)
+    limit = sequence_limit(args.max_length, connection.max_model_len)
+
+    def make() -> Source:
+        identity = server_identity(connection, args.format)
+        width, hidden = connection.info.get("vocab_size") or len(tokenizer), None
+        if args.format == "hidden":
+            meta = connection.client.lm_head_meta(required=True)
+            rows, hidden = int(meta["vocab_size"]), int(meta["hidden_size"])
+            width = shared_rows(len(tokenizer), rows, rows, connection.extra_tokens)
+        return Source(ServerSource(connection, hidden), identity, width, hidden)
+
+    return make, limit, connection.client.close
+
+
+def cache(args: argparse.Namespace):
+    """Check the teacher, tokenize, then write (or finish) the cache; returns its finished manifest."""
+    from .. import __version__
+    from ..models import load_tokenizer
+    from ..teacher.cache import CacheManifest, build_cache, start_or_resume, tokenizer_fingerprint
+    from ..teacher.cached import tokenization_settings
+
+    tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=False)
+    make, limit, close = (server_source if is_url(args.teacher) else local_source)(args, tokenizer)
+    try:
+        rows, raw = tokenized_rows(args, tokenizer, limit)
+        made = make()
+        manifest = CacheManifest(
+            format=args.format,
+            dtype=args.dtype,
+            teacher=made.identity,
+            tokenizer_sha256=tokenizer_fingerprint(tokenizer),
+            tokenization=tokenization_settings(args),
+            dataset_fingerprint=raw._fingerprint,
+            hidden_size=made.hidden_size,
+            vocab_size=made.vocab_size,
+            top_k=args.loss_top_k,
+            teacher_name=args.teacher_name,
+            version=__version__,
+        )
+        folder = Path(args.output)
+        done = start_or_resume(folder, manifest)  # a different cache in the folder fails here, before any work
+        tokens = sum(len(ids) for ids in rows["completion_ids"])
+        with RowProgress(len(rows), tokens, done.rows, done.tokens) as progress:
+            return build_cache(made.source, rows, folder, done, args.batch_size, args.rows_per_shard, progress)
+    finally:
+        close()
 
 
 class RowProgress:

@@ -349,6 +349,8 @@ def create_app(
     async def info() -> dict:
         return {
             "model": public_name(backend.model_name),
+            "revision": backend.revision,
+            "config_sha256": backend.config_sha256,
             "vocab_size": backend.vocab_size,
             "max_model_len": limits.max_model_len,
             "max_top_logprobs": limits.max_top_logprobs,

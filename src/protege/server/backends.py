@@ -25,6 +25,8 @@ class Backend(Protocol):
     serves_hidden: bool  # the hidden format and /lm_head/
     tokenizer_sha256: str | None  # of the token-to-id map; None: no tokenizer
     vocabulary: dict[str, int] | None  # the token-to-id map for /vocabulary/; None: no tokenizer
+    revision: str | None  # the hub commit the model was loaded from; None: a local folder
+    config_sha256: str  # of the model's config (`teacher.cache.config_sha256`): who the teacher is, for a cache
 
     def score(
         self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int, temperature: float
@@ -74,6 +76,14 @@ def served_tokenizer(model: str, trust_remote_code: bool = False):
         ) from error
 
 
+def config_identity(config) -> tuple[str | None, str]:
+    """The hub revision a model's config came from (None for a local folder) and its digest, as /info/ reports them:
+    what a cache written from this server records as the teacher's identity."""
+    from ..teacher.cache import config_sha256
+
+    return getattr(config, "_commit_hash", None), config_sha256(config)
+
+
 class TransformersBackend:
     """A transformers causal LM on CPU or GPU; sequences are right-padded into one forward pass."""
 
@@ -97,6 +107,7 @@ class TransformersBackend:
             .eval()
         )
         self.model_name = model
+        self.revision, self.config_sha256 = config_identity(self.model.config)
         tokenizer = served_tokenizer(model, trust_remote_code)
         tokenizer_size = 0 if tokenizer is None else len(tokenizer)
         self.tokenizer_sha256 = None if tokenizer is None else vocabulary_sha256(tokenizer)
@@ -270,6 +281,11 @@ class VLLMBackend:
         self.vocab_size = len(self.llm.get_tokenizer())
         self.tokenizer_sha256 = vocabulary_sha256(self.llm.get_tokenizer())
         self.vocabulary = self.llm.get_tokenizer().get_vocab()
+        from transformers import AutoConfig
+
+        self.revision, self.config_sha256 = config_identity(
+            AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        )
 
     def hidden_states(self, sequences, prompt_lengths):
         outputs = self.llm.encode(

@@ -24,16 +24,30 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .head import LMHead, head_of_model, save_head
+
 MANIFEST = "manifest.json"
 HEAD_FILE = "lm_head.safetensors"
 FORMATS = ("hidden", "topk")
 DIGEST_BYTES = 20
+# What a killed run's manifest must share with the command that finishes it.
+RESUME_FIELDS = (
+    "format",
+    "dtype",
+    "teacher",
+    "tokenizer_sha256",
+    "tokenization",
+    "dataset_fingerprint",
+    "top_k",
+    "teacher_name",
+)
 
 
 def row_digest(prompt_ids: list[int], completion_ids: list[int]) -> bytes:
@@ -64,6 +78,7 @@ class CacheManifest:
     hidden_size: int | None = None
     vocab_size: int | None = None  # the width the teacher is compared on (the shared vocabulary)
     top_k: int | None = None
+    teacher_name: str | None = None  # several teachers: the one whose rows (by `teacher_column`) the cache holds
     rows: int = 0
     tokens: int = 0
     shards: list[str] = field(default_factory=list)
@@ -135,16 +150,22 @@ class CacheReader:
 # ----- Writing a cache -----
 
 
+def config_sha256(config) -> str:
+    """A digest of a model's config without its path (`_name_or_path`), so a moved folder is the same teacher, and a
+    server can report it without saying how its host is laid out."""
+    values = {key: value for key, value in config.to_dict().items() if key != "_name_or_path"}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def teacher_identity(model: torch.nn.Module, name: str | None) -> dict:
     """Who the teacher is: its name, and digests of its config and of its weights' bytes."""
     weights = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
         weights.update(key.encode())
         weights.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
     return {
         "name": name or model.config._name_or_path,
-        "config_sha256": hashlib.sha256(config).hexdigest(),
+        "config_sha256": config_sha256(model.config),
         "weights_sha256": weights.hexdigest(),
     }
 
@@ -156,13 +177,39 @@ def start_or_resume(folder: Path, manifest: CacheManifest) -> CacheManifest:
         manifest.write(folder)
         return manifest
     existing = CacheManifest.read(folder)
-    for name in ("format", "dtype", "teacher", "tokenizer_sha256", "tokenization", "dataset_fingerprint", "top_k"):
+    for name in RESUME_FIELDS:
         if getattr(existing, name) != getattr(manifest, name):
             raise ValueError(
                 f"{folder} already holds a cache whose {name} differs ({getattr(existing, name)!r} vs "
                 f"{getattr(manifest, name)!r}); write this one to another folder"
             )
     return existing
+
+
+class CacheSource(Protocol):
+    """Where a cache's teacher outputs come from: a loaded model (`ModelSource`) or a teacher server
+    (`cache_server.ServerSource`)."""
+
+    def lm_head(self) -> LMHead:
+        """The teacher's LM head (hidden format: saved once beside the shards)."""
+        ...
+
+    def outputs(self, rows: list[dict], manifest: CacheManifest) -> list[dict[str, torch.Tensor]]:
+        """Each tokenized row's teacher output per completion token, as the cache stores it."""
+        ...
+
+
+class ModelSource:
+    """A loaded teacher: `collate` turns tokenized rows into a batch on its device."""
+
+    def __init__(self, model: torch.nn.Module, collate):
+        self.model, self.collate = model.eval(), collate
+
+    def lm_head(self) -> LMHead:
+        return head_of_model(self.model)
+
+    def outputs(self, rows: list[dict], manifest: CacheManifest) -> list[dict[str, torch.Tensor]]:
+        return row_outputs(self.model, self.collate(rows), manifest)
 
 
 @torch.no_grad()
@@ -190,9 +237,8 @@ def row_outputs(model: torch.nn.Module, batch: dict, manifest: CacheManifest) ->
 
 
 def build_cache(
-    model: torch.nn.Module,
+    source: CacheSource,
     rows,
-    collate,
     folder: str | Path,
     manifest: CacheManifest,
     batch_size: int = 8,
@@ -201,20 +247,16 @@ def build_cache(
 ) -> CacheManifest:
     """Write (or finish) the cache of `rows` (tokenized: prompt_ids, completion_ids) in `folder`. `on_rows(rows,
     tokens)` is called after each batch (a progress bar). Returns the finished manifest."""
-    from .head import head_of_model, save_head
-
     folder = Path(folder)
     manifest = start_or_resume(folder, manifest)
     if manifest.format == "hidden" and not (folder / HEAD_FILE).exists():
-        head = head_of_model(model)
-        save_head(head, folder / HEAD_FILE)
-    model.eval()
+        save_head(source.lm_head(), folder / HEAD_FILE)
     for start in range(manifest.rows, len(rows), rows_per_shard):
         stop = min(start + rows_per_shard, len(rows))
         digests, outputs = [], []
         for first in range(start, stop, batch_size):
             part = [rows[i] for i in range(first, min(first + batch_size, stop))]
-            outputs += row_outputs(model, collate(part), manifest)
+            outputs += source.outputs(part, manifest)
             digests += [row_digest(r["prompt_ids"], r["completion_ids"]) for r in part]
             if on_rows is not None:
                 on_rows(len(part), sum(len(r["completion_ids"]) for r in part))

@@ -13,9 +13,11 @@ import torch
 from ..losses import IGNORE_INDEX
 from ..models import output_rows
 from ..outputs import TeacherHidden, TeacherScores
+from ..routing import INDEX_KEY
 from . import Placement, Teacher
 from .cache import HEAD_FILE, CacheReader, row_digest, tokenizer_fingerprint
 from .head import load_head
+from .spec import SINGLE
 from .vocabulary import shared_rows
 
 TOKENIZATION_FIELDS = ("max_length", "max_prompt_length", "prompt_truncation")
@@ -26,10 +28,16 @@ def tokenization_settings(args) -> dict:
     return {name: getattr(args, name) for name in TOKENIZATION_FIELDS}
 
 
-def check_cache(reader: CacheReader, args, tokenizer, objective) -> None:
-    """The cache was made for this run's tokens and can give what the objective needs, or a ValueError naming what
-    differs (rows are checked by `check_rows`, once they are tokenized)."""
+def check_cache(reader: CacheReader, args, tokenizer, objective, teacher_name: str | None = None) -> None:
+    """The cache was made for this run's tokens (and, with several teachers, for the rows of `teacher_name`) and can
+    give what the objective needs, or a ValueError naming what differs (rows are checked by `check_rows`, once they
+    are tokenized)."""
     manifest, where = reader.manifest, f"teacher_cache={str(reader.folder)!r}"
+    if teacher_name is not None and manifest.teacher_name not in (None, teacher_name):
+        raise ValueError(
+            f"{where} holds the rows of teacher {manifest.teacher_name!r} (cache-teacher --teacher_name "
+            f"{manifest.teacher_name}), not of {teacher_name!r}"
+        )
     if manifest.tokenizer_sha256 != tokenizer_fingerprint(tokenizer):
         raise ValueError(f"{where} was made with another tokenizer (tokenizer_sha256 differs from the student's)")
     for name, value in tokenization_settings(args).items():
@@ -38,6 +46,11 @@ def check_cache(reader: CacheReader, args, tokenizer, objective) -> None:
             raise ValueError(f"{where} was made with {name}={cached!r}, this run has {name}={value!r}")
     if manifest.format == "topk":
         beta, top_k = args.beta, args.loss_top_k
+        if args.temperature != 1:
+            raise ValueError(
+                f"{where} holds log-probs at temperature 1, this run has temperature={args.temperature}; a hidden "
+                "cache is exact at every temperature"
+            )
         if beta == 0 and not 1 <= top_k <= manifest.top_k:
             raise ValueError(
                 f"{where} holds the teacher's top-{manifest.top_k} log-probs, so with beta=0 loss_top_k must be in "
@@ -52,9 +65,13 @@ def check_cache(reader: CacheReader, args, tokenizer, objective) -> None:
         raise ValueError(f"{where}: use_liger_kernel needs a hidden cache")
 
 
-def check_rows(reader: CacheReader, rows, name: str) -> None:
-    """Every tokenized row with a completion is in the cache, or a ValueError naming the first that is not."""
+def check_rows(reader: CacheReader, rows, name: str, route: int | None = None) -> None:
+    """Every tokenized row with a completion (of those routed to teacher `route`, where given) is in the cache, or a
+    ValueError naming the first that is not."""
+    owners = rows[INDEX_KEY] if route is not None else None
     for index in range(len(rows)):
+        if owners is not None and owners[index] != route:
+            continue
         row = rows[index]
         if row["completion_ids"] and row_digest(row["prompt_ids"], row["completion_ids"]) not in reader.index:
             raise ValueError(
@@ -64,12 +81,15 @@ def check_rows(reader: CacheReader, rows, name: str) -> None:
 
 
 class CachedTeacher:
-    """Off-policy slices from the cache, on-policy ones from `live` (see the module docstring)."""
+    """Off-policy slices from the cache, on-policy ones from `live` (see the module docstring). With several teachers
+    `route` is its index among them: the rows of the dataset it scores."""
 
     max_model_len = None
 
-    def __init__(self, reader: CacheReader, student, tokenizer, live: Teacher | None = None):
-        self.reader, self.live, self.name = reader, live, "teacher" if live is None else live.name
+    def __init__(self, reader: CacheReader, student, tokenizer, live: Teacher | None = None, name: str | None = None):
+        self.reader, self.live = reader, live
+        self.name = name or (SINGLE if live is None else live.name)
+        self.route: int | None = None
         self.returns = "hidden" if reader.manifest.format == "hidden" else "scores"
         self.weight = self.bias = None
         if self.returns == "hidden":
@@ -84,9 +104,16 @@ class CachedTeacher:
             self.vocab_size = min(self.vocab_size, live.vocab_size)
 
     def check_rows(self, rows, name: str) -> None:
-        """Every row of a tokenized dataset is in the cache (a streamed dataset cannot be checked ahead)."""
-        if hasattr(rows, "__len__"):
-            check_rows(self.reader, rows, name)
+        """Every row of a tokenized dataset (routed to this teacher) is in the cache, or a ValueError naming the row
+        (and the teacher, where there are several); a streamed dataset cannot be checked ahead."""
+        if not hasattr(rows, "__len__"):
+            return
+        try:
+            check_rows(self.reader, rows, name, self.route)
+        except ValueError as error:
+            if self.route is None:
+                raise
+            raise ValueError(f'teacher "{self.name}": {error}') from None
 
     @property
     def model(self):
@@ -129,7 +156,7 @@ class CachedTeacher:
             completion = batch["input_ids"][row, width:][labels[row] != IGNORE_INDEX].tolist()
             digest = row_digest(prompt, completion) if completion else None
             if digest is not None and digest not in self.reader.index:
-                raise ValueError(f"a slice's row is not in teacher_cache={str(self.reader.folder)!r}")
+                raise ValueError(f"a slice's row is not in teacher_cache={str(self.reader.folder)!r} ({self.name})")
             digests.append(digest)
         if self.returns == "hidden":
             hidden = self.weight.new_zeros((rows, columns, self.weight.shape[1]))

@@ -23,6 +23,7 @@ MAPPING_FIELDS = (
     "teacher_model_server_url",
     "teacher_server_response_format",
     "teacher_tokenizer_name_or_path",
+    "teacher_cache",
 )
 DEFAULT_FORMAT = "compact"  # a teacher server's format where a mapping of formats does not name it
 
