@@ -158,6 +158,8 @@ def test_train_from_the_cache_alone_needs_no_teacher_flag(tmp_path):
     base = ["--model_name_or_path", "s", "--dataset_name", "d", "--output_dir", str(tmp_path), "--report_to", "none"]
     _, args, _ = parse([*base, "--teacher_cache", "cache", "--lmbda", "0"])
     assert args.teacher_cache == "cache" and args.teacher_model_name_or_path is None
+    _, args, _ = parse([*base, "--teacher_cache", '{"math": "m", "code": "c"}', "--lmbda", "0"])
+    assert args.teacher_cache == {"math": "m", "code": "c"}  # several teachers: JSON text, like the other mappings
     from protege.commands.errors import UsageError
 
     with pytest.raises(UsageError, match="or --teacher_cache with --lmbda 0"):

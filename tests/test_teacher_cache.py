@@ -162,6 +162,9 @@ def test_mismatches_are_one_line_naming_what_differs(tiny_paths, tmp_path):
     make_cache(tiny_paths, tmp_path / "topk", live.args, fmt="topk", top_k=5)
     with pytest.raises(ValueError, match=r"with beta=0.5 only the sparse top-1 loss exists on them, so loss_top_k"):
         trainer_for(tiny_paths, tmp_path / "d", teacher=False, teacher_cache=str(tmp_path / "topk"), **base)
+    with pytest.raises(ValueError, match=r"holds log-probs at temperature 1, this run has temperature=0.7"):
+        top = dict(lmbda=0.0, beta=0.0, loss_top_k=5, temperature=0.7)
+        trainer_for(tiny_paths, tmp_path / "d", teacher=False, teacher_cache=str(tmp_path / "topk"), **top)
     with pytest.raises(ValueError, match=r"teacher_cache serves off-policy slices only, and lmbda > 0"):
         trainer_for(tiny_paths, tmp_path / "e", teacher=False, teacher_cache=cache, lmbda=0.5, beta=0.5, loss_top_k=0)
     with pytest.raises(ValueError, match="has no manifest.json"):
