@@ -97,8 +97,8 @@ def case(name: str, rank: int, world: int) -> dict:
     # Ranks stop at different lengths (2 and 6 new tokens): a rank that stops must keep joining the others' gathers.
     sampling = GenerationConfig(max_new_tokens=2 + 4 * rank, do_sample=True, pad_token_id=0, eos_token_id=None)
     prompts = (local["input_ids"][:, :PROMPT], local["attention_mask"][:, :PROMPT])
-    generated = model_generate(student, sampling, seed=rank)(*prompts)
-    plain_generated = model_generate(plain_student, sampling, seed=rank)(*prompts)
+    generated, _ = model_generate(student, sampling, seed=rank)(*prompts)
+    plain_generated, _ = model_generate(plain_student, sampling, seed=rank)(*prompts)
     return {
         "loss_sum": [summed[0].item(), plain["loss_sum"]],
         "ratio": [summed[1].item(), plain["ratio"]],

@@ -85,7 +85,7 @@ def uneven_generation(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
     prompt = torch.arange(3, 8).expand(2, 5)
     plain = type(model)(model.config)  # the constructor, unlike from_pretrained, does not partition under zero.Init
     plain.load_state_dict(weights)
-    return [model_generate(m, sampling, seed=rank)(prompt, torch.ones_like(prompt)).tolist() for m in (model, plain)]
+    return [model_generate(m, sampling, seed=rank)(prompt, torch.ones_like(prompt))[0].tolist() for m in (model, plain)]
 
 
 def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:

@@ -17,3 +17,6 @@ STUDENT_API_KEY_VARIABLE = "PROTEGE_STUDENT_API_KEY"  # the same for serve-stude
 def setting_error(field_name: str, value, allowed: str) -> ValueError:
     """The one error for a setting whose value is not allowed: it names the field, the value and what is allowed."""
     return ValueError(f"{field_name}={value!r} is not allowed: {allowed}.")
+
+
+ON_POLICY_OBJECTIVES = ("divergence", "policy_gradient")  # DistillationConfig.on_policy_objective

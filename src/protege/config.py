@@ -35,13 +35,14 @@ from .choices import (
     VLLM_MODES,
 )
 from .config_crosstok import CrossTokenizerFields
+from .config_policy import PolicyGradientFields
 from .teacher.spec import MAPPING_FIELDS
 
 logger = logging.get_logger(__name__)
 
 
 @dataclass
-class DistillationConfig(TrainingArguments, CrossTokenizerFields):
+class DistillationConfig(TrainingArguments, CrossTokenizerFields, PolicyGradientFields):
     """Configuration for `DistillationTrainer`, a `TrainingArguments` subclass usable with `HfArgumentParser`."""
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "teacher_model_init_kwargs"]
@@ -409,7 +410,17 @@ class DistillationConfig(TrainingArguments, CrossTokenizerFields):
         for name in ("teacher_server_api_key", "vllm_server_api_key"):
             if values.get(name):
                 values[name] = f"<{name.upper()}>"
+        if values.get("reward_funcs"):
+            values["reward_funcs"] = _reward_paths(values["reward_funcs"])
         return values
+
+    def __getstate__(self) -> dict:
+        """The pickled config (transformers saves it with every checkpoint): reward functions by import path, since a
+        lambda or a closure does not pickle."""
+        state = dict(self.__dict__)
+        if state.get("reward_funcs"):
+            state["reward_funcs"] = _reward_paths(state["reward_funcs"])
+        return state
 
     def __post_init__(self) -> None:
         """Fill the derived values, check what transformers' set-up needs, let it run, then check everything else."""
@@ -428,6 +439,7 @@ class DistillationConfig(TrainingArguments, CrossTokenizerFields):
         * max_prompt_length: None becomes max_length - max_completion_length (stays None without max_length).
         * loss_chunk_size: the command line's text becomes 'auto', None ('none', 'dense') or an integer.
         * generation_kwargs: JSON text becomes what it encodes.
+        * reward_funcs: one function (or import path) becomes a list of one.
         * teacher_model_name_or_path, teacher_model_server_url, teacher_server_response_format: JSON text of a
           mapping (several teachers) becomes the mapping.
         * use_teacher_server: on where teacher_model_server_url maps names to URLs (those teachers are servers).
@@ -446,6 +458,8 @@ class DistillationConfig(TrainingArguments, CrossTokenizerFields):
         if self.max_prompt_length is None and self.max_length is not None:
             self.max_prompt_length = self.max_length - self.max_completion_length
         self.loss_chunk_size = _chunk_size_value(self.loss_chunk_size)
+        if isinstance(self.reward_funcs, str) or callable(self.reward_funcs):
+            self.reward_funcs = [self.reward_funcs]
         if isinstance(self.generation_kwargs, str):
             with contextlib.suppress(json.JSONDecodeError):  # left as text: settings_checks.check_sampling names it
                 self.generation_kwargs = json.loads(self.generation_kwargs)
@@ -456,6 +470,14 @@ class DistillationConfig(TrainingArguments, CrossTokenizerFields):
                     setattr(self, name, json.loads(value))
         if isinstance(self.teacher_model_server_url, dict) and self.teacher_model_server_url:
             self.use_teacher_server = True
+
+
+def _reward_paths(funcs: list) -> list[str]:
+    """Reward functions as 'module:function' text (callables by their module and qualified name)."""
+    return [
+        func if isinstance(func, str) else f"{getattr(func, '__module__', '?')}:{getattr(func, '__qualname__', func)}"
+        for func in funcs
+    ]
 
 
 def _chunk_size_value(value: Any) -> Any:

@@ -367,9 +367,11 @@ def tokenize_dataset(
     uses_completion: bool = True,
     on_policy: bool = False,
     name: str = "dataset",
+    keep_columns: bool = False,
 ):
     """Validate and tokenize every row up front (lazily for an IterableDataset), warning once with the counts of cut
-    rows (for a streamed dataset, at its first cut row: the counts are unknown until it has been read)."""
+    rows (for a streamed dataset, at its first cut row: the counts are unknown until it has been read). `keep_columns`
+    keeps the dataset's own columns beside the tokens, with each row's index (`ROW_INDEX`), for reward functions."""
     columns = dataset.column_names
     if columns is not None and "messages" not in columns and "prompt" not in columns:
         raise ValueError(
@@ -379,7 +381,8 @@ def tokenize_dataset(
         tokenizer.teachers.check_columns(columns, name)
 
     def tokenize(row: dict[str, Any], index: int) -> dict[str, Any]:
-        return tokenizer(row, index, needs_completion, uses_completion, on_policy)
+        out = tokenizer(row, index, needs_completion, uses_completion, on_policy)
+        return out | {ROW_INDEX: index} if keep_columns else out
 
     if isinstance(dataset, IterableDataset):
         warned = []
@@ -404,8 +407,8 @@ def tokenize_dataset(
                 )
             return out
 
-        return dataset.map(tokenize_and_warn, with_indices=True, remove_columns=columns)
-    rows = dataset.map(tokenize, with_indices=True, remove_columns=columns)
+        return dataset.map(tokenize_and_warn, with_indices=True, remove_columns=None if keep_columns else columns)
+    rows = dataset.map(tokenize, with_indices=True, remove_columns=None if keep_columns else columns)
     if len(rows):
         completion_cuts = list(rows["completion_tokens_cut"]) if uses_completion else None
         message = truncation_warning(name, tokenizer, list(rows["prompt_tokens_cut"]), completion_cuts)
@@ -418,8 +421,10 @@ def tokenize_dataset(
     return rows
 
 
+ROW_COLUMNS_KEY = "row_columns"  # batch entry: the dataset's own columns of each row, for reward functions
+ROW_INDEX = "row_index"  # the dataset row a training row came from (its group, with num_generations > 1)
 # Per-row entries of a batch that are not its sequence layout, carried over when on-policy samples replace a slice.
-ROW_KEYS = (INDEX_KEY, "teacher_prompt_ids", "teacher_prompt_mask")
+ROW_KEYS = (INDEX_KEY, "teacher_prompt_ids", "teacher_prompt_mask", ROW_COLUMNS_KEY)
 
 
 def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
@@ -458,9 +463,11 @@ def sequence_batch(
 
 @dataclass
 class DistillationCollator:
-    """Collates tokenized rows into the off-policy sequence batch (dataset completions)."""
+    """Collates tokenized rows into the off-policy sequence batch (dataset completions); the dataset's own `carried`
+    columns, where the rows have them, ride along as lists in `ROW_COLUMNS_KEY` (for reward functions)."""
 
     pad_token_id: int
+    carried: tuple[str, ...] = ()
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         prompts = [r["prompt_ids"] for r in rows]
@@ -476,4 +483,7 @@ class DistillationCollator:
             teacher_prompts = [r["teacher_prompt_ids"] for r in rows]
             batch["teacher_prompt_ids"] = _pad(teacher_prompts, 0, left=True)
             batch["teacher_prompt_mask"] = _pad([[1] * len(p) for p in teacher_prompts], 0, left=True)
+        carried = [name for name in self.carried if rows and name in rows[0]]
+        if carried:
+            batch[ROW_COLUMNS_KEY] = {name: [r[name] for r in rows] for name in carried}
         return batch

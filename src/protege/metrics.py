@@ -38,6 +38,11 @@ class TrainingWindow:
     # Several teachers: each one's loss sum, tokens, sampled log-ratio sum, sampled tokens and seconds, by position.
     teacher_names: list[str] = field(default_factory=list)
     per_teacher: list[list[float]] = field(default_factory=list)
+    # The policy-gradient objective: sums over its tokens on this rank (tokens, teacher advantage, rho, rho > cap),
+    # the largest rho, and each reward function's rewards of every rank's completions (gathered when scored).
+    policy_gradient: list[float] = field(default_factory=lambda: [0.0] * 4)
+    rho_max: float = 0.0
+    rewards: dict[str | None, list[float]] = field(default_factory=dict)  # None: the weighted total
 
     def __post_init__(self) -> None:
         self.per_teacher = [[0.0] * len(_TEACHER_FIGURES) for _ in self.teacher_names]
@@ -70,6 +75,17 @@ class TrainingWindow:
         self.teacher_seconds += seconds
         self._tally(teacher, "seconds", seconds)
 
+    def add_policy_gradient(self, figures) -> None:
+        """A route's `policy_gradient.PolicyGradientFigures`."""
+        sums = (figures.tokens, figures.teacher_advantage_sum, figures.rho_sum, figures.truncated)
+        self.policy_gradient = [a + b for a, b in zip(self.policy_gradient, sums)]
+        self.rho_max = max(self.rho_max, figures.rho_max)
+
+    def add_rewards(self, name: str | None, values: list[float]) -> None:
+        """One reward function's rewards (`name` None: the weighted total) for a step's completions of every rank
+        (NaN where it returned None)."""
+        self.rewards.setdefault(name, []).extend(values)
+
     def add_completions(self, lengths: torch.Tensor, truncated: torch.Tensor) -> None:
         """Length statistics of one step's on-policy completions (already gathered from every rank)."""
         self.mean_length.append(lengths.mean().item())
@@ -77,8 +93,9 @@ class TrainingWindow:
         self.max_length.append(lengths.max().item())
         self.truncated_fraction.append(truncated.mean().item())
 
-    def logs(self, sum_over_ranks) -> dict[str, float]:
-        """The window's log entries; `sum_over_ranks` adds a float tensor across processes."""
+    def logs(self, sum_over_ranks, max_over_ranks=None) -> dict[str, float]:
+        """The window's log entries; `sum_over_ranks` adds a float tensor across processes, `max_over_ranks` takes
+        the largest (the identity if not given)."""
         logs = {
             "on_policy_fraction": _mean(self.on_policy_fraction),
             "time/generation_s": _mean(self.generation_seconds),
@@ -119,6 +136,27 @@ class TrainingWindow:
             logs["completion_tokens_per_second"] = self.completion_tokens / max(elapsed, 1e-9)
         if self.teacher_names:
             logs.update(self._teacher_logs(sum_over_ranks, steps))
+        logs.update(self._policy_gradient_logs(sum_over_ranks, max_over_ranks or (lambda t: t)))
+        return logs
+
+    def _policy_gradient_logs(self, sum_over_ranks, max_over_ranks) -> dict[str, float]:
+        """`reward/NAME/mean` and `/std` (over the completions it scored), `reward/mean` and `/std` (the weighted
+        total), and `pg/...`: the teacher advantage's mean and rho's mean, max and truncated fraction over the
+        policy-gradient tokens of all ranks."""
+        logs = {}
+        for name, values in self.rewards.items():
+            scored = torch.tensor(values, dtype=torch.float64)
+            scored = scored[~scored.isnan()]
+            prefix = "reward/" if name is None else f"reward/{name}/"
+            if scored.numel():
+                logs[prefix + "mean"] = round(scored.mean().item(), 6)
+                logs[prefix + "std"] = round(scored.std(unbiased=False).item(), 6)
+        tokens, advantage, rho, truncated = sum_over_ranks(torch.tensor(self.policy_gradient, dtype=torch.float64))
+        if tokens > 0:
+            logs["pg/teacher_advantage_mean"] = round(float(advantage / tokens), 6)
+            logs["pg/rho_mean"] = round(float(rho / tokens), 6)
+            logs["pg/rho_max"] = round(float(max_over_ranks(torch.tensor([self.rho_max], dtype=torch.float64))[0]), 6)
+            logs["pg/rho_truncated_fraction"] = round(float(truncated / tokens), 6)
         return logs
 
     def _teacher_logs(self, sum_over_ranks, steps: int) -> dict[str, float]:

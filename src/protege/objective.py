@@ -98,6 +98,8 @@ class Objective:
         """The objective of a `DistillationConfig`, or a ValueError naming the field whose value is not allowed."""
         server = bool(server_urls(args))
         log_probs_only = scores_teachers(args)  # the teacher servers sending log-probs only
+        if getattr(args, "on_policy_objective", "divergence") == "policy_gradient" and args.lmbda == 1:
+            log_probs_only = []  # every slice is on-policy: the sampled token's log-prob is all a teacher sends
         exact = "; teacher_server_response_format='hidden' gives the exact loss for any setting"
         with_server = "with use_teacher_server"
         if isinstance(args.teacher_model_server_url, dict):  # several teachers: name the ones the rule is about

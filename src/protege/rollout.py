@@ -11,6 +11,7 @@ sampled from an unrestored RNG and every later step from the stream one step beh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -19,10 +20,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from .data import sequence_batch
 from .sharding import sharded_across_ranks
+
+SAMPLER_LOGPROBS = "sampler_logprobs"  # (B, C) batch entry: each sampled token's log-prob as the generator reported it
 
 
 def draw_on_policy(lmbda: float, num_slices: int, seed: int, step: int) -> list[bool]:
@@ -75,12 +84,69 @@ class Rollout:
     truncated: torch.Tensor
 
 
-def model_generate(model: torch.nn.Module, generation_config, seed: int):
+class SampledLogprobs(LogitsProcessor):
+    """The log-prob, under the distribution sampled from, of each token `generate` samples: run last, after the
+    warpers, it keeps the step's log-softmax and reads the sampled token from the next step's `input_ids` (memory of
+    one step's (B, V), where `output_scores` would hold every step's)."""
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None
+        self.values: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:
+            self.values.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, W) log-probs of `new_tokens`, the tokens generated (-inf where a finished row was padded)."""
+        width = new_tokens.shape[1]
+        values = self.values[:width]
+        if self.previous is not None and len(values) < width:
+            values.append(self.previous.gather(1, new_tokens[:, len(values) : len(values) + 1]).squeeze(1))
+        return torch.stack(values, dim=1) if values else new_tokens.new_zeros(new_tokens.shape, dtype=torch.float32)
+
+
+def recording_generation(generation_config: GenerationConfig) -> tuple[GenerationConfig, LogitsProcessorList]:
+    """`generation_config` with its sampling warpers moved into a processor list that ends in a `SampledLogprobs`:
+    transformers appends its own warpers after the caller's processors, so this is how the recorder sees the final
+    distribution. The warpers run in transformers' order, so the same tokens are drawn."""
+    extra = [name for name in ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_h") if _warps(generation_config, name)]
+    if extra:
+        raise ValueError(
+            f"on_policy_objective='policy_gradient' records the sampler's log-probs after temperature, top_k, top_p "
+            f"and min_p only; generation_kwargs sets {extra}, which it cannot record: drop them"
+        )
+    config = GenerationConfig.from_dict(generation_config.to_dict())
+    warpers = []
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k:
+        warpers.append(TopKLogitsWarper(top_k=config.top_k))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=config.top_p))
+    if config.min_p is not None:
+        warpers.append(MinPLogitsWarper(min_p=config.min_p))
+    config.temperature, config.top_k, config.top_p, config.min_p = 1.0, 0, 1.0, None
+    return config, LogitsProcessorList([*warpers, SampledLogprobs()])
+
+
+def _warps(config: GenerationConfig, name: str) -> bool:
+    value = getattr(config, name, None)
+    return value is not None and (name == "top_h" or 0.0 < value < 1.0)
+
+
+def model_generate(model: torch.nn.Module, generation_config, seed: int, record_logprobs: bool = False):
     """`generate(prompt_ids, prompt_mask)` with transformers' `model.generate`, sampling from `seed`: the new tokens
-    (B, W), right-padded."""
+    (B, W), right-padded, and with `record_logprobs` each one's log-prob under the distribution it was drawn from
+    (else None)."""
 
     @torch.no_grad()
-    def generate(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    def generate(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        config, processors = generation_config, None
+        if record_logprobs:
+            config, processors = recording_generation(generation_config)
         was_training = model.training
         model.eval()
         try:
@@ -88,12 +154,14 @@ def model_generate(model: torch.nn.Module, generation_config, seed: int):
                 output = model.generate(
                     input_ids=prompt_ids,
                     attention_mask=prompt_mask,
-                    generation_config=generation_config,
+                    generation_config=config,
+                    logits_processor=processors,
                     synced_gpus=sharded_across_ranks(model),
                 )
         finally:
             model.train(was_training)
-        return output[:, prompt_ids.shape[1] :]
+        new_tokens = output[:, prompt_ids.shape[1] :]
+        return new_tokens, processors[-1].finish(new_tokens) if processors is not None else None
 
     return generate
 
@@ -103,14 +171,19 @@ def vllm_generate(engine, model: torch.nn.Module, step: int, pad_token_id: int):
     `protege serve-student` server (`vllm_server.VLLMServer`), which first gets the student's current weights: the new
     tokens (B, W), right-padded."""
 
-    def generate(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    def generate(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
         completions = engine.generate(model, prompts, step)
         width = max(1, max(len(c) for c in completions))
         out = torch.full((len(completions), width), pad_token_id, dtype=torch.long)
+        reported = getattr(engine, "last_logprobs", None)  # each sampled token's log-prob, where the engine gives it
+        logprobs = None if reported is None else torch.full((len(completions), width), -math.inf)
         for row, tokens in enumerate(completions):
             out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        return out.to(prompt_ids.device)
+            if logprobs is not None:
+                logprobs[row, : len(tokens)] = torch.tensor(reported[row], dtype=torch.float32)
+        device = prompt_ids.device
+        return out.to(device), None if logprobs is None else logprobs.to(device)
 
     return generate
 
@@ -119,10 +192,11 @@ def generate_slices(
     slices: list[dict[str, torch.Tensor]], generate, eos_token_ids: list[int], pad_token_id: int, max_new_tokens: int
 ) -> list[Rollout]:
     """Generate completions for every slice's prompts in one `generate(prompt_ids, prompt_mask)` call (the new
-    tokens, right-padded), then split them back by slice."""
+    tokens, right-padded, and their sampler log-probs or None), then split them back by slice; the log-probs ride in
+    each slice's batch as `SAMPLER_LOGPROBS`."""
     width = max(s["prompt_ids"].shape[1] for s in slices)
     padded = [left_pad_to(s["prompt_ids"], s["prompt_mask"], width, pad_token_id) for s in slices]
-    generated = generate(torch.cat([p[0] for p in padded]), torch.cat([p[1] for p in padded]))
+    generated, logprobs = generate(torch.cat([p[0] for p in padded]), torch.cat([p[1] for p in padded]))
     lengths = completion_lengths(generated, eos_token_ids)
     rollouts, start = [], 0
     for s in slices:
@@ -134,6 +208,8 @@ def generate_slices(
         completion_mask = (torch.arange(keep, device=generated.device) < slice_lengths.unsqueeze(1)).long()
         completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
         batch = sequence_batch(s["prompt_ids"], s["prompt_mask"], completion_ids, completion_mask)
+        if logprobs is not None:
+            batch[SAMPLER_LOGPROBS] = logprobs[rows, :keep].masked_fill(completion_mask == 0, 0.0)
         # A row truncated at the limit has no EOS; a row ending in EOS exactly at the limit is complete.
         ends_in_eos = torch.isin(
             generated[rows, :].gather(1, (slice_lengths - 1).clamp(min=0).unsqueeze(1)),

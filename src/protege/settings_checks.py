@@ -25,6 +25,7 @@ import torch
 from .choices import (
     HIDDEN_DTYPES,
     HIDDEN_FORMAT,
+    ON_POLICY_OBJECTIVES,
     PROMPT_TRUNCATIONS,
     RESPONSE_FORMATS,
     REVERSE_KL_TOP_1_MODES,
@@ -84,6 +85,7 @@ def check_settings(config: DistillationConfig) -> None:
     check_lengths(config)
     check_generation_counts(config)
     check_cross_tokenizer(config)
+    check_policy_gradient(config)
     Objective.from_config(config)  # which loss runs: the combinations of beta, loss_top_k and teacher it allows
     check_sampling(config)
     check_teacher_names(config)
@@ -236,6 +238,50 @@ def check_cross_tokenizer(config: DistillationConfig) -> None:
         )
     if config.use_liger_kernel:
         raise setting_error("use_liger_kernel", True, "Liger's fused loss compares one vocabulary, not two")
+
+
+def check_policy_gradient(config: DistillationConfig) -> None:
+    """The policy-gradient objective's numbers, and the settings it needs or cannot run with."""
+    if config.on_policy_objective not in ON_POLICY_OBJECTIVES:
+        raise setting_error(
+            "on_policy_objective", config.on_policy_objective, f"it must be one of {ON_POLICY_OBJECTIVES}"
+        )
+    if config.kl_coef < 0:
+        raise setting_error("kl_coef", config.kl_coef, "it must be >= 0")
+    if not 0.0 <= config.kl_discount_factor <= 1.0:
+        raise setting_error("kl_discount_factor", config.kl_discount_factor, "it must be in [0.0, 1.0]")
+    if not config.importance_sampling_cap > 0:
+        raise setting_error("importance_sampling_cap", config.importance_sampling_cap, "it must be > 0")
+    funcs = config.reward_funcs
+    weights = config.reward_weights
+    if weights is not None and funcs and len(weights) != len(funcs):
+        raise setting_error(
+            "reward_weights", weights, f"give one weight per reward function ({len(funcs or [])} in reward_funcs)"
+        )
+    if config.on_policy_objective != "policy_gradient":
+        if funcs:
+            raise setting_error(
+                "reward_funcs",
+                funcs,
+                "rewards enter the policy-gradient advantage: set on_policy_objective='policy_gradient'",
+            )
+        return
+    if config.use_uld_loss:
+        raise setting_error(
+            "use_uld_loss",
+            True,
+            "the policy-gradient objective compares the log-probs of the student's own tokens, which a teacher of "
+            "another tokenizer does not give: use on_policy_objective='divergence'",
+        )
+    if config.use_liger_kernel:
+        raise setting_error("use_liger_kernel", True, "Liger's fused loss is a divergence, not the policy gradient")
+    if config.lmbda == 0:
+        warnings.warn(
+            "on_policy_objective='policy_gradient' with lmbda=0: no slice is on-policy, so it never applies and every "
+            "slice trains on the divergence.",
+            UserWarning,
+            stacklevel=5,  # 1 this function, 2 check_settings, 3 __post_init__, 4 __init__, 5 the caller
+        )
 
 
 def check_teacher_server(config: DistillationConfig) -> None:

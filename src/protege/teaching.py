@@ -13,6 +13,7 @@ from .metrics import TrainingWindow
 from .objective import sampled_log_ratio_sum
 from .routing import ROUTES_KEY, TeacherRoute, teacher_routes
 from .teacher import Teacher
+from .teacher.absent import NoTeacher
 from .teacher.factory import cached_teachers, make_teacher
 from .teacher.spec import TeacherSpec
 
@@ -28,6 +29,8 @@ class TeacherSteps:
                 self.teachers.append(make_teacher(spec, args, model, tokenizer, self.objective))
             if args.teacher_cache is not None:  # off-policy slices from the cache, on-policy from the live teacher
                 self.teachers = cached_teachers(args, model, tokenizer, self.objective, self.teachers)
+            if not self.teachers:  # rewards alone (teacher.spec.needs_no_teacher)
+                self.teachers = [NoTeacher(model)]
         except BaseException:
             for teacher in self.teachers:
                 teacher.close()
@@ -78,13 +81,16 @@ class TeacherSteps:
             part_student, part_labels = student, labels
             if route.rows is not None:
                 part_student, part_labels = student.select(route.rows), labels[route.rows]
-            part = self.objective.loss_sum(part_student, teacher, part_labels)
+            if on_policy and self.policy_gradient is not None:
+                part = self._policy_gradient_sum(route, part_student, teacher, part_labels)
+            else:
+                part = self.objective.loss_sum(part_student, teacher, part_labels)
             loss_sum = part if loss_sum is None else loss_sum + part
             if on_policy is not None:
                 part_value, tokens = part.item(), part_labels.ne(IGNORE_INDEX).sum().item()
                 value += part_value
                 self._window.add_loss(on_policy, part_value, tokens, route.teacher)
-                if on_policy and self._step_will_log():
+                if on_policy and teacher is not None and self._step_will_log():
                     ratio = sampled_log_ratio_sum(part_student, teacher, part_labels, self.args.temperature)
                     self._window.add_sampled_log_ratio(ratio, tokens, route.teacher)
         return loss_sum, value

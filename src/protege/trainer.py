@@ -30,10 +30,11 @@ from transformers import PreTrainedModel, Trainer
 
 from . import checkpoints, models, sharding
 from .config import DistillationConfig
-from .data import ROW_KEYS, DistillationCollator, Tokenizer, sequence_limit, tokenize_dataset
+from .data import ROW_INDEX, ROW_KEYS, DistillationCollator, Tokenizer, sequence_limit, tokenize_dataset
 from .losses import IGNORE_INDEX, trl_generalized_jsd_loss
 from .metrics import NonFiniteLossError, decoded_samples, print_completions
 from .objective import Objective, student_output
+from .policy_steps import PolicyGradientSteps
 from .progress import announce, shorten_progress
 from .rollout import (
     RepeatSampler,
@@ -50,7 +51,7 @@ from .teacher.spec import teacher_specs
 from .teaching import TeacherSteps
 
 
-class DistillationTrainer(checkpoints.StagedCheckpoints, TeacherSteps, Trainer):
+class DistillationTrainer(checkpoints.StagedCheckpoints, TeacherSteps, PolicyGradientSteps, Trainer):
     """Distil a student from a teacher on its own generations, on dataset completions, or a mix (TRL's API)."""
 
     # compute_loss divides by the step's completion-token count itself; transformers must not divide again.
@@ -70,18 +71,20 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, TeacherSteps, Trainer):
         optimizers=(None, None),
         preprocess_logits_for_metrics=None,
         peft_config=None,
+        reward_funcs=None,
     ):
         args = args if args is not None else DistillationConfig(output_dir="tmp_distillation")
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}")
         model, processing_class = self._setup_student(model, args, processing_class)
+        self._setup_policy_gradient(args, reward_funcs)  # the policy-gradient objective and its rewards, if asked
         self._setup_teachers(teacher_specs(args, teacher_model), args, model, processing_class)
         model = self._adapt_student(model, args, peft_config)
         train_dataset, eval_dataset = self._setup_data(args, model, processing_class, train_dataset, eval_dataset)
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator or DistillationCollator(processing_class.pad_token_id),
+            data_collator=data_collator or DistillationCollator(processing_class.pad_token_id, self._carried_columns),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -140,6 +143,10 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, TeacherSteps, Trainer):
     def _setup_data(self, args: DistillationConfig, model, tokenizer, train_dataset, eval_dataset):
         """The datasets, validated and tokenized, with rows that cannot fit a limit known now refused, named."""
         self._train_lmbda = args.lmbda  # which sequences training rows become; self.args is not set yet
+        columns = getattr(train_dataset, "column_names", None) if self.reward_funcs else None
+        self._carried_columns = (*columns, ROW_INDEX) if columns else ()  # each row's own columns, for the rewards
+        if eval_dataset is not None and self.teacher.returns == "none":
+            raise ValueError("eval_dataset: evaluation measures the divergence to a teacher, and this run has none")
         self._nonfinite: tuple[float, bool] | None = None  # this step's first non-finite slice loss, and its flag
         hard_limits = [t.max_model_len for t in self.teachers if t.max_model_len is not None]
         names = tuple(t.name for t in self.teachers)
@@ -221,6 +228,7 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, TeacherSteps, Trainer):
             uses_completion=lmbda < 1,
             on_policy=lmbda > 0,
             name="train_dataset" if train else "eval_dataset",
+            keep_columns=train and bool(self._carried_columns),
         )
 
     def get_eval_dataloader(self, eval_dataset=None):
@@ -260,7 +268,7 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, TeacherSteps, Trainer):
                 generate = vllm_generate(self.vllm, self.model, self.state.global_step, pad)
             else:
                 seed = sampling_seed(self.args.seed, self.accelerator.process_index, self.state.global_step)
-                generate = model_generate(self.model, self.generation_config, seed)
+                generate = model_generate(self.model, self.generation_config, seed, self.policy_gradient is not None)
             rollouts = generate_slices(
                 [batches[i] for i in on_policy], generate, self.eos_token_ids, pad, self.args.max_completion_length
             )
@@ -274,6 +282,8 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, TeacherSteps, Trainer):
             self._window.add_completions(lengths, truncated)
             if self.args.log_completions:
                 self._window.samples = decoded_samples([batches[i] for i in on_policy], self.processing_class)
+            if self.reward_funcs:
+                self._score_rewards([batches[i] for i in on_policy])
         self._window.generation_seconds.append(time.perf_counter() - started)
         for batch, flag in zip(batches, flags):
             batch["on_policy"] = flag
@@ -371,7 +381,8 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, TeacherSteps, Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
             sum_over_ranks = lambda t: self.accelerator.reduce(t.to(self.args.device), "sum").cpu()  # noqa: E731
-            logs.update(self._window.logs(sum_over_ranks))
+            max_over_ranks = lambda t: self.accelerator.gather(t.to(self.args.device)).max().cpu().reshape(1)  # noqa: E731
+            logs.update(self._window.logs(sum_over_ranks, max_over_ranks))
             step, args = self.state.global_step, self.args
             if args.log_completions and step % args.log_completions_steps == 0 and self.accelerator.is_main_process:
                 print_completions(self._window.samples, step, args.num_completions_to_print)

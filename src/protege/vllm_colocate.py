@@ -131,6 +131,9 @@ class VLLMColocate:
             "enable_sleep_mode": args.vllm_enable_sleep_mode,
             "enforce_eager": not torch.cuda.is_available(),
         }
+        self.reports_logprobs = getattr(args, "on_policy_objective", "divergence") == "policy_gradient"
+        if self.reports_logprobs:  # the sampled token's log-prob after temperature and top-k/p: what it was drawn from
+            options["logprobs_mode"] = "processed_logprobs"
         if num_processes > 1:  # every rank runs its own engine in its own process group (TRL's colocate layout)
             options["distributed_executor_backend"] = "external_launcher"
         try:
@@ -140,6 +143,7 @@ class VLLMColocate:
         self.sampling_params = vllm.SamplingParams
         self.synced_step: int | None = None
         self.generate_calls = 0
+        self.last_logprobs: list[list[float]] | None = None
         if args.vllm_enable_sleep_mode:
             self.llm.sleep(level=1)
 
@@ -160,6 +164,8 @@ class VLLMColocate:
             from vllm.sampling_params import StructuredOutputsParams
 
             options["structured_outputs"] = StructuredOutputsParams(regex=regex)
+        if self.reports_logprobs:
+            options["logprobs"] = 0
         seeds = prompt_seeds(self.args.seed, self.process_index, step, count)
         return [self.sampling_params(seed=seed, **options) for seed in seeds]
 
@@ -177,6 +183,11 @@ class VLLMColocate:
             if self.args.vllm_enable_sleep_mode:
                 self.llm.sleep(level=1)
         self.generate_calls += 1
+        if self.reports_logprobs:  # read by `rollout.vllm_generate`
+            self.last_logprobs = [
+                [step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+                for o in outputs
+            ]
         return [list(output.outputs[0].token_ids) for output in outputs]
 
     def close(self) -> None:

@@ -94,6 +94,13 @@ def _local_models(args, teacher_model) -> dict[str, Any]:
     return {} if models is None else {SINGLE: models}
 
 
+def needs_no_teacher(args) -> bool:
+    """Whether the run asks nothing of a teacher: every slice on-policy, trained on task rewards alone
+    (`absent.NoTeacher`)."""
+    policy_gradient = getattr(args, "on_policy_objective", "divergence") == "policy_gradient"
+    return policy_gradient and args.kl_coef == 0 and args.lmbda == 1
+
+
 def teacher_specs(args, teacher_model=None) -> list[TeacherSpec]:
     """Every teacher of the run, in a fixed order (local ones first, then servers, each in the order given)."""
     servers = server_urls(args)
@@ -108,6 +115,8 @@ def teacher_specs(args, teacher_model=None) -> list[TeacherSpec]:
         cache = getattr(args, "teacher_cache", None)
         if cache and args.lmbda == 0:
             return []  # every slice reads the cache
+        if needs_no_teacher(args):
+            return []  # rewards alone: `absent.NoTeacher`
         why = " (teacher_cache serves off-policy slices only, and lmbda > 0)" if cache else ""
         raise ValueError(f"no teacher: pass teacher_model or set teacher_model_name_or_path{why}")
     both = sorted(set(local) & set(servers))
