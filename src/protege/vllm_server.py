@@ -60,6 +60,8 @@ class VLLMServer:
         self.synced_step: int | None = None
         self.generate_calls = 0
         self.pushed_bytes = 0
+        self.reports_logprobs = getattr(args, "on_policy_objective", "divergence") == "policy_gradient"
+        self.last_logprobs: list[list[float]] | None = None  # read by `rollout.vllm_generate`
 
     def _sync_weights(self, model: torch.nn.Module, step: int) -> None:
         if not weights_due(self.synced_step, step, self.args.vllm_sync_frequency):
@@ -81,6 +83,7 @@ class VLLMServer:
             "prompts": prompts,
             "seeds": prompt_seeds(self.args.seed, self.process_index, step, len(prompts)),
             "sampling": self.sampling,
+            "logprobs": self.reports_logprobs,
         }
         answer = self.client.post_json("/generate/", body)
         completions = answer.get("completions")
@@ -89,6 +92,14 @@ class VLLMServer:
                 f"student vLLM server at {self.client.base_url}/generate/ answered "
                 f"{type(completions).__name__} for {len(prompts)} prompts"
             )
+        if self.reports_logprobs:
+            logprobs = answer.get("logprobs")
+            if not isinstance(logprobs, list) or [len(row) for row in logprobs] != [len(c) for c in completions]:
+                raise StudentServerError(
+                    f"student vLLM server at {self.client.base_url}/generate/ sent no log-prob for each sampled token "
+                    "(the policy-gradient objective needs them: is it an older protege serve-student?)"
+                )
+            self.last_logprobs = logprobs
         self.generate_calls += 1
         return completions
 

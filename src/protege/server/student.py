@@ -64,6 +64,9 @@ class StudentEngine:
         self.vllm = vllm
         options = {"model": model, "dtype": dtype, "skip_tokenizer_init": True, **engine_options}
         options.setdefault("enforce_eager", not torch.cuda.is_available())
+        # The log-prob a sampled token had in the distribution it was drawn from (after temperature and top-k/p), as the
+        # policy-gradient objective's importance weight needs; with plain sampling it is the model's own.
+        options.setdefault("logprobs_mode", "processed_logprobs")
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
         quiet_vllm_notices()
