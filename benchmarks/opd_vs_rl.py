@@ -298,7 +298,11 @@ def criteria(rows: list[dict], settings: dict) -> list[dict]:
     reaching = [row for row in rows if "reach_mean" in row]
     if "rl" in found and reaching:
         limit = settings["steps"] // STEP_SHARE
-        shown = ", ".join(f"{row['method']} {row['reach_mean'] or 'not reached'}" for row in reaching)
+        shown = ", ".join(
+            f"{row['method']} {'not reached' if row['reach_mean'] is None else row['reach_mean']}" for row in reaching
+        )
+        if found["rl"]["final"][0] <= found["rl"]["before"][0]:
+            shown += " (RL-only ended at or below its start, so step 0 reaches it)"
         best = [row["reach_mean"] for row in reaching if row["reach_mean"] is not None]
         verdicts.append(
             {

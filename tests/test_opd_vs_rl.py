@@ -107,6 +107,9 @@ def test_summary_gains_reaching_steps_and_both_criteria():
     slow = [run("gkd", 0, [0.1, 0.1, 0.1, 0.1, 0.3]), run("pg_opd", 0, [0.1] * 5), run("rl", 0, [0.2] * 5)]
     first, second = criteria(aggregate(slow, ["gkd", "pg_opd", "rl"], settings), settings)
     assert not first["met"] and not second["met"] and "pg_opd not reached" in second["found"]
+    worse = [run("gkd", 0, [0.1] * 5), run("pg_opd", 0, [0.1] * 5), run("rl", 0, [0.05] * 5)]
+    _, second = criteria(aggregate(worse, ["gkd", "pg_opd", "rl"], settings), settings)
+    assert second["met"] and "gkd 0, pg_opd 0 (RL-only ended at or below its start" in second["found"]
 
 
 def test_curve_points_are_scored_steps():
