@@ -14,6 +14,11 @@ In order, each in a fresh process: `protege cache-teacher --format hidden` (bflo
 --loss_top_k 20` over the rows (their wall time: start, model load and the teacher's identity digest included), then
 one epoch with the live local teacher and one from the hidden cache with no teacher (`worker` below). s/step is the
 mean over the epoch's steps, from the start of training; the first step is in it.
+
+`--server` also builds both caches from `protege serve-teacher` on the same teacher (started once, before the timed
+commands), and reports how far each server-built cache is from the local build's: the largest difference of a stored
+hidden state, and for top-k whether the ids agree and the largest log-prob difference. `--skip-epochs` leaves out the
+two epochs.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ TABLES = {
         Column("bytes a token (shards)", "bytes_per_token", "{:,.1f}"),
         Column("one-off (LM head) MB", lambda r: r["head_bytes"] / 1e6, "{:,.0f}"),
         Column("build s (whole command)", "seconds", "{:.1f}"),
+        Column("against the local build", lambda r: r.get("against_local", "-"), text=True),
     ],
     "epoch": [
         Column("teacher", "case", text=True),
@@ -77,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     options.add_argument("--prompt-tokens", type=int, default=16)
     options.add_argument("--threads", type=int, default=2, help="torch threads of every process")
     options.add_argument("--cache-dir", type=Path, default=Path("/tmp/protege_real_scale"), help="models and runs")
+    options.add_argument("--server", action="store_true", help="also build both caches from a teacher server")
+    options.add_argument("--skip-epochs", action="store_true", help="builds only, no training epochs")
     args = options.parse_args(argv)
     args.shapes = QUICK if args.quick else REAL
     args.tokens = args.tokens or (64 if args.quick else 1000)
@@ -87,11 +95,21 @@ def shard_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("shard-*.safetensors"))
 
 
-def build(fmt: str, args: argparse.Namespace, built: dict, data: Path, folder: Path, env: dict) -> dict:
-    """`protege cache-teacher` from scratch, timed whole; the cache's sizes."""
+def build(
+    fmt: str, args: argparse.Namespace, built: dict, data: Path, folder: Path, env: dict, teacher: str | None = None
+) -> dict:
+    """`protege cache-teacher` from scratch (from `teacher`, default the local model), timed whole; its sizes."""
     shutil.rmtree(folder, ignore_errors=True)
     max_length = args.prompt_tokens + args.tokens + 16
-    command = [sys.executable, "-m", "protege", "cache-teacher", "--teacher", built["teacher"], "--tokenizer"]
+    command = [
+        sys.executable,
+        "-m",
+        "protege",
+        "cache-teacher",
+        "--teacher",
+        teacher or built["teacher"],
+        "--tokenizer",
+    ]
     command += [built["tokenizer"], "--dataset_name", str(data), "--max_length", str(max_length)]
     command += ["--max_completion_length", str(args.tokens), "--batch_size", "2", "--output", str(folder)]
     command += ["--format", fmt] + (["--loss_top_k", str(TOP_K)] if fmt == "topk" else [])
@@ -103,13 +121,46 @@ def build(fmt: str, args: argparse.Namespace, built: dict, data: Path, folder: P
     manifest = json.loads((folder / "manifest.json").read_text())
     head = folder / "lm_head.safetensors"
     return {
-        "format": fmt if fmt == "hidden" else f"top-{TOP_K}",
+        "format": (fmt if fmt == "hidden" else f"top-{TOP_K}") + (" (from a server)" if teacher else ""),
         "stored": f"{manifest['dtype']}" + (f", H={manifest['hidden_size']}" if fmt == "hidden" else ""),
         "tokens": manifest["tokens"],
         "bytes_per_token": shard_bytes(folder) / manifest["tokens"],
         "head_bytes": head.stat().st_size if head.exists() else 0,
         "seconds": seconds,
     }
+
+
+def against_local(fmt: str, local: Path, served: Path) -> str:
+    """How far a server-built cache is from the local build's, shard by shard (the same rows in the same order)."""
+    from safetensors.torch import load_file
+
+    names = sorted(path.name for path in local.glob("shard-*.safetensors"))
+    pairs = [(load_file(str(local / name)), load_file(str(served / name))) for name in names]
+    if fmt == "hidden":
+        worst = max(float((a["hidden"].float() - b["hidden"].float()).abs().max()) for a, b in pairs)
+        largest = max(float(a["hidden"].float().abs().max()) for a, _ in pairs)
+        same = all((local / n).read_bytes() == (served / n).read_bytes() for n in names)
+        return f"max abs diff {worst:.3g} (values up to {largest:.3g}); shards byte-equal: {same}"
+    ids = sum(int((a["topk_ids"] != b["topk_ids"]).sum()) for a, b in pairs)
+    worst = max(float((a["topk_logprobs"].float() - b["topk_logprobs"].float()).abs().max()) for a, b in pairs)
+    actual = max(float((a["token_logprobs"] - b["token_logprobs"]).abs().max()) for a, b in pairs)
+    return f"{ids} ids differ; max abs diff top-k {worst:.3g}, sampled token {actual:.3g}"
+
+
+def server_builds(args: argparse.Namespace, built: dict, data: Path, runs: Path, env: dict) -> list[dict]:
+    """Both caches built from a teacher server on the same model, each compared with the local build."""
+    from benchmarks import Server
+
+    max_length = args.prompt_tokens + args.tokens + 16
+    limits = ["--max-model-len", max_length, "--max-batch-tokens", 2 * max_length]
+    rows = []
+    with Server(built["teacher"], True, runs, limits) as server:
+        for fmt in ("hidden", "topk"):
+            row = build(fmt, args, built, data, runs / f"served-{fmt}", env, teacher=server.url)
+            row["against_local"] = against_local(fmt, runs / f"cache-{fmt}", runs / f"served-{fmt}")
+            rows.append(row)
+            print(f"  built the {fmt} cache from the server: {row}", flush=True)
+    return rows
 
 
 def epoch(case: str, args: argparse.Namespace, built: dict, data: Path, cache: Path | None, env: dict) -> dict:
@@ -159,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     for fmt in ("hidden", "topk"):
         caches.append(build(fmt, args, built, data, runs / f"cache-{fmt}", env))
         print(f"  built the {fmt} cache: {caches[-1]}", flush=True)
+    if args.server:
+        caches += server_builds(args, built, data, runs, env)
+    if args.skip_epochs:
+        print("\n" + report.table("cache", caches, TABLES))
+        return 0
     epochs = []
     for case, cache in (("live local teacher", None), ("hidden cache, no teacher", runs / "cache-hidden")):
         epochs.append(epoch(case, args, built, data, cache, env))

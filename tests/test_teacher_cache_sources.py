@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from protege import DistillationTrainer
 from protege.cli import main
-from protege.teacher.cache import CacheManifest, config_sha256
+from protege.teacher.cache import CacheManifest
 from protege.teacher.cached import CachedTeacher
-from protege.teacher.head import load_head
+from protege.teacher.head import config_sha256, load_head
 
 LENGTHS = ["--max_length", "48", "--max_completion_length", "12"]  # tiny.config's
 NAMES = ("math", "code")
@@ -158,6 +158,13 @@ def test_each_teachers_cache_is_checked_and_named(tiny_paths, tmp_path, capsys):
         trainer(teacher_cache=math, teacher_model_name_or_path={"math": tiny_paths["teacher"]} | code)
     with pytest.raises(ValueError, match=r'^teacher "math" has a cache only \(teacher_cache\).* lmbda=0.5'):
         trainer(teacher_cache={"math": math}, teacher_model_name_or_path=code, lmbda=0.5)
+    # default_teacher may name a teacher that has a cache only: math's rows leave the column empty
+    rows = dict(
+        train_dataset=dataset(24).map(lambda _, i: {"teacher": None if i % 2 == 0 else "code"}, with_indices=True)
+    )
+    mixed = trainer(teacher_cache={"math": math}, teacher_model_name_or_path=code, default_teacher="math")
+    assert [t.name for t in mixed.teachers] == ["code", "math"] and mixed.teachers[1].route == 1
+    assert mixed.train_dataset["teacher_index"][:4] == [1, 0, 1, 0]
     capsys.readouterr()
     argv = ["cache-teacher", "--teacher", tiny_paths["teacher"], "--tokenizer", tiny_paths["student"]]
     argv += ["--dataset_name", data, "--output", str(tmp_path / "c"), "--teacher_name", "chat"]

@@ -90,8 +90,8 @@ def add_parser(subparsers) -> None:
         default=None,
         help="Stored dtype: bfloat16 (default for hidden), float16 (default for topk) or float32.",
     )
-    parser.add_argument("--teacher_dtype", default="float32", help="Dtype the teacher's weights are loaded in.")
-    parser.add_argument("--device", default="cpu", help="Where the teacher runs: cpu (default), cuda, cuda:1...")
+    parser.add_argument("--teacher_dtype", default="float32", help="Dtype a local teacher's weights are loaded in.")
+    parser.add_argument("--device", default="cpu", help="Where a local teacher runs: cpu (default), cuda, cuda:1...")
     parser.add_argument("--batch_size", type=int, default=8, help="Rows per teacher forward pass.")
     parser.add_argument("--rows_per_shard", type=int, default=1024, help="Rows per shard file (the resume unit).")
     parser.add_argument("--output", required=True, help="The cache folder to write (or to finish).")

@@ -26,7 +26,7 @@ class Backend(Protocol):
     tokenizer_sha256: str | None  # of the token-to-id map; None: no tokenizer
     vocabulary: dict[str, int] | None  # the token-to-id map for /vocabulary/; None: no tokenizer
     revision: str | None  # the hub commit the model was loaded from; None: a local folder
-    config_sha256: str  # of the model's config (`teacher.cache.config_sha256`): who the teacher is, for a cache
+    config_sha256: str  # of the model's config (`teacher.head.config_sha256`): who the teacher is, for a cache
 
     def score(
         self, sequences: list[list[int]], prompt_lengths: list[int], top_k: int, temperature: float
@@ -79,7 +79,7 @@ def served_tokenizer(model: str, trust_remote_code: bool = False):
 def config_identity(config) -> tuple[str | None, str]:
     """The hub revision a model's config came from (None for a local folder) and its digest, as /info/ reports them:
     what a cache written from this server records as the teacher's identity."""
-    from ..teacher.cache import config_sha256
+    from ..teacher.head import config_sha256
 
     return getattr(config, "_commit_hash", None), config_sha256(config)
 

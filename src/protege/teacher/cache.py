@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .head import LMHead, head_of_model, save_head
+from .head import LMHead, config_sha256, head_of_model, save_head
 
 MANIFEST = "manifest.json"
 HEAD_FILE = "lm_head.safetensors"
@@ -148,13 +148,6 @@ class CacheReader:
 
 
 # ----- Writing a cache -----
-
-
-def config_sha256(config) -> str:
-    """A digest of a model's config without its path (`_name_or_path`), so a moved folder is the same teacher, and a
-    server can report it without saying how its host is laid out."""
-    values = {key: value for key, value in config.to_dict().items() if key != "_name_or_path"}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def teacher_identity(model: torch.nn.Module, name: str | None) -> dict:

@@ -84,6 +84,13 @@ class LMHead:
         return weight, None if bias is None else bias.to(device=device, dtype=dtype)
 
 
+def config_sha256(config) -> str:
+    """A digest of a model's config without its path (`_name_or_path`), so a moved folder is the same teacher, and a
+    server can report it without saying how its host is laid out."""
+    values = {key: value for key, value in config.to_dict().items() if key != "_name_or_path"}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def head_of_model(model: torch.nn.Module) -> LMHead:
     """The head of a loaded model, with its config's logit transform."""
     head = model.get_output_embeddings()

@@ -125,7 +125,9 @@ def teacher_specs(args, teacher_model=None) -> list[TeacherSpec]:
     specs = [_local_spec(name, model, args) for name, model in local.items()]
     specs += [_server_spec(name, url, args) for name, url in servers.items()]
     names = [spec.name for spec in specs]
-    if len(specs) > 1 and args.default_teacher is not None and args.default_teacher not in names:
+    caches = getattr(args, "teacher_cache", None)  # a teacher may have a cache only (factory.cached_teachers)
+    names += [name for name in caches if name not in names] if isinstance(caches, dict) else []
+    if len(names) > 1 and args.default_teacher is not None and args.default_teacher not in names:
         raise ValueError(f"default_teacher={args.default_teacher!r} is not one of the teachers {names}")
     return specs
 
