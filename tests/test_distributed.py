@@ -74,6 +74,14 @@ def test_world_size_does_not_change_the_update(tiny_paths, tmp_path):
     assert_same_update(tiny_paths["student"], tmp_path / "two", tmp_path / "one", "a 2x loss scale")
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-5)
 
+    # The policy-gradient objective with a task reward: the reward's baseline is the step's mean over both ranks. With
+    # top_k 1 each rank samples what one process does (the argmax), so the updates can be compared.
+    policy = dict(settings, lmbda=1.0, on_policy_objective="policy_gradient", top_k=1, kl_discount_factor=0.5)
+    policy |= dict(reward_funcs=["tiny:length_reward"], learning_rate=0.5)
+    torchrun(2, tiny_paths, tmp_path / "pg2", gradient_accumulation_steps=4, **policy)
+    torchrun(1, tiny_paths, tmp_path / "pg1", gradient_accumulation_steps=8, **policy)
+    assert_same_update(tiny_paths["student"], tmp_path / "pg2", tmp_path / "pg1", "a 2x policy-gradient scale")
+
     # From an offline teacher cache, each rank reading its own rows: the same update, with no teacher model
     from dist_train import SETTINGS
     from test_teacher_cache import make_cache

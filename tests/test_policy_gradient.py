@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny import config, dataset, logged
+from tiny import config, dataset, length_reward, logged
 
 from protege import DistillationConfig, DistillationTrainer
 from protege.outputs import StudentHidden, StudentLogits, TeacherLogits, TeacherScores
@@ -175,16 +175,11 @@ def test_generate_records_the_log_probs_of_the_distribution_it_sampled(tiny_path
 # ----- The trainer -----
 
 
-def length_reward(prompts, completions, completion_ids, **_):
-    """A reward the tiny student can move: shorter completions score more."""
-    return [1.0 - len(ids) / 12 for ids in completion_ids]
-
-
 def pg_config(tmp_path, **overrides) -> DistillationConfig:
     return config(tmp_path, on_policy_objective="policy_gradient", top_p=1.0, **overrides)
 
 
-def test_rho_is_one_when_the_student_sampled_with_its_own_distribution(tiny_paths, tmp_path):
+def test_rho_is_one_when_the_student_sampled_with_its_own_distribution(tiny_paths, tmp_path, capsys):
     trainer = DistillationTrainer(
         model=tiny_paths["student"],
         teacher_model=tiny_paths["teacher"],
@@ -192,6 +187,8 @@ def test_rho_is_one_when_the_student_sampled_with_its_own_distribution(tiny_path
         train_dataset=dataset(16),
     )
     trainer.train()
+    said = capsys.readouterr().err
+    assert "on-policy slices train by policy gradient" in said and "A = 1 x the teacher's log-ratio" in said
     assert logged(trainer, "pg/rho_mean") == pytest.approx([1.0, 1.0], abs=1e-5)
     assert logged(trainer, "pg/rho_max") == pytest.approx([1.0, 1.0], abs=1e-5)
     assert logged(trainer, "pg/rho_truncated_fraction") == [0.0, 0.0]
@@ -325,3 +322,23 @@ def test_rewards_alone_need_no_teacher_but_anything_else_does(tiny_paths, tmp_pa
             eval_dataset=dataset(4),
             reward_funcs=length_reward,
         )
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_on_rewards_alone_from_a_module_in_the_working_directory(tiny_paths, tmp_path):
+    from test_cli import common, protege
+
+    (tmp_path / "my_rewards.py").write_text(
+        "def short(prompts, completions, completion_ids, **_):\n    return [-len(ids) / 8 for ids in completion_ids]\n"
+    )
+    data = tmp_path / "rows.jsonl"
+    dataset(8).to_json(str(data))
+    argv = common(tiny_paths, str(data), tmp_path / "out")
+    position = argv.index("--teacher_model_name_or_path")
+    del argv[position : position + 2]  # rewards alone: no teacher
+    argv += ["--on_policy_objective", "policy_gradient", "--kl_coef", "0", "--reward_funcs", "my_rewards:short"]
+    argv += ["--max_steps", "1", "--lmbda", "1", "--logging_steps", "1", "--save_strategy", "no"]
+    result = protege("train", *argv, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert "step 1: loss " in result.stdout and "  reward -" in result.stdout  # the progress line shows the reward

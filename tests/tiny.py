@@ -60,6 +60,11 @@ def config(tmp_path, **overrides) -> DistillationConfig:
     return DistillationConfig(**values)
 
 
+def length_reward(prompts, completions, completion_ids, **_):
+    """A task reward the tiny student can move (shorter completions score more), importable as 'tiny:length_reward'."""
+    return [1.0 - len(ids) / 12 for ids in completion_ids]
+
+
 def held_out_kl(student, teacher, tokenizer) -> float:
     """Mean per-token KL(teacher || student) on the completions of held-out rows."""
     return mean_token_kl(student, teacher, tokenizer, dataset(32, seed=99), 48, 36)["kl_teacher_student"]

@@ -73,3 +73,21 @@ class PolicyGradientSteps:
         )
         self._window.add_policy_gradient(figures)
         return loss
+
+    def _describe_loss(self) -> str:
+        """What the logged `loss` is (announced when training starts): the objective's words, and under the policy
+        gradient what on-policy slices log instead."""
+        text = self.objective.describe(on_policy=self.args.lmbda > 0)
+        if self.policy_gradient is None:
+            return text
+        terms = []
+        if self.policy_gradient.kl_coef > 0 and self.teacher.returns != "none":
+            terms.append(f"{self.policy_gradient.kl_coef:g} x the teacher's log-ratio log p_teacher - log p_student")
+        if self.reward_funcs:
+            terms.append("the rewards' advantage over their group (reward/... in the logs)")
+        pg = (
+            "on-policy slices train by policy gradient: their 'loss' is the surrogate -sum A rho log p_student per "
+            f"completion token, whose gradient (not its value) is what counts, with A = {' + '.join(terms) or '0'} "
+            "(pg/teacher_advantage_mean: the teacher's term) and rho the sampler's importance weight (pg/rho_*)"
+        )
+        return pg if self.args.lmbda == 1 else f"{pg}; off-policy slices: {text}"

@@ -19,6 +19,7 @@ SHOWN = (
     ("loss", "loss", "{:.4g}"),
     ("on_policy_fraction", "on-policy", "{:.0%}"),
     ("on_policy_reverse_kl_estimate", "reverse KL", "{:.4g}"),
+    ("reward/mean", "reward", "{:.4g}"),
     ("completion_tokens_per_second", "tokens/s", "{:.0f}"),
     ("eval_loss", "eval loss", "{:.4g}"),
     ("train_loss", "train loss", "{:.4g}"),

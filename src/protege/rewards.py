@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,13 +43,26 @@ def resolve_reward_funcs(funcs: RewardFunc | str | Sequence[RewardFunc | str] | 
             if not module_name or not attribute:
                 raise ValueError(f"reward_funcs[{index}]={func!r} must be an import path 'module:function'")
             try:
-                func = getattr(importlib.import_module(module_name), attribute)
+                func = getattr(_import_here(module_name), attribute)
             except (ImportError, AttributeError) as error:
                 raise ValueError(f"reward_funcs[{index}]={func!r} cannot be imported: {error}") from None
         if not callable(func):
             raise TypeError(f"reward_funcs[{index}] must be callable, got {type(func).__name__}")
         resolved.append(func)
     return resolved
+
+
+def _import_here(module_name: str):
+    """The module, found on sys.path or in the working directory (as `python -m` would: a console script like
+    `protege train` does not put the working directory on sys.path)."""
+    here = os.getcwd()
+    if here in sys.path:
+        return importlib.import_module(module_name)
+    sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(here)
 
 
 @dataclass

@@ -367,7 +367,7 @@ class DistillationTrainer(checkpoints.StagedCheckpoints, TeacherSteps, PolicyGra
                 raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
         self._nonfinite = None
         if self.is_world_process_zero():
-            announce(self.objective.describe(on_policy=self.args.lmbda > 0))
+            announce(self._describe_loss())
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:

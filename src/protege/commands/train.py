@@ -17,7 +17,7 @@ from transformers.hf_argparser import string_to_bool
 from ..choices import DTYPE_NAMES
 from ..config import DistillationConfig
 from ..model_source import check_model_source
-from ..teacher.spec import SINGLE
+from ..teacher.spec import SINGLE, needs_no_teacher
 from .errors import UsageError, report
 from .interrupts import Interrupted, interruptible
 from .train_quick import output_dir_notice, remember, resume_value, unknown_arguments, unknown_keys
@@ -250,10 +250,11 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, DistillationConfig, ModelCo
     if not script_args.dataset_name:
         raise UsageError("--dataset_name is required")
     cache_alone = training_args.teacher_cache and training_args.lmbda == 0  # every slice from the cache
-    if not training_args.teacher_model_name_or_path and not training_args.use_teacher_server and not cache_alone:
+    no_teacher = cache_alone or needs_no_teacher(training_args)  # or rewards alone
+    if not training_args.teacher_model_name_or_path and not training_args.use_teacher_server and not no_teacher:
         raise UsageError(
             "--teacher_model_name_or_path is required (or --use_teacher_server with its URL, or --teacher_cache with "
-            "--lmbda 0)"
+            "--lmbda 0; or, for task rewards alone, --on_policy_objective policy_gradient --kl_coef 0 with --lmbda 1)"
         )
     return script_args, training_args, model_args
 
