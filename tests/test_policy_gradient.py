@@ -342,3 +342,13 @@ def test_the_command_line_trains_on_rewards_alone_from_a_module_in_the_working_d
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert "step 1: loss " in result.stdout and "  reward -" in result.stdout  # the progress line shows the reward
+
+
+@pytest.mark.slow
+def test_the_policy_gradient_example_runs(tmp_path):
+    from tiny import run_example
+
+    stdout = run_example("policy_gradient.py", tmp_path / "out")
+    lines = [line for line in stdout.splitlines() if line.startswith("step ") and "teacher advantage" in line]
+    assert [line.split(":")[0] for line in lines] == ["step 2", "step 4"]
+    assert all(float(line.rpartition("rho ")[2]) <= 1.0 for line in lines)  # top_p 0.95: rho is the nucleus' mass

@@ -28,11 +28,10 @@ import torch
 
 from . import models
 from .choices import setting_error
-from .chunked import apply_head, auto_chunk_size, chunked_rows_sum, head_chunks, through_teacher_head
+from .chunked import auto_chunk_size, chunked_rows_sum, through_teacher_head
 from .crosstok import CrossTokenizerLoss, cross_tokenizer_loss_sum, token_logprob_sum
 from .losses import (
     IGNORE_INDEX,
-    compute_dtype,
     covers_vocabulary,
     divergence_rows,
     divergence_rows_value_and_grad,
@@ -50,6 +49,7 @@ from .outputs import (
     TeacherOutput,
     TeacherScores,
 )
+from .policy_gradient import sampled_logprobs, vocab_width
 from .teacher.spec import scores_teachers, server_urls
 
 __all__ = [
@@ -257,7 +257,7 @@ class Objective:
             return self._cross_sum(student, teacher, labels)
         if self.fused:
             return self._fused_sum(student, teacher, labels, mask)
-        family = self.family_for(_vocab_width(student))
+        family = self.family_for(vocab_width(student))
         elements, value_and_grad, teacher_rows = self._row_function(family, teacher, mask, labels[mask])
         if isinstance(student, StudentHidden):
             total, _ = chunked_rows_sum(
@@ -318,7 +318,7 @@ class Objective:
     def _cross_sum(self, student: StudentOutput, teacher: TeacherForeign, labels: torch.Tensor) -> torch.Tensor:
         """The cross-tokenizer loss (`crosstok`), a chunk of aligned groups at a time ("auto": sized to the student's
         vocabulary)."""
-        chunk = self.chunk_size if isinstance(self.chunk_size, int) else auto_chunk_size(_vocab_width(student))
+        chunk = self.chunk_size if isinstance(self.chunk_size, int) else auto_chunk_size(vocab_width(student))
         sides = teacher.student_side(student, labels), teacher.teacher_side
         return cross_tokenizer_loss_sum(*sides, teacher.num_groups, teacher.match, self.cross, chunk)
 
@@ -334,17 +334,7 @@ class Objective:
         return mean * mask.sum().clamp(min=1)
 
 
-def _vocab_width(student: StudentOutput) -> int:
-    """The vocabulary the student is compared on: its LM head's rows, or its logits' width."""
-    return student.weight.shape[0] if student.weight is not None else student.logits.shape[-1]
-
-
 # ----- A divergence every mode can log the same way -----
-
-
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    scaled = logits.to(compute_dtype(logits)) / temperature
-    return scaled.gather(-1, targets[:, None]).squeeze(-1) - scaled.logsumexp(-1)
 
 
 @torch.no_grad()
@@ -362,23 +352,9 @@ def sampled_log_ratio_sum(
     send the actual token's), so runs with different objectives, local or remote, log the same quantity. Computed a
     chunk of tokens at a time, without gradients, so it never holds (tokens x vocabulary) logits.
     """
-    mask = labels != IGNORE_INDEX
-    chunk_tokens = chunk_tokens or auto_chunk_size(_vocab_width(student))
+    chunk_tokens = chunk_tokens or auto_chunk_size(vocab_width(student))
     if isinstance(teacher, TeacherForeign):  # log p_student(text) - log p_teacher(text), each on its own tokens
         student_sum = token_logprob_sum(teacher.student_side(student, labels), temperature, chunk_tokens)
         return student_sum - token_logprob_sum(teacher.teacher_side, temperature, chunk_tokens)
-    if isinstance(teacher, TeacherScores):
-        teacher_rows, teacher_weight, teacher_bias = teacher.token_logprobs[mask], None, None
-    else:
-        teacher_rows, teacher_weight, teacher_bias = teacher.rows[mask], teacher.weight, teacher.bias
-    total = 0.0
-    chunks = head_chunks(student.rows[mask], student.weight, student.bias, chunk_tokens, labels[mask], teacher_rows)
-    for _, student_logits, (targets, teacher_part) in chunks:
-        student_logprobs = _token_logprobs(student_logits, targets, temperature)
-        if isinstance(teacher, TeacherScores):
-            teacher_logprobs = teacher_part
-        else:
-            logits = apply_head(teacher_part, teacher_weight, teacher_bias)
-            teacher_logprobs = _token_logprobs(logits, targets, temperature)
-        total += (student_logprobs.double() - teacher_logprobs.double()).sum().item()
-    return total
+    student_logprobs, teacher_logprobs = sampled_logprobs(student, teacher, labels, temperature, chunk_tokens)
+    return (student_logprobs - teacher_logprobs).sum().item()

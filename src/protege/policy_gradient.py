@@ -26,7 +26,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return scaled.gather(-1, targets[:, None]).squeeze(-1) - scaled.logsumexp(-1)
 
 
-def _vocab_width(student: StudentOutput) -> int:
+def vocab_width(student: StudentOutput) -> int:
+    """The vocabulary the student is compared on: its LM head's rows, or its logits' width."""
     return student.weight.shape[0] if student.weight is not None else student.logits.shape[-1]
 
 
@@ -42,7 +43,7 @@ def sampled_logprobs(
     gradients, a chunk of tokens at a time (never (tokens x vocabulary) logits at once). The teacher's are None where
     there is no teacher."""
     mask = labels != IGNORE_INDEX
-    chunk_tokens = chunk_tokens or auto_chunk_size(_vocab_width(student))
+    chunk_tokens = chunk_tokens or auto_chunk_size(vocab_width(student))
     if teacher is None:
         teacher_rows, teacher_weight, teacher_bias = labels[mask], None, None  # a stand-in, unused
     elif isinstance(teacher, TeacherScores):
