@@ -347,7 +347,7 @@ def report(args: argparse.Namespace, results: list[dict], methods: list[str]) ->
     rows = aggregate(results, methods, settings)
     out = Report("opd_vs_rl", args)
     parts = [out.table(name, rows, TABLES) for name in ("validity", "curves")]
-    trained = [row for row in rows if any(key in row for key in ("reward/mean", "pg/rho_mean"))]
+    trained = [row for row in rows if any(key.startswith(("reward/", "pg/", "on_policy_")) for key in row)]
     if trained:
         parts.append(out.table("logged", trained, TABLES))
     verdicts = criteria(rows, settings)
