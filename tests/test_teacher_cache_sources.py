@@ -5,10 +5,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+from conftest import free_port, start_server, stop_server
 from datasets import Dataset
+from safetensors.torch import load_file
 from test_teacher_cache import weights
 from tiny import config, dataset
 from transformers import AutoModelForCausalLM
@@ -71,8 +74,9 @@ def test_a_hidden_servers_cache_trains_like_the_local_teacher(tiny_paths, tmp_pa
     local = AutoModelForCausalLM.from_pretrained(tiny_paths["teacher"], dtype=torch.float32)
     assert manifest.teacher["server_model"] == "teacher" and manifest.hidden_size == 64
     assert manifest.teacher["config_sha256"] == config_sha256(local.config)
-    assert len(manifest.teacher["lm_head_sha256"]) == 64  # of the head file the server serves
-    assert torch.equal(load_head(tmp_path / "cache" / "lm_head.safetensors").weight, local.lm_head.weight)
+    head = load_head(tmp_path / "cache" / "lm_head.safetensors")
+    assert torch.equal(head.weight, local.lm_head.weight)
+    assert manifest.teacher["lm_head_tensors_sha256"] == head.tensors_sha256()  # of the served head's values
     assert (manifest.rows, manifest.format, manifest.dtype) == (24, "hidden", "float32")
     settings = dict(lmbda=0.0, beta=beta, loss_top_k=0)
     live = train(tiny_paths, tmp_path / "live", dataset(24), teacher_model=tiny_paths["teacher"], **settings)
@@ -88,7 +92,7 @@ def test_a_log_prob_servers_cache_trains_like_the_live_server(tiny_paths, tmp_pa
     data = write_rows(tmp_path / "rows.jsonl", dataset(24))
     manifest = cache_teacher(tiny_paths, teacher_url, data, tmp_path / "top", "--format", "topk", "--loss_top_k", "5")
     assert (manifest.format, manifest.top_k, manifest.hidden_size) == ("topk", 5, None)
-    assert "lm_head_sha256" not in manifest.teacher and manifest.teacher["server_model"] == "teacher"
+    assert manifest.teacher["server_model"] == "teacher" and len(manifest.teacher["lm_head_tensors_sha256"]) == 64
     settings = dict(lmbda=0.0, beta=0.0, loss_top_k=5)
     served = dict(
         use_teacher_server=True, teacher_model_server_url=teacher_url, teacher_server_response_format="compact"
@@ -97,6 +101,42 @@ def test_a_log_prob_servers_cache_trains_like_the_live_server(tiny_paths, tmp_pa
     cached = train(tiny_paths, tmp_path / "cached", dataset(24), teacher_cache=str(tmp_path / "top"), **settings)
     assert cached.teacher.returns == "scores"
     assert_same_training(cached, live)
+
+
+@pytest.mark.slow
+def test_a_killed_server_build_resumes_against_the_server_restarted_elsewhere(
+    tiny_paths, tmp_path, teacher_url, capsys
+):
+    """The manifest's teacher is what the server reports, not its URL: a build cut after its first shard finishes
+    against the same model served on another port, to the uninterrupted build's bytes; another model is refused."""
+    data = write_rows(tmp_path / "rows.jsonl", dataset(24))
+    shards = ("--rows_per_shard", "8")
+    whole = cache_teacher(tiny_paths, teacher_url, data, tmp_path / "whole", *shards)
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    cut = CacheManifest.read(tmp_path / "cut")
+    for name in cut.shards[1:]:
+        (tmp_path / "cut" / name).unlink()
+    first = load_file(str(tmp_path / "cut" / cut.shards[0]))["row_offsets"][-1]
+    cut.shards, cut.rows, cut.tokens, cut.complete = cut.shards[:1], 8, int(first), False
+    cut.write(tmp_path / "cut")
+    for model, folder in (("specialist", "cut-copy"), ("teacher", "cut")):
+        if folder == "cut-copy":
+            shutil.copytree(tmp_path / "cut", tmp_path / folder)
+        process = start_server(tiny_paths[model], port := free_port())
+        try:
+            url = f"http://127.0.0.1:{port}"
+            argv = ["cache-teacher", "--teacher", url, "--tokenizer", tiny_paths["student"], "--dataset_name", data]
+            code = main([*argv, *LENGTHS, "--output", str(tmp_path / folder), *shards])
+        finally:
+            stop_server(process)
+        if model == "specialist":
+            assert code == 2 and "already holds a cache whose teacher differs" in capsys.readouterr().err
+        else:
+            assert code == 0, capsys.readouterr().err
+    resumed = CacheManifest.read(tmp_path / "cut")
+    assert (resumed.rows, resumed.tokens, resumed.shards, resumed.complete) == (24, whole.tokens, whole.shards, True)
+    for name in whole.shards:
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
 def test_a_server_url_needs_the_students_tokenizer(tiny_paths, tmp_path, capsys):

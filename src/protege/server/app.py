@@ -231,7 +231,8 @@ class HeadFile:
         head = self.backend.lm_head()
         self.folder = Path(tempfile.mkdtemp(prefix="protege-lm-head-"))
         sha256 = save_head(head, self.path)
-        return {**head.metadata(), "sha256": sha256, "bytes": self.path.stat().st_size}
+        meta = {**head.metadata(), "sha256": sha256, "bytes": self.path.stat().st_size}
+        return meta | {"tensors_sha256": head.tensors_sha256()}  # the file's SHA-256 changes with each server process
 
     @property
     def path(self) -> Path:

@@ -51,16 +51,18 @@ def connect_for_cache(url: str, fmt: str, tokenizer, **settings) -> ServerConnec
 
 
 def server_identity(connection: ServerConnection, fmt: str) -> dict:
-    """Who the teacher is, as the server reports it: its model's name, revision and config digest (where it reports
-    them), its vocabulary's size and fingerprint, and (hidden format) the SHA-256 of the LM head it serves. The URL is
-    left out: the same server restarted elsewhere is the same teacher, and a killed build resumes against it."""
+    """Who the teacher is, as the server reports it: its model's name, revision and config digest, its vocabulary's
+    size and fingerprint, and the digest of its LM head's values (where the server serves the head: a fine-tuned
+    teacher of the same config differs there). The URL is left out: the same model served elsewhere is the same
+    teacher, and a killed build resumes against it."""
     info = connection.info
     identity = {"server_model": info.get("model")}
     for key in ("revision", "config_sha256", "vocab_size", "tokenizer_sha256"):
         if info.get(key) is not None:
             identity[key] = info[key]
-    if fmt == "hidden":
-        identity["lm_head_sha256"] = connection.client.lm_head_meta(required=True)["sha256"]
+    meta = connection.client.lm_head_meta(required=fmt == "hidden")
+    if meta is not None and meta.get("tensors_sha256"):
+        identity["lm_head_tensors_sha256"] = meta["tensors_sha256"]
     return identity
 
 

@@ -52,6 +52,15 @@ class LMHead:
     def hidden_size(self) -> int:
         return self.weight.shape[1]
 
+    def tensors_sha256(self) -> str:
+        """A digest of the head's values (weight, bias, logit transform), the same in every process, unlike the file's:
+        safetensors writes a header's metadata in any order. A teacher's identity in a cache made from a server."""
+        digest = hashlib.sha256(json.dumps(self.metadata(), sort_keys=True).encode())
+        for tensor in (self.weight, self.bias):
+            if tensor is not None:
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def metadata(self) -> dict[str, str]:
         """What safetensors keeps beside the tensors (strings only)."""
         return {
