@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import GenerationConfig
 
 from protege.evaluation import summed_token_kl
@@ -26,6 +27,7 @@ from protege.objective import Objective, sampled_log_ratio_sum, student_output
 from protege.rollout import model_generate
 from protege.teacher.local import LocalTeacher
 from protege.toy import tiny_model
+from protege.vllm_colocate import student_weights
 
 VOCAB, ROWS, WIDTH, PROMPT = 300, 2, 12, 5  # ROWS per rank
 CASES = {"auto": ("auto", 0), "chunk3": (3, 0), "chunk3_top1": (3, 1), "dense": (None, 0), "dense_top1": (None, 1)}
@@ -94,6 +96,11 @@ def case(name: str, rank: int, world: int) -> dict:
             module.reshard()
     trained = {n: p.full_tensor().detach() for n, p in student.named_parameters()}
     expected = dict(plain_student.named_parameters())
+    pushed = dict(student_weights(student))  # what a vLLM engine receives: every tensor whole, on every rank
+    pushed_error = max((pushed[n] - t).abs().max().item() for n, t in plain_student.state_dict().items())
+    pushed_sharded = (
+        any(isinstance(t, DTensor) for t in pushed.values()) or pushed.keys() != plain_student.state_dict().keys()
+    )
     # Ranks stop at different lengths (2 and 6 new tokens): a rank that stops must keep joining the others' gathers.
     sampling = GenerationConfig(max_new_tokens=2 + 4 * rank, do_sample=True, pad_token_id=0, eos_token_id=None)
     prompts = (local["input_ids"][:, :PROMPT], local["attention_mask"][:, :PROMPT])
@@ -106,6 +113,7 @@ def case(name: str, rank: int, world: int) -> dict:
         "weight_error": max((trained[n] - expected[n]).abs().max().item() for n in trained),
         "moved": max((expected[n] - start[n]).abs().max().item() for n in start),
         "generated": [generated.tolist(), plain_generated.tolist()],
+        "pushed": [pushed_error, pushed_sharded],
     }
 
 

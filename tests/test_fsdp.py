@@ -39,7 +39,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 def test_fsdp2_step_equals_one_process(ranks, case):
     """Chunked ("auto", 3 tokens a chunk) and dense (`loss_chunk_size=None`), full-vocabulary JSD and sparse top-1:
     the summed loss, the reverse-KL metric and both evaluation KLs over the two ranks, the SGD-updated weights and the
-    sampled completions equal one process's on all rows."""
+    sampled completions equal one process's on all rows; a vLLM engine is sent the whole trained weights."""
     for report in ranks:
         values = report[case]
         assert values["loss_sum"][0] == pytest.approx(values["loss_sum"][1], rel=1e-5)
@@ -48,3 +48,4 @@ def test_fsdp2_step_equals_one_process(ranks, case):
         assert values["moved"] > 1e-3, "the step moved the weights too little to tell a wrong gradient from noise"
         assert values["weight_error"] < 1e-6
         assert values["generated"][0] == values["generated"][1]
+        assert values["pushed"] == [pytest.approx(0.0, abs=1e-6), False]  # a vLLM weight push gets whole tensors

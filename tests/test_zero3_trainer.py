@@ -102,6 +102,7 @@ def test_zero3_on_policy_training_equals_ddp_and_ranks_stopping_early_keep_gener
     torch.testing.assert_close(weights, torch.load(tmp_path / "ddp" / "weights.pt"), atol=1e-6, rtol=1e-5)
 
     for report in zero3:
+        assert report["pushed"] == [0.0, True]  # a vLLM weight push gets every weight whole, on every rank
         sharded, plain = report["generated"]
         assert [len(row) for row in sharded] == [2 + 4 * report["rank"]] * 2
         assert sharded == plain

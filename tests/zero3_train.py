@@ -29,6 +29,7 @@ from transformers import GenerationConfig, TrainerCallback
 
 from protege import DistillationTrainer
 from protege.rollout import model_generate
+from protege.vllm_colocate import student_weights
 
 ZERO3 = {
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # every parameter partitioned
@@ -107,6 +108,8 @@ def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
     if save:
         trainer.save_model(save)
     generated = uneven_generation(trainer.model, weights, trainer.accelerator.process_index)
+    pushed = dict(student_weights(trainer.model))  # what a vLLM engine receives, gathered one tensor at a time
+    pushed_error = max((pushed[name].float() - value).abs().max().item() for name, value in weights.items())
     rank = trainer.accelerator.process_index
     report = {
         "rank": rank,
@@ -115,6 +118,7 @@ def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
         "teacher_partitioned": all(hasattr(p, "ds_id") for p in trainer.teacher_model.parameters()),
         "steps_run": steps.ran,
         "generated": generated,
+        "pushed": [pushed_error, sorted(pushed) == sorted(weights)],
         "loss": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "fractions": [e["on_policy_fraction"] for e in trainer.state.log_history if "on_policy_fraction" in e],
     }

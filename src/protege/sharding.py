@@ -31,6 +31,7 @@ current state is IDLE"), and transformers' `generate` on the unwrapped model rea
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -183,3 +184,22 @@ def sharded_across_ranks(model: nn.Module) -> bool:
     if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
         return True
     return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def full_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """`model`'s state dict with every sharded tensor whole: an FSDP2 `DTensor` through `full_tensor`, a ZeRO-3
+    parameter gathered and copied. One tensor at a time, in the state dict's order on every rank (each gather is a
+    collective), so a weight push holds one full tensor beyond the shards, never a second copy of the model."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each of their names
+    for name, tensor in model.state_dict().items():
+        parameter = parameters.get(name)
+        if parameter is not None and getattr(parameter, "ds_id", None) is not None:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+                tensor = parameter.detach().clone()
+        elif isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        yield name, tensor

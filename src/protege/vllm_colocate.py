@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from .rollout import sampling_seed
+from .sharding import full_state, sharded_across_ranks
 from .vllm_engine import check_student_for_vllm, quiet_vllm_notices
 
 
@@ -38,8 +39,13 @@ def student_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
     every step), and the trained copies of `modules_to_save` replace the originals."""
     model = extract_model_from_parallel(model)
     if not hasattr(model, "get_base_model"):
-        yield from model.state_dict().items()
+        yield from full_state(model)  # FSDP2 and ZeRO-3 shards gathered one tensor at a time
         return
+    if sharded_across_ranks(model):
+        raise NotImplementedError(
+            "use_vllm with a PEFT student sharded by FSDP2 or DeepSpeed ZeRO-3: its merged weights are not gathered "
+            "yet; shard without PEFT, or train the adapters under DDP"
+        )
     base = model.get_base_model()
     deltas = {}
     for module_name, module in base.named_modules():
