@@ -6,7 +6,7 @@
     python -m benchmarks --table FILE [FILE]    # the markdown tables of JSON lines written by earlier runs
 
 Every benchmark module has `main(argv)` and `TABLES` (the columns of its tables) and starts its worker processes as
-modules, `python -m benchmarks.NAME ...`. `workers` and `gkd_runs` are helpers, not benchmarks.
+modules, `python -m benchmarks.NAME ...`. `workers`, `gkd_runs` and `walk_bpe` are helpers, not benchmarks.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ BENCHMARKS = (
     "teacher_cache",
     "opd_vs_rl",
 )
-HELPERS = ("__init__", "__main__", "workers", "gkd_runs")
+HELPERS = ("__init__", "__main__", "workers", "gkd_runs", "walk_bpe")
 
 
 def summary(name: str) -> str:

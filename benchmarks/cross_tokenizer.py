@@ -3,6 +3,7 @@
     python -m benchmarks cross_tokenizer walks --seeds 0 1 2 3 4       # the comparison (docs/benchmarks.md), ~40 min
     python -m benchmarks cross_tokenizer walks --teachers-only --seeds 0 --teacher-layers 1   # the teacher pilot
     python -m benchmarks cross_tokenizer walks --quick                 # smoke run: 1 seed, tiny budgets
+    python -m benchmarks cross_tokenizer walks --seeds 0 1 2 --teacher-layers 2 --rule projection   # the other rule
     python -m benchmarks cross_tokenizer cost                          # alignment vs a whole step, 2 x 1,000 tokens
 
 `walks`: gkd_table's walks task with canonical references (docs/benchmarks.md, design 3); from each seed's warmed-up
@@ -28,9 +29,8 @@ from typing import Any
 
 from benchmarks import REPO, Column, Report, gkd_table, module_command, parser, spawn, worker_env
 from benchmarks.gkd_runs import BUDGETS, METRICS, prepared_scores, run_config, scores, settings_for, start_point
+from benchmarks.walk_bpe import MERGES, chatml, group_sizes, walk_tokenizer
 
-MERGES = 108  # as many as the graph has edges; on random walks, 2.2 nodes a token
-TOKENIZER_WALKS = 4000  # rows of walk text the BPE is trained on (its own stream, seed 0, for every seed)
 CROSS = "onpolicy_rkl_crosstok"
 LABELS = {
     CROSS: "On-policy GKD, reverse KL, teacher of another tokenizer (use_uld_loss)",
@@ -81,56 +81,6 @@ TABLES = {
 # ---------------------------------------------------------------------------------------------------------------------
 # walks: the other tokenizer, its teacher, the cross-tokenizer run
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def chatml(backend):
-    """A `tokenizers` backend as a fast tokenizer with the demo's special tokens and ChatML template."""
-    from transformers import PreTrainedTokenizerFast
-
-    from protege.toy import CHAT_TEMPLATE
-
-    special = dict(pad_token="<|endoftext|>", eos_token="<|im_end|>", bos_token=None, chat_template=CHAT_TEMPLATE)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
-
-
-def walk_tokenizer(merges: int = MERGES):
-    """A byte-level BPE trained on walk text, without GPT-2's split of letters from digits, so its merges join nodes
-    of both kinds into multi-node tokens; ChatML template and special tokens as the demo tokenizer's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from protege.demo.walks import Walks
-    from protege.toy import SPECIAL_TOKENS
-
-    rows = Walks().training_problems(TOKENIZER_WALKS, 0, stream="crosstok-tokenizer")
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    size = len(alphabet) + len(SPECIAL_TOKENS) + merges
-    trainer = trainers.BpeTrainer(
-        vocab_size=size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
-    )
-    backend.train_from_iterator([text for p in rows for text in ("".join(p.prefix), "".join(p.walk))], trainer)
-    return chatml(backend)
-
-
-def group_sizes(student_tokenizer, teacher_tokenizer, texts: list[str]) -> dict[str, float]:
-    """How the alignment groups `texts` (completions without their end of turn): tokens per group on each side."""
-    from protege.alignment import align_spans, text_tokens
-
-    student = teacher = groups = multi = 0
-    for text in texts:
-        _, student_spans = text_tokens(student_tokenizer, text)
-        teacher_ids, teacher_spans = text_tokens(teacher_tokenizer, text)
-        student_row, _, count = align_spans(student_spans, teacher_spans)
-        student, teacher, groups = student + len(student_spans), teacher + len(teacher_ids), groups + count
-        multi += sum(int((student_row == g).sum()) > 1 for g in range(count))
-    return {
-        "teacher_tokens_per_walk": teacher / len(texts),
-        "student_tokens_per_group": student / groups,
-        "teacher_tokens_per_group": teacher / groups,
-        "multi_token_groups": multi / groups,
-    }
 
 
 def cross_teacher(gkd: argparse.Namespace, seed: int, layers: int) -> tuple[Any, Path, dict]:
@@ -189,12 +139,13 @@ def cross_run(args: argparse.Namespace, gkd: argparse.Namespace) -> dict:
         "logging_steps": 1,
         "use_uld_loss": True,
         "teacher_tokenizer_name_or_path": str(folder),
+        "uld_alignment_rule": args.rule,
     }
     started, run = time.perf_counter(), replace(settings, beta=1.0, distill_overrides=overrides)
     torch.manual_seed(seed)
     distilled = distill(
         teacher, prepared.student, None, prepared.encoder, run, seed, problems, prepared.eval_problems,
-        start_point(saved), seed_folder / CROSS, quiet,
+        start_point(saved), seed_folder / cross_name(args), quiet,
     )  # fmt: skip
     curve = distilled.curve
     return {
@@ -213,15 +164,15 @@ def cross_run(args: argparse.Namespace, gkd: argparse.Namespace) -> dict:
 
 def spawn_cross(args: argparse.Namespace, gkd: argparse.Namespace, seed: int, what: str) -> dict:
     """A cross-teacher worker in a fresh process (1 torch thread), or its saved result for the same configuration."""
-    name = "teacher_crosstok" if what == "teacher" else CROSS
+    name = "teacher_crosstok" if what == "teacher" else cross_name(args)
     out = Path(gkd.output_dir) / f"seed{seed}" / f"{name}_{args.teacher_layers}layer.json"
-    config = run_config(gkd, "onpolicy_rkl") | {"teacher_layers": args.teacher_layers, "merges": MERGES}
+    config = cross_config(args, gkd)
     if out.exists() and not gkd.fresh:
         saved = json.loads(out.read_text())
         if saved.get("config") == config:
             return saved
     flags = ["--worker", what, "--seeds", seed, "--teacher-layers", args.teacher_layers, "--out", out]
-    flags += ["--output-dir", gkd.output_dir, *(["--quick"] * gkd.quick)]
+    flags += ["--rule", args.rule, "--output-dir", gkd.output_dir, *(["--quick"] * gkd.quick)]
     env = worker_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     started = time.perf_counter()
     done = spawn(module_command(sys.executable, "benchmarks.cross_tokenizer", "walks", *flags), env=env)
@@ -232,6 +183,15 @@ def spawn_cross(args: argparse.Namespace, gkd: argparse.Namespace, seed: int, wh
     brief = {k: round(v, 3) for k, v in shown.items() if isinstance(v, float)}
     print(f"  seed {seed} cross {what:8s} {time.perf_counter() - started:6.1f}s  {brief}", flush=True)
     return result
+
+
+def cross_name(args: argparse.Namespace, base: str = CROSS) -> str:
+    return base if args.rule == "gold" else f"{base}_{args.rule}"  # GOLD's rule keeps the first results' names
+
+
+def cross_config(args: argparse.Namespace, gkd: argparse.Namespace) -> dict:
+    config = run_config(gkd, "onpolicy_rkl") | {"teacher_layers": args.teacher_layers, "merges": MERGES}
+    return config | ({} if args.rule == "gold" else {"uld_alignment_rule": args.rule})
 
 
 def gkd_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -289,6 +249,7 @@ def walks_mode(args: argparse.Namespace) -> None:
         results = list(pool.map(lambda r: spawn_cross(args, gkd, r[0], "run") if r[1] == CROSS else
                                 gkd_table.spawn_run(gkd, *r), runs))  # fmt: skip
     report = Report("cross_tokenizer", args)
+    LABELS[CROSS] += f", uld_alignment_rule={args.rule}"
     prepared = {d["seed"]: d for d, (_, kind) in zip(done, jobs) if kind == "prepare"}
     for teacher in teachers:
         same = prepared[teacher["seed"]]
@@ -305,8 +266,9 @@ def walks_mode(args: argparse.Namespace) -> None:
     )
     seconds = round(time.perf_counter() - started)
     summary = {"rows": rows, "teachers": teachers, "criterion": verdict, "runs": results, "seconds": seconds}
-    (Path(gkd.output_dir) / "cross_tokenizer_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"wrote {gkd.output_dir}/cross_tokenizer_summary.json in {seconds}s")
+    name = cross_name(args, "cross_tokenizer_summary") + ".json"
+    (Path(gkd.output_dir) / name).write_text(json.dumps(summary, indent=2, default=str))
+    print(f"wrote {gkd.output_dir}/{name} in {seconds}s")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -462,6 +424,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     options.add_argument("mode", choices=["walks", "cost"])
     options.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     options.add_argument("--teacher-layers", type=int, default=1, help="walks: the other-tokenizer teacher's layers")
+    options.add_argument("--rule", choices=["gold", "projection"], default="gold", help="walks: uld_alignment_rule")
     options.add_argument("--teachers-only", action="store_true", help="walks: only the other-tokenizer teachers")
     options.add_argument("--jobs", type=int, default=2, help="walks: runs at once (1 torch thread each)")
     options.add_argument("--output-dir", default=None, help="walks: default runs/gkd_table_walks_canonical (gkd's)")
@@ -483,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         cost_mode(args)
     elif args.worker:
         gkd = gkd_args(args)
-        config = run_config(gkd, "onpolicy_rkl") | {"teacher_layers": args.teacher_layers, "merges": MERGES}
-        result = cross_run(args, gkd) | {"config": config}
+        result = cross_run(args, gkd) | {"config": cross_config(args, gkd)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
     else:

@@ -41,8 +41,9 @@ def cross_trainer(tiny_paths, char_teacher, tmp_path, **overrides) -> Distillati
     )
 
 
-def test_a_teacher_of_another_tokenizer_trains_the_student(tiny_paths, char_teacher, tmp_path):
-    trainer = cross_trainer(tiny_paths, char_teacher, tmp_path, lmbda=0.5, max_steps=8)
+@pytest.mark.parametrize("rule", ["gold", "projection"])
+def test_a_teacher_of_another_tokenizer_trains_the_student(tiny_paths, char_teacher, tmp_path, rule):
+    trainer = cross_trainer(tiny_paths, char_teacher, tmp_path, lmbda=0.5, max_steps=8, uld_alignment_rule=rule)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     answer = trainer.teacher(batch)
     assert isinstance(answer, TeacherForeign)
@@ -63,9 +64,10 @@ def test_a_teacher_of_another_tokenizer_trains_the_student(tiny_paths, char_teac
     assert estimates and all(torch.isfinite(torch.tensor(estimates)))
 
 
-def test_the_students_own_tokenizer_gives_the_ordinary_loss(tiny_paths, tmp_path):
+@pytest.mark.parametrize("rule", ["gold", "projection"])
+def test_the_students_own_tokenizer_gives_the_ordinary_loss(tiny_paths, tmp_path, rule):
     """The cross-tokenizer path with the student's tokenizer as the teacher's: every group is one token, every token
-    shared, so the slice's loss and gradient are the ordinary path's."""
+    shared (and spelled by itself), so the slice's loss and gradient are the ordinary path's, under either rule."""
     ordinary = DistillationTrainer(
         model=tiny_paths["student"],
         teacher_model=tiny_paths["teacher"],
@@ -75,7 +77,7 @@ def test_the_students_own_tokenizer_gives_the_ordinary_loss(tiny_paths, tmp_path
     cross = DistillationTrainer(
         model=tiny_paths["student"],
         teacher_model=tiny_paths["teacher"],
-        args=config(tmp_path / "b", beta=0.5, loss_top_k=0, use_uld_loss=True),
+        args=config(tmp_path / "b", beta=0.5, loss_top_k=0, use_uld_loss=True, uld_alignment_rule=rule),
         train_dataset=dataset(8),
     )
     batch = ordinary.data_collator([ordinary.train_dataset[i] for i in range(4)])
@@ -102,6 +104,8 @@ def test_refusals_name_the_setting(tiny_paths, char_teacher, tmp_path):
         config(tmp_path, **server, teacher_server_response_format="hidden")
     with pytest.raises(ValueError, match="uld_hybrid_matched_weight=0.5 is not allowed: set it together"):
         config(tmp_path, uld_hybrid_matched_weight=0.5)
+    with pytest.raises(ValueError, match=r"uld_alignment_rule='tokens' is not allowed: one of \('gold', 'projection'"):
+        config(tmp_path, uld_alignment_rule="tokens")
 
 
 def _mismatch(tiny_paths, char_teacher, tmp_path):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+ULD_ALIGNMENT_RULES = ("gold", "projection")  # DistillationConfig.uld_alignment_rule
+
 
 @dataclass
 class CrossTokenizerFields:
@@ -72,4 +74,15 @@ class CrossTokenizerFields:
     uld_skip_teacher_eos: bool = field(
         default=False,
         metadata={"help": "Leave the teacher's final EOS out of the cross-tokenizer loss (GOLD's default: True)."},
+    )
+    uld_alignment_rule: str = field(
+        default="gold",
+        metadata={
+            "help": "How aligned groups are compared. 'gold': each group's distribution (first position times the "
+            "later tokens' probabilities) against the teacher's, by uld_use_hybrid_loss (GOLD's rule). "
+            "'projection' (protege's): at every student position, the teacher's distribution over its tokens "
+            "marginalised onto the student's next token (each teacher token's text spelled in student tokens), "
+            "compared with the run's divergence (beta); exact for a teacher whose tokens are concatenations of the "
+            "student's, an approximation otherwise; the uld_hybrid_* weights do not apply."
+        },
     )

@@ -21,6 +21,7 @@ each. Rows come a chunk of groups at a time (`cross_tokenizer_loss_sum`), never 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ class VocabularyMatch:
     teacher_ids: torch.Tensor  # (M,) long
     student_vocab: int
     teacher_vocab: int
+    projection: Any = None  # projection.TokenProjection, for uld_alignment_rule="projection"
 
     def unmatched(self, side: str, device: torch.device) -> torch.Tensor:
         """The ids of `side` ("student" or "teacher") that have no partner."""
@@ -53,8 +55,10 @@ class VocabularyMatch:
 
     @classmethod
     def identity(cls, vocab: int) -> VocabularyMatch:
+        from .projection import TokenProjection
+
         ids = torch.arange(vocab)
-        return cls(ids, ids, vocab, vocab)
+        return cls(ids, ids, vocab, vocab, TokenProjection.identity(vocab))
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class CrossTokenizerLoss:
     crossentropy_weight: float = 0.0
     student_temperature: float = 1.0
     teacher_temperature: float = 1.0
+    rule: str = "gold"  # uld_alignment_rule: "gold" (the group rule here) or "projection" (`projection`)
 
 
 def group_log_masses(
@@ -159,7 +164,16 @@ def cross_tokenizer_loss_sum(
 ) -> torch.Tensor:
     """The loss summed over a slice's aligned groups (plus `crossentropy_weight` times the student's summed token
     cross-entropy), `chunk_groups` groups at a time. Each chunk is recomputed in the backward pass
-    (`torch.utils.checkpoint`), so at most one chunk's (tokens x V) rows are held on either side."""
+    (`torch.utils.checkpoint`), so at most one chunk's (tokens x V) rows are held on either side. Under
+    `rule="projection"`, `projection.projection_loss_sum` instead."""
+    if loss.rule == "projection":
+        from .projection import projection_loss_sum
+
+        if match.projection is None:
+            raise ValueError(
+                "uld_alignment_rule='projection' needs the pair's TokenProjection (VocabularyMatch.projection)"
+            )
+        return projection_loss_sum(student, teacher, num_groups, match.projection, loss, chunk_groups)
     total = student.rows.new_zeros((), dtype=torch.promote_types(student.rows.dtype, torch.float32))
     for start in range(0, num_groups, chunk_groups):
         stop = min(start + chunk_groups, num_groups)

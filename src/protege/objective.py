@@ -142,6 +142,7 @@ class Objective:
                 crossentropy_weight=args.uld_crossentropy_weight,
                 student_temperature=args.uld_student_temperature,
                 teacher_temperature=args.uld_teacher_temperature,
+                rule=args.uld_alignment_rule,
             )
         return cls(
             beta=args.beta,
@@ -219,6 +220,11 @@ class Objective:
                 "'loss' is the cross-tokenizer loss: over groups of student and teacher tokens that cover the same "
                 f"text, {compared}, summed over groups and divided by the student's completion tokens"
             )
+            if self.cross.rule == "projection":
+                text = (
+                    f"'loss' is the cross-tokenizer loss: the {divergence} between the student's next-token "
+                    "distribution and the teacher's projected onto the student's tokens, per completion token"
+                )
         if not on_policy:
             return text
         return (

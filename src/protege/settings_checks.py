@@ -33,6 +33,7 @@ from .choices import (
     VLLM_MODES,
     setting_error,
 )
+from .config_crosstok import ULD_ALIGNMENT_RULES
 from .objective import Objective
 from .teacher.spec import MAPPING_FIELDS, scores_teachers, server_format, server_urls
 
@@ -217,6 +218,8 @@ def check_cross_tokenizer(config: DistillationConfig) -> None:
             raise setting_error(name, getattr(config, name), "it must be >= 0")
     if config.uld_distillation_weight < 0:
         raise setting_error("uld_distillation_weight", config.uld_distillation_weight, "it must be >= 0")
+    if config.uld_alignment_rule not in ULD_ALIGNMENT_RULES:
+        raise setting_error("uld_alignment_rule", config.uld_alignment_rule, f"one of {ULD_ALIGNMENT_RULES}")
     for name in ("uld_student_temperature", "uld_teacher_temperature"):
         if not getattr(config, name) > 0:
             raise setting_error(name, getattr(config, name), "it must be > 0")

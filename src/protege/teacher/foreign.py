@@ -10,6 +10,7 @@ the two end-of-turn tokens, when the student's completion ends with one, form th
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -21,6 +22,7 @@ from ..models import head_view, load_tokenizer, output_rows
 from ..outputs import TeacherForeign
 from . import Placement, Teacher
 from .local import LocalTeacher, load_teacher
+from .projection_table import projection_table
 from .remote import connect_remote_teacher
 from .spec import TeacherSpec
 
@@ -106,6 +108,7 @@ def load_foreign_teacher(spec: TeacherSpec, args, student, tokenizer, objective)
         extended=args.use_extended_uld,
         skip_eos=args.uld_skip_student_eos or args.uld_skip_teacher_eos,
         teacher_limit=inner.max_model_len or _max_positions(model),
+        rule=args.uld_alignment_rule,
     )
 
 
@@ -124,6 +127,7 @@ class ForeignTokenizerTeacher:
         extended: bool = True,
         skip_eos: bool = False,
         teacher_limit: int | None = None,
+        rule: str = "gold",
     ):
         self.inner, self.name, self.max_model_len = inner, inner.name, inner.max_model_len
         self.student_tokenizer, self.prompt_tokenizer = student_tokenizer, teacher_tokenizer
@@ -131,6 +135,9 @@ class ForeignTokenizerTeacher:
         self.extended, self.skip_eos = extended, skip_eos
         self.teacher_limit, self._warned_cut = teacher_limit, False
         self.match = vocabulary_match(student_tokenizer, teacher_tokenizer, student_width, inner.vocab_size)
+        if rule == "projection":  # each teacher token spelled in student tokens, once (projection_table)
+            table = projection_table(student_tokenizer, teacher_tokenizer, student_width, inner.vocab_size, self.match)
+            self.match = replace(self.match, projection=table)
 
     @property
     def model(self):
