@@ -23,12 +23,13 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make's .ven
 pytestmark = pytest.mark.slow  # torchrun processes: not in the fast tier
 
 
-@pytest.mark.parametrize("chunk", [4, None], ids=["chunked", "dense"])
-def test_zero3_training_equals_one_process(tiny_paths, tmp_path, chunk):
+@pytest.mark.parametrize(("chunk", "tied"), [(4, False), (None, False), (4, True)], ids=["chunked", "dense", "tied"])
+def test_zero3_training_equals_one_process(tiny_paths, tmp_path, chunk, tied):
     """2 ZeRO-3 ranks x 4 micro-batches and 1 plain process x 8 micro-batches of one row, 2 SGD steps, off-policy:
-    the same losses and weights, the LM head's included (chunked: it is applied outside the forward)."""
+    the same losses and weights, the LM head's included (chunked: it is applied outside the forward; tied: the head
+    gathered is the embedding, whose gradient then comes from both uses)."""
     settings = dict(lmbda=0.0, per_device_train_batch_size=1, optim="sgd", learning_rate=2.0, max_steps=2)
-    settings |= dict(rows=16, loss_chunk_size=chunk)
+    settings |= dict(rows=16, loss_chunk_size=chunk, tied=tied)
     two = torchrun(
         2, tiny_paths, tmp_path / "two", 300, "zero3_train.py", zero3=True, gradient_accumulation_steps=4, **settings
     )
@@ -38,6 +39,8 @@ def test_zero3_training_equals_one_process(tiny_paths, tmp_path, chunk):
     assert not one[0]["partitioned"]
 
     start = load_file(Path(tiny_paths["student"], "model.safetensors"))
+    if tied:  # the tied copy's head is the student's embedding
+        start["lm_head.weight"] = start["model.embed_tokens.weight"]
     two_weights = torch.load(tmp_path / "two" / "weights.pt")
     moved = (two_weights["lm_head.weight"] - start["lm_head.weight"]).abs().max().item()
     assert moved > 1e-3, f"the LM head moved at most {moved:.2e}: its gradient did not reach it"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -89,10 +90,26 @@ def uneven_generation(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
     return [model_generate(m, sampling, seed=rank)(prompt, torch.ones_like(prompt))[0].tolist() for m in (model, plain)]
 
 
+def tied_copy(student: str, folder: Path) -> str:
+    """`student` with `tie_word_embeddings`: its embedding serves as the LM head too (each rank writes its own copy,
+    the same on all)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = folder / f"rank{os.environ.get('RANK', '0')}"
+    config = AutoConfig.from_pretrained(student, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_pretrained(student, config=config)
+    model.tie_weights()
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(student).save_pretrained(folder)
+    return str(folder)
+
+
 def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
     settings = json.loads(overrides)
     rows, resume, save = settings.pop("rows", 16), settings.pop("resume", None), settings.pop("save", None)
     gather16 = settings.pop("gather16", False)
+    if settings.pop("tied", False):  # the student with its LM head tied to its embedding (the head gathered is both)
+        student = tied_copy(student, Path(out, "tied_student"))
     if settings.pop("zero3", False):
         import deepspeed
 

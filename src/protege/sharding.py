@@ -130,7 +130,13 @@ class _GatheredCopy(torch.autograd.Function):
         parameter = ctx.parameter
         if parameter.ds_status == ZeroParamStatus.NOT_AVAILABLE:
             parameter.all_gather(param_list=[parameter])
-            release = lambda: parameter.partition(param_list=[parameter], has_been_updated=False)  # noqa: E731
+
+            def release() -> None:
+                # A tied head's embedding may have been taken up by its own module's backward since: DeepSpeed then
+                # releases it with that module, and refuses a release here.
+                if not parameter.ds_active_sub_modules:
+                    parameter.partition(param_list=[parameter], has_been_updated=False)
+
             torch.autograd.Variable._execution_engine.queue_callback(release)
         return grad
 
@@ -139,10 +145,22 @@ def _zero3_copy(parameter: torch.Tensor | None) -> torch.Tensor | None:
     """The full value of a ZeRO-3 parameter, gathered from every rank (a collective), linked to it for autograd."""
     if parameter is None:
         return None
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+    with _zero3_gathered(parameter):
         return _GatheredCopy.apply(parameter)
+
+
+def _zero3_gathered(parameter: torch.Tensor):
+    """A ZeRO-3 parameter held whole for the block: gathered from every rank (a collective), or left as it is where
+    DeepSpeed already holds it whole (a tied LM head's embedding, kept for the head's forward that protege never
+    runs; gathering and releasing it there makes DeepSpeed refuse to free a parameter still active in a module)."""
+    import contextlib
+
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if parameter.ds_status == ZeroParamStatus.AVAILABLE:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters([parameter], modifier_rank=None)
 
 
 def whole_head(model: nn.Module, head: nn.Module) -> nn.Module | GatheredHead:
@@ -196,9 +214,7 @@ def full_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in model.state_dict().items():
         parameter = parameters.get(name)
         if parameter is not None and getattr(parameter, "ds_id", None) is not None:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+            with _zero3_gathered(parameter):
                 tensor = parameter.detach().clone()
         elif isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()
