@@ -207,28 +207,14 @@ def test_rho_is_one_when_the_student_sampled_with_its_own_distribution(tiny_path
 
 
 def test_the_update_does_not_depend_on_gradient_accumulation(tiny_paths, tmp_path):
-    def one_step(batch, accumulation):
-        trainer = DistillationTrainer(
-            model=tiny_paths["student"],
-            teacher_model=tiny_paths["teacher"],
-            args=pg_config(
-                tmp_path / f"{batch}x{accumulation}",
-                max_steps=1,
-                per_device_train_batch_size=batch,
-                gradient_accumulation_steps=accumulation,
-                optim="sgd",
-                learning_rate=1.0,
-                max_grad_norm=0.0,
-                kl_discount_factor=0.5,
-            ),
-            train_dataset=dataset(16),
-            reward_funcs=[length_reward],
-        )
-        start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-        trainer.train()
-        return {k: start[k] - v for k, v in trainer.model.state_dict().items()}
+    from test_trainer import one_sgd_step
 
-    whole, sliced = one_step(8, 1), one_step(2, 4)
+    policy = dict(lmbda=1.0, on_policy_objective="policy_gradient", top_p=1.0, kl_discount_factor=0.5)
+    policy |= dict(reward_funcs=[length_reward], train=dataset(16))
+    whole, sliced = (
+        one_sgd_step(tiny_paths, tmp_path, 8, 1, **policy),
+        one_sgd_step(tiny_paths, tmp_path, 2, 4, **policy),
+    )
     assert max(v.abs().max().item() for v in whole.values()) > 1e-3
     for name, delta in whole.items():
         torch.testing.assert_close(sliced[name], delta, rtol=1e-4, atol=1e-6, msg=name)
@@ -352,3 +338,14 @@ def test_the_policy_gradient_example_runs(tmp_path):
     lines = [line for line in stdout.splitlines() if line.startswith("step ") and "teacher advantage" in line]
     assert [line.split(":")[0] for line in lines] == ["step 2", "step 4"]
     assert all(float(line.rpartition("rho ")[2]) <= 1.0 for line in lines)  # top_p 0.95: rho is the nucleus' mass
+
+
+def test_a_teacher_server_is_asked_for_one_log_prob_when_only_sampled_tokens_are_read():
+    from protege.objective import Objective
+
+    def asked(**settings) -> int:
+        args = DistillationConfig(output_dir="/tmp/x", on_policy_objective="policy_gradient", loss_top_k=50, **settings)
+        return Objective.from_config(args).server_top_k
+
+    assert asked(lmbda=1.0) == 1  # the smallest request: a stock server's --max-logprobs never refuses it
+    assert asked(lmbda=0.5, beta=0.0) == 50  # off-policy slices still take the divergence's top-k

@@ -10,12 +10,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from protege import DistillationTrainer
 
 
-def trainer_for(tiny_paths, tmp_path, train=None, **overrides) -> DistillationTrainer:
+def trainer_for(tiny_paths, tmp_path, train=None, reward_funcs=None, **overrides) -> DistillationTrainer:
     return DistillationTrainer(
         model=tiny_paths["student"],
         teacher_model=tiny_paths["teacher"],
         args=config(tmp_path, **overrides),
         train_dataset=train if train is not None else dataset(64),
+        reward_funcs=reward_funcs,
     )
 
 
@@ -67,19 +68,15 @@ def test_one_generate_call_per_optimizer_step(tiny_paths, tmp_path):
     assert tokens == [round(8 * length) for length in lengths]
 
 
-def one_sgd_step(tiny_paths, tmp_path, batch, accumulation):
+def one_sgd_step(tiny_paths, tmp_path, batch, accumulation, **overrides):
+    """The weights' change in one plain SGD step of `batch` rows x `accumulation` micro-batches (off-policy unless
+    `overrides` say otherwise)."""
+    settings = dict(lmbda=0.0, max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0)
+    settings |= dict(lr_scheduler_type="constant", weight_decay=0.0)
     trainer = trainer_for(
         tiny_paths,
         tmp_path / f"{batch}x{accumulation}",
-        lmbda=0.0,
-        max_steps=1,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        optim="sgd",
-        learning_rate=1.0,
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
+        **(settings | dict(per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation) | overrides),
     )
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()

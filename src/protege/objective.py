@@ -92,13 +92,15 @@ class Objective:
     chunk_size: int | str | None = None  # tokens per chunk of the memory-bounded path, or "auto"; None = dense
     fused: bool = False  # Liger's fused linear JSD (full vocabulary, hidden states)
     cross: CrossTokenizerLoss | None = None  # a teacher of another tokenizer (use_uld_loss): the uld_* settings
+    sampled_only: bool = False  # every slice trains by policy gradient: a teacher sends only sampled tokens' log-probs
 
     @classmethod
     def from_config(cls, args) -> Objective:
         """The objective of a `DistillationConfig`, or a ValueError naming the field whose value is not allowed."""
         server = bool(server_urls(args))
         log_probs_only = scores_teachers(args)  # the teacher servers sending log-probs only
-        if getattr(args, "on_policy_objective", "divergence") == "policy_gradient" and args.lmbda == 1:
+        sampled_only = getattr(args, "on_policy_objective", "divergence") == "policy_gradient" and args.lmbda == 1
+        if sampled_only:
             log_probs_only = []  # every slice is on-policy: the sampled token's log-prob is all a teacher sends
         exact = "; teacher_server_response_format='hidden' gives the exact loss for any setting"
         with_server = "with use_teacher_server"
@@ -153,6 +155,7 @@ class Objective:
             chunk_size=None if fused else args.loss_chunk_size,
             fused=fused,
             cross=cross,
+            sampled_only=sampled_only,
         )
 
     @staticmethod
@@ -251,8 +254,9 @@ class Objective:
 
     @property
     def server_top_k(self) -> int:
-        """How many log-probs per position to ask of a teacher server that returns scores."""
-        return max(self.top_k, 1)
+        """How many log-probs per position to ask of a teacher server that returns scores: one (the smallest request
+        a server answers) where only the sampled tokens' are read."""
+        return 1 if self.sampled_only else max(self.top_k, 1)
 
     # ----- The loss -----
 
