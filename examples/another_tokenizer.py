@@ -31,7 +31,7 @@ def main(output_dir: str = "another_tokenizer_output") -> None:
         teacher.lm_head.weight.mul_(20.0)  # a confident teacher, so there is something to learn
     args = DistillationConfig(
         output_dir=output_dir,
-        use_uld_loss=True,  # cross-tokenizer: align by text, compare shared tokens exactly, the rest by ULD
+        use_uld_loss=True,  # cross-tokenizer: align by text, the teacher projected onto the student's next token
         teacher_tokenizer_name_or_path=str(Path(output_dir) / "teacher_tokenizer"),
         lmbda=1.0,  # on the student's own samples, decoded and re-tokenized for the teacher
         beta=0.5,

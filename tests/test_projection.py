@@ -110,3 +110,70 @@ def test_projection_equals_the_marginal_on_a_coarser_teacher(beta):
     assert value.item() == pytest.approx(expected, rel=1e-9)
     value.backward()
     assert torch.isfinite(student_logits.grad).all() and student_logits.grad.abs().sum() > 0
+
+
+# ----- The table, from real tokenizers -----
+
+
+def spelled(tokenizer, projection: TokenProjection, token_id: int) -> list[int]:
+    return projection.sequences[token_id, : int(projection.lengths[token_id])].tolist()
+
+
+def test_the_walks_table_spells_each_multi_node_token_node_by_node():
+    """The walks benchmark's pair: the demo's student (one token a node) and a BPE whose tokens join 1 to 4 nodes."""
+    from benchmarks.walk_bpe import walk_tokenizer
+    from protege.demo.task import load_tokenizer
+    from protege.teacher.foreign import vocabulary_match
+    from protege.teacher.projection_table import projection_table
+
+    student, teacher = load_tokenizer(), walk_tokenizer()
+    match = vocabulary_match(student, teacher, len(student), len(teacher))
+    table = projection_table(student, teacher, len(student), len(teacher), match)
+    merged = [i for i, token in enumerate(teacher.convert_ids_to_tokens(list(range(len(teacher))))) if i >= 259]
+    for token_id in merged:
+        text = teacher.convert_ids_to_tokens(token_id)
+        assert student.convert_ids_to_tokens(spelled(student, table, token_id)) == list(text)
+    assert spelled(student, table, teacher.eos_token_id) == [student.eos_token_id]
+    assert int(table.lengths.max()) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("student_side", ["byte_level", "sentencepiece"])
+def test_a_real_pair_spells_every_teacher_token(student_side, tmp_path):
+    """mistral-common's 32k SentencePiece against a byte-level BPE, either way round: every teacher token but a
+    special one without a partner is spelled, and the spelling's bytes are the token's text (leading spaces, partial
+    characters in byte tokens, byte fallback)."""
+    pytest.importorskip("mistral_common", reason="the 32k SentencePiece model comes with mistral-common (dev extra)")
+    import importlib.resources
+    import shutil
+
+    from transformers import LlamaTokenizerFast
+
+    from protege.alignment import standalone_bytes
+    from protege.teacher.foreign import vocabulary_match
+    from protege.teacher.projection_table import projection_table
+    from protege.toy import train_tokenizer
+
+    shutil.copy(
+        importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1", tmp_path / "tokenizer.model"
+    )
+    sentencepiece = LlamaTokenizerFast.from_pretrained(tmp_path)
+    byte_level = train_tokenizer(["naïve 日本語 😀 the hello world 123", "  \n\t e\u0301 Ünïcödé"] * 8, vocab_size=300)
+    student, teacher = (byte_level, sentencepiece) if student_side == "byte_level" else (sentencepiece, byte_level)
+    match = vocabulary_match(student, teacher, len(student), len(teacher))
+    table = projection_table(student, teacher, len(student), len(teacher), match)
+    special = set(teacher.all_special_ids)
+    student_bytes, teacher_bytes = (
+        standalone_bytes(student, range(len(student))),
+        standalone_bytes(teacher, range(len(teacher))),
+    )
+    special |= {i for i, text in enumerate(teacher_bytes) if not text}  # added control tokens: no text
+    assert set((table.lengths == 0).nonzero().squeeze(1).tolist()) <= special
+    for token_id in range(len(teacher)):
+        if token_id not in special:
+            assert b"".join(student_bytes[i] for i in spelled(student, table, token_id)) == teacher_bytes[token_id]
+    if student_side == "sentencepiece":  # " hello" as after earlier text ("a hello"), not with a second "▁"
+        hello = teacher.convert_tokens_to_ids("Ġhello")
+        if hello != teacher.unk_token_id:
+            in_text = student("a hello", add_special_tokens=False)["input_ids"][1:]
+            assert spelled(student, table, hello) == in_text

@@ -1,6 +1,7 @@
 """The cross-tokenizer fields of `DistillationConfig`, with TRL GOLD's names and meanings (GOLDConfig), for a teacher
-whose tokenizer is not the student's. protege's defaults differ from GOLD's in three places, on purpose
-(docs/differences-from-trl.md): `uld_use_hybrid_loss` is on (exact on shared tokens, so with one tokenizer the loss is
+whose tokenizer is not the student's, and protege's own `uld_alignment_rule`. protege's defaults differ from GOLD's in
+four places, on purpose (docs/differences-from-trl.md): the rule is the projection onto the student's next token (not
+GOLD's group rule), `uld_use_hybrid_loss` is on (exact on shared tokens, so with one tokenizer the loss is
 the ordinary one), and `uld_skip_student_eos` / `uld_skip_teacher_eos` are off (the two end-of-turn tokens are
 compared with each other, so the student still learns when to stop)."""
 
@@ -76,13 +77,15 @@ class CrossTokenizerFields:
         metadata={"help": "Leave the teacher's final EOS out of the cross-tokenizer loss (GOLD's default: True)."},
     )
     uld_alignment_rule: str = field(
-        default="gold",
+        default="projection",
         metadata={
-            "help": "How aligned groups are compared. 'gold': each group's distribution (first position times the "
-            "later tokens' probabilities) against the teacher's, by uld_use_hybrid_loss (GOLD's rule). "
-            "'projection' (protege's): at every student position, the teacher's distribution over its tokens "
-            "marginalised onto the student's next token (each teacher token's text spelled in student tokens), "
-            "compared with the run's divergence (beta); exact for a teacher whose tokens are concatenations of the "
-            "student's, an approximation otherwise; the uld_hybrid_* weights do not apply."
+            "help": "How the two tokenizations are compared. 'projection' (protege's, the default): at every student "
+            "position, the teacher's distribution over its tokens marginalised onto the student's next token (each "
+            "teacher token's text spelled in student tokens), compared with the run's divergence (beta); exact for a "
+            "teacher whose tokens are concatenations of the student's, an approximation otherwise; the "
+            "uld_use_hybrid_loss and uld_hybrid_* settings do not apply. 'gold': GOLD's rule, each aligned group's "
+            "distribution (first position times the later tokens' probabilities) against the teacher's, compared as "
+            "uld_use_hybrid_loss says (on the walks benchmark it left the student worse than it started, "
+            "docs/benchmarks.md)."
         },
     )

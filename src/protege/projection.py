@@ -91,11 +91,14 @@ def projected_log_probs(
     keep = lengths[None, :] > depth[:, None]  # (n, V_t): the tokens that go on past the written prefix
     for k in range(min(prefix.shape[1], sequences.shape[1])):  # deeper: no token is that long, keep is False
         keep &= (depth[:, None] <= k) | (sequences[None, :, k] == prefix[:, k, None])
-    column = depth.clamp(max=sequences.shape[1] - 1)
-    next_token = sequences.T[column].clamp(min=0)  # (n, V_t): seq(t)[depth], wherever it exists
     mass = torch.where(keep, teacher_log_probs.exp(), 0.0)
-    q = mass.new_zeros(len(depth), student_width).scatter_add_(1, next_token, mass)
-    del keep, mass, next_token
+    del keep
+    q = mass.new_zeros(len(depth), student_width)
+    for d in depth.clamp(max=sequences.shape[1] - 1).unique().tolist():  # one (V_t,) column of seq(t)[d] per depth
+        rows = (depth.clamp(max=sequences.shape[1] - 1) == d).nonzero().squeeze(1)
+        next_token = sequences[:, d].clamp(min=0).expand(len(rows), -1)  # a view: no (n, V_t) index is held
+        q[rows] = q[rows].scatter_add_(1, next_token, mass[rows])
+    del mass
     total = q.sum(-1, keepdim=True)
     present = total.squeeze(-1) > 0
     if floor_zeros:
