@@ -108,6 +108,11 @@ def test_refusals_name_the_setting(tiny_paths, char_teacher, tmp_path):
         config(tmp_path, uld_alignment_rule="tokens")
 
 
+def test_the_hybrid_weights_under_the_projection_rule_warn(tmp_path):
+    with pytest.warns(UserWarning, match="apply to uld_alignment_rule='gold' only"):
+        config(tmp_path, use_uld_loss=True, uld_hybrid_matched_weight=0.5, uld_hybrid_unmatched_weight=0.5)
+
+
 def _mismatch(tiny_paths, char_teacher, tmp_path):
     """The teacher of another tokenizer without use_uld_loss: the vocabulary check refuses it."""
     import shutil

@@ -177,6 +177,11 @@ class Objective:
             )
         if args.loss_chunk_size is not None and args.use_liger_kernel:
             notes.append("loss_chunk_size has no effect with use_liger_kernel (Liger chunks the loss itself).")
+        if args.use_uld_loss and args.uld_alignment_rule == "projection" and args.uld_hybrid_matched_weight is not None:
+            notes.append(
+                "uld_hybrid_matched_weight and uld_hybrid_unmatched_weight apply to uld_alignment_rule='gold' only; "
+                "the projection rule compares the whole next-token distribution with the divergence beta selects."
+            )
         if args.beta == 1 and sparse_top1 and not args.loss_add_tail:
             notes.append(
                 "beta=1, loss_top_k=1 and loss_add_tail=False give a loss that is always zero (one-token support "
