@@ -14,6 +14,10 @@ distributions are then compared:
   divergence, term for term: the property that anchors this path (tests/test_crosstok.py).
 * ULD alone (`use_uld_loss` without hybrid): the sorted-probability L1 distance over the whole of both vocabularies.
 
+This is GOLD's rule, `uld_alignment_rule="gold"`. protege's default, `"projection"` (`projection.py`), compares the
+student's next token at every position instead: on the walks benchmark GOLD's rule left the student worse than it
+started and the projection did not (docs/benchmarks.md).
+
 Memory: a group's full rows are needed at its first position only; later positions contribute one log-probability
 each. Rows come a chunk of groups at a time (`cross_tokenizer_loss_sum`), never (tokens x V_student x V_teacher).
 """
@@ -73,7 +77,7 @@ class CrossTokenizerLoss:
     crossentropy_weight: float = 0.0
     student_temperature: float = 1.0
     teacher_temperature: float = 1.0
-    rule: str = "gold"  # uld_alignment_rule: "gold" (the group rule here) or "projection" (`projection`)
+    rule: str = "gold"  # "gold" (the group rule here) or "projection"; DistillationConfig defaults to "projection"
 
 
 def group_log_masses(
