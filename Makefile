@@ -69,9 +69,10 @@ $(VLLM_ENV)/.installed:
 	$(VLLM_ENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
-# The vLLM backend and the `openai` protocol against real vLLM (tests/test_vllm.py, skipped without .vllm-env).
+# Every test against real vLLM (skipped without .vllm-env): the backend and the `openai` protocol, the student's
+# vLLM (colocated and serve-student), and the policy-gradient objective's sampler log-probs and openai teacher.
 test-vllm: $(VLLM_ENV)/.installed $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests/test_vllm.py
+	$(BIN)/python -m pytest -q tests/test_vllm.py tests/test_vllm_student.py tests/test_vllm_policy_gradient.py
 
 # A separate environment with TRL 1.8.0 for benchmarks/vs_trl.py (protege's .venv never imports trl).
 TRL_ENV := .trl-env
