@@ -5,13 +5,15 @@
     python -m benchmarks cross_tokenizer walks --quick                 # smoke run: 1 seed, tiny budgets
     python -m benchmarks cross_tokenizer walks --seeds 0 1 2 --teacher-layers 2 --rule projection   # the other rule
     python -m benchmarks cross_tokenizer cost                          # alignment vs a whole step, 2 x 1,000 tokens
+    python -m benchmarks cross_tokenizer cost --cost-rule gold         # the same under GOLD's rule
 
 `walks`: gkd_table's walks task with canonical references (docs/benchmarks.md, design 3); from each seed's warmed-up
 student (gkd_table's prepare, cache and runs), on-policy GKD reverse KL with a teacher of another tokenizer
 (`use_uld_loss`; `walk_tokenizer`, whose merges join nodes), the same with the same-tokenizer teacher, and SFT.
 
 `cost`: `ForeignTokenizerTeacher.translate` inside real training steps at 2 rows x 1,000 completion tokens, student on
-Tekken's first 32,000 ranks (byte-level BPE), teacher on mistral-common's 32k SentencePiece, small random Qwen2s.
+Tekken's first 32,000 ranks (byte-level BPE), teacher on mistral-common's 32k SentencePiece, small random Qwen2s; under
+the projection rule also its marginalisation inside the loss (`projection.projected_log_probs`) and its table's build.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ TABLES = {
         Column("translate s", "translate_s", "{:.3f}"),
         Column("translate share", "share", "{:.1%}"),
         Column("translate s, alone", "translate_alone_s", "{:.3f}"),
+        Column("projection s", "projection_s", "{:.3f}"),
+        Column("translate + projection share", "alignment_share", "{:.1%}"),
+        Column("projection table s (once)", "table_s", "{:.2f}"),
     ],
 }
 
@@ -324,20 +329,29 @@ def document_rows(tokenizer, tokens: int) -> list[dict]:
     return [{"messages": [{"role": "user", "content": "Go on."}, {"role": "assistant", "content": c}]} for c in chunks]
 
 
-def timed_steps(trainer) -> tuple[list[float], list[float]]:
-    """Train; each step's wall time (from the end of the one before; the first from the start of
-    training) and the time its `translate` calls took."""
-    from transformers import TrainerCallback
+def clocked(call, spent: list[float]):
+    """`call`, each call's wall time added to `spent[0]`."""
 
-    teacher, translate = trainer.teacher, trainer.teacher.translate
-    marks, spent, per_step = [time.perf_counter()], [0.0], []
-
-    def timed(batch: dict):
+    def timed(*args: Any, **kwargs: Any):
         started = time.perf_counter()
         try:
-            return translate(batch)
+            return call(*args, **kwargs)
         finally:
             spent[0] += time.perf_counter() - started
+
+    return timed
+
+
+def timed_steps(trainer) -> tuple[list[float], list[float], list[float]]:
+    """Train; each step's wall time (from the end of the one before; the first from the start of
+    training), the time its `translate` calls took, and the time its projection rule's marginalisation took
+    (`projection.projected_log_probs`, inside the loss, forward and the checkpointed backward's recomputation)."""
+    from transformers import TrainerCallback
+
+    from protege import projection
+
+    teacher, translate, project = trainer.teacher, trainer.teacher.translate, projection.projected_log_probs
+    marks, spent, per_step, projected, per_step_projection = [time.perf_counter()], [0.0], [], [0.0], []
 
     class Mark(TrainerCallback):
         def on_train_begin(self, *_: Any, **__: Any) -> None:
@@ -346,12 +360,16 @@ def timed_steps(trainer) -> tuple[list[float], list[float]]:
         def on_step_end(self, *_: Any, **__: Any) -> None:
             marks.append(time.perf_counter())
             per_step.append(spent[0])
-            spent[0] = 0.0
+            per_step_projection.append(projected[0])
+            spent[0] = projected[0] = 0.0
 
-    teacher.translate = timed
+    teacher.translate, projection.projected_log_probs = clocked(translate, spent), clocked(project, projected)
     trainer.add_callback(Mark())
-    trainer.train()
-    return [b - a for a, b in zip(marks, marks[1:])], per_step
+    try:
+        trainer.train()
+    finally:
+        projection.projected_log_probs = project
+    return [b - a for a, b in zip(marks, marks[1:])], per_step, per_step_projection
 
 
 def cost_case(args: argparse.Namespace, lmbda: float, tokenizers: tuple, rows: list[dict], folder: Path) -> dict:
@@ -362,26 +380,35 @@ def cost_case(args: argparse.Namespace, lmbda: float, tokenizers: tuple, rows: l
 
     from benchmarks import median_ms
     from protege import DistillationConfig, DistillationTrainer
+    from protege.teacher import foreign
     from protege.toy import tiny_model
 
     (student_tokenizer, teacher_tokenizer), shape = tokenizers, dict(layers=args.layers, hidden=args.hidden, heads=4)
     student = tiny_model(len(student_tokenizer), **shape, eos_token_id=student_tokenizer.eos_token_id, seed=1)
     teacher = tiny_model(len(teacher_tokenizer), **shape, eos_token_id=teacher_tokenizer.eos_token_id, seed=2)
+    for model in (student, teacher):  # tiny_model's 512 positions would cut the teacher's side (foreign.py) mid-row;
+        model.config.max_position_embeddings = 8 * args.tokens  # rotary positions: nothing else changes
     config = DistillationConfig(
         output_dir=str(folder / "run"), per_device_train_batch_size=2, max_steps=args.steps + 1, lmbda=lmbda,
         beta=1.0, loss_top_k=0, max_completion_length=args.tokens, max_length=args.tokens + 32, learning_rate=1e-4,
         logging_steps=args.steps + 1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, bf16=False,
         use_uld_loss=True, teacher_tokenizer_name_or_path=str(folder / "sp32k"), seed=0,
+        **({"uld_alignment_rule": args.cost_rule} if args.cost_rule else {}),
     )  # fmt: skip
     dataset = Dataset.from_list(rows * (args.steps + 1))
-    trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config, train_dataset=dataset, processing_class=student_tokenizer
-    )
+    build, table_s = foreign.projection_table, [0.0]
+    foreign.projection_table = clocked(build, table_s)  # the projection rule's table, built once at setup
+    try:
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=config, train_dataset=dataset, processing_class=student_tokenizer
+        )
+    finally:
+        foreign.projection_table = build
     trainer.remove_callback(PrinterCallback)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     alone, translated = median_ms(lambda: trainer.teacher.translate(batch), args.repeats, warmup=1)
-    steps, translate = timed_steps(trainer)
-    steps, translate = steps[1:], translate[1:]  # the first step warms up
+    steps, translate, projected = timed_steps(trainer)
+    steps, translate, projected = steps[1:], translate[1:], projected[1:]  # the first step warms up
     logged = [e["completion_tokens"] for e in trainer.state.log_history if "completion_tokens" in e]
     off_policy = lmbda == 0
     return {
@@ -392,8 +419,13 @@ def cost_case(args: argparse.Namespace, lmbda: float, tokenizers: tuple, rows: l
         "translate_s": statistics.median(translate),
         "share": sum(translate) / sum(steps),
         "translate_alone_s": alone / 1e3 if off_policy else None,
+        "projection_s": statistics.median(projected),
+        "alignment_share": (sum(translate) + sum(projected)) / sum(steps),
+        "table_s": table_s[0] or None,
+        "rule": config.uld_alignment_rule,
         "steps": steps,
         "translates": translate,
+        "projections": projected,
     }
 
 
@@ -411,6 +443,7 @@ def cost_mode(args: argparse.Namespace) -> None:
     results = [cost_case(args, lmbda, tokenizers, rows, folder) for lmbda in (0.0, 1.0)]
     shapes = f"student and teacher: Qwen2, {args.layers} layers, hidden {args.hidden}, 4 heads, random init"
     print(f"{shapes}; vocabularies {len(tokenizers[0]):,} (Tekken 32k) and {len(tokenizers[1]):,} (SentencePiece)")
+    print(f"uld_alignment_rule={results[0]['rule']}" + ("" if args.cost_rule else " (DistillationConfig's default)"))
     print(Report("cross_tokenizer", args).table("cost", results, TABLES))
 
 
@@ -435,6 +468,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     options.add_argument("--layers", type=int, default=2, help="cost: layers of both models")
     options.add_argument("--hidden", type=int, default=256, help="cost: hidden size of both models")
     options.add_argument("--threads", type=int, default=2, help="cost: torch threads")
+    options.add_argument("--cost-rule", choices=["gold", "projection"], default=None, help="cost: default the config's")
     options.add_argument("--worker", choices=["teacher", "run"], default=None, help=argparse.SUPPRESS)
     options.add_argument("--out", default=None, help=argparse.SUPPRESS)
     return options.parse_args(argv)
