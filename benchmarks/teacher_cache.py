@@ -3,22 +3,31 @@ cache's bytes a token per format, and the time to build it against one epoch wit
 
     python -m benchmarks teacher_cache                 # real shapes, 4 rows of 16 + 1,000 tokens: 2 steps of 2 rows
     python -m benchmarks teacher_cache --quick         # smoke run: vocabulary 8000, hidden 64 / 128, 64 tokens
+    python -m benchmarks teacher_cache --student-layers 24 --teacher-layers 28 --optim sgd --pairs 2 --skip-topk
 
 The models are real_scale's (`workers.random_models`, built once into `--cache-dir`, shared with real_scale): a Qwen2
 student of hidden 896, 4 layers, tied embeddings, a teacher of hidden 1536, 4 layers, untied, vocabulary 151,936 (the
-layer counts are cut from 24 and 28 to fit a 2-core machine). The data: `--rows` rows of `--prompt-tokens` and
+layer counts are cut from 24 and 28 to fit a 2-core machine). `--student-layers` / `--teacher-layers` build the same
+models at other depths (24 and 28 are Qwen2.5-0.5B's and 1.5B's) into their own folder, `real-SxT-layers`, never
+real_scale's. The data: `--rows` rows of `--prompt-tokens` and
 exactly `--tokens` completion tokens (real_scale's rows), one epoch = rows / 2 steps of 2 rows, lmbda 0, beta 0.5, the
-full vocabulary (`loss_top_k=0`, protege's default `loss_chunk_size`), float32, AdamW, `--threads` torch threads.
+full vocabulary (`loss_top_k=0`, protege's default `loss_chunk_size`), float32, AdamW (`--optim sgd`: plain SGD, no
+optimizer state, where AdamW's moments do not fit beside the teacher; the forward and backward passes, which is what
+the cache saves, are the same), `--threads` torch threads.
 
 In order, each in a fresh process: `protege cache-teacher --format hidden` (bfloat16) and `--format topk
 --loss_top_k 20` over the rows (their wall time: start, model load and the teacher's identity digest included), then
 one epoch with the live local teacher and one from the hidden cache with no teacher (`worker` below). s/step is the
-mean over the epoch's steps, from the start of training; the first step is in it.
+mean over the epoch's steps, from the start of training; the first step is in it. CPU s: the worker's CPU time
+(user and system, all its threads) over training, which other jobs on a shared machine disturb less than wall time.
+`--pairs N` runs the live and the cached epoch N times, alternating which goes first (live, cached, cached, live,
+...), so that each ratio compares two epochs run close in time on a shared machine.
 
 `--server` also builds both caches from `protege serve-teacher` on the same teacher (started once, before the timed
 commands), and reports how far each server-built cache is from the local build's: the largest difference of a stored
 hidden state, and for top-k whether the ids agree and the largest log-prob difference. `--skip-epochs` leaves out the
-two epochs.
+epochs, `--skip-topk` the top-k builds, `--skip-builds` every build (the epochs train from the hidden cache an
+earlier run left in the same folder; its manifest is checked against the rows as always).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,7 +46,7 @@ from types import SimpleNamespace
 
 from benchmarks import Column, Report, describe, emit_result, failure, module_command, parse, parser, setting, spawn
 from benchmarks.real_scale import QUICK, REAL, conversations
-from benchmarks.workers import FolderRun, build_trainer, random_models, train
+from benchmarks.workers import FolderRun, Shapes, build_trainer, random_models, train
 
 TOP_K = 20
 
@@ -53,6 +63,7 @@ class Epoch(FolderRun):
     threads: int = setting(2)
     data: str = setting(help="the rows, JSON lines")
     cache: str | None = setting(None, "a teacher cache folder: train from it, no teacher")
+    optim: str | None = setting(None, "the Trainer's optim (default its own: AdamW)")
 
 
 TABLES = {
@@ -66,11 +77,16 @@ TABLES = {
         Column("against the local build", lambda r: r.get("against_local", "-"), text=True),
     ],
     "epoch": [
+        Column("pair", lambda r: r.get("pair", 1)),
         Column("teacher", "case", text=True),
         Column("steps", "steps"),
         Column("s/step", "step_seconds", "{:.1f}"),
+        Column("each step s", lambda r: ", ".join(f"{s:.1f}" for s in r["step_times"]), text=True),
         Column("epoch s (training)", "train_seconds", "{:.1f}"),
+        Column("epoch CPU s (training)", lambda r: r.get("train_cpu_seconds"), "{:.1f}"),
+        Column("1-min load before", lambda r: r.get("load_before"), "{:.1f}"),
         Column("epoch s (whole process)", "process_seconds", "{:.1f}"),
+        Column("peak RSS GiB", lambda r: r.get("peak_rss_gib"), "{:.1f}"),
         Column("losses", lambda r: ", ".join(f"{loss:.5g}" for loss in r["losses"]), text=True),
     ],
 }
@@ -85,10 +101,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     options.add_argument("--cache-dir", type=Path, default=Path("/tmp/protege_real_scale"), help="models and runs")
     options.add_argument("--server", action="store_true", help="also build both caches from a teacher server")
     options.add_argument("--skip-epochs", action="store_true", help="builds only, no training epochs")
+    options.add_argument("--skip-topk", action="store_true", help="no top-k cache builds")
+    options.add_argument("--skip-builds", action="store_true", help="train from the hidden cache a run built before")
+    options.add_argument("--student-layers", type=int, default=None, help="student depth (default: the shapes')")
+    options.add_argument("--teacher-layers", type=int, default=None, help="teacher depth (default: the shapes')")
+    options.add_argument("--optim", choices=("adamw_torch", "sgd"), default=None, help="default: the Trainer's AdamW")
+    options.add_argument("--pairs", type=int, default=1, help="live and cached epochs, N times, alternating order")
     args = options.parse_args(argv)
-    args.shapes = QUICK if args.quick else REAL
+    args.shapes = deepened(QUICK if args.quick else REAL, args.student_layers, args.teacher_layers)
     args.tokens = args.tokens or (64 if args.quick else 1000)
     return args
+
+
+def deepened(shapes: Shapes, student_layers: int | None, teacher_layers: int | None) -> Shapes:
+    """`shapes` at other layer counts, named (and so stored) apart from them; `shapes` itself when neither is given."""
+    if student_layers is None and teacher_layers is None:
+        return shapes
+    student = shapes.student | {"num_hidden_layers": student_layers or shapes.student["num_hidden_layers"]}
+    teacher = shapes.teacher | {"num_hidden_layers": teacher_layers or shapes.teacher["num_hidden_layers"]}
+    name = f"{shapes.name}-{student['num_hidden_layers']}x{teacher['num_hidden_layers']}-layers"
+    return dataclasses.replace(shapes, name=name, student=student, teacher=teacher)
 
 
 def shard_bytes(folder: Path) -> int:
@@ -177,6 +209,7 @@ def epoch(case: str, args: argparse.Namespace, built: dict, data: Path, cache: P
         tokenizer=built["tokenizer"],
         data=str(data),
         cache=None if cache is None else str(cache),
+        optim=args.optim,
         output_dir=str(data.parent / f"trainer-{case}"),
     )
     started = time.perf_counter()
@@ -207,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = conversations(shape, PreTrainedTokenizerFast.from_pretrained(built["tokenizer"]))
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     caches = []
-    for fmt in ("hidden", "topk"):
+    for fmt in () if args.skip_builds else ("hidden",) if args.skip_topk else ("hidden", "topk"):
         caches.append(build(fmt, args, built, data, runs / f"cache-{fmt}", env))
         print(f"  built the {fmt} cache: {caches[-1]}", flush=True)
     if args.server:
@@ -215,15 +248,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_epochs:
         print("\n" + report.table("cache", caches, TABLES))
         return 0
-    epochs = []
-    for case, cache in (("live local teacher", None), ("hidden cache, no teacher", runs / "cache-hidden")):
-        epochs.append(epoch(case, args, built, data, cache, env))
-        print(f"  {case}: {epochs[-1]['step_seconds']:.1f} s/step, losses {epochs[-1]['losses']}", flush=True)
-    print("\n" + report.table("cache", caches, TABLES))
+    epochs = pairs(args, built, data, runs, env)
+    if caches:
+        print("\n" + report.table("cache", caches, TABLES))
     print("\n" + report.table("epoch", epochs, TABLES))
-    live, cached = epochs[0]["step_seconds"], epochs[1]["step_seconds"]
-    print(f"\ncached step {live / cached:.2f}x faster; hidden cache {caches[0]['bytes_per_token']:.1f} bytes a token")
+    for pair in range(1, args.pairs + 1):
+        live, cached = (e["step_seconds"] for e in sorted(epochs, key=lambda e: e["cache"]) if e["pair"] == pair)
+        print(f"pair {pair}: cached step {live / cached:.2f}x faster")
+    if caches:
+        print(f"hidden cache {caches[0]['bytes_per_token']:.1f} bytes a token")
     return 0
+
+
+def pairs(args: argparse.Namespace, built: dict, data: Path, runs: Path, env: dict) -> list[dict]:
+    """`args.pairs` times a live and a cached epoch, the order alternating (live first in the odd pairs)."""
+    cases = [("live local teacher", None), ("hidden cache, no teacher", runs / "cache-hidden")]
+    epochs = []
+    for pair in range(1, args.pairs + 1):
+        for case, cache in cases if pair % 2 else cases[::-1]:
+            load = os.getloadavg()[0]
+            epochs.append({"pair": pair, **epoch(case, args, built, data, cache, env), "cache": cache is not None})
+            epochs[-1]["load_before"] = load
+            print(
+                f"  pair {pair}, {case}: {epochs[-1]['step_seconds']:.1f} s/step {epochs[-1]['step_times']}, "
+                f"losses {epochs[-1]['losses']}, 1-min load before {load:.2f}",
+                flush=True,
+            )
+    return epochs
 
 
 def worker(argv: list[str]) -> int:
@@ -252,7 +303,7 @@ def worker(argv: list[str]) -> int:
             tensor.sum()
 
     def configure(**settings):
-        return DistillationConfig(**settings, teacher_cache=run.cache)
+        return DistillationConfig(**settings, teacher_cache=run.cache, **({"optim": run.optim} if run.optim else {}))
 
     inputs = dict(
         model=models[0],
@@ -261,7 +312,9 @@ def worker(argv: list[str]) -> int:
         processing_class=tokenizer,
     )
     trainer, timer, _ = build_trainer(run, "teacher_cache", configure, DistillationTrainer, TrainerCallback, **inputs)
+    cpu = time.process_time()
     seconds, logs = train(trainer)
+    cpu = time.process_time() - cpu
     steps = sorted(step for step in timer.end if step > 0)
     emit_result(
         {
@@ -269,8 +322,10 @@ def worker(argv: list[str]) -> int:
             "step_seconds": (timer.end[steps[-1]] - timer.end[0]) / len(steps),
             "step_times": [timer.end[step] - timer.end[step - 1] for step in steps],
             "train_seconds": seconds,
+            "train_cpu_seconds": cpu,
             "losses": [logs[step]["loss"] for step in sorted(logs)],
             "tokens": sum(trainer.step_tokens.values()),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "finished": True,
         }
     )
