@@ -22,9 +22,10 @@ from protege.objective import Objective, StudentHidden, StudentLogits, TeacherHi
 F64 = torch.float64
 
 
+@pytest.mark.parametrize("rule", ["gold", "projection"])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("view", ["logits", "hidden"])
-def test_one_tokenizer_gives_the_ordinary_loss_and_gradient(beta, view):
+def test_one_tokenizer_gives_the_ordinary_loss_and_gradient(beta, view, rule):
     torch.manual_seed(0)
     rows, columns, hidden, vocab = 3, 7, 16, 50
     labels = torch.randint(0, vocab, (rows, columns))
@@ -56,7 +57,7 @@ def test_one_tokenizer_gives_the_ordinary_loss_and_gradient(beta, view):
         AlignedSide(teacher_flat, weights[1], None, tokens, groups),
         len(tokens),
         VocabularyMatch.identity(vocab),
-        CrossTokenizerLoss(beta=beta),
+        CrossTokenizerLoss(beta=beta, rule=rule),
         chunk_groups=5,
     )
     (cross_grad,) = torch.autograd.grad(cross, student_hidden)
