@@ -123,6 +123,7 @@ def main(out: str) -> None:
     torch.manual_seed(0)
     report = {name: case(name, rank, world) for name in CASES}
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
 

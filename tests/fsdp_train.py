@@ -105,9 +105,12 @@ def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
         "loss": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "fractions": [e["on_policy_fraction"] for e in trainer.state.log_history if "on_policy_fraction" in e],
     }
-    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     if rank == 0:
         torch.save(weights, Path(out, "weights.pt"))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))  # last: a report means this rank's files are whole
+    if torch.distributed.is_initialized():  # close gloo's threads before exit (else, at times: "terminate called")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

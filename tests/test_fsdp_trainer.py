@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import free_port
-from tiny import assert_same_update
+from tiny import assert_same_update, ended_well
 
 TESTS = Path(__file__).parent
 pytestmark = pytest.mark.slow  # torchrun processes: not in the fast tier
@@ -53,8 +53,9 @@ def torchrun(
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         pytest.fail(f"torchrun of {processes} ranks did not finish in {timeout} s (a hang in a collective?)")
-    assert process.returncode == 0, stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+    reports = [out / f"rank{r}.json" for r in range(processes)]
+    assert ended_well(process.returncode, stderr, reports), stderr[-4000:]
+    return [json.loads(report.read_text()) for report in reports]
 
 
 @pytest.mark.parametrize("chunk", [4, None], ids=["chunked", "dense"])

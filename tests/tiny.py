@@ -95,3 +95,11 @@ def assert_same_update(student: str, two: Path, one: Path, what: str) -> None:
     moved = max((two_weights[name] - start[name]).abs().max().item() for name in start)
     assert moved > 1e-3, f"the weights moved at most {moved:.2e}: too little to tell {what} from noise"
     torch.testing.assert_close(two_weights, one_weights, atol=1e-6, rtol=1e-5)
+
+
+def ended_well(returncode: int, stderr: str, reports: list[Path]) -> bool:
+    """Whether a torchrun did its work: exit code 0, or gloo's abort of a process at exit (SIGABRT, "terminate called
+    without an active exception", about 1 run in 20 here even after a barrier and destroy_process_group) once every
+    rank had written its report, which each worker writes last."""
+    aborted_at_exit = "terminate called without an active exception" in stderr or "SIGABRT" in stderr
+    return returncode == 0 or (aborted_at_exit and all(report.exists() for report in reports))

@@ -139,9 +139,9 @@ def main(student: str, teacher: str, out: str, overrides: str = "{}") -> None:
         "loss": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "fractions": [e["on_policy_fraction"] for e in trainer.state.log_history if "on_policy_fraction" in e],
     }
-    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     if rank == 0:
         torch.save(weights, Path(out, "weights.pt"))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))  # last: a report means this rank's files are whole
     if torch.distributed.is_initialized():  # an orderly end: no rank leaves while another still talks to it
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
