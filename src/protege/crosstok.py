@@ -158,6 +158,23 @@ def _chunk_bounds(groups: torch.Tensor, first_group: int, last_group: int) -> sl
     return slice(int(bounds[0]), int(bounds[1]))
 
 
+def crossentropy_term(side: AlignedSide, loss: CrossTokenizerLoss) -> torch.Tensor | float:
+    """The weighted log-likelihood of a chunk's own tokens at temperature 1 (the hybrid losses' cross-entropy part),
+    or 0 where its weight is 0."""
+    if not loss.crossentropy_weight:
+        return 0.0
+    plain = side.log_probs(slice(None), 1.0)
+    return loss.crossentropy_weight * plain.gather(-1, side.token_ids[:, None]).sum()
+
+
+def recomputed_in_backward(chunk_loss, rows: torch.Tensor) -> torch.Tensor:
+    """`chunk_loss(rows)`, its (chunk x vocabulary) tensors recomputed in backward rather than kept, so a chunk's
+    logits live only while it is computed; run plainly where no gradient is wanted."""
+    if torch.is_grad_enabled() and rows.requires_grad:
+        return torch.utils.checkpoint.checkpoint(chunk_loss, rows, use_reentrant=False)
+    return chunk_loss(rows)
+
+
 def cross_tokenizer_loss_sum(
     student: AlignedSide,
     teacher: AlignedSide,
@@ -198,16 +215,9 @@ def cross_tokenizer_loss_sum(
                 loss.distillation_weight
                 * group_divergence(student_logp[first] + later[:, None], teacher_masses, match, loss).sum()
             )
-            if loss.crossentropy_weight:
-                plain = side.log_probs(slice(None), 1.0)
-                value = value - loss.crossentropy_weight * plain.gather(-1, side.token_ids[:, None]).sum()
-            return value
+            return value - crossentropy_term(side, loss)
 
-        rows = student.rows[s_part]
-        if torch.is_grad_enabled() and rows.requires_grad:
-            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, rows, use_reentrant=False)
-        else:
-            total = total + chunk_loss(rows)
+        total = total + recomputed_in_backward(chunk_loss, student.rows[s_part])
     return total
 
 

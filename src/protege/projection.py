@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .crosstok import AlignedSide, CrossTokenizerLoss
+from .crosstok import AlignedSide, CrossTokenizerLoss, crossentropy_term, recomputed_in_backward
 from .losses import MIN_TAIL_PROB, divergence_elements
 
 
@@ -161,14 +161,7 @@ def projection_loss_sum(
                 del teacher_logp
             values = divergence_elements(student_logp[has_teacher], log_q.to(student_logp.dtype), loss.beta)
             value = loss.distillation_weight * torch.where(present, values.sum(-1), 0.0).sum()
-            if loss.crossentropy_weight:
-                plain = side.log_probs(slice(None), 1.0)
-                value = value - loss.crossentropy_weight * plain.gather(-1, side.token_ids[:, None]).sum()
-            return value
+            return value - crossentropy_term(side, loss)
 
-        rows = student.rows[part]
-        if torch.is_grad_enabled() and rows.requires_grad:
-            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, rows, use_reentrant=False)
-        else:
-            total = total + chunk_loss(rows)
+        total = total + recomputed_in_backward(chunk_loss, student.rows[part])
     return total
