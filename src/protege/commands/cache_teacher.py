@@ -40,7 +40,17 @@ def add_parser(subparsers) -> None:
         "--teacher",
         required=True,
         help="Teacher: hub id, local path, or the URL of a `protege serve-teacher` server (the hidden format from a "
-        "server serving it, else top-k log-probs; its API key from PROTEGE_TEACHER_API_KEY).",
+        "server serving it, else top-k log-probs; its API key from PROTEGE_TEACHER_API_KEY) or, with "
+        "--teacher_server_protocol openai, of a stock vLLM or SGLang server (top-k only).",
+    )
+    parser.add_argument(
+        "--teacher_server_protocol",
+        default="protege",
+        help="As `protege train`: protege (default) for a `protege serve-teacher` URL; openai for the prompt "
+        "log-probs of an OpenAI-compatible server's /v1/completions (--format topk).",
+    )
+    parser.add_argument(
+        "--teacher_server_model", default=None, help="With --teacher_server_protocol openai: the served model's name."
     )
     parser.add_argument(
         "--tokenizer",
@@ -128,6 +138,7 @@ def check_settings(args: argparse.Namespace) -> None:
     for flag in ("batch_size", "rows_per_shard"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, not {getattr(args, flag)}")
+    check_protocol(args)
     if is_url(args.teacher) and args.tokenizer is None:
         raise ValueError(
             "--tokenizer is required with a teacher server URL: the student's tokenizer, whose token ids key the cache"
@@ -137,18 +148,41 @@ def check_settings(args: argparse.Namespace) -> None:
     args.tokenizer = args.tokenizer or args.teacher
 
 
+def check_protocol(args: argparse.Namespace) -> None:
+    """An OpenAI-compatible server is a URL with a model name, and serves log-probs only: refused before connecting."""
+    from ..choices import TEACHER_PROTOCOLS
+
+    if args.teacher_server_protocol not in TEACHER_PROTOCOLS:
+        raise ValueError(
+            f"--teacher_server_protocol {args.teacher_server_protocol!r}: choose one of {', '.join(TEACHER_PROTOCOLS)}"
+        )
+    if args.teacher_server_protocol != "openai":
+        return
+    if not is_url(args.teacher):
+        raise ValueError(f"--teacher_server_protocol openai needs a server URL as --teacher, not {args.teacher!r}")
+    if args.format == "hidden":
+        raise ValueError(
+            "--format hidden: an OpenAI-compatible server (--teacher_server_protocol openai) serves log-probs only, "
+            "not hidden states; use --format topk --loss_top_k K"
+        )
+    if args.teacher_server_model is None:
+        raise ValueError("--teacher_server_protocol openai needs --teacher_server_model: the served model's name")
+
+
 def is_url(teacher: str) -> bool:
     return teacher.startswith(("http://", "https://"))
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..http_client import ServerError
+
     with interruptible():
         try:
             try:
                 check_settings(args)
                 with quiet_libraries():
                     manifest = cache(args)
-            except (ValueError, OSError) as error:
+            except (ValueError, OSError, ServerError) as error:  # a server that refuses or is not there: one line
                 return report(COMMAND, error)
         except Interrupted as interrupt:
             print(where_it_stands(interrupt, Path(args.output)), file=sys.stderr)
@@ -233,7 +267,7 @@ class Source:
 
     source: CacheSource
     identity: dict
-    vocab_size: int
+    vocab_size: int | None  # None: an OpenAI server, which does not say
     hidden_size: int | None
 
 
@@ -275,17 +309,25 @@ def local_source(args: argparse.Namespace, tokenizer) -> tuple[Callable[[], Sour
 
 def server_source(args: argparse.Namespace, tokenizer) -> tuple[Callable[[], Source], SequenceLimit | None, Callable]:
     """A teacher server, connected and checked before the data (it must serve the format's payload and the student's
-    vocabulary): the source's maker, the row limit (its max_model_len), and what closes the connection."""
-    from ..data import sequence_limit
+    vocabulary, an OpenAI one the model named and K log-probs): the source's maker, the row limit (its max_model_len,
+    less the token an OpenAI server generates), and what closes the connection."""
+    from ..data import SequenceLimit, sequence_limit
     from ..teacher.cache_server import ServerSource, connect_for_cache, server_identity
     from ..teacher.vocabulary import shared_rows
 
-    connection = connect_for_cache(args.teacher, args.format, tokenizer)
-    limit = sequence_limit(args.max_length, connection.max_model_len)
+    protocol = {key: getattr(args, key) for key in ("teacher_server_protocol", "teacher_server_model")}
+    connection = connect_for_cache(args.teacher, args.format, tokenizer, args.loss_top_k, **protocol)
+    openai, served = args.teacher_server_protocol == "openai", connection.max_model_len
+    limit = sequence_limit(args.max_length, None if openai else served)
+    if openai and served is not None:
+        limit = SequenceLimit(served - 1, f"the max_model_len of the server at {args.teacher} less the token it adds")
 
     def make() -> Source:
         identity = server_identity(connection, args.format)
-        width, hidden = connection.info.get("vocab_size") or len(tokenizer), None
+        # An OpenAI server reports no vocabulary size: none recorded, training compares on the student's rows, as
+        # it does with the live server.
+        width = None if openai else connection.info.get("vocab_size") or len(tokenizer)
+        hidden = None
         if args.format == "hidden":
             meta = connection.client.lm_head_meta(required=True)
             rows, hidden = int(meta["vocab_size"]), int(meta["hidden_size"])

@@ -99,7 +99,8 @@ class CachedTeacher:
                 self.vocab_size, student.device, student.dtype, str(reader.folder / HEAD_FILE)
             )
         else:
-            self.vocab_size = min(reader.manifest.vocab_size, output_rows(student))
+            # none recorded (an OpenAI server's cache): the student's rows, as the live server teacher has
+            self.vocab_size = min(reader.manifest.vocab_size or output_rows(student), output_rows(student))
         if live is not None:
             self.vocab_size = min(self.vocab_size, live.vocab_size)
 

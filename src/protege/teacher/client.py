@@ -76,6 +76,24 @@ class TeacherClient(RetryingClient):
         """The vocabulary size a protege server reports on /info/, or None where the server has no such endpoint."""
         return self.info().get("vocab_size")
 
+    def model_card(self) -> dict:
+        """An OpenAI-compatible server's entry for `model` on GET /v1/models (its `id`; vLLM adds `root`, `parent` and
+        `max_model_len`): what such a server says of the teacher, since it has no /info/."""
+        url = self._url("/v1/models")
+        response = self.get("/v1/models", refusal_ok=True)
+        listed = self._json_of(response, "/v1/models") if response.status_code == 200 else None
+        cards = listed.get("data") if isinstance(listed, dict) else None
+        if not isinstance(cards, list) or not all(isinstance(card, dict) and "id" in card for card in cards):
+            raise TeacherServerError(
+                f"teacher server at {url} answered no model list (HTTP {response.status_code}), which an "
+                "OpenAI-compatible server gives"
+            )
+        for card in cards:
+            if card["id"] == self.model:
+                return card
+        served = [card["id"] for card in cards]
+        raise TeacherServerError(f"teacher server at {url} serves {served}, not teacher_server_model={self.model!r}")
+
     def lm_head_meta(self, required: bool = False) -> dict | None:
         """/lm_head/meta/: the served head's sizes, dtype, logit transform and SHA-256; None where it is not served
         (an error when `required`). Retried like every other call."""
