@@ -34,6 +34,7 @@ BENCHMARKS = (
     "cross_tokenizer",
     "teacher_cache",
     "opd_vs_rl",
+    "cache_int8",
 )
 HELPERS = ("__init__", "__main__", "workers", "gkd_runs", "walk_bpe")
 

@@ -280,6 +280,20 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def conversations_file(path: Path, rows: int, prompt_tokens: int, completion_tokens: int, tokenizer: str) -> Path:
+    """`rows` of `conversations` (seed 0) written as JSON lines to `path`, the dataset file a `protege` command reads;
+    `tokenizer` is `random_models`' tokenizer folder."""
+    import json
+    from types import SimpleNamespace
+
+    from transformers import PreTrainedTokenizerFast
+
+    case = SimpleNamespace(batch=rows, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, seed=0)
+    made = conversations(case, PreTrainedTokenizerFast.from_pretrained(tokenizer))
+    path.write_text("".join(json.dumps(row) + "\n" for row in made))
+    return path
+
+
 def conversations(case: Case, tokenizer) -> list[dict]:
     """`case.batch` rows of random word tokens, their rendered prompt and completion lengths checked (the chat
     template puts `<|im_start|>` before and `<|im_end|>` after each turn)."""

@@ -100,10 +100,11 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_same_files(tiny_paths, data_file, tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_a_killed_run_resumes_to_the_same_files(tiny_paths, data_file, tmp_path, dtype):
     """SIGKILL while the second shard is being written: the same command finishes the cache, and its shards and
     manifest equal an uninterrupted run's, byte for byte (the LM head, written once, holds the same tensors)."""
-    shards = ["--rows_per_shard", "8", "--batch_size", "3"]
+    shards = ["--rows_per_shard", "8", "--batch_size", "3", "--dtype", dtype]
     assert main(command(tiny_paths, data_file, tmp_path / "whole", *shards)) == 0
     started = time.perf_counter()
     killed = subprocess.run(

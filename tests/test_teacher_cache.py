@@ -15,6 +15,12 @@ from protege.outputs import TeacherHidden
 from protege.teacher.cache import CacheManifest, ModelSource, build_cache, teacher_identity, tokenizer_fingerprint
 from protege.teacher.cached import CachedTeacher, tokenization_settings
 from protege.teacher.head import load_head
+from protege.teacher.quantized import dequantize, quantize
+
+ROUNDINGS = {  # what each stored dtype does to the teacher's hidden states, and the float32 loss's distance after it
+    "bfloat16": (lambda hidden: hidden.to(torch.bfloat16).float(), 2e-2),
+    "int8": (lambda hidden: dequantize(*quantize(hidden)), 2e-3),
+}
 
 
 def make_cache(
@@ -74,11 +80,13 @@ def test_training_from_a_hidden_cache_equals_the_live_teacher(tiny_paths, tmp_pa
         torch.testing.assert_close(weights(cached)[name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_bfloat16_storage_is_exact_against_the_same_rounding(tiny_paths, tmp_path):
-    """A bfloat16 cache gives the loss of the live teacher's hidden states rounded to bfloat16 (to 1e-5), and within
-    bfloat16's rounding of the float32 loss."""
+@pytest.mark.parametrize("dtype", sorted(ROUNDINGS))
+def test_lossy_storage_is_exact_against_the_same_rounding(tiny_paths, tmp_path, dtype):
+    """A bfloat16 (int8) cache gives the loss of the live teacher's hidden states rounded to bfloat16 (quantized to
+    8 bits a token and back) to 1e-5, and within that rounding's distance of the float32 loss."""
+    rounding, distance = ROUNDINGS[dtype]
     live = trainer_for(tiny_paths, tmp_path / "live", lmbda=0.0, beta=0.5, loss_top_k=0)
-    make_cache(tiny_paths, tmp_path / "cache", live.args, dtype="bfloat16")
+    make_cache(tiny_paths, tmp_path / "cache", live.args, dtype=dtype)
     cached = trainer_for(
         tiny_paths,
         tmp_path / "c",
@@ -93,12 +101,12 @@ def test_bfloat16_storage_is_exact_against_the_same_rounding(tiny_paths, tmp_pat
         exact = live.compute_loss(live.model, batch).item()
         from_cache = cached.compute_loss(cached.model, batch).item()
         teacher = live.teacher(batch)
-        rounded = TeacherHidden(teacher.hidden.to(torch.bfloat16).float(), teacher.weight, teacher.bias)
+        rounded = TeacherHidden(rounding(teacher.hidden), teacher.weight, teacher.bias)
         labels = batch["labels"][:, int(batch["prompt_width"]) :]
         out = student_output(live.model, batch, live.objective.student_view, live.vocab_size)
         same_rounding = (live.objective.loss_sum(out, rounded, labels) / labels.ne(-100).sum()).item()
     assert from_cache == pytest.approx(same_rounding, rel=1e-5)
-    assert from_cache == pytest.approx(exact, rel=2e-2) and from_cache != exact
+    assert from_cache == pytest.approx(exact, rel=distance) and from_cache != exact
 
 
 def test_on_policy_slices_use_the_live_teacher(tiny_paths, tmp_path):
@@ -171,12 +179,13 @@ def test_mismatches_are_one_line_naming_what_differs(tiny_paths, tmp_path):
         trainer_for(tiny_paths, tmp_path / "f", teacher=False, teacher_cache=str(tmp_path), **base)
 
 
-def test_an_interrupted_build_resumes_to_the_same_files(tiny_paths, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_an_interrupted_build_resumes_to_the_same_files(tiny_paths, tmp_path, dtype):
     """A build stopped after its first shards (the manifest says incomplete) is refused for training, and running the
-    build again finishes it with files byte-equal to an uninterrupted build's."""
+    build again finishes it with files byte-equal to an uninterrupted build's (int8: its measured error too)."""
     args = config(tmp_path, lmbda=0.0, beta=0.5, loss_top_k=0)
-    whole = make_cache(tiny_paths, tmp_path / "whole", args)
-    first = make_cache(tiny_paths, tmp_path / "part", args, rows=dataset(24).select(range(14)))
+    whole = make_cache(tiny_paths, tmp_path / "whole", args, dtype=dtype)
+    first = make_cache(tiny_paths, tmp_path / "part", args, dtype=dtype, rows=dataset(24).select(range(14)))
     assert first.complete and first.rows == 14
     manifest = CacheManifest.read(tmp_path / "part")
     manifest.complete = False
@@ -184,8 +193,9 @@ def test_an_interrupted_build_resumes_to_the_same_files(tiny_paths, tmp_path):
     manifest.write(tmp_path / "part")
     with pytest.raises(ValueError, match="is incomplete \\(14 rows so far\\)"):
         trainer_for(tiny_paths, tmp_path / "t", teacher=False, teacher_cache=str(tmp_path / "part"), lmbda=0.0)
-    resumed = make_cache(tiny_paths, tmp_path / "part", args)
+    resumed = make_cache(tiny_paths, tmp_path / "part", args, dtype=dtype)
     assert resumed.rows == whole.rows == 24 and resumed.shards == whole.shards
+    assert resumed.quantization == whole.quantization and (whole.quantization is None) == (dtype != "int8")
     for name in whole.shards:
         assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     heads = [load_head(tmp_path / folder / "lm_head.safetensors") for folder in ("part", "whole")]

@@ -98,7 +98,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--dtype",
         default=None,
-        help="Stored dtype: bfloat16 (default for hidden), float16 (default for topk) or float32.",
+        help="Stored dtype: bfloat16 (default for hidden), float16 (default for topk), float32, or int8 (hidden only: "
+        "8-bit with a float32 scale a token, H + 4 bytes a token instead of 2H; lossy).",
     )
     parser.add_argument("--teacher_dtype", default="float32", help="Dtype a local teacher's weights are loaded in.")
     parser.add_argument("--device", default="cpu", help="Where a local teacher runs: cpu (default), cuda, cuda:1...")
@@ -130,9 +131,11 @@ def check_settings(args: argparse.Namespace) -> None:
     if args.format == "hidden" and args.loss_top_k is not None:
         raise ValueError("--loss_top_k is for --format topk; a hidden cache keeps the whole distribution")
     args.dtype = args.dtype or ("bfloat16" if args.format == "hidden" else "float16")
-    for flag, value in (("--dtype", args.dtype), ("--teacher_dtype", args.teacher_dtype)):
-        if value not in STORED_DTYPES:
-            raise ValueError(f"{flag} {value!r}: choose one of {', '.join(STORED_DTYPES)}")
+    int8 = args.format == "hidden" and args.dtype == "int8"  # hidden states only: `teacher.quantized`
+    for flag, value in (("--dtype", None if int8 else args.dtype), ("--teacher_dtype", args.teacher_dtype)):
+        if value is not None and value not in STORED_DTYPES:
+            hidden_only = " (int8: --format hidden only)" if flag == "--dtype" else ""
+            raise ValueError(f"{flag} {value!r}: choose one of {', '.join(STORED_DTYPES)}{hidden_only}")
     if args.prompt_truncation not in PROMPT_TRUNCATIONS:
         raise ValueError(f"--prompt_truncation {args.prompt_truncation!r}: choose one of {PROMPT_TRUNCATIONS}")
     for flag in ("batch_size", "rows_per_shard"):

@@ -10,8 +10,8 @@ A cache is a folder:
   run leaves only complete shards and resumes after the last one. Per shard: `row_digests` (R, 20) uint8, the SHA-1 of
   each row's prompt and completion ids; `row_offsets` (R + 1,) int64 into the token axis; and the teacher's output per
   completion token: `hidden` (T, H) in the stored dtype (format "hidden", exact for every beta once the head is
-  applied), or `topk_ids` (T, K) int32, `topk_logprobs` (T, K) float16 and `token_logprobs` (T,) float32 (format
-  "topk").
+  applied; dtype int8: 8-bit with `hidden_scale` (T,) float32 beside it, lossy, see `quantized`), or `topk_ids`
+  (T, K) int32, `topk_logprobs` (T, K) float16 and `token_logprobs` (T,) float32 (format "topk").
 
 Rows are found by the digest of their token ids, not their position, so a shuffled or filtered dataset still finds
 its rows, and a row the cache lacks is named. safetensors maps the shards into memory: reading a row reads its bytes.
@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .head import LMHead, config_sha256, head_of_model, save_head
+from .quantized import INT8, SCALE_KEY, dequantize, fold_errors, quantize_rows, source_manifest
 
 MANIFEST = "manifest.json"
 HEAD_FILE = "lm_head.safetensors"
@@ -70,7 +71,7 @@ class CacheManifest:
     """What a cache holds and what it was made from; checked field by field against a training run."""
 
     format: str
-    dtype: str  # of the stored hidden states or top-k log-probs
+    dtype: str  # of the stored hidden states (int8: one float32 scale a token) or top-k log-probs
     teacher: dict  # the teacher's identity: its name, config and weight digests, or the server's model
     tokenizer_sha256: str
     tokenization: dict  # the settings that decide the token ids: max_length, max_prompt_length, prompt_truncation, ...
@@ -84,6 +85,7 @@ class CacheManifest:
     shards: list[str] = field(default_factory=list)
     complete: bool = False
     version: str = ""
+    quantization: dict | None = None  # int8: how, and the measured relative error of the hidden states
 
     def write(self, folder: Path) -> None:
         _atomic_write(folder / MANIFEST, json.dumps(asdict(self), indent=1).encode())
@@ -139,12 +141,16 @@ class CacheReader:
                 self.index.setdefault(digest.tobytes(), (shard_number, offsets[row], offsets[row + 1]))
 
     def row(self, digest: bytes, key: str) -> torch.Tensor | None:
-        """The stored `key` tensor of the row with `digest`, or None when the cache lacks the row."""
+        """The stored `key` tensor of the row with `digest` (an int8 cache's `hidden` dequantized to float32), or
+        None when the cache lacks the row."""
         place = self.index.get(digest)
         if place is None:
             return None
         shard, start, end = place
-        return self.shards[shard].get_slice(key)[start:end]
+        stored = self.shards[shard].get_slice(key)[start:end]
+        if key == "hidden" and self.manifest.dtype == INT8:
+            return dequantize(stored, self.shards[shard].get_slice(SCALE_KEY)[start:end])
+        return stored
 
 
 # ----- Writing a cache -----
@@ -241,18 +247,27 @@ def build_cache(
     """Write (or finish) the cache of `rows` (tokenized: prompt_ids, completion_ids) in `folder`. `on_rows(rows,
     tokens)` is called after each batch (a progress bar). Returns the finished manifest."""
     folder = Path(folder)
+    if manifest.dtype == INT8 and manifest.format != "hidden":
+        raise ValueError(f"dtype {INT8} is for the hidden format (8-bit hidden states), not {manifest.format!r}")
     manifest = start_or_resume(folder, manifest)
     if manifest.format == "hidden" and not (folder / HEAD_FILE).exists():
         save_head(source.lm_head(), folder / HEAD_FILE)
+    asked = source_manifest(manifest)  # int8: float32 from the source, quantized batch by batch here
     for start in range(manifest.rows, len(rows), rows_per_shard):
         stop = min(start + rows_per_shard, len(rows))
-        digests, outputs = [], []
+        digests, outputs, errors = [], [], []
         for first in range(start, stop, batch_size):
             part = [rows[i] for i in range(first, min(first + batch_size, stop))]
-            outputs += source.outputs(part, manifest)
+            answers = source.outputs(part, asked)
+            if manifest.dtype == INT8:
+                answers, lost = quantize_rows(answers)
+                errors.append(lost)
+            outputs += answers
             digests += [row_digest(r["prompt_ids"], r["completion_ids"]) for r in part]
             if on_rows is not None:
                 on_rows(len(part), sum(len(r["completion_ids"]) for r in part))
+        if errors:
+            manifest.quantization = fold_errors(manifest.quantization, manifest.tokens, torch.cat(errors))
         manifest.shards.append(write_shard(folder, len(manifest.shards), digests, outputs))
         manifest.rows = stop
         manifest.tokens += sum(len(next(iter(o.values()))) for o in outputs)

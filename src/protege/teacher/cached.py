@@ -8,6 +8,8 @@ tokenization setting, what the objective needs of the format, or a training row 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..losses import IGNORE_INDEX
@@ -17,6 +19,7 @@ from ..routing import INDEX_KEY
 from . import Placement, Teacher
 from .cache import HEAD_FILE, CacheReader, row_digest, tokenizer_fingerprint
 from .head import load_head
+from .quantized import INT8, METHOD
 from .spec import SINGLE
 from .vocabulary import shared_rows
 
@@ -80,6 +83,22 @@ def check_rows(reader: CacheReader, rows, name: str, route: int | None = None) -
             )
 
 
+def warn_lossy(folder: str, quantization: dict | None) -> None:
+    """Say once, when training loads an int8 cache, that its teacher is approximate, and by how much."""
+    measured = ""
+    if quantization:
+        measured = (
+            f": each token's hidden state is off by {quantization['relative_error_mean']:.2%} on average, at most "
+            f"{quantization['relative_error_max']:.2%} (relative L2 error, measured when it was written)"
+        )
+    warnings.warn(
+        f"teacher_cache={folder!r} holds 8-bit hidden states ({METHOD}), so the teacher's distribution is "
+        f"approximate{measured}; a bfloat16 cache is exact. Loss error at real shapes: docs/benchmarks.md",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 class CachedTeacher:
     """Off-policy slices from the cache, on-policy ones from `live` (see the module docstring). With several teachers
     `route` is its index among them: the rows of the dataset it scores."""
@@ -92,6 +111,8 @@ class CachedTeacher:
         self.route: int | None = None
         self.returns = "hidden" if reader.manifest.format == "hidden" else "scores"
         self.weight = self.bias = None
+        if reader.manifest.dtype == INT8:
+            warn_lossy(str(reader.folder), reader.manifest.quantization)
         if self.returns == "hidden":
             head = load_head(reader.folder / HEAD_FILE)
             self.vocab_size = shared_rows(len(tokenizer), output_rows(student), head.vocab_size)
