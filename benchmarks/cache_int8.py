@@ -18,8 +18,10 @@ teacher's. KL(p || q) per completion token over the whole vocabulary, between th
 bfloat16 cache and the int8 cache: mean and max.
 
 Random weights have no outlier dimensions, which per-token absmax quantization handles worst (one large element
-coarsens every other element's step): a trained teacher's error can be larger. The manifest's `quantization`
-(the hidden states' relative error, measured at build time) says how a given teacher fares.
+coarsens every other element's step): a trained teacher's error can be larger. A stress case measures it on the same
+teacher: its states with one dimension `--outlier` times larger and the head's column for it as many times smaller
+(the same distribution) are quantized as the cache would, and compared with the live teacher. The manifest's
+`quantization` (the hidden states' relative error, measured at build time) says how a given teacher fares.
 """
 
 from __future__ import annotations
@@ -34,10 +36,14 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from benchmarks import Column, Report, describe, parser
 from benchmarks.real_scale import QUICK, REAL, conversations_file
 from benchmarks.workers import random_models, trainer_config
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPES = ("bfloat16", "int8")
 BETAS = (0.0, 0.5, 1.0)
@@ -67,6 +73,7 @@ TABLES = {
         Column("tokens", "tokens", "{:,}"),
         Column("mean nats", "mean", "{:.3e}"),
         Column("max nats", "max", "{:.3e}"),
+        Column("q's hidden rel. error mean", "relative_error_mean", "{:.3%}"),
     ],
 }
 
@@ -78,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     options.add_argument("--prompt-tokens", type=int, default=16)
     options.add_argument("--threads", type=int, default=1, help="torch threads here and in the cache builds")
     options.add_argument("--cache-dir", type=Path, default=Path("/tmp/protege_real_scale"), help="models and runs")
+    options.add_argument(
+        "--outlier", type=float, default=20.0, help="the stress case's factor on one hidden dimension (see above)"
+    )
     args = options.parse_args(argv)
     args.shapes = QUICK if args.quick else REAL
     args.tokens = args.tokens or (64 if args.quick else 1000)
@@ -190,13 +200,28 @@ def losses(hidden: dict, live, batch: dict, answer) -> list[dict]:
     return table
 
 
-def kls(hidden: dict, labels, answer, chunk: int = 128) -> list[dict]:
-    """KL(p || q) per completion token between the sources' full-vocabulary distributions: mean and max."""
+def outlier_case(live: torch.Tensor, factor: float) -> torch.Tensor:
+    """The live teacher's states as int8 would store them if one dimension were `factor` times larger and the head's
+    column for it `factor` times smaller (the same teacher, its distribution unchanged): quantized in float32 as the
+    cache quantizes, dequantized, and the dimension scaled back."""
+    from protege.teacher.quantized import dequantize, quantize
+
+    stretched = live.clone()
+    stretched[..., 0] *= factor
+    restored = dequantize(*quantize(stretched))
+    restored[..., 0] /= factor
+    return restored
+
+
+def kls(hidden: dict, labels, answer, chunk: int = 64) -> list[dict]:
+    """KL(p || q) per completion token between the sources' full-vocabulary distributions (mean and max), and q's
+    hidden states' mean relative error against p's."""
     import torch
 
     mask = labels.ne(-100)
     rows = {source: states[mask] for source, states in hidden.items()}
     pairs = [(SOURCES[0], SOURCES[1]), (SOURCES[1], SOURCES[2]), (SOURCES[0], SOURCES[2])]
+    pairs += [(SOURCES[0], source) for source in hidden if source not in SOURCES]  # the outlier stress case
     values = {pair: [] for pair in pairs}
     with torch.no_grad():
         for start in range(0, int(mask.sum()), chunk):
@@ -209,12 +234,14 @@ def kls(hidden: dict, labels, answer, chunk: int = 128) -> list[dict]:
     table = []
     for (p, q), parts in values.items():
         per_token = torch.cat(parts).double()
+        error = (rows[p] - rows[q]).norm(dim=-1) / rows[p].norm(dim=-1)
         table.append(
             {
                 "pair": f"p: {p}, q: {q}",
                 "tokens": len(per_token),
                 "mean": float(per_token.mean()),
                 "max": float(per_token.max()),
+                "relative_error_mean": float(error.mean()),
             }
         )
     return table
@@ -242,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  built the {dtype} cache: {caches[-1]}", flush=True)
     started = time.perf_counter()
     hidden, live, (batch, answer) = teacher_hidden(args, built, data, runs)
+    stress = f"int8, one dimension x{args.outlier:g} (stress case)"
     loss_rows = losses(hidden, live, batch, answer)
+    hidden[stress] = outlier_case(hidden[SOURCES[0]], args.outlier)
     kl_rows = kls(hidden, batch["labels"][:, int(batch["prompt_width"]) :], answer)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("\n" + report.table("cache", caches, TABLES))
