@@ -4,6 +4,8 @@ cache's bytes a token per format, and the time to build it against one epoch wit
     python -m benchmarks teacher_cache                 # real shapes, 4 rows of 16 + 1,000 tokens: 2 steps of 2 rows
     python -m benchmarks teacher_cache --quick         # smoke run: vocabulary 8000, hidden 64 / 128, 64 tokens
     python -m benchmarks teacher_cache --student-layers 24 --teacher-layers 28 --optim sgd --pairs 2 --skip-topk
+    python -m benchmarks teacher_cache --student-layers 24 --teacher-layers 28 --optim sgd --pairs 2 \
+        --epochs-format topk --skip-hidden        # the top-20 cache at beta 0 against the live teacher at beta 0
 
 The models are real_scale's (`workers.random_models`, built once into `--cache-dir`, shared with real_scale): a Qwen2
 student of hidden 896, 4 layers, tied embeddings, a teacher of hidden 1536, 4 layers, untied, vocabulary 151,936 (the
@@ -26,8 +28,12 @@ mean over the epoch's steps, from the start of training; the first step is in it
 `--server` also builds both caches from `protege serve-teacher` on the same teacher (started once, before the timed
 commands), and reports how far each server-built cache is from the local build's: the largest difference of a stored
 hidden state, and for top-k whether the ids agree and the largest log-prob difference. `--skip-epochs` leaves out the
-epochs, `--skip-topk` the top-k builds, `--skip-builds` every build (the epochs train from the hidden cache an
-earlier run left in the same folder; its manifest is checked against the rows as always).
+epochs, `--skip-topk` / `--skip-hidden` that format's builds, `--skip-builds` every build (the epochs train from the
+cache an earlier run left in the same folder; its manifest is checked against the rows as always).
+
+`--epochs-format topk` trains from the top-20 cache instead, at the objective it serves: beta 0 (forward KL) over the
+teacher's top-20 log-probs and the tail (`loss_top_k=20`), against the live local teacher at the same settings (which
+applies its whole head and takes its top 20 every step).
 """
 
 from __future__ import annotations
@@ -102,11 +108,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     options.add_argument("--server", action="store_true", help="also build both caches from a teacher server")
     options.add_argument("--skip-epochs", action="store_true", help="builds only, no training epochs")
     options.add_argument("--skip-topk", action="store_true", help="no top-k cache builds")
-    options.add_argument("--skip-builds", action="store_true", help="train from the hidden cache a run built before")
+    options.add_argument("--skip-hidden", action="store_true", help="no hidden cache builds")
+    options.add_argument("--skip-builds", action="store_true", help="train from the cache a run built before")
     options.add_argument("--student-layers", type=int, default=None, help="student depth (default: the shapes')")
     options.add_argument("--teacher-layers", type=int, default=None, help="teacher depth (default: the shapes')")
     options.add_argument("--optim", choices=("adamw_torch", "sgd"), default=None, help="default: the Trainer's AdamW")
     options.add_argument("--pairs", type=int, default=1, help="live and cached epochs, N times, alternating order")
+    options.add_argument(
+        "--epochs-format",
+        choices=("hidden", "topk"),
+        default="hidden",
+        help="the cache the epochs train from: hidden (beta 0.5, full vocabulary) or topk (beta 0, loss_top_k 20, the "
+        "live teacher on the same objective)",
+    )
     args = options.parse_args(argv)
     args.shapes = deepened(QUICK if args.quick else REAL, args.student_layers, args.teacher_layers)
     args.tokens = args.tokens or (64 if args.quick else 1000)
@@ -202,8 +216,8 @@ def epoch(case: str, args: argparse.Namespace, built: dict, data: Path, cache: P
         threads=args.threads,
         max_completion_length=args.tokens,
         max_length=args.prompt_tokens + args.tokens + 16,
-        beta=0.5,
-        loss_top_k=0,
+        beta=0.0 if args.epochs_format == "topk" else 0.5,
+        loss_top_k=TOP_K if args.epochs_format == "topk" else 0,
         student=built["student"],
         teacher=built["teacher"],
         tokenizer=built["tokenizer"],
@@ -240,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = conversations(shape, PreTrainedTokenizerFast.from_pretrained(built["tokenizer"]))
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     caches = []
-    for fmt in () if args.skip_builds else ("hidden",) if args.skip_topk else ("hidden", "topk"):
+    skipped = {"hidden": args.skip_hidden or args.skip_builds, "topk": args.skip_topk or args.skip_builds}
+    for fmt in (fmt for fmt in ("hidden", "topk") if not skipped[fmt]):
         caches.append(build(fmt, args, built, data, runs / f"cache-{fmt}", env))
         print(f"  built the {fmt} cache: {caches[-1]}", flush=True)
     if args.server:
@@ -255,14 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     for pair in range(1, args.pairs + 1):
         live, cached = (e["step_seconds"] for e in sorted(epochs, key=lambda e: e["cache"]) if e["pair"] == pair)
         print(f"pair {pair}: cached step {live / cached:.2f}x faster")
-    if caches:
-        print(f"hidden cache {caches[0]['bytes_per_token']:.1f} bytes a token")
+    for cache in caches:
+        print(f"{cache['format']} cache: {cache['bytes_per_token']:.1f} bytes a token")
     return 0
 
 
 def pairs(args: argparse.Namespace, built: dict, data: Path, runs: Path, env: dict) -> list[dict]:
     """`args.pairs` times a live and a cached epoch, the order alternating (live first in the odd pairs)."""
-    cases = [("live local teacher", None), ("hidden cache, no teacher", runs / "cache-hidden")]
+    fmt = args.epochs_format
+    name = "hidden cache" if fmt == "hidden" else f"top-{TOP_K} cache"
+    cases = [("live local teacher", None), (f"{name}, no teacher", runs / f"cache-{fmt}")]
     epochs = []
     for pair in range(1, args.pairs + 1):
         for case, cache in cases if pair % 2 else cases[::-1]:
