@@ -6,6 +6,7 @@ Run it with protege's interpreter; `trl-dense` runs in the TRL environment (`mak
     python -m benchmarks real_scale                          # real shapes, 1000 completion tokens, every mode
     python -m benchmarks real_scale --lengths 1000 4000 --modes local-default server-top1
     python -m benchmarks real_scale --lengths 16000 --modes local-chunked server-top1 --mem-budget-gib 21
+    python -m benchmarks real_scale --lengths 1000 --modes onpolicy-divergence onpolicy-pg --mem-budget-gib 14
 
 Models, built once into `--cache-dir` (`workers.random_models`: random init, float32): a Qwen2 student of hidden 896,
 4 layers, 14 heads (2 key-value), intermediate 4864, tied embeddings; a teacher of hidden 1536, 4 layers, 12 heads (2
@@ -20,6 +21,16 @@ completion tokens (batch 2, grad accum 1), float32, AdamW, learning rate 1e-6, n
 (a teacher server, `loss_top_k=1`), `server-top20` (a teacher server, beta 0, `loss_top_k=20`), `trl-dense` (TRL
 1.8.0's trainer, full vocabulary, its only local loss). The server modes start `python -m protege serve-teacher` (a
 fresh one per case, with limits large enough for the whole batch in one call); the teacher lives there.
+
+On-policy modes (`Mode.on_policy`) run lmbda 1 instead: the student samples each row's completion with transformers'
+`generate` at temperature 1, top_p 1 (the sampler is the trained student itself), exactly N new tokens
+(`generation_kwargs={"min_new_tokens": N}` with max_new_tokens N: a random student may sample `<|im_end|>` early),
+local teacher, protege's default loss settings (beta 1, `loss_top_k` 1, chunk "auto"): `onpolicy-divergence`
+(`on_policy_objective="divergence"`: reverse KL, the divergence whose gradient the policy gradient estimates),
+`onpolicy-divergence-full` (the same over the full vocabulary, `loss_top_k` 0) and `onpolicy-pg`
+(`"policy_gradient"`, `kl_coef` 1, default discount 0). Their table adds the trainer's logged generation, teacher and
+student seconds, and the seconds spent in `sampled_logprobs` (timed from outside): the policy gradient's no-grad pass
+over the sampled tokens' log-probs, and the sampled-token KL estimate both objectives log on a logged step.
 
 Memory: the parent samples the resident set of the worker and the server every 0.2 s and kills the worker when the two
 pass `--mem-budget-gib` or the machine has less than 0.5 GiB available (reported as killed, with the largest resident
@@ -76,6 +87,7 @@ class Mode:
     config: dict
     server: bool = False
     library_defaults: bool = False  # leave loss_top_k (and loss_chunk_size) to the library's defaults
+    on_policy: bool = False  # lmbda 1: the student generates every completion (`on_policy_settings`)
 
 
 MODES = {
@@ -85,7 +97,22 @@ MODES = {
     "server-top1": Mode("protege", {"loss_top_k": 1, "use_teacher_server": True, **SERVER}, server=True),
     "server-top20": Mode("protege", {"beta": 0.0, "loss_top_k": 20, "use_teacher_server": True, **SERVER}, server=True),
     "trl-dense": Mode("trl", {"loss_top_k": 0}),
+    "onpolicy-divergence": Mode("protege", {"beta": 1.0}, library_defaults=True, on_policy=True),
+    "onpolicy-divergence-full": Mode("protege", {"beta": 1.0, "loss_top_k": 0}, on_policy=True),
+    "onpolicy-pg": Mode(
+        "protege",
+        {"beta": 1.0, "on_policy_objective": "policy_gradient", "kl_coef": 1.0},
+        library_defaults=True,
+        on_policy=True,
+    ),
 }
+
+
+def on_policy_settings(completion_tokens: int) -> dict:
+    """An on-policy mode's `DistillationConfig` settings: every slice sampled by the student itself (top_p 1, so
+    the importance weight is 1) and exactly `completion_tokens` new tokens a row, so that the case is the length it
+    says (the step's trained tokens are checked against it)."""
+    return dict(lmbda=1.0, temperature=1.0, top_p=1.0, generation_kwargs={"min_new_tokens": completion_tokens})
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -132,8 +159,32 @@ TABLES = {
         Column("loss value", "loss", "{:.4g}"),
         Column("server peak GiB", lambda r: gib(r.get("server_peak_rss"))),
         Column("status", "status", text=True),
-    ]
+    ],
+    "on_policy": [
+        Column("completion tokens", "length"),
+        Column("mode", "mode", text=True),
+        Column("objective", lambda r: f"{r.get('on_policy_objective')}, top_k {r.get('loss_top_k')}", text=True),
+        Column("peak RSS GiB", lambda r: gib(r.get("peak_rss"))),
+        Column("floor GiB", lambda r: gib(r.get("floor"))),
+        Column("overhead GiB", lambda r: gib(r.get("overhead"))),
+        Column("s/step", "step_seconds", "{:.1f}"),
+        Column("generation s", lambda r: logged(r, "time/generation_s"), "{:.1f}"),
+        Column("teacher s", lambda r: logged(r, "time/teacher_s"), "{:.1f}"),
+        Column("student s", lambda r: logged(r, "time/student_s"), "{:.1f}"),
+        Column("PG log-prob pass s", "pg_logprob_s", "{:.2f}"),
+        Column("KL estimate s", "kl_estimate_s", "{:.2f}"),
+        Column("loss value", "loss", "{:.4g}"),
+        Column("sampled KL a token", lambda r: logged(r, "on_policy_reverse_kl_estimate"), "{:.4g}"),
+        Column("min length", lambda r: logged(r, "completions/min_length"), "{:.0f}"),
+        Column("status", "status", text=True),
+    ],
 }
+
+
+def logged(record: dict, key: str) -> float | None:
+    """A figure of the trainer's log of the step (on-policy modes)."""
+    return (record.get("log") or {}).get(key)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Parent: one case is the worker (and the teacher server) under a memory watch
@@ -263,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 output_dir=str(case_dir / "trainer"),
                 threads=args.threads,
                 activation_checkpointing=args.activation_checkpointing,
+                lmbda=1.0 if MODES[mode].on_policy else 0.0,
             )
             records.append(run_case(case, args, built, case_dir))
             print(
@@ -271,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{records[-1]['load_after']:.2f} ({case_dir})",
                 flush=True,
             )
-    print("\n" + report.table("step", records, TABLES))
+    for name, on in (("step", False), ("on_policy", True)):
+        if rows := [r for r in records if MODES[r["mode"]].on_policy == on]:
+            print("\n" + report.table(name, rows, TABLES))
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
 
@@ -329,6 +383,28 @@ def load_models(case: Case, mode: Mode) -> tuple:
     return student, teacher
 
 
+def timed_sampled_logprobs() -> dict[str, float]:
+    """Seconds in protege's `sampled_logprobs` (every sampled token's log-prob, no grad), by caller: the policy
+    gradient's pass before its weighted log-prob pass (`pg_logprob_s`), and the sampled-token KL estimate a logged
+    on-policy step adds under either objective (`kl_estimate_s`). Timed by wrapping each module's name for it."""
+    import protege.objective
+    import protege.policy_gradient
+
+    seconds: dict[str, float] = {}
+    for module, key in ((protege.policy_gradient, "pg_logprob_s"), (protege.objective, "kl_estimate_s")):
+        seconds[key] = 0.0
+
+        def wrapper(*args, _original=module.sampled_logprobs, _key=key, **kwargs):
+            started = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                seconds[_key] += time.perf_counter() - started
+
+        module.sampled_logprobs = wrapper
+    return seconds
+
+
 def worker(argv: list[str]) -> int:
     """One step; `rss_imports` after the imports, `rss_ready` with every weight read and the trainer built."""
     for key, value in (("HF_HUB_DISABLE_TELEMETRY", "1"), ("HF_HUB_OFFLINE", "1"), ("TRL_EXPERIMENTAL_SILENCE", "1")):
@@ -365,6 +441,8 @@ def worker(argv: list[str]) -> int:
         if mode.server:
             shared["teacher_model_server_url"] = case.server_url
         shared["activation_checkpointing"] = case.activation_checkpointing
+        if mode.on_policy:
+            shared.update(on_policy_settings(case.completion_tokens))
         return DistillationConfig(**{**shared, **mode.config})
 
     inputs = dict(model=student, teacher_model=teacher, train_dataset=train_dataset, processing_class=tokenizer)
@@ -385,12 +463,14 @@ def worker(argv: list[str]) -> int:
         "loss_top_k": trainer.args.loss_top_k,
         "loss_chunk_size": getattr(trainer.args, "loss_chunk_size", None),
         "beta": trainer.args.beta,
+        "on_policy_objective": getattr(trainer.args, "on_policy_objective", None),
         "objective": repr(getattr(trainer, "objective", None)),
         "init_warnings": init_warnings,
         "config": dataclasses.asdict(case),
         "finished": False,
     }
     emit_result(report)  # what the parent reports if the step is killed
+    seconds = timed_sampled_logprobs() if mode.system == "protege" else {}
     train_seconds, logs = train(trainer)
     log = logs.get(case.steps, {})
     report.update(
@@ -401,6 +481,7 @@ def worker(argv: list[str]) -> int:
         loss=log.get("loss"),
         log=log,
         finished=True,
+        **{key: value / case.steps for key, value in seconds.items()},
     )
     emit_result(report)
     return 0
