@@ -3,6 +3,8 @@ and top-k formats, with gradient accumulation and shuffling; no teacher loaded a
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from tiny import config, dataset
@@ -13,7 +15,7 @@ from protege.data import DistillationCollator, Tokenizer, tokenize_dataset
 from protege.objective import student_output
 from protege.outputs import TeacherHidden
 from protege.teacher.cache import CacheManifest, ModelSource, build_cache, teacher_identity, tokenizer_fingerprint
-from protege.teacher.cached import CachedTeacher, tokenization_settings
+from protege.teacher.cached import READ_KEY, CachedTeacher, tokenization_settings
 from protege.teacher.head import load_head
 from protege.teacher.quantized import dequantize, quantize
 
@@ -107,6 +109,32 @@ def test_lossy_storage_is_exact_against_the_same_rounding(tiny_paths, tmp_path, 
         same_rounding = (live.objective.loss_sum(out, rounded, labels) / labels.ne(-100).sum()).item()
     assert from_cache == pytest.approx(same_rounding, rel=1e-5)
     assert from_cache == pytest.approx(exact, rel=distance) and from_cache != exact
+
+
+def test_a_steps_rows_are_read_ahead_in_the_background(tiny_paths, tmp_path, monkeypatch):
+    """Every off-policy slice's rows are read on the prefetch thread, started when the step's slices are drawn, and
+    each slice takes its own read; a row the cache lacks is named when its slice asks for it."""
+    settings = dict(lmbda=0.0, beta=0.5, loss_top_k=0, max_steps=2)
+    make_cache(tiny_paths, tmp_path / "cache", trainer_for(tiny_paths, tmp_path / "args", **settings).args)
+    cached = trainer_for(
+        tiny_paths, tmp_path / "cached", teacher=False, teacher_cache=str(tmp_path / "cache"), **settings
+    )
+    teacher, threads, taken = cached.teacher, [], []
+    read_row, answer = teacher.reader.row, CachedTeacher.__call__
+    monkeypatch.setattr(
+        teacher.reader, "row", lambda *a: threads.append(threading.current_thread().name) or read_row(*a)
+    )
+    monkeypatch.setattr(
+        CachedTeacher, "__call__", lambda self, b: taken.append(b.get(READ_KEY) in self._reads) or answer(self, b)
+    )
+    cached.train()
+    assert threads and all(name.startswith("protege-cache-read") for name in threads)
+    assert taken == [True] * 4 and teacher._reads == {}  # 2 steps x 2 slices, each read ahead and taken once
+    batch = cached.data_collator([cached.train_dataset[i] for i in range(2)])
+    batch["input_ids"][0, -1] = (batch["input_ids"][0, -1] + 1) % 50  # a completion the cache never saw
+    teacher.prefetch([batch])
+    with pytest.raises(ValueError, match="a slice's row is not in teacher_cache="):
+        teacher(batch)
 
 
 def test_on_policy_slices_use_the_live_teacher(tiny_paths, tmp_path):

@@ -1,6 +1,7 @@
 """Training from a teacher cache (`teacher_cache`): off-policy slices read the teacher's output from the cache
-(`cache.CacheReader`, by each row's token digest); on-policy slices, whose completions are new, go to the live teacher,
-so with `lmbda=0` no teacher is loaded at all.
+(`cache.CacheReader`, by each row's token digest, read ahead in a background thread once the step's slices are
+known); on-policy slices, whose completions are new, go to the live teacher, so with `lmbda=0` no teacher is loaded at
+all.
 
 `check_cache` is the start-up check that a cache fits the run, one line naming the first mismatch: the tokenizer, a
 tokenization setting, what the objective needs of the format, or a training row the cache lacks (by its index).
@@ -9,6 +10,7 @@ tokenization setting, what the objective needs of the format, or a training row 
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -24,6 +26,7 @@ from .spec import SINGLE
 from .vocabulary import shared_rows
 
 TOKENIZATION_FIELDS = ("max_length", "max_prompt_length", "prompt_truncation")
+READ_KEY = "teacher_cache_read"  # a training slice's number among the step's reads ahead
 
 
 def tokenization_settings(args) -> dict:
@@ -108,6 +111,8 @@ class CachedTeacher:
     def __init__(self, reader: CacheReader, student, tokenizer, live: Teacher | None = None, name: str | None = None):
         self.reader, self.live = reader, live
         self.name = name or (SINGLE if live is None else live.name)
+        self._reads: dict[int, Future] = {}  # the step's off-policy slices read ahead (`prefetch`), by READ_KEY
+        self._reading: ThreadPoolExecutor | None = None
         self.route: int | None = None
         self.returns = "hidden" if reader.manifest.format == "hidden" else "scores"
         self.weight = self.bias = None
@@ -149,6 +154,9 @@ class CachedTeacher:
             self.live.place(placement)
 
     def close(self) -> None:
+        if self._reading is not None:
+            self._reading.shutdown(wait=True, cancel_futures=True)
+            self._reading, self._reads = None, {}
         if self.live is not None:
             self.live.close()
 
@@ -156,11 +164,24 @@ class CachedTeacher:
         on_policy = [batch for batch in batches if batch.get("on_policy")]
         if on_policy:
             self._live().prepare(on_policy)
+        self.prefetch([batch for batch in batches if not batch.get("on_policy")])
+
+    def prefetch(self, batches: list[dict]) -> None:
+        """Start reading the rows of a step's off-policy slices in a background thread, in slice order, so each
+        slice's rows come off the disk while the slice before it trains. It holds no more than the step's own teacher
+        rows, which the step reads anyway; a read's error is raised when its slice asks for it."""
+        if self._reading is None:
+            self._reading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="protege-cache-read")
+        self._reads = {}
+        for number, batch in enumerate(batches):
+            batch[READ_KEY] = number  # the slice reaches the teacher again as a copy of this dict (`_prepare_inputs`)
+            self._reads[number] = self._reading.submit(self.from_cache, batch)
 
     def __call__(self, batch: dict):
         if batch.get("on_policy"):
             return self._live()(batch)
-        return self.from_cache(batch)
+        read = self._reads.pop(batch.pop(READ_KEY, None), None)
+        return read.result() if read is not None else self.from_cache(batch)
 
     def _live(self) -> Teacher:
         if self.live is None:
