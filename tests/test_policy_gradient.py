@@ -13,7 +13,7 @@ from tiny import config, dataset, length_reward, logged
 from protege import DistillationConfig, DistillationTrainer
 from protege.outputs import StudentHidden, StudentLogits, TeacherLogits, TeacherScores
 from protege.policy_gradient import PolicyGradient, discounted_sums, group_advantages
-from protege.rollout import model_generate
+from protege.rollout import SampledLogprobs, model_generate
 
 VOCAB = 6
 
@@ -349,3 +349,23 @@ def test_a_teacher_server_is_asked_for_one_log_prob_when_only_sampled_tokens_are
 
     assert asked(lmbda=1.0) == 1  # the smallest request: a stock server's --max-logprobs never refuses it
     assert asked(lmbda=0.5, beta=0.0) == 50  # off-policy slices still take the divergence's top-k
+
+
+@pytest.mark.parametrize("capacity", [5, None])
+def test_the_recorded_log_probs_fill_one_buffer_not_a_tensor_a_step(capacity):
+    """A small tensor kept per sampled token pinned each step's freed (B, V) block in glibc's heap, which grew by a
+    block a step (GiBs at 2 x 4,000 tokens, vocabulary 151,936); the recorder now writes into one buffer, grown only
+    past `max_new_tokens` (which `generate` does not pass)."""
+    generator = torch.Generator().manual_seed(0)
+    scores = [torch.randn(2, VOCAB, generator=generator) for _ in range(5)]
+    tokens = torch.randint(0, VOCAB, (2, 5), generator=generator)
+    recorder, ids, buffers = SampledLogprobs(capacity), torch.zeros(2, 3, dtype=torch.long), set()
+    for step, step_scores in enumerate(scores):
+        assert recorder(ids, step_scores) is step_scores
+        ids = torch.cat([ids, tokens[:, step : step + 1]], dim=1)
+        if recorder.values is not None:
+            buffers.add(recorder.values.data_ptr())
+    expected = torch.stack([s.log_softmax(-1).gather(1, tokens[:, [i]]).squeeze(1) for i, s in enumerate(scores)], 1)
+    assert torch.allclose(recorder.finish(tokens), expected)
+    assert len(buffers) == (1 if capacity else 3)  # capacity 1 grown to 2 and 4 over the first four steps
+    assert SampledLogprobs(4).finish(tokens[:, :0]).shape == (2, 0)

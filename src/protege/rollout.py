@@ -87,25 +87,40 @@ class Rollout:
 class SampledLogprobs(LogitsProcessor):
     """The log-prob, under the distribution sampled from, of each token `generate` samples: run last, after the
     warpers, it keeps the step's log-softmax and reads the sampled token from the next step's `input_ids` (memory of
-    one step's (B, V), where `output_scores` would hold every step's)."""
+    one step's (B, V), where `output_scores` would hold every step's).
 
-    def __init__(self) -> None:
+    The values go into one (B, `max_new_tokens`) buffer: a small tensor kept from each step lands in glibc's heap
+    among the (B, V) blocks the steps free and pins them, so that the heap grew by about a (B, V) block a step (GiBs
+    over thousands of tokens at a vocabulary of 151,936, docs/benchmarks.md)."""
+
+    def __init__(self, max_new_tokens: int | None = None) -> None:
+        self.capacity = max(max_new_tokens or 0, 1)
         self.previous: torch.Tensor | None = None
-        self.values: list[torch.Tensor] = []
+        self.values: torch.Tensor | None = None  # (B, capacity), the first `count` columns written
+        self.count = 0
+
+    def _store(self, value: torch.Tensor) -> None:
+        if self.values is None:
+            self.values = value.new_zeros((value.shape[0], self.capacity))
+        elif self.count == self.values.shape[1]:  # more steps than max_new_tokens said: grow (not in `generate`)
+            self.values = torch.cat([self.values, torch.zeros_like(self.values)], dim=1)
+        self.values[:, self.count] = value
+        self.count += 1
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.previous is not None:
-            self.values.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+            self._store(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
         self.previous = scores.float().log_softmax(-1)
         return scores
 
     def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
         """(B, W) log-probs of `new_tokens`, the tokens generated (-inf where a finished row was padded)."""
         width = new_tokens.shape[1]
-        values = self.values[:width]
-        if self.previous is not None and len(values) < width:
-            values.append(self.previous.gather(1, new_tokens[:, len(values) : len(values) + 1]).squeeze(1))
-        return torch.stack(values, dim=1) if values else new_tokens.new_zeros(new_tokens.shape, dtype=torch.float32)
+        if self.previous is not None and self.count < width:
+            self._store(self.previous.gather(1, new_tokens[:, self.count : self.count + 1]).squeeze(1))
+        if self.values is None or width == 0:
+            return new_tokens.new_zeros(new_tokens.shape, dtype=torch.float32)
+        return self.values[:, : min(width, self.count)].clone()
 
 
 def recording_generation(generation_config: GenerationConfig) -> tuple[GenerationConfig, LogitsProcessorList]:
@@ -129,7 +144,7 @@ def recording_generation(generation_config: GenerationConfig) -> tuple[Generatio
     if config.min_p is not None:
         warpers.append(MinPLogitsWarper(min_p=config.min_p))
     config.temperature, config.top_k, config.top_p, config.min_p = 1.0, 0, 1.0, None
-    return config, LogitsProcessorList([*warpers, SampledLogprobs()])
+    return config, LogitsProcessorList([*warpers, SampledLogprobs(config.max_new_tokens)])
 
 
 def _warps(config: GenerationConfig, name: str) -> bool:
