@@ -70,9 +70,10 @@ $(VLLM_ENV)/.installed:
 	touch $@
 
 # Every test against real vLLM (skipped without .vllm-env): the backend and the `openai` protocol, the student's
-# vLLM (colocated and serve-student), and the policy-gradient objective's sampler log-probs and openai teacher.
+# vLLM (colocated and serve-student), the policy-gradient objective's sampler log-probs and openai teacher, a stock vLLM
+# server as a teacher cache's source, and the checks made before vLLM starts (tests/test_vllm*.py).
 test-vllm: $(VLLM_ENV)/.installed $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests/test_vllm.py tests/test_vllm_student.py tests/test_vllm_policy_gradient.py
+	$(BIN)/python -m pytest -q tests/test_vllm*.py
 
 # A separate environment with TRL 1.8.0 for benchmarks/vs_trl.py (protege's .venv never imports trl).
 TRL_ENV := .trl-env
