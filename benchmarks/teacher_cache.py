@@ -48,10 +48,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from benchmarks import Column, Report, describe, emit_result, failure, module_command, parse, parser, setting, spawn
-from benchmarks.real_scale import QUICK, REAL, conversations
+from benchmarks.real_scale import QUICK, REAL, conversations_file
 from benchmarks.workers import FolderRun, Shapes, build_trainer, random_models, train
 
 TOP_K = 20
@@ -247,12 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(report.head), flush=True)
     runs = folder / "teacher_cache"
     runs.mkdir(parents=True, exist_ok=True)
-    data = runs / "rows.jsonl"
-    from transformers import PreTrainedTokenizerFast
-
-    shape = SimpleNamespace(batch=args.rows, prompt_tokens=args.prompt_tokens, completion_tokens=args.tokens, seed=0)
-    rows = conversations(shape, PreTrainedTokenizerFast.from_pretrained(built["tokenizer"]))
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = conversations_file(runs / "rows.jsonl", args.rows, args.prompt_tokens, args.tokens, built["tokenizer"])
     caches = []
     skipped = {"hidden": args.skip_hidden or args.skip_builds, "topk": args.skip_topk or args.skip_builds}
     for fmt in (fmt for fmt in ("hidden", "topk") if not skipped[fmt]):
