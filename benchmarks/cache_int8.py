@@ -38,9 +38,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-from benchmarks import Column, Report, describe, parser
-from benchmarks.real_scale import QUICK, REAL, conversations_file
-from benchmarks.workers import random_models, trainer_config
+from benchmarks import Column, parser
+from benchmarks.real_scale import QUICK, REAL
+from benchmarks.teacher_cache import cache_run
+from benchmarks.workers import trainer_config
 
 if TYPE_CHECKING:
     import torch
@@ -249,20 +250,11 @@ def kls(hidden: dict, labels, answer, chunk: int = 64) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = str(args.threads)
-    env = os.environ | dict(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
-    env |= dict(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
     import torch
 
     torch.set_num_threads(args.threads)
-    folder = args.cache_dir / args.shapes.name
-    built = random_models(folder, args.shapes)
-    report = Report("cache_int8", args)
-    print(describe(report.head), flush=True)
-    runs = folder / "cache_int8"
-    runs.mkdir(parents=True, exist_ok=True)
-    data = conversations_file(runs / "rows.jsonl", args.rows, args.prompt_tokens, args.tokens, built["tokenizer"])
+    env, built, report, runs, data = cache_run("cache_int8", args)
     caches = []
     for dtype in DTYPES:
         caches.append(build(dtype, args, built, data, runs / f"cache-{dtype}", env))

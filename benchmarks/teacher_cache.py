@@ -232,21 +232,28 @@ def epoch(case: str, args: argparse.Namespace, built: dict, data: Path, cache: P
     return {"case": case, **done.result, "process_seconds": time.perf_counter() - started}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["worker"]:
-        return worker(argv[1:])
-    args = parse_args(argv)
+def cache_run(name: str, args: argparse.Namespace) -> tuple[dict, dict, Report, Path, Path]:
+    """What a cache benchmark starts from: its commands' environment (`args.threads` threads, offline), the models
+    (`random_models` of `args.shapes`), its report (head printed), its runs folder and the rows file written there."""
     threads = str(args.threads)
     env = os.environ | dict(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
     env |= dict(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     folder = args.cache_dir / args.shapes.name
     built = random_models(folder, args.shapes)
-    report = Report("teacher_cache", args)
+    report = Report(name, args)
     print(describe(report.head), flush=True)
-    runs = folder / "teacher_cache"
+    runs = folder / name
     runs.mkdir(parents=True, exist_ok=True)
     data = conversations_file(runs / "rows.jsonl", args.rows, args.prompt_tokens, args.tokens, built["tokenizer"])
+    return env, built, report, runs, data
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        return worker(argv[1:])
+    args = parse_args(argv)
+    env, built, report, runs, data = cache_run("teacher_cache", args)
     caches = []
     skipped = {"hidden": args.skip_hidden or args.skip_builds, "topk": args.skip_topk or args.skip_builds}
     for fmt in (fmt for fmt in ("hidden", "topk") if not skipped[fmt]):
