@@ -170,9 +170,9 @@ class CachedTeacher:
         """Start reading the rows of a step's off-policy slices in a background thread, in slice order, so each
         slice's rows come off the disk while the slice before it trains. It holds no more than the step's own teacher
         rows, which the step reads anyway; a read's error is raised when its slice asks for it."""
-        if self._reading is None:
-            self._reading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="protege-cache-read")
         self._reads = {}
+        if batches and self._reading is None:  # no thread for a run whose steps are all on-policy
+            self._reading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="protege-cache-read")
         for number, batch in enumerate(batches):
             batch[READ_KEY] = number  # the slice reaches the teacher again as a copy of this dict (`_prepare_inputs`)
             self._reads[number] = self._reading.submit(self.from_cache, batch)
