@@ -32,7 +32,7 @@ from loss_cases import (
 )
 from reference import F64, topk_support
 
-from protege.chunked import chunked_jsd_loss, chunked_sparse_top1_loss
+from protege.chunked import GEMM_ROWS, chunked_jsd_loss, chunked_sparse_top1_loss
 from protege.losses import generalized_jsd_loss, local_sparse_top1_loss
 
 
@@ -252,3 +252,25 @@ def test_bf16_chunked_is_float32_and_close_to_float32_inputs():
     for g16, g32 in zip(grads16, grads32, strict=True):
         assert g16.dtype == torch.bfloat16
         torch.testing.assert_close(g16.float(), g32, rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("chunk_size", [5, GEMM_ROWS, 200])
+@pytest.mark.parametrize(("beta", "top_k"), [(0.0, 0), (0.5, 0), (1.0, 0), (0.0, 3), (0.5, 3)])
+def test_rows_past_one_head_product_equal_dense(beta, top_k, chunk_size):
+    """Over several groups of GEMM_ROWS rows (the head applied to a group, the divergence to a chunk of it, each chunk's
+    gradient written over its logits), with a partial last group: the dense loss and gradients, in float64."""
+    generator = torch.Generator().manual_seed(7)
+    rows, vocab, width = 2 * GEMM_ROWS + 37, 40, 8
+    sh, sw, sb = (
+        torch.randn(*shape, generator=generator, dtype=F64) for shape in ((rows, width), (vocab, width), (vocab,))
+    )
+    th, tw, tb = (torch.randn(*shape, generator=generator, dtype=F64) for shape in ((rows, 6), (vocab, 6), (vocab,)))
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+    labels[::9] = -100
+    assert_matches_dense(
+        lambda h, w, b: chunked_jsd_loss(
+            h, w, th, tw, labels, beta=beta, top_k=top_k, chunk_size=chunk_size, student_bias=b, teacher_bias=tb
+        ),
+        lambda h, w, b: generalized_jsd_loss(F.linear(h, w, b), F.linear(th, tw, tb), labels, beta=beta, top_k=top_k),
+        (sh, sw, sb),
+    )

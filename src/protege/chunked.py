@@ -29,6 +29,13 @@ from .losses import (
 # docs/benchmarks.md), so a chunk is about 256 MiB / (10 * 4 bytes * vocabulary) tokens.
 AUTO_CHUNK_BYTES = 256 * 2**20
 TENSORS_PER_CHUNK_ROW = 10
+# Rows per LM-head product. A product of a few dozen rows streams the whole (V x H) head for little work: at V = 151,936
+# and H = 896 on the 2-core development machine, the head's forward and two backward products ran at about 70% of
+# their 128-row speed with 44-row chunks (docs/benchmarks.md, "Loss memory"). So the heads are applied to GEMM_ROWS
+# rows at once and the loss's element-wise math still runs a chunk at a time inside them: one (GEMM_ROWS x V) buffer
+# of the student's logits (which its gradient then overwrites), and one of the teacher's for a teacher given by its
+# hidden states, on top of the chunk's tensors (78 MiB each at V = 151,936 in float32).
+GEMM_ROWS = 128
 
 
 def auto_chunk_size(vocab_size: int) -> int:
@@ -42,34 +49,67 @@ def apply_head(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     return rows if weight is None else F.linear(rows.to(weight.dtype), weight, bias)
 
 
+def head_groups(
+    rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, group_size: int, *aligned: torch.Tensor
+) -> Iterator[tuple[slice, torch.Tensor, list[torch.Tensor]]]:
+    """(which rows, their logits, the `aligned` tensors' same rows), `group_size` rows at a time: `rows` are hidden
+    states (N, H) put through the LM head `weight` (V, H) and `bias` without gradients, or logits already when `weight`
+    is None. The one place the memory-bounded path applies a head."""
+    for start in range(0, rows.shape[0], group_size):
+        part = slice(start, start + group_size)
+        with torch.no_grad():
+            logits = apply_head(rows[part], weight, bias)
+        yield part, logits, [t[part] for t in aligned]
+        del logits  # before the next group's logits exist, once the caller has dropped its own reference
+
+
 def head_chunks(
     rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, chunk_size: int, *aligned: torch.Tensor
 ) -> Iterator[tuple[slice, torch.Tensor, list[torch.Tensor]]]:
     """The one chunk loop of the memory-bounded path: (which rows, their logits, the `aligned` tensors' same rows), a
-    chunk of `chunk_size` rows at a time. `rows` are hidden states (N, H) put through the LM head `weight` (V, H) and
-    `bias` without gradients, or logits already when `weight` is None. The loss, the sampled-token metric and the
-    teacher server's scoring all run on it, so no caller ever holds (tokens x vocabulary) logits."""
-    for start in range(0, rows.shape[0], chunk_size):
-        part = slice(start, start + chunk_size)
-        with torch.no_grad():
-            logits = apply_head(rows[part], weight, bias)
-        yield part, logits, [t[part] for t in aligned]
-        del logits  # before the next chunk's logits exist, once the caller has dropped its own reference
+    chunk of `chunk_size` rows at a time, the head applied `GEMM_ROWS` rows at once (`head_groups`). The sampled-token
+    metric and the teacher server's scoring run on it, so no caller ever holds (tokens x vocabulary) logits."""
+    for group, logits, group_aligned in head_groups(rows, weight, bias, max(chunk_size, GEMM_ROWS), *aligned):
+        for start in range(0, logits.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            yield (
+                slice(group.start + start, group.start + start + chunk_size),
+                logits[part],
+                [t[part] for t in group_aligned],
+            )
+
+
+def _chunk_value_and_grad(logits, chunk_rows, elements_fn, value_and_grad_fn, needs_grad: bool):
+    """A chunk's summed loss (detached), its gradient in the logits' dtype (None where none is needed) and the
+    support size of its elements: in closed form by `value_and_grad_fn` where given, else autograd through
+    `elements_fn`."""
+    if value_and_grad_fn is not None:
+        chunk_loss, grad_logits = value_and_grad_fn(logits, *chunk_rows)
+        return chunk_loss.detach(), grad_logits.to(logits.dtype), logits.shape[-1]  # as autograd gives it
+    logits = logits.detach().requires_grad_(needs_grad)  # a leaf sharing the group buffer's storage
+    with torch.enable_grad():
+        elements = elements_fn(logits, *chunk_rows)
+        chunk_loss = elements.sum()
+    grad_logits = torch.autograd.grad(chunk_loss, logits)[0] if needs_grad else None
+    return chunk_loss.detach(), grad_logits, elements.shape[-1]
 
 
 class _ChunkedRows(torch.autograd.Function):
     """Forward computes the summed loss and its gradient chunk by chunk; backward only scales the stored gradient.
 
-    Each chunk's (C x V) logits live only inside one loop iteration, so peak memory is bounded by the chunk size, and
-    no logits are recomputed in backward, so the cost stays that of one dense forward and backward. Autograd runs
-    only from the loss to the chunk's logits; the LM head's (V x H) gradient is accumulated in place with `addmm_`, so
-    no (V x H) temporary is made per chunk, and backward scales the accumulated gradients in place. The teacher's
-    rows (any tensors with one row per token) are sliced alongside and handed to `elements_fn`, or, when given, to
-    `value_and_grad_fn`, which returns a chunk's summed loss and its gradient in closed form (fewer (C x V) tensors).
+    The LM head is applied `GEMM_ROWS` rows at a time (`head_groups`) and the divergence runs on a chunk of those rows
+    at a time, so peak memory is bounded by the group's logits and the chunk's tensors, and no logits are recomputed
+    in backward, so the cost stays that of one dense forward and backward. Each chunk's gradient overwrites its spent
+    logits, and the group's gradient goes through the head's two backward products at once; the head's (V x H)
+    gradient is accumulated in place with `addmm_`, so no (V x H) temporary is made per group, and backward scales the
+    accumulated gradients in place. The teacher's rows (any tensors with one row per token) are sliced alongside and
+    handed to `elements_fn`, or, when given, to `value_and_grad_fn`, which returns a chunk's summed loss and its
+    gradient in closed form (fewer (C x V) tensors). With `teacher_head` (weight, bias), the first of the teacher's
+    rows are its hidden states, put through that head a group at a time.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, elements_fn, value_and_grad_fn, chunk_size, *teacher_rows):
+    def forward(ctx, hidden, weight, bias, elements_fn, value_and_grad_fn, chunk_size, teacher_head, *teacher_rows):
         needs = ctx.needs_input_grad[:3]
         # Sums over tokens are kept in float32 at least (bf16 would lose a chunk's gradient against the total), and in
         # float64 for float64 inputs, which a float32 sum would round.
@@ -81,31 +121,30 @@ class _ChunkedRows(torch.autograd.Function):
         ]
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
         support_size = 0
-        for rows, logits, chunk_rows in head_chunks(hidden, weight, bias, chunk_size, *teacher_rows):
-            chunk_hidden = hidden[rows]
-            if value_and_grad_fn is not None:
-                chunk_loss, grad_logits = value_and_grad_fn(logits, *chunk_rows)
-                grad_logits = grad_logits.to(logits.dtype)  # as autograd gives it, in the logits' dtype
-                support_size = logits.shape[-1]
-            else:
-                logits.requires_grad_(any(needs))
-                with torch.enable_grad():
-                    elements = elements_fn(logits, *chunk_rows)
-                    chunk_loss = elements.sum()
-                support_size = elements.shape[-1]
-                if any(needs):
-                    (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
-                del elements
-            total = total + chunk_loss.detach()  # promotes: a teacher in float64 makes the chunk's loss float64
-            del chunk_loss, logits
+        group_size = max(chunk_size, GEMM_ROWS)
+        for rows, logits, group_rows in head_groups(hidden, weight, bias, group_size, *teacher_rows):
+            if teacher_head is not None:  # the teacher's hidden states through its head, as many rows at once
+                with torch.no_grad():
+                    group_rows[0] = apply_head(group_rows[0], *teacher_head)
+            for start in range(0, logits.shape[0], chunk_size):
+                part = slice(start, start + chunk_size)
+                chunk_loss, grad_logits, support_size = _chunk_value_and_grad(
+                    logits[part], [t[part] for t in group_rows], elements_fn, value_and_grad_fn, any(needs)
+                )
+                total = total + chunk_loss  # promotes: a teacher in float64 makes the chunk's loss float64
+                if grad_logits is not None:
+                    logits[part] = grad_logits  # the chunk's logits are spent: the group's gradient takes their place
+                del chunk_loss, grad_logits
+            del group_rows
             if not any(needs):
                 continue
             if needs[0]:
-                grads[0][rows] = grad_logits @ weight
+                grads[0][rows] = logits @ weight
             if needs[1]:
-                grads[1].addmm_(grad_logits.T.to(grads[1].dtype), chunk_hidden.to(grads[1].dtype))
+                grads[1].addmm_(logits.T.to(grads[1].dtype), hidden[rows].to(grads[1].dtype))
             if needs[2]:
-                grads[2] += grad_logits.to(grads[2].dtype).sum(0)
+                grads[2] += logits.to(grads[2].dtype).sum(0)
+            del logits
         ctx.grads = grads  # intermediate results, not inputs or outputs: kept on ctx, scaled in place in backward
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         support = torch.tensor(support_size)
@@ -134,9 +173,11 @@ def chunked_rows_sum(
     *teacher_rows: torch.Tensor,
     chunk_size: int | str,
     value_and_grad_fn=None,
+    teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sum of `elements_fn(hidden @ weight.T + bias, *teacher_rows)` over rows (N, H), `chunk_size` rows at a time
-    ("auto": `auto_chunk_size` of the weight's vocabulary).
+    ("auto": `auto_chunk_size` of the weight's vocabulary). With `teacher_head` (weight, bias), `teacher_rows[0]` are
+    the teacher's hidden states, and `elements_fn` gets them as logits through that head.
 
     Returns the sum (differentiable in hidden, weight and bias) and the support size of the elements.
     """
@@ -147,7 +188,9 @@ def chunked_rows_sum(
     if not torch.is_grad_enabled():  # evaluation: autograd.Function would still compute the gradients
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
-    total, support = _ChunkedRows.apply(hidden, weight, bias, elements_fn, value_and_grad_fn, chunk_size, *teacher_rows)
+    total, support = _ChunkedRows.apply(
+        hidden, weight, bias, elements_fn, value_and_grad_fn, chunk_size, teacher_head, *teacher_rows
+    )
     return total, int(support)
 
 
@@ -202,11 +245,12 @@ def chunked_logits_loss(
         student_hidden[mask],
         student_lm_head,
         student_bias,
-        through_teacher_head(rows_fn, teacher_lm_head, teacher_bias),
+        rows_fn,
         teacher_hidden[mask],
         labels[mask],
         chunk_size=chunk_size,
-        value_and_grad_fn=value_and_grad_fn and through_teacher_head(value_and_grad_fn, teacher_lm_head, teacher_bias),
+        value_and_grad_fn=value_and_grad_fn,
+        teacher_head=(teacher_lm_head, teacher_bias),
     )
     return total / normaliser(reduction, int(mask.sum()), support, num_items_in_batch)
 

@@ -214,7 +214,9 @@ class DistillationConfig(TrainingArguments, CrossTokenizerFields, PolicyGradient
             "never holding full-vocabulary logits for the whole batch (same value and gradient as full logits, "
             "memory bounded by the chunk, in every mode, local teacher or server). 'auto' (default) sizes the "
             "chunk to the vocabulary, about 256 MiB of per-chunk tensors (44 tokens at 151,936, 22,000 at 300); an "
-            "integer fixes it; None (or 'none' on the command line) computes full logits at once, the dense path "
+            "integer fixes it. LM heads are applied to at least 128 tokens at once (a logits buffer of 128 x "
+            "vocabulary for the student and one for a teacher given by hidden states), the divergence a chunk at a "
+            "time inside them; None (or 'none' on the command line) computes full logits at once, the dense path "
             "of earlier releases and of TRL. Models that transform logits after the LM head (soft-capping) use "
             "the dense path under 'auto'."
         },

@@ -274,6 +274,7 @@ class Objective:
             return self._fused_sum(student, teacher, labels, mask)
         family = self.family_for(vocab_width(student))
         elements, value_and_grad, teacher_rows = self._row_function(family, teacher, mask, labels[mask])
+        teacher_head = (teacher.weight, teacher.bias) if isinstance(teacher, TeacherHidden) else None
         if isinstance(student, StudentHidden):
             total, _ = chunked_rows_sum(
                 student.hidden[mask],
@@ -283,13 +284,17 @@ class Objective:
                 *teacher_rows,
                 chunk_size=self.chunk_size,
                 value_and_grad_fn=value_and_grad,
+                teacher_head=teacher_head,
             )
             return total
+        if teacher_head is not None:
+            elements = through_teacher_head(elements, *teacher_head)
         return elements(student.logits[mask], *teacher_rows).sum()
 
     def _row_function(self, family: str, teacher: TeacherOutput, mask: torch.Tensor, targets: torch.Tensor):
         """This objective's row function `elements(student_logits, *rows)`, its closed-form value and gradient where
-        there is one (the full-vocabulary divergence), and the teacher's rows for them."""
+        there is one (the full-vocabulary divergence), and the teacher's rows for them: its logits, scores, or hidden
+        states, which `loss_sum` puts through the teacher's head."""
         options = {"beta": self.beta, "temperature": self.temperature, "add_tail": self.add_tail}
         if isinstance(teacher, TeacherScores):
             if family == "sparse_top1":
@@ -324,11 +329,8 @@ class Objective:
                         student_logits, teacher_logits, beta=self.beta, temperature=self.temperature
                     )
 
-        if isinstance(teacher, TeacherLogits):
-            return on_logits, value_and_grad, (teacher.logits[mask], targets)
-        through_head = functools.partial(through_teacher_head, weight=teacher.weight, bias=teacher.bias)
-        value_and_grad = value_and_grad and through_head(value_and_grad)
-        return through_head(on_logits), value_and_grad, (teacher.hidden[mask], targets)
+        teacher_rows = teacher.logits if isinstance(teacher, TeacherLogits) else teacher.hidden  # hidden: `loss_sum`
+        return on_logits, value_and_grad, (teacher_rows[mask], targets)
 
     def _cross_sum(self, student: StudentOutput, teacher: TeacherForeign, labels: torch.Tensor) -> torch.Tensor:
         """The cross-tokenizer loss (`crosstok`), a chunk of aligned groups at a time ("auto": sized to the student's
