@@ -11,8 +11,9 @@ import torch
 from tiny import config, dataset, length_reward, logged
 
 from protege import DistillationConfig, DistillationTrainer
-from protege.outputs import StudentHidden, StudentLogits, TeacherLogits, TeacherScores
-from protege.policy_gradient import PolicyGradient, discounted_sums, group_advantages
+from protege.chunked import GEMM_ROWS
+from protege.outputs import StudentHidden, StudentLogits, TeacherHidden, TeacherLogits, TeacherScores
+from protege.policy_gradient import PolicyGradient, discounted_sums, group_advantages, sampled_logprobs
 from protege.rollout import SampledLogprobs, model_generate
 
 VOCAB = 6
@@ -369,3 +370,27 @@ def test_the_recorded_log_probs_fill_one_buffer_not_a_tensor_a_step(capacity):
     assert torch.allclose(recorder.finish(tokens), expected)
     assert len(buffers) == (1 if capacity else 3)  # capacity 1 grown to 2 and 4 over the first four steps
     assert SampledLogprobs(4).finish(tokens[:, :0]).shape == (2, 0)
+
+
+@pytest.mark.parametrize("chunk", [5, GEMM_ROWS + 1])
+def test_sampled_logprobs_over_several_head_products_equal_full_logits(chunk):
+    """Rows past one head product (GEMM_ROWS), a teacher given by hidden states or by logits: each trained token's
+    log-probs, in row order, are those of the full logits."""
+    generator = torch.Generator().manual_seed(3)
+    rows, width, vocab = 2, GEMM_ROWS + 20, 30
+    hidden, weight = torch.randn(rows, width, 8, generator=generator), torch.randn(vocab, 8, generator=generator)
+    teacher_hidden, teacher_weight = torch.randn(rows, width, 6, generator=generator), torch.randn(vocab, 6)
+    teacher_bias = torch.randn(vocab, generator=generator)
+    labels = torch.randint(vocab, (rows, width), generator=generator)
+    labels[1, 100:] = -100
+    mask = labels != -100
+    teacher_logits = teacher_hidden @ teacher_weight.T + teacher_bias
+
+    def expected(logits):
+        return (logits / 0.7).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)[mask].double()
+
+    student = StudentHidden(hidden, weight, None)
+    for teacher in (TeacherHidden(teacher_hidden, teacher_weight, teacher_bias), TeacherLogits(teacher_logits)):
+        student_lp, teacher_lp = sampled_logprobs(student, teacher, labels, 0.7, chunk)
+        torch.testing.assert_close(student_lp, expected(hidden @ weight.T), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(teacher_lp, expected(teacher_logits), rtol=1e-5, atol=1e-5)

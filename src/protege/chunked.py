@@ -50,26 +50,42 @@ def apply_head(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
 
 
 def head_groups(
-    rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, group_size: int, *aligned: torch.Tensor
+    rows: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+    *aligned: torch.Tensor,
+    teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor, list[torch.Tensor]]]:
     """(which rows, their logits, the `aligned` tensors' same rows), `group_size` rows at a time: `rows` are hidden
     states (N, H) put through the LM head `weight` (V, H) and `bias` without gradients, or logits already when `weight`
-    is None. The one place the memory-bounded path applies a head."""
+    is None. With `teacher_head` (weight, bias), `aligned[0]` are a teacher's hidden states, given as logits through
+    that head. The one place the memory-bounded path applies a head."""
     for start in range(0, rows.shape[0], group_size):
         part = slice(start, start + group_size)
+        group_aligned = [t[part] for t in aligned]
         with torch.no_grad():
             logits = apply_head(rows[part], weight, bias)
-        yield part, logits, [t[part] for t in aligned]
-        del logits  # before the next group's logits exist, once the caller has dropped its own reference
+            if teacher_head is not None:
+                group_aligned[0] = apply_head(group_aligned[0], *teacher_head)
+        yield part, logits, group_aligned
+        del logits, group_aligned  # before the next group's logits exist, once the caller has dropped its own
 
 
 def head_chunks(
-    rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, chunk_size: int, *aligned: torch.Tensor
+    rows: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    chunk_size: int,
+    *aligned: torch.Tensor,
+    teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor, list[torch.Tensor]]]:
     """The one chunk loop of the memory-bounded path: (which rows, their logits, the `aligned` tensors' same rows), a
-    chunk of `chunk_size` rows at a time, the head applied `GEMM_ROWS` rows at once (`head_groups`). The sampled-token
-    metric and the teacher server's scoring run on it, so no caller ever holds (tokens x vocabulary) logits."""
-    for group, logits, group_aligned in head_groups(rows, weight, bias, max(chunk_size, GEMM_ROWS), *aligned):
+    chunk of `chunk_size` rows at a time, the heads applied `GEMM_ROWS` rows at once (`head_groups`, whose
+    `teacher_head` it takes). The sampled-token metric and the teacher server's scoring run on it, so no caller ever
+    holds (tokens x vocabulary) logits."""
+    groups = head_groups(rows, weight, bias, max(chunk_size, GEMM_ROWS), *aligned, teacher_head=teacher_head)
+    for group, logits, group_aligned in groups:
         for start in range(0, logits.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
             yield (
@@ -122,10 +138,8 @@ class _ChunkedRows(torch.autograd.Function):
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
         support_size = 0
         group_size = max(chunk_size, GEMM_ROWS)
-        for rows, logits, group_rows in head_groups(hidden, weight, bias, group_size, *teacher_rows):
-            if teacher_head is not None:  # the teacher's hidden states through its head, as many rows at once
-                with torch.no_grad():
-                    group_rows[0] = apply_head(group_rows[0], *teacher_head)
+        groups = head_groups(hidden, weight, bias, group_size, *teacher_rows, teacher_head=teacher_head)
+        for rows, logits, group_rows in groups:
             for start in range(0, logits.shape[0], chunk_size):
                 part = slice(start, start + chunk_size)
                 chunk_loss, grad_logits, support_size = _chunk_value_and_grad(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunked import apply_head, auto_chunk_size, chunked_rows_sum, head_chunks
+from .chunked import auto_chunk_size, chunked_rows_sum, head_chunks
 from .losses import IGNORE_INDEX, compute_dtype
 from .outputs import StudentHidden, StudentOutput, TeacherOutput, TeacherScores
 
@@ -44,23 +44,32 @@ def sampled_logprobs(
     there is no teacher."""
     mask = labels != IGNORE_INDEX
     chunk_tokens = chunk_tokens or auto_chunk_size(vocab_width(student))
+    teacher_head = None
     if teacher is None:
-        teacher_rows, teacher_weight, teacher_bias = labels[mask], None, None  # a stand-in, unused
+        teacher_rows = labels[mask]  # a stand-in, unused
     elif isinstance(teacher, TeacherScores):
-        teacher_rows, teacher_weight, teacher_bias = teacher.token_logprobs[mask], None, None
-    else:
-        teacher_rows, teacher_weight, teacher_bias = teacher.rows[mask], teacher.weight, teacher.bias
+        teacher_rows = teacher.token_logprobs[mask]
+    else:  # logits, or hidden states that the chunk loop puts through the teacher's head
+        teacher_rows = teacher.rows[mask]
+        teacher_head = None if teacher.weight is None else (teacher.weight, teacher.bias)
     student_parts, teacher_parts = [], []
-    chunks = head_chunks(student.rows[mask], student.weight, student.bias, chunk_tokens, labels[mask], teacher_rows)
-    for _, student_logits, (targets, teacher_part) in chunks:
+    chunks = head_chunks(
+        student.rows[mask],
+        student.weight,
+        student.bias,
+        chunk_tokens,
+        teacher_rows,
+        labels[mask],
+        teacher_head=teacher_head,
+    )
+    for _, student_logits, (teacher_part, targets) in chunks:
         student_parts.append(token_logprobs(student_logits, targets, temperature).double())
         if teacher is None:
             continue
         if isinstance(teacher, TeacherScores):
             teacher_parts.append(teacher_part.double())
         else:
-            logits = apply_head(teacher_part, teacher_weight, teacher_bias)
-            teacher_parts.append(token_logprobs(logits, targets, temperature).double())
+            teacher_parts.append(token_logprobs(teacher_part, targets, temperature).double())
     empty = labels.new_zeros(0, dtype=torch.float64)
     student_lp = torch.cat(student_parts) if student_parts else empty
     return student_lp, (torch.cat(teacher_parts) if teacher_parts else empty) if teacher is not None else None
