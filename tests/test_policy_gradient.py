@@ -180,7 +180,23 @@ def pg_config(tmp_path, **overrides) -> DistillationConfig:
     return config(tmp_path, on_policy_objective="policy_gradient", top_p=1.0, **overrides)
 
 
-def test_rho_is_one_when_the_student_sampled_with_its_own_distribution(tiny_paths, tmp_path):
+def test_rho_is_one_when_the_student_sampled_with_its_own_distribution(tiny_paths, tmp_path, monkeypatch):
+    import protege.objective
+    import protege.policy_gradient
+
+    passes = {"loss": 0, "metric": 0}  # the sampled tokens' log-probs, taken once a route: by the loss, not again
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            passes[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        protege.policy_gradient, "sampled_logprobs", counted("loss", protege.policy_gradient.sampled_logprobs)
+    )
+    monkeypatch.setattr(protege.objective, "sampled_logprobs", counted("metric", protege.objective.sampled_logprobs))
     trainer = DistillationTrainer(
         model=tiny_paths["student"],
         teacher_model=tiny_paths["teacher"],
@@ -195,7 +211,9 @@ def test_rho_is_one_when_the_student_sampled_with_its_own_distribution(tiny_path
     assert logged(trainer, "pg/rho_truncated_fraction") == [0.0, 0.0]
     # The teacher's advantage is minus the sampled-token reverse-KL estimate logged beside it, on the same tokens.
     estimates = logged(trainer, "on_policy_reverse_kl_estimate")
+    assert len(estimates) == 2
     assert logged(trainer, "pg/teacher_advantage_mean") == pytest.approx([-e for e in estimates], abs=1e-5)
+    assert passes["loss"] >= 2 and passes["metric"] == 0, passes
 
     nucleus = DistillationTrainer(
         model=tiny_paths["student"],

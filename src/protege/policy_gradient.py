@@ -114,6 +114,7 @@ class PolicyGradientFigures:
     rho_sum: float = 0.0
     rho_max: float = 0.0
     truncated: float = 0.0
+    log_ratio_sum: float | None = None  # sum of log p_student - log p_teacher (None: no teacher), the logged estimate's
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class PolicyGradient:
             rho_sum=float(rho.sum()),
             rho_max=float(rho.max()) if rho.numel() else 0.0,
             truncated=float((rho > self.cap).sum()),
+            log_ratio_sum=None if teacher_lp is None else (student_lp - teacher_lp).sum().item(),
         )
         return loss, figures
 

@@ -67,11 +67,14 @@ class PolicyGradientSteps:
             start += count
 
     def _policy_gradient_sum(self, route, student, teacher, labels) -> torch.Tensor:
-        """The policy-gradient loss of one on-policy route, its figures into the training window."""
+        """The policy-gradient loss of one on-policy route, its figures into the training window; on a logged step
+        also the sampled-token reverse-KL estimate, from the log-probs the loss computed (not a second pass)."""
         loss, figures = self.policy_gradient.loss_sum(
             student, teacher, labels, route.batch.get(SAMPLER_LOGPROBS), route.batch.get(REWARD_ADVANTAGE)
         )
         self._window.add_policy_gradient(figures)
+        if figures.log_ratio_sum is not None and self._step_will_log():
+            self._window.add_sampled_log_ratio(figures.log_ratio_sum, figures.tokens, route.teacher)
         return loss
 
     def _describe_loss(self) -> str:

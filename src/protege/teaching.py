@@ -81,7 +81,8 @@ class TeacherSteps:
             part_student, part_labels = student, labels
             if route.rows is not None:
                 part_student, part_labels = student.select(route.rows), labels[route.rows]
-            if on_policy and self.policy_gradient is not None:
+            policy_gradient = on_policy and self.policy_gradient is not None
+            if policy_gradient:  # it logs the sampled-token estimate itself, from its own log-probs
                 part = self._policy_gradient_sum(route, part_student, teacher, part_labels)
             else:
                 part = self.objective.loss_sum(part_student, teacher, part_labels)
@@ -90,7 +91,7 @@ class TeacherSteps:
                 part_value, tokens = part.item(), part_labels.ne(IGNORE_INDEX).sum().item()
                 value += part_value
                 self._window.add_loss(on_policy, part_value, tokens, route.teacher)
-                if on_policy and teacher is not None and self._step_will_log():
+                if on_policy and not policy_gradient and teacher is not None and self._step_will_log():
                     ratio = sampled_log_ratio_sum(part_student, teacher, part_labels, self.args.temperature)
                     self._window.add_sampled_log_ratio(ratio, tokens, route.teacher)
         return loss_sum, value
