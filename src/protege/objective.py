@@ -329,8 +329,7 @@ class Objective:
                         student_logits, teacher_logits, beta=self.beta, temperature=self.temperature
                     )
 
-        teacher_rows = teacher.logits if isinstance(teacher, TeacherLogits) else teacher.hidden  # hidden: `loss_sum`
-        return on_logits, value_and_grad, (teacher_rows[mask], targets)
+        return on_logits, value_and_grad, (teacher.rows[mask], targets)  # hidden states: through the head in `loss_sum`
 
     def _cross_sum(self, student: StudentOutput, teacher: TeacherForeign, labels: torch.Tensor) -> torch.Tensor:
         """The cross-tokenizer loss (`crosstok`), a chunk of aligned groups at a time ("auto": sized to the student's
